@@ -1,0 +1,22 @@
+//! Plain types with parse constructors; no I/O.
+
+mod tenant;
+
+pub use tenant::{Email, TenantId, TenantName};
+
+/// A value that failed to parse, naming the field it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! billsync: keeps a SaaS product's billing state two-way synced with its billing vendor.
+//!
+//! The map is in `docs/architecture.md`. [`app::run`] starts the whole service on a listener,
+//! which is how `main` and the integration tests start it alike.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod store;
+pub mod telemetry;
+pub mod vendor;

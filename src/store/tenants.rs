@@ -1,0 +1,102 @@
+//! The tenants repository.
+
+use crate::domain::{Email, TenantId, TenantName};
+
+use super::{Db, StoreError, on_pool};
+
+/// A tenant as stored.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TenantRecord {
+    pub tenant_id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub customer_id: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// The outcome of [`Tenants::upsert`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upserted {
+    Created(TenantRecord),
+    Updated(TenantRecord),
+}
+
+pub struct Tenants<'a> {
+    db: &'a Db,
+}
+
+/// The columns of [`TenantRecord`], spliced into literal SQL.
+macro_rules! columns {
+    () => {
+        "tenant_id, name, email, customer_id, created_at, updated_at"
+    };
+}
+
+impl<'a> Tenants<'a> {
+    pub(super) fn new(db: &'a Db) -> Self {
+        Self { db }
+    }
+
+    pub async fn get(&self, id: &TenantId) -> Result<Option<TenantRecord>, StoreError> {
+        let record = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, TenantRecord>(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM tenants WHERE tenant_id = $1"
+            ))
+            .bind(id.as_str())
+            .fetch_optional(pool)
+            .await
+        })?;
+        Ok(record)
+    }
+
+    /// Creates the tenant or replaces its name and email, in one transaction.
+    /// `updated_at` moves only when something changed.
+    pub async fn upsert(
+        &self,
+        id: &TenantId,
+        name: Option<&TenantName>,
+        email: Option<&Email>,
+        now_ms: i64,
+    ) -> Result<Upserted, StoreError> {
+        let name = name.map(TenantName::as_str);
+        let email = email.map(Email::as_str);
+        let upserted = on_pool!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            let created = sqlx::query_as::<_, TenantRecord>(concat!(
+                "INSERT INTO tenants (",
+                columns!(),
+                ") VALUES ($1, $2, $3, NULL, $4, $4) ON CONFLICT (tenant_id) DO NOTHING RETURNING ",
+                columns!()
+            ))
+            .bind(id.as_str())
+            .bind(name)
+            .bind(email)
+            .bind(now_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let upserted = match created {
+                Some(record) => Upserted::Created(record),
+                None => Upserted::Updated(
+                    sqlx::query_as::<_, TenantRecord>(concat!(
+                        "UPDATE tenants SET name = $2, email = $3, updated_at = CASE \
+                         WHEN name IS DISTINCT FROM $2 OR email IS DISTINCT FROM $3 THEN $4 \
+                         ELSE updated_at END WHERE tenant_id = $1 RETURNING ",
+                        columns!()
+                    ))
+                    .bind(id.as_str())
+                    .bind(name)
+                    .bind(email)
+                    .bind(now_ms)
+                    .fetch_one(&mut *tx)
+                    .await?,
+                ),
+            };
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(upserted)
+        })?;
+        Ok(upserted)
+    }
+}
