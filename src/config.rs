@@ -359,9 +359,12 @@ fn figment_error(error: figment::Error) -> ConfigError {
     } else {
         error.path.join(".")
     };
-    let source = match error.metadata.as_ref().map(|m| m.name.as_ref()) {
-        Some(ENV_METADATA) => format!(" (from {})", env_name(&key)),
-        Some(name) => format!(" (from {name})"),
+    let source = match &error.metadata {
+        Some(m) if m.name == ENV_METADATA => format!(" (from {})", env_name(&key)),
+        Some(m) => match &m.source {
+            Some(figment::Source::File(path)) => format!(" (from {})", path.display()),
+            _ => format!(" (from {})", m.name),
+        },
         None => String::new(),
     };
     ConfigError::new(&key, format!("{}{source}", error.kind))

@@ -70,9 +70,24 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => Self::Unavailable(error),
+            sqlx::Error::Database(ref db) if is_transient(db.code().as_deref()) => {
+                Self::Unavailable(error)
+            }
             other => Self::Query(other),
         }
     }
+}
+
+/// Error codes that mean "the database is not there right now" rather than "this query is wrong":
+/// PostgreSQL connection exceptions (08), shutdown (57P0x), insufficient resources (53), a
+/// dropped database (3D000); SQLite busy (5) and locked (6).
+fn is_transient(code: Option<&str>) -> bool {
+    code.is_some_and(|code| {
+        code.starts_with("08")
+            || code.starts_with("57P0")
+            || code.starts_with("53")
+            || matches!(code, "3D000" | "5" | "6")
+    })
 }
 
 impl Db {

@@ -1,0 +1,261 @@
+//! The `billsync` binary itself: zero set-up start, configuration errors, signals, `migrate`.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::helpers::{Backend, TestDatabase};
+
+const BIN: &str = env!("CARGO_BIN_EXE_billsync");
+
+/// `billsync <args>` in `dir` with a clean environment plus `env`.
+fn billsync(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().copied())
+        .stdin(Stdio::null());
+    command
+}
+
+/// Reads JSON log lines until the "billsync listening" one and returns its address.
+fn listening_address(child: &mut Child, seen: &mut Vec<String>) -> String {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    while let Some(Ok(line)) = lines.next() {
+        seen.push(line.clone());
+        let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        if entry["message"] == "billsync listening" {
+            let address = entry["address"].as_str().expect("address field").to_owned();
+            // Keep draining so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return address;
+        }
+    }
+    panic!("billsync exited before listening; output: {seen:#?}");
+}
+
+fn terminate_and_wait(child: &mut Child) -> (std::process::ExitStatus, Duration) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return (status, started.elapsed());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "billsync ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn serve_starts_with_zero_set_up_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    // Only the port is chosen, so that tests never collide on 8080.
+    let mut child = billsync(
+        dir.path(),
+        &["serve"],
+        &[("BILLSYNC_LISTEN", "127.0.0.1:0")],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let mut seen = Vec::new();
+    let address = listening_address(&mut child, &mut seen);
+    assert!(
+        seen.iter().any(|l| l.contains("vendor sync is off")),
+        "the missing Stripe key is said at start: {seen:#?}"
+    );
+
+    let client = crate::helpers::http_client();
+    let ready: Value = client
+        .get(format!("http://{address}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["database"]["backend"], "sqlite");
+    assert_eq!(ready["vendor"]["configured"], false);
+    assert!(
+        dir.path().join("data/billsync.db").is_file(),
+        "SQLite database created under data/"
+    );
+
+    let (status, elapsed) = terminate_and_wait(&mut child);
+    assert_eq!(status.code(), Some(0), "exit 0 after SIGTERM");
+    assert!(elapsed < Duration::from_secs(10), "stopped in {elapsed:?}");
+}
+
+#[test]
+fn an_invalid_setting_stops_start_up_with_exit_code_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[("BILLSYNC_DATABASE__MAX_CONNECTIONS", "lots")],
+            "database.max_connections",
+        ),
+        (&[("BILLSYNC_LISTEN", "not-an-address")], "listen"),
+        (
+            &[("BILLSYNC_STRIPE__API_KEY", "pk_live_publishable")],
+            "stripe.api_key",
+        ),
+        (&[("BILLSYNC_API__KEYS", "short")], "api.keys"),
+    ];
+    for (env, key) in cases {
+        let output = billsync(dir.path(), &["serve"], env).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{env:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{key}`")),
+            "{env:?} should name {key}: {stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "one clear message: {stderr}");
+        assert!(
+            !stderr.contains("pk_live_publishable"),
+            "values of secret keys are not echoed"
+        );
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "nothing is created when configuration is invalid"
+    );
+}
+
+#[test]
+fn a_config_file_is_layered_between_defaults_and_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("billsync.toml");
+    std::fs::write(&file, "[database]\nmax_connections = \"oops\"\n").unwrap();
+    let file = file.to_str().unwrap();
+
+    let output = billsync(dir.path(), &["migrate"], &[("BILLSYNC_CONFIG", file)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("database.max_connections") && stderr.contains("billsync.toml"),
+        "{stderr}"
+    );
+
+    let fixed = billsync(
+        dir.path(),
+        &["migrate"],
+        &[
+            ("BILLSYNC_CONFIG", file),
+            ("BILLSYNC_DATABASE__MAX_CONNECTIONS", "2"),
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        fixed.status.code(),
+        Some(0),
+        "the environment wins over the file"
+    );
+
+    let missing = billsync(
+        dir.path(),
+        &["migrate"],
+        &[("BILLSYNC_CONFIG", "/no/such.toml")],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("BILLSYNC_CONFIG"));
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = [
+        ("BILLSYNC_STRIPE__API_KEY", "sk_test_do_not_print_me"),
+        (
+            "BILLSYNC_STRIPE__WEBHOOK_SECRETS",
+            "whsec_do_not_print_me_either",
+        ),
+        ("BILLSYNC_API__KEYS", "api-key-do-not-print-me"),
+    ];
+    let mut env = secrets.to_vec();
+    env.extend([
+        ("BILLSYNC_LISTEN", "127.0.0.1:0"),
+        ("BILLSYNC_LOG__LEVEL", "trace"),
+    ]);
+    let mut child = billsync(dir.path(), &["serve"], &env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let address = listening_address(&mut child, &mut seen);
+    crate::helpers::http_client()
+        .get(format!("http://{address}/v1/tenants/x"))
+        .bearer_auth("api-key-do-not-print-me")
+        .send()
+        .await
+        .unwrap();
+    let (status, _) = terminate_and_wait(&mut child);
+    assert_eq!(status.code(), Some(0));
+    for (_, secret) in secrets {
+        assert!(
+            !seen.iter().any(|l| l.contains(secret)),
+            "{secret} was logged"
+        );
+    }
+}
+
+#[tokio::test]
+async fn migrate_prepares_either_database_and_is_repeatable() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let (db, url) = TestDatabase::create(backend).await;
+        let dir = tempfile::tempdir().unwrap();
+        for run in 0..2 {
+            let output = billsync(
+                dir.path(),
+                &["migrate"],
+                &[("BILLSYNC_DATABASE__URL", &url)],
+            )
+            .output()
+            .unwrap();
+            assert_eq!(
+                output.status.code(),
+                Some(0),
+                "{backend:?} run {run}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let settings = {
+            let mut s = billsync::config::Settings::from_toml("").unwrap();
+            s.database.url = billsync::config::Secret::new(url);
+            s
+        };
+        let store = billsync::store::Db::connect(&settings.database)
+            .await
+            .unwrap();
+        let tenant = billsync::domain::TenantId::parse("after-migrate").unwrap();
+        assert!(
+            store.tenants().get(&tenant).await.unwrap().is_none(),
+            "{backend:?}: the tenants table exists"
+        );
+        store.close().await;
+        drop(db);
+    }
+}

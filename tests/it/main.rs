@@ -1,0 +1,9 @@
+//! Integration tests: the real service on port 0, spoken to over HTTP, on SQLite and on
+//! PostgreSQL (a fresh database per test).
+
+mod helpers;
+
+mod cli;
+mod health;
+mod openapi;
+mod tenants;
