@@ -1,0 +1,30 @@
+# billsync: multi-stage build of the single binary.
+#   docker build -t billsync .
+#   docker run --rm -p 8080:8080 -v billsync-data:/app/data -e BILLSYNC_API__KEYS=... billsync
+
+FROM rust:1.95-bookworm AS builder
+WORKDIR /src
+# config/default.toml and migrations/ are embedded into the binary at compile time.
+COPY . .
+RUN cargo build --release --locked --bin billsync \
+    && cp target/release/billsync /usr/local/bin/billsync
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+RUN groupadd --system --gid 10001 billsync \
+    && useradd --system --uid 10001 --gid billsync --home-dir /app --no-create-home \
+       --shell /usr/sbin/nologin billsync \
+    && mkdir -p /app/data \
+    && chown -R billsync:billsync /app
+WORKDIR /app
+COPY --from=builder /usr/local/bin/billsync /usr/local/bin/billsync
+COPY --chown=billsync:billsync config/ /app/config/
+# The default database is sqlite://data/billsync.db, relative to /app.
+VOLUME /app/data
+ENV BILLSYNC_LISTEN=0.0.0.0:8080
+EXPOSE 8080
+USER billsync
+ENTRYPOINT ["billsync"]
+CMD ["serve"]
