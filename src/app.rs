@@ -1,24 +1,32 @@
-//! Builds the application state, serves HTTP, and shuts down cleanly.
+//! Builds the application state, serves HTTP, runs the sync workers, and shuts down cleanly.
 
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
-use crate::api::metrics::HttpMetrics;
 use crate::config::Settings;
+use crate::metrics::Metrics;
 use crate::store::{Db, StoreError};
-use crate::vendor;
+use crate::sync::Applier;
+use crate::sync::poller::Poller;
+use crate::sync::sweep::Sweep;
+use crate::vendor::stripe::StripeHttp;
+use crate::vendor::{BillingVendor, VendorError};
 
-/// What every handler can reach.
+/// What every handler and worker can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub settings: Arc<Settings>,
     pub db: Db,
-    pub metrics: Arc<HttpMetrics>,
-    /// The Stripe client; `None` while no API key is configured (vendor sync off).
-    pub vendor: Option<::stripe::Client>,
+    pub metrics: Arc<Metrics>,
+    /// The vendor; `None` while no Stripe API key is configured (vendor sync off).
+    pub vendor: Option<Arc<dyn BillingVendor>>,
+    /// Wakes the applier when new inbox rows arrive.
+    pub wake: Arc<Notify>,
 }
 
 /// Why the service could not start or stopped with an error.
@@ -27,7 +35,7 @@ pub enum AppError {
     #[error("database: {0}")]
     Store(#[from] StoreError),
     #[error("stripe client: {0}")]
-    Vendor(#[from] ::stripe::StripeError),
+    Vendor(#[from] VendorError),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -45,43 +53,109 @@ pub async fn open_database(settings: &Settings) -> Result<Db, StoreError> {
     Ok(db)
 }
 
+impl AppState {
+    /// Opens the database and builds the vendor client: what `serve` and the CLI commands share.
+    pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        init_crypto();
+        let db = open_database(&settings).await?;
+        let metrics = Arc::new(Metrics::default());
+        let vendor = StripeHttp::from_settings(&settings.stripe, metrics.clone())?
+            .map(|client| Arc::new(client) as Arc<dyn BillingVendor>);
+        Ok(Self {
+            settings: Arc::new(settings),
+            db,
+            metrics,
+            vendor,
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    pub fn applier(&self) -> Applier {
+        let stripe = &self.settings.stripe;
+        Applier {
+            db: self.db.clone(),
+            vendor: self.vendor.clone(),
+            refetch: stripe.refetch,
+            tenant_key: stripe.tenant_metadata_key.clone(),
+            batch: self.settings.sync.apply_batch,
+            max_retry_delay: self.settings.sync.max_retry_delay,
+            metrics: self.metrics.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+
+    pub fn poller(&self, vendor: Arc<dyn BillingVendor>) -> Poller {
+        Poller {
+            db: self.db.clone(),
+            vendor,
+            interval: self.settings.sync.poll_interval,
+            overlap: self.settings.sync.poll_overlap,
+            metrics: self.metrics.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+
+    pub fn sweep(&self, vendor: Arc<dyn BillingVendor>) -> Sweep {
+        Sweep {
+            db: self.db.clone(),
+            vendor,
+            interval: self.settings.sync.sweep_interval,
+            tenant_key: self.settings.stripe.tenant_metadata_key.clone(),
+            metrics: self.metrics.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+}
+
 /// Runs the service on `listener` until `shutdown` is cancelled, then stops accepting, lets
-/// in-flight requests finish (at most `shutdown.grace`), and closes the pool.
+/// in-flight requests and worker passes finish (at most `shutdown.grace`), and closes the pool.
 pub async fn run(
     settings: Settings,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
-    init_crypto();
-    let db = open_database(&settings).await?;
-    let vendor = vendor::stripe::client(&settings.stripe)?;
-    match &vendor {
-        Some(_) => {
-            tracing::info!(api_base = %settings.stripe.api_base, "Stripe API key configured")
+    let state = AppState::build(settings).await?;
+    let settings = state.settings.clone();
+    let db = state.db.clone();
+
+    let mut workers = JoinSet::new();
+    workers.spawn(state.applier().run(shutdown.clone()));
+    match &state.vendor {
+        Some(vendor) => {
+            tracing::info!(api_base = %settings.stripe.api_base, "Stripe API key configured: vendor sync is on");
+            workers.spawn(state.poller(vendor.clone()).run(shutdown.clone()));
+            workers.spawn(state.sweep(vendor.clone()).run(shutdown.clone()));
         }
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
     }
     if settings.api.key_digests.is_empty() {
         tracing::warn!("no API keys configured (api.keys): every /v1 request is refused with 401");
     }
+    if settings.stripe.webhook_secrets.is_empty() {
+        tracing::warn!(
+            "no webhook secrets configured (stripe.webhook_secrets): every webhook is refused"
+        );
+    }
 
     let grace = settings.shutdown.grace;
-    let state = AppState {
-        settings: Arc::new(settings),
-        db: db.clone(),
-        metrics: Arc::new(HttpMetrics::default()),
-        vendor,
-    };
     let router = api::router(state);
     tracing::info!(address = %listener.local_addr()?, backend = ?db.backend(), "billsync listening");
 
     let server =
         axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(server.into_future());
+    let drained = async {
+        let served = (&mut server)
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        while workers.join_next().await.is_some() {}
+        served
+    };
     let result = tokio::select! {
-        joined = &mut server => joined.map_err(std::io::Error::other).and_then(|r| r),
+        served = drained => served,
         () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-            tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight requests did not finish in time");
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight work did not finish in time");
             server.abort();
             Ok(())
         }

@@ -27,6 +27,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub api: ApiSettings,
     pub stripe: StripeSettings,
+    pub sync: SyncSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
 }
@@ -53,6 +54,23 @@ pub struct StripeSettings {
     pub api_base: String,
     pub webhook_secrets: Vec<Secret>,
     pub legacy_plans: bool,
+    pub api_version: String,
+    pub webhook_tolerance: Duration,
+    pub tenant_metadata_key: String,
+    pub refetch: bool,
+    pub rate_limit: u32,
+    pub max_retries: u32,
+    pub retry_base_delay: Duration,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub poll_interval: Duration,
+    pub poll_overlap: Duration,
+    pub sweep_interval: Duration,
+    pub apply_batch: u32,
+    pub max_retry_delay: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +138,7 @@ struct Raw {
     database: RawDatabase,
     api: RawApi,
     stripe: RawStripe,
+    sync: RawSync,
     log: RawLog,
     shutdown: RawShutdown,
 }
@@ -148,6 +167,24 @@ struct RawStripe {
     #[serde(deserialize_with = "list_or_csv")]
     webhook_secrets: Vec<String>,
     legacy_plans: bool,
+    api_version: String,
+    webhook_tolerance: String,
+    tenant_metadata_key: String,
+    refetch: bool,
+    rate_limit: u32,
+    max_retries: u32,
+    retry_base_delay: String,
+    timeout: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    poll_interval: String,
+    poll_overlap: String,
+    sweep_interval: String,
+    apply_batch: u32,
+    max_retry_delay: String,
 }
 
 #[derive(Deserialize)]
@@ -256,6 +293,32 @@ impl Settings {
             ));
         }
 
+        if raw.stripe.rate_limit == 0 {
+            return Err(ConfigError::new(
+                "stripe.rate_limit",
+                "must be at least 1 request per second",
+            ));
+        }
+        if raw.stripe.tenant_metadata_key.trim().is_empty() {
+            return Err(ConfigError::new(
+                "stripe.tenant_metadata_key",
+                "must not be empty",
+            ));
+        }
+        if !(1..=10_000).contains(&raw.sync.apply_batch) {
+            return Err(ConfigError::new(
+                "sync.apply_batch",
+                "must be between 1 and 10000",
+            ));
+        }
+        let sync = SyncSettings {
+            poll_interval: positive("sync.poll_interval", &raw.sync.poll_interval)?,
+            poll_overlap: duration("sync.poll_overlap", &raw.sync.poll_overlap)?,
+            sweep_interval: positive("sync.sweep_interval", &raw.sync.sweep_interval)?,
+            apply_batch: raw.sync.apply_batch,
+            max_retry_delay: positive("sync.max_retry_delay", &raw.sync.max_retry_delay)?,
+        };
+
         let level = raw.log.level.trim().to_owned();
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
             return Err(ConfigError::new(
@@ -288,7 +351,22 @@ impl Settings {
                     .map(Secret::new)
                     .collect(),
                 legacy_plans: raw.stripe.legacy_plans,
+                api_version: raw.stripe.api_version.trim().to_owned(),
+                webhook_tolerance: positive(
+                    "stripe.webhook_tolerance",
+                    &raw.stripe.webhook_tolerance,
+                )?,
+                tenant_metadata_key: raw.stripe.tenant_metadata_key.trim().to_owned(),
+                refetch: raw.stripe.refetch,
+                rate_limit: raw.stripe.rate_limit,
+                max_retries: raw.stripe.max_retries,
+                retry_base_delay: positive(
+                    "stripe.retry_base_delay",
+                    &raw.stripe.retry_base_delay,
+                )?,
+                timeout: positive("stripe.timeout", &raw.stripe.timeout)?,
             },
+            sync,
             log: LogSettings {
                 level,
                 format: raw.log.format,
@@ -419,6 +497,14 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     Some(Duration::from_millis(number.checked_mul(millis)?))
+}
+
+fn positive(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    let value = duration(key, text)?;
+    if value.is_zero() {
+        return Err(ConfigError::new(key, "must be longer than zero"));
+    }
+    Ok(value)
 }
 
 fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {

@@ -20,6 +20,15 @@ enum Command {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// List every customer, product, price, plan, subscription, invoice, payment and credit note
+    /// from Stripe and bring the mirror up to date. Resumes where an interrupted run stopped.
+    Backfill,
+    /// Rebuild the mirror from the stored events alone (no vendor calls) and report what differs.
+    Replay {
+        /// Only report; leave the mirror as it is.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +55,8 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve => serve(settings).await,
             Command::Migrate => migrate(settings).await,
+            Command::Backfill => backfill(settings).await,
+            Command::Replay { dry_run } => replay(settings, dry_run).await,
         }
     });
     match outcome {
@@ -75,6 +86,59 @@ async fn migrate(settings: Settings) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     db.close().await;
     tracing::info!("migrations applied");
+    Ok(())
+}
+
+async fn backfill(settings: Settings) -> Result<(), String> {
+    let state = app::AppState::build(settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    let vendor = state
+        .vendor
+        .clone()
+        .ok_or("backfill needs the Stripe API key (stripe.api_key / BILLSYNC_STRIPE__API_KEY)")?;
+    let report = billsync::sync::backfill::run(&state.db, vendor, &state.applier())
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("{:<24} {:>10} {:>10}", "kind", "listed", "changed");
+    for (kind, listed, queued) in &report.kinds {
+        println!("{:<24} {listed:>10} {queued:>10}", kind.as_str());
+    }
+    for kind in &report.unsupported {
+        println!("{:<24} {:>10}", kind.as_str(), "not listed by the vendor");
+    }
+    println!("applied {} inbox rows", report.applied);
+    state.db.close().await;
+    Ok(())
+}
+
+async fn replay(settings: Settings, dry_run: bool) -> Result<(), String> {
+    let state = app::AppState::build(settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    let report = billsync::sync::replay::run(&state.db, !dry_run)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "read {} applied events; rebuilt {} objects; {} could not be replayed without the vendor",
+        report.rows_read, report.objects_rebuilt, report.unreplayable
+    );
+    for d in &report.differences {
+        println!("{:<8} {} {}", d.kind, d.object_type, d.object_id);
+    }
+    match (report.differences.is_empty(), dry_run) {
+        (true, _) => println!("the mirror matches the stored events"),
+        (false, true) => println!(
+            "{} differences (dry run: nothing written)",
+            report.differences.len()
+        ),
+        (false, false) => println!(
+            "{} differences; {} objects rewritten",
+            report.differences.len(),
+            report.written
+        ),
+    }
+    state.db.close().await;
     Ok(())
 }
 

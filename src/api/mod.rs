@@ -6,6 +6,8 @@ pub mod error;
 pub mod health;
 pub mod json;
 pub mod metrics;
+pub mod pagination;
+pub mod sync;
 pub mod tenants;
 
 use std::collections::BTreeMap;
@@ -16,13 +18,14 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, put};
+use axum::routing::{MethodRouter, get, post, put};
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
 use tower_http::trace::TraceLayer;
 
 use crate::app::AppState;
+use crate::webhook;
 use error::ApiError;
 
 /// One route: method, path template, handler.
@@ -55,6 +58,27 @@ pub fn routes() -> Vec<Route> {
             Method::PUT,
             "/v1/tenants/{tenant_id}",
             put(tenants::put_tenant),
+        ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/invoices",
+            get(sync::list_invoices),
+        ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/payments",
+            get(sync::list_payments),
+        ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/events",
+            get(sync::list_tenant_events),
+        ),
+        route(Method::GET, "/v1/sync/status", get(sync::sync_status)),
+        route(
+            Method::POST,
+            "/webhooks/stripe",
+            post(webhook::receive).layer(DefaultBodyLimit::max(webhook::MAX_BODY)),
         ),
     ]
 }

@@ -1,16 +1,20 @@
-//! `PUT /v1/tenants/{tenant_id}` and `GET /v1/tenants/{tenant_id}`.
+//! Tenants: `PUT` and `GET /v1/tenants/{tenant_id}`, with the mirrored subscription.
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::error::ApiError;
 use super::json::ApiJson;
 use crate::app::AppState;
-use crate::domain::{Email, TenantId, TenantName};
+use crate::domain::{Email, Subscription, TenantId, TenantName};
 use crate::store::{TenantRecord, Upserted, now_ms};
+use crate::vendor::ObjectKind;
+use crate::vendor::stripe::objects;
 
 /// The body of `PUT /v1/tenants/{tenant_id}`. PUT replaces: an absent field is cleared.
 #[derive(Debug, Deserialize)]
@@ -29,13 +33,58 @@ pub struct TenantOut {
     /// The Stripe customer, once there is one.
     pub customer_id: Option<String>,
     /// The mirrored subscription; null until vendor sync has seen one.
-    pub subscription: Option<serde_json::Value>,
+    pub subscription: Option<SubscriptionOut>,
     /// When the vendor state was last confirmed; null until then.
     pub synced_at: Option<String>,
     /// Commands sent to the vendor and not yet confirmed.
     pub pending: Vec<serde_json::Value>,
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// The tenant's subscription as mirrored from the vendor.
+#[derive(Debug, Serialize)]
+pub struct SubscriptionOut {
+    pub id: String,
+    pub status: String,
+    pub items: Vec<ItemOut>,
+    pub current_period_start: Option<String>,
+    pub current_period_end: Option<String>,
+    pub cancel_at_period_end: bool,
+    pub cancel_at: Option<String>,
+    pub trial_end: Option<String>,
+    /// While collection is paused: Stripe's `pause_collection.behavior`.
+    pub pause: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ItemOut {
+    /// The price id, or the plan id for legacy plans.
+    pub price: Option<String>,
+    pub quantity: Option<i64>,
+}
+
+impl From<Subscription> for SubscriptionOut {
+    fn from(s: Subscription) -> Self {
+        Self {
+            id: s.id,
+            status: s.status,
+            items: s
+                .items
+                .into_iter()
+                .map(|item| ItemOut {
+                    price: item.price,
+                    quantity: item.quantity.and_then(|q| q.to_i64()),
+                })
+                .collect(),
+            current_period_start: s.current_period_start.map(rfc3339_secs),
+            current_period_end: s.current_period_end.map(rfc3339_secs),
+            cancel_at_period_end: s.cancel_at_period_end,
+            cancel_at: s.cancel_at.map(rfc3339_secs),
+            trial_end: s.trial_end.map(rfc3339_secs),
+            pause: s.pause,
+        }
+    }
 }
 
 impl From<TenantRecord> for TenantOut {
@@ -71,9 +120,9 @@ pub async fn put_tenant(
     Ok(match upserted {
         Upserted::Created(record) => {
             tracing::info!(tenant_id = %tenant_id, "tenant created");
-            (StatusCode::CREATED, Json(record.into()))
+            (StatusCode::CREATED, Json(view(&state, record).await?))
         }
-        Upserted::Updated(record) => (StatusCode::OK, Json(record.into())),
+        Upserted::Updated(record) => (StatusCode::OK, Json(view(&state, record).await?)),
     })
 }
 
@@ -81,14 +130,58 @@ pub async fn get_tenant(
     State(state): State<AppState>,
     Path(tenant_id): Path<String>,
 ) -> Result<Json<TenantOut>, ApiError> {
-    let tenant_id = TenantId::parse(&tenant_id)?;
-    let record = state.db.tenants().get(&tenant_id).await?.ok_or_else(|| {
-        ApiError::not_found("tenant_not_found", format!("no tenant `{tenant_id}`"))
-    })?;
-    Ok(Json(record.into()))
+    let record = load(&state, &tenant_id).await?;
+    Ok(Json(view(&state, record).await?))
 }
 
-fn rfc3339(unix_ms: i64) -> String {
+/// The tenant named in the path, or a JSON 400/404.
+pub async fn load(state: &AppState, raw_id: &str) -> Result<TenantRecord, ApiError> {
+    let tenant_id = TenantId::parse(raw_id)?;
+    state
+        .db
+        .tenants()
+        .get(&tenant_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("tenant_not_found", format!("no tenant `{tenant_id}`")))
+}
+
+/// The tenant with its mirrored subscription: the liveliest one, newest first among equals.
+async fn view(state: &AppState, record: TenantRecord) -> Result<TenantOut, ApiError> {
+    let Some(customer_id) = record.customer_id.clone() else {
+        return Ok(record.into());
+    };
+    let mirror = state.db.mirror();
+    let customer = mirror
+        .get(ObjectKind::Customer.as_str(), &customer_id)
+        .await?;
+    let subscriptions = mirror
+        .of_customer(&customer_id, ObjectKind::Subscription.as_str())
+        .await?;
+    let chosen = subscriptions
+        .iter()
+        .filter_map(|row| {
+            let object: Value = serde_json::from_str(&row.payload).ok()?;
+            Some((row, objects::subscription(&object)))
+        })
+        .max_by_key(|(row, s)| (s.liveness(), s.created, row.object_id.clone()));
+    let synced_at = customer
+        .iter()
+        .map(|c| c.synced_at)
+        .chain(chosen.iter().map(|(row, _)| row.synced_at))
+        .max();
+    let mut out = TenantOut::from(record);
+    out.subscription = chosen.map(|(_, s)| s.into());
+    out.synced_at = synced_at.map(rfc3339);
+    Ok(out)
+}
+
+/// Unix seconds (the vendor's times) as RFC 3339.
+pub fn rfc3339_secs(unix_secs: i64) -> String {
+    rfc3339(unix_secs.saturating_mul(1000))
+}
+
+/// Unix milliseconds (billsync's own times) as RFC 3339.
+pub fn rfc3339(unix_ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(unix_ms)
         .unwrap_or_default()
         .to_rfc3339_opts(SecondsFormat::Millis, true)

@@ -1,7 +1,9 @@
 //! Plain types with parse constructors; no I/O.
 
+pub mod billing;
 mod tenant;
 
+pub use billing::{Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem};
 pub use tenant::{Email, TenantId, TenantName};
 
 /// A value that failed to parse, naming the field it came from.

@@ -4,6 +4,8 @@
 //! pool is configured through [`on_pool!`], which expands the same code once per backend so each
 //! keeps its native driver (types, `LISTEN/NOTIFY`, advisory locks).
 
+mod inbox;
+mod mirror;
 mod tenants;
 
 use std::path::Path;
@@ -18,6 +20,10 @@ use sqlx::sqlite::{
 
 use crate::config::DatabaseSettings;
 
+pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
+pub use mirror::{
+    ApplyOutcome, Mirror, MirrorRow, ObjectState, PageKinds, Settle, SyncState, TenantClaim,
+};
 pub use tenants::{TenantRecord, Tenants, Upserted};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -177,6 +183,18 @@ impl Db {
 
     pub fn tenants(&self) -> Tenants<'_> {
         Tenants::new(self)
+    }
+
+    pub fn inbox(&self) -> Inbox<'_> {
+        Inbox::new(self)
+    }
+
+    pub fn mirror(&self) -> Mirror<'_> {
+        Mirror::new(self)
+    }
+
+    pub fn sync_state(&self) -> SyncState<'_> {
+        SyncState::new(self)
     }
 }
 

@@ -99,4 +99,16 @@ impl<'a> Tenants<'a> {
         })?;
         Ok(upserted)
     }
+
+    /// The customer ids of every tenant linked to one.
+    pub async fn linked_customers(&self) -> Result<Vec<String>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String,)>(
+                "SELECT customer_id FROM tenants WHERE customer_id IS NOT NULL",
+            )
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows.into_iter().map(|(c,)| c).collect())
+    }
 }

@@ -1,3 +1,124 @@
-//! The billing vendor. Stripe's shapes stay in `stripe`; the rest of billsync speaks domain types.
+//! The billing vendor, in billsync's own words. Stripe's shapes stay in `stripe/`; callers see
+//! [`ObjectKind`], raw JSON they store as received, and [`VendorError`].
 
 pub mod stripe;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+/// The kinds of vendor object billsync mirrors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectKind {
+    Customer,
+    Product,
+    Price,
+    /// A legacy plan (what older accounts and localstripe have instead of prices).
+    Plan,
+    Subscription,
+    SubscriptionSchedule,
+    Invoice,
+    PaymentIntent,
+    Charge,
+    CreditNote,
+    /// A customer's active entitlements, kept as one object per customer.
+    ActiveEntitlements,
+}
+
+impl ObjectKind {
+    pub const ALL: [ObjectKind; 11] = [
+        Self::Product,
+        Self::Price,
+        Self::Plan,
+        Self::Customer,
+        Self::Subscription,
+        Self::SubscriptionSchedule,
+        Self::Invoice,
+        Self::PaymentIntent,
+        Self::Charge,
+        Self::CreditNote,
+        Self::ActiveEntitlements,
+    ];
+
+    /// The name stored in the mirror and shown in APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Customer => "customer",
+            Self::Product => "product",
+            Self::Price => "price",
+            Self::Plan => "plan",
+            Self::Subscription => "subscription",
+            Self::SubscriptionSchedule => "subscription_schedule",
+            Self::Invoice => "invoice",
+            Self::PaymentIntent => "payment_intent",
+            Self::Charge => "charge",
+            Self::CreditNote => "credit_note",
+            Self::ActiveEntitlements => "active_entitlements",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+/// What a fetch by id found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetched {
+    Found(Value),
+    /// The vendor no longer has it (404, or a `deleted: true` stub).
+    Gone,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub data: Vec<Value>,
+    pub has_more: bool,
+}
+
+/// Narrows a list call.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub customer: Option<String>,
+    /// Include canceled subscriptions (Stripe's `status=all`).
+    pub all_statuses: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VendorError {
+    /// The vendor refused the request and retrying will not help (a 4xx other than 429).
+    #[error("vendor refused the request ({status}{}): {message}", code.as_deref().map(|c| format!(", {c}")).unwrap_or_default())]
+    Rejected {
+        status: u16,
+        code: Option<String>,
+        message: String,
+    },
+    /// The vendor could not be reached or kept failing after every retry.
+    #[error("vendor unavailable: {0}")]
+    Unavailable(String),
+    /// The vendor answered something that is not what its API promises.
+    #[error("unexpected vendor response: {0}")]
+    Malformed(String),
+}
+
+/// What billsync needs from a billing vendor to mirror it.
+#[async_trait]
+pub trait BillingVendor: Send + Sync {
+    /// The object's current state.
+    async fn fetch(&self, kind: ObjectKind, id: &str) -> Result<Fetched, VendorError>;
+
+    /// One page of objects of a kind, 100 at most, newest first.
+    async fn list(
+        &self,
+        kind: ObjectKind,
+        filter: &ListFilter,
+        starting_after: Option<&str>,
+    ) -> Result<Page, VendorError>;
+
+    /// One page of events created at or after `created_gte` (Unix seconds).
+    async fn list_events_since(
+        &self,
+        created_gte: i64,
+        starting_after: Option<&str>,
+    ) -> Result<Page, VendorError>;
+}

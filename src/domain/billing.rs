@@ -1,0 +1,88 @@
+//! Billing objects as billsync reads them from the mirror. Times are Unix seconds; money is
+//! integer minor units with its currency; quantities are exact decimals.
+
+use rust_decimal::Decimal;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub id: String,
+    pub status: String,
+    pub items: Vec<SubscriptionItem>,
+    pub current_period_start: Option<i64>,
+    pub current_period_end: Option<i64>,
+    pub cancel_at_period_end: bool,
+    pub cancel_at: Option<i64>,
+    pub trial_end: Option<i64>,
+    /// `pause_collection.behavior` while collection is paused.
+    pub pause: Option<String>,
+    pub created: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriptionItem {
+    pub id: Option<String>,
+    /// The price id, or the plan id for legacy plans.
+    pub price: Option<String>,
+    pub quantity: Option<Decimal>,
+}
+
+impl Subscription {
+    /// How strongly a status says "this is the tenant's subscription now", for picking one.
+    pub fn liveness(&self) -> u8 {
+        match self.status.as_str() {
+            "active" | "trialing" | "past_due" => 3,
+            "paused" | "unpaid" | "incomplete" => 2,
+            "canceled" | "incomplete_expired" => 0,
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invoice {
+    pub id: String,
+    pub number: Option<String>,
+    pub status: Option<String>,
+    pub currency: Option<String>,
+    pub total: Option<i64>,
+    pub amount_due: Option<i64>,
+    pub amount_paid: Option<i64>,
+    pub amount_remaining: Option<i64>,
+    pub subscription: Option<String>,
+    pub created: Option<i64>,
+    pub due_date: Option<i64>,
+    pub period_start: Option<i64>,
+    pub period_end: Option<i64>,
+    pub lines: Vec<InvoiceLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvoiceLine {
+    pub id: Option<String>,
+    pub amount: Option<i64>,
+    pub currency: Option<String>,
+    pub quantity: Option<Decimal>,
+    /// The price id, or the plan id for legacy plans.
+    pub price: Option<String>,
+    pub period_start: Option<i64>,
+    pub period_end: Option<i64>,
+    pub description: Option<String>,
+}
+
+/// A payment intent, a charge or a credit note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payment {
+    pub id: String,
+    /// `payment_intent`, `charge` or `credit_note`.
+    pub kind: String,
+    pub status: Option<String>,
+    pub currency: Option<String>,
+    pub amount: Option<i64>,
+    pub amount_received: Option<i64>,
+    pub amount_refunded: Option<i64>,
+    pub refunded: bool,
+    pub disputed: bool,
+    pub invoice: Option<String>,
+    pub payment_intent: Option<String>,
+    pub created: Option<i64>,
+}

@@ -1,0 +1,373 @@
+//! The mirror: the vendor's current state, one row per object, and the transaction that applies
+//! a state to it (with the tenant link and the inbox rows it settles).
+
+use super::{Db, StoreError, on_pool};
+
+/// A vendor object's state, ready to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectState {
+    pub object_type: String,
+    pub object_id: String,
+    pub customer_id: Option<String>,
+    pub status: Option<String>,
+    /// The vendor's `created`, Unix seconds.
+    pub created: Option<i64>,
+    /// Orders states of one object (Unix ms of the event or of the fetch).
+    pub version: i64,
+    pub deleted: bool,
+    pub payload: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MirrorRow {
+    pub object_type: String,
+    pub object_id: String,
+    pub customer_id: Option<String>,
+    pub status: Option<String>,
+    pub created: Option<i64>,
+    pub version: i64,
+    pub deleted: bool,
+    pub payload: String,
+    pub synced_at: i64,
+}
+
+/// A customer's claim to belong to a tenant (its `metadata.tenant_id`).
+#[derive(Debug, Clone)]
+pub struct TenantClaim {
+    pub tenant_id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+}
+
+/// What [`Mirror::apply`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// False when the mirror already held a newer state.
+    pub written: bool,
+    /// The tenant the object belongs to, if any.
+    pub tenant_id: Option<String>,
+    /// Set when a customer claims a tenant already linked to another customer.
+    pub conflict: Option<String>,
+}
+
+/// How an apply settles the inbox rows that asked for it.
+#[derive(Debug, Clone, Default)]
+pub struct Settle<'a> {
+    pub event_ids: &'a [String],
+    /// The refetched state, recorded on the last row so that replay can rebuild it.
+    pub refetched: Option<(&'a str, i64)>,
+}
+
+macro_rules! columns {
+    () => {
+        "object_type, object_id, customer_id, status, created, version, deleted, payload, synced_at"
+    };
+}
+
+pub struct Mirror<'a> {
+    db: &'a Db,
+}
+
+impl<'a> Mirror<'a> {
+    pub(super) fn new(db: &'a Db) -> Self {
+        Self { db }
+    }
+
+    /// In one transaction: stores `state` unless a newer one is there, links or unlinks the
+    /// tenant of a customer, and marks the inbox rows applied.
+    pub async fn apply(
+        &self,
+        state: &ObjectState,
+        claim: Option<&TenantClaim>,
+        settle: Settle<'_>,
+        now_ms: i64,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let outcome = on_pool!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            let written = sqlx::query(
+                "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, deleted, \
+                 payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
+                 status = excluded.status, created = excluded.created, version = excluded.version, \
+                 deleted = excluded.deleted, payload = excluded.payload, synced_at = excluded.synced_at \
+                 WHERE mirror_objects.version <= excluded.version",
+            )
+            .bind(&state.object_type)
+            .bind(&state.object_id)
+            .bind(&state.customer_id)
+            .bind(&state.status)
+            .bind(state.created)
+            .bind(state.version)
+            .bind(state.deleted)
+            .bind(&state.payload)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                > 0;
+
+            let mut conflict = None;
+            if written && state.object_type == "customer" {
+                let customer = &state.object_id;
+                let keep = claim
+                    .filter(|_| !state.deleted)
+                    .map(|c| c.tenant_id.as_str());
+                // A deleted customer, or one whose tenant id was removed or changed, lets go.
+                sqlx::query(
+                    "UPDATE tenants SET customer_id = NULL, updated_at = $3 \
+                     WHERE customer_id = $1 AND ($2 IS NULL OR tenant_id <> $2)",
+                )
+                .bind(customer)
+                .bind(keep)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+                if let Some(claim) = claim.filter(|_| !state.deleted) {
+                    sqlx::query(
+                        "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (tenant_id) DO UPDATE \
+                         SET customer_id = excluded.customer_id, updated_at = excluded.updated_at \
+                         WHERE tenants.customer_id IS NULL",
+                    )
+                    .bind(&claim.tenant_id)
+                    .bind(&claim.name)
+                    .bind(&claim.email)
+                    .bind(customer)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                    let (linked,): (Option<String>,) =
+                        sqlx::query_as("SELECT customer_id FROM tenants WHERE tenant_id = $1")
+                            .bind(&claim.tenant_id)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    if linked.as_deref() != Some(customer.as_str()) {
+                        conflict = Some(format!(
+                            "customer {customer} names tenant {} which already belongs to customer {}",
+                            claim.tenant_id,
+                            linked.unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+
+            let tenant_id: Option<String> = match &state.customer_id {
+                Some(customer) => sqlx::query_as::<_, (String,)>(
+                    "SELECT tenant_id FROM tenants WHERE customer_id = $1",
+                )
+                .bind(customer)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|(t,)| t),
+                None => None,
+            };
+
+            for (i, event_id) in settle.event_ids.iter().enumerate() {
+                let refetched = settle.refetched.filter(|_| i + 1 == settle.event_ids.len());
+                sqlx::query(
+                    "UPDATE inbox_events SET status = 'applied', applied_at = $2, tenant_id = $3, last_error = $4, \
+                     attempts = attempts + 1, applied_payload = $5, applied_version = $6 WHERE event_id = $1",
+                )
+                .bind(event_id)
+                .bind(now_ms)
+                .bind(&tenant_id)
+                .bind(&conflict)
+                .bind(refetched.map(|(payload, _)| payload))
+                .bind(refetched.map(|(_, version)| version))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(ApplyOutcome {
+                written,
+                tenant_id,
+                conflict,
+            })
+        })?;
+        Ok(outcome)
+    }
+
+    pub async fn get(
+        &self,
+        object_type: &str,
+        object_id: &str,
+    ) -> Result<Option<MirrorRow>, StoreError> {
+        let row = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, MirrorRow>(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM mirror_objects WHERE object_type = $1 AND object_id = $2"
+            ))
+            .bind(object_type)
+            .bind(object_id)
+            .fetch_optional(pool)
+            .await
+        })?;
+        Ok(row)
+    }
+
+    /// A customer's objects of one type that still exist, newest first.
+    pub async fn of_customer(
+        &self,
+        customer_id: &str,
+        object_type: &str,
+    ) -> Result<Vec<MirrorRow>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, MirrorRow>(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM mirror_objects WHERE customer_id = $1 AND object_type = $2 AND deleted = FALSE \
+                 ORDER BY created DESC, object_id DESC"
+            ))
+            .bind(customer_id)
+            .bind(object_type)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
+    /// A page of a customer's invoices (`kinds` = invoice) or payments, newest first, before the
+    /// `(created, object_id)` cursor.
+    pub async fn page_of_customer(
+        &self,
+        customer_id: &str,
+        kinds: PageKinds,
+        before: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<MirrorRow>, StoreError> {
+        let (created, id) = before.unwrap_or((i64::MAX, String::new()));
+        let rows = on_pool!(self.db, |pool| {
+            let query = match kinds {
+                PageKinds::Invoices => sqlx::query_as::<_, MirrorRow>(concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM mirror_objects WHERE customer_id = $1 AND object_type = 'invoice' AND deleted = FALSE \
+                     AND (created < $2 OR (created = $2 AND object_id < $3)) \
+                     ORDER BY created DESC, object_id DESC LIMIT $4"
+                )),
+                PageKinds::Payments => sqlx::query_as::<_, MirrorRow>(concat!(
+                    "SELECT ",
+                    columns!(),
+                    " FROM mirror_objects WHERE customer_id = $1 AND deleted = FALSE \
+                     AND object_type IN ('payment_intent', 'charge', 'credit_note') \
+                     AND (created < $2 OR (created = $2 AND object_id < $3)) \
+                     ORDER BY created DESC, object_id DESC LIMIT $4"
+                )),
+            };
+            query
+                .bind(customer_id)
+                .bind(created)
+                .bind(id)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+        })?;
+        Ok(rows)
+    }
+
+    /// A page of every mirror row in key order (for replay's comparison).
+    pub async fn all_after(
+        &self,
+        after: Option<(String, String)>,
+        limit: u32,
+    ) -> Result<Vec<MirrorRow>, StoreError> {
+        let (object_type, object_id) = after.unwrap_or_default();
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, MirrorRow>(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM mirror_objects WHERE object_type > $1 OR (object_type = $1 AND object_id > $2) \
+                 ORDER BY object_type, object_id LIMIT $3"
+            ))
+            .bind(object_type)
+            .bind(object_id)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
+    /// Replaces one row outright (replay's repair), whatever its version.
+    pub async fn overwrite(&self, state: &ObjectState, now_ms: i64) -> Result<(), StoreError> {
+        on_pool!(self.db, |pool| {
+            sqlx::query(
+                "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, deleted, \
+                 payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
+                 status = excluded.status, created = excluded.created, version = excluded.version, \
+                 deleted = excluded.deleted, payload = excluded.payload, synced_at = excluded.synced_at",
+            )
+            .bind(&state.object_type)
+            .bind(&state.object_id)
+            .bind(&state.customer_id)
+            .bind(&state.status)
+            .bind(state.created)
+            .bind(state.version)
+            .bind(state.deleted)
+            .bind(&state.payload)
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map(drop)
+        })?;
+        Ok(())
+    }
+}
+
+/// Which objects a customer page lists.
+#[derive(Debug, Clone, Copy)]
+pub enum PageKinds {
+    Invoices,
+    /// Payment intents, charges and credit notes.
+    Payments,
+}
+
+/// Cursors, checkpoints and last-run times.
+pub struct SyncState<'a> {
+    db: &'a Db,
+}
+
+impl<'a> SyncState<'a> {
+    pub(super) fn new(db: &'a Db) -> Self {
+        Self { db }
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let value = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String,)>("SELECT value FROM sync_state WHERE name = $1")
+                .bind(name)
+                .fetch_optional(pool)
+                .await
+        })?;
+        Ok(value.map(|(v,)| v))
+    }
+
+    pub async fn set(&self, name: &str, value: &str, now_ms: i64) -> Result<(), StoreError> {
+        on_pool!(self.db, |pool| {
+            sqlx::query(
+                "INSERT INTO sync_state (name, value, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            )
+            .bind(name)
+            .bind(value)
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map(drop)
+        })?;
+        Ok(())
+    }
+
+    pub async fn remove(&self, name: &str) -> Result<(), StoreError> {
+        on_pool!(self.db, |pool| {
+            sqlx::query("DELETE FROM sync_state WHERE name = $1")
+                .bind(name)
+                .execute(pool)
+                .await
+                .map(drop)
+        })?;
+        Ok(())
+    }
+}

@@ -1,0 +1,320 @@
+//! The applier: brings the mirror to the state each inbox row calls for. With refetch on (the
+//! default) it asks the vendor for the object's current state, once per object however many
+//! events name it; otherwise it applies the event's own copy, and the mirror's version check keeps
+//! an older copy from overwriting a newer one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::SyncError;
+use crate::domain::TenantId;
+use crate::metrics::Metrics;
+use crate::store::{Db, InboxRow, ObjectState, Settle, Source, StoreError, TenantClaim, now_ms};
+use crate::vendor::stripe::objects;
+use crate::vendor::{BillingVendor, Fetched, ObjectKind};
+
+/// How long the applier idles when nothing wakes it.
+const IDLE: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct Applier {
+    pub db: Db,
+    pub vendor: Option<Arc<dyn BillingVendor>>,
+    pub refetch: bool,
+    pub tenant_key: String,
+    pub batch: u32,
+    pub max_retry_delay: Duration,
+    pub metrics: Arc<Metrics>,
+    pub wake: Arc<Notify>,
+}
+
+impl Applier {
+    /// Applies until `shutdown`; woken at once by new inbox rows.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let settled = match self.step().await {
+                Ok(n) => n,
+                Err(error) => {
+                    tracing::warn!(error = %error, "applier: cannot read the inbox");
+                    0
+                }
+            };
+            if settled > 0 {
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(IDLE) => {}
+            }
+        }
+    }
+
+    /// Applies every row due now (one batch); returns how many rows it settled or deferred.
+    pub async fn step(&self) -> Result<usize, StoreError> {
+        let rows = self.db.inbox().due(now_ms(), self.batch).await?;
+        let count = rows.len();
+        for group in group_by_object(rows) {
+            let started = std::time::Instant::now();
+            match self.apply_group(&group).await {
+                Ok(()) => {
+                    for row in &group {
+                        self.metrics.inc(
+                            "billsync_events_applied_total",
+                            "Inbox rows applied to the mirror, by event type.",
+                            &[("type", &row.event_type)],
+                        );
+                        let latency = (now_ms() - row.received_at).max(0) as f64 / 1000.0;
+                        self.metrics.observe(
+                            "billsync_apply_latency_seconds",
+                            "From an inbox row's arrival to its apply.",
+                            &[("source", &row.source)],
+                            latency,
+                        );
+                    }
+                    self.metrics.observe(
+                        "billsync_apply_duration_seconds",
+                        "Time to apply one object (its fetch included).",
+                        &[],
+                        started.elapsed().as_secs_f64(),
+                    );
+                }
+                Err(error) => self.defer(&group, &error).await?,
+            }
+        }
+        if count > 0 {
+            let stats = self.db.inbox().stats().await?;
+            if let Some(newest) = stats.newest_applied_event {
+                self.metrics.set(
+                    "billsync_sync_lag_seconds",
+                    "Now minus the creation time of the newest applied vendor event.",
+                    &[],
+                    (now_ms() - newest).max(0) as f64 / 1000.0,
+                );
+            }
+        }
+        Ok(count)
+    }
+
+    /// Records the failure on every row of the group; each is retried with backoff.
+    async fn defer(&self, group: &[InboxRow], error: &SyncError) -> Result<(), StoreError> {
+        let message = error.to_string();
+        for row in group {
+            let delay = retry_delay(row.attempts, self.max_retry_delay);
+            tracing::warn!(event_id = %row.event_id, attempts = row.attempts + 1, error = %message, "apply failed; will retry");
+            self.metrics.inc(
+                "billsync_events_failed_total",
+                "Failed apply attempts, by event type.",
+                &[("type", &row.event_type)],
+            );
+            self.db
+                .inbox()
+                .mark_failed(&row.event_id, &message, now_ms() + delay.as_millis() as i64)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn apply_group(&self, group: &[InboxRow]) -> Result<(), SyncError> {
+        let first = &group[0];
+        let (Some(kind), Some(object_id)) = (
+            first.object_type.as_deref().and_then(ObjectKind::parse),
+            first.object_id.clone(),
+        ) else {
+            for row in group {
+                self.db
+                    .inbox()
+                    .mark_skipped(&row.event_id, "nothing to apply", now_ms())
+                    .await?;
+            }
+            return Ok(());
+        };
+        let has_events = group.iter().any(|row| !Source::is_fresh_state(&row.source));
+        match &self.vendor {
+            Some(vendor) if self.refetch && has_events => {
+                let fetched_at = now_ms();
+                let (object, deleted) = match vendor.fetch(kind, &object_id).await? {
+                    Fetched::Found(object) => (object, false),
+                    Fetched::Gone => (tombstone(kind, &object_id), true),
+                };
+                let payload = object.to_string();
+                let ids: Vec<String> = group.iter().map(|r| r.event_id.clone()).collect();
+                let settle = Settle {
+                    event_ids: &ids,
+                    refetched: Some((&payload, fetched_at)),
+                };
+                self.store(kind, &object_id, &object, fetched_at, deleted, settle)
+                    .await
+            }
+            _ => {
+                for row in group {
+                    let (object, version, deleted) = state_of_row(row, kind)?;
+                    let ids = [row.event_id.clone()];
+                    let settle = Settle {
+                        event_ids: &ids,
+                        refetched: None,
+                    };
+                    self.store(kind, &object_id, &object, version, deleted, settle)
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn store(
+        &self,
+        kind: ObjectKind,
+        object_id: &str,
+        object: &Value,
+        version: i64,
+        deleted: bool,
+        settle: Settle<'_>,
+    ) -> Result<(), SyncError> {
+        let state = object_state(kind, object_id, object, version, deleted);
+        let claim = (kind == ObjectKind::Customer)
+            .then(|| tenant_claim(object, &self.tenant_key))
+            .flatten();
+        let outcome = self
+            .db
+            .mirror()
+            .apply(&state, claim.as_ref(), settle, now_ms())
+            .await?;
+        if let Some(conflict) = outcome.conflict {
+            tracing::warn!(conflict = %conflict, "tenant mapping conflict; the first customer keeps the tenant");
+        }
+        Ok(())
+    }
+}
+
+/// The mirror row for an object state.
+pub fn object_state(
+    kind: ObjectKind,
+    object_id: &str,
+    object: &Value,
+    version: i64,
+    deleted: bool,
+) -> ObjectState {
+    ObjectState {
+        object_type: kind.as_str().to_owned(),
+        object_id: object_id.to_owned(),
+        customer_id: objects::customer_of(kind, object),
+        status: objects::status_of(object),
+        created: objects::int(&object["created"]),
+        version,
+        deleted: deleted || objects::is_deleted(object),
+        payload: object.to_string(),
+    }
+}
+
+/// The state a row carries without asking the vendor: the refetched state recorded when it was
+/// applied, or else the event's own copy, versioned by the event's creation time.
+pub fn state_of_row(row: &InboxRow, kind: ObjectKind) -> Result<(Value, i64, bool), SyncError> {
+    if let (Some(payload), Some(version)) = (&row.applied_payload, row.applied_version) {
+        let object: Value =
+            serde_json::from_str(payload).map_err(|e| SyncError::Payload(e.to_string()))?;
+        let deleted = objects::is_deleted(&object);
+        return Ok((object, version, deleted));
+    }
+    let event: Value =
+        serde_json::from_str(&row.payload).map_err(|e| SyncError::Payload(e.to_string()))?;
+    let object = event["data"]["object"].clone();
+    // A refund or dispute event names its charge; its own copy is not the charge's state.
+    let object = match objects::target(&object) {
+        Some((target_kind, _))
+            if target_kind == kind
+                && object["object"] != "refund"
+                && object["object"] != "dispute" =>
+        {
+            object
+        }
+        _ => return Err(SyncError::NeedsVendor(row.event_type.clone())),
+    };
+    let deletes = row.event_type.ends_with(".deleted")
+        && matches!(
+            kind,
+            ObjectKind::Customer
+                | ObjectKind::Product
+                | ObjectKind::Price
+                | ObjectKind::Plan
+                | ObjectKind::Invoice
+        );
+    Ok((object, row.event_created, deletes))
+}
+
+/// What the mirror keeps for an object the vendor no longer has.
+fn tombstone(kind: ObjectKind, object_id: &str) -> Value {
+    json!({ "id": object_id, "object": kind.as_str(), "deleted": true })
+}
+
+/// The tenant a customer names in its metadata, when the value is a valid tenant id.
+pub fn tenant_claim(customer: &Value, key: &str) -> Option<TenantClaim> {
+    let raw = customer["metadata"][key].as_str()?;
+    match TenantId::parse(raw.trim()) {
+        Ok(tenant) => Some(TenantClaim {
+            tenant_id: tenant.as_str().to_owned(),
+            name: customer["name"].as_str().map(str::to_owned),
+            email: customer["email"].as_str().map(str::to_owned),
+        }),
+        Err(error) => {
+            tracing::warn!(customer = ?customer["id"].as_str(), value = raw, error = %error, "customer names an invalid tenant id");
+            None
+        }
+    }
+}
+
+/// Rows grouped by the object they touch, in order of each object's first row.
+fn group_by_object(rows: Vec<InboxRow>) -> Vec<Vec<InboxRow>> {
+    let mut groups: Vec<Vec<InboxRow>> = Vec::new();
+    let mut index: std::collections::HashMap<(Option<String>, Option<String>), usize> =
+        Default::default();
+    for row in rows {
+        let key = (row.object_type.clone(), row.object_id.clone());
+        match index.get(&key) {
+            Some(&i) => groups[i].push(row),
+            None => {
+                index.insert(key, groups.len());
+                groups.push(vec![row]);
+            }
+        }
+    }
+    groups
+}
+
+/// 1 s, 2 s, 4 s … capped at `max`, with jitter in [½, 1].
+fn retry_delay(attempts: i32, max: Duration) -> Duration {
+    let exponent = attempts.clamp(0, 20) as u32;
+    Duration::from_secs(1)
+        .saturating_mul(2u32.saturating_pow(exponent))
+        .min(max)
+        .mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_claims_need_a_valid_id() {
+        let customer = json!({"id": "cus_1", "metadata": {"tenant_id": "acme"}, "name": "Acme"});
+        assert_eq!(
+            tenant_claim(&customer, "tenant_id").unwrap().tenant_id,
+            "acme"
+        );
+        assert!(tenant_claim(&customer, "other_key").is_none());
+        let bad = json!({"id": "cus_2", "metadata": {"tenant_id": "no spaces allowed"}});
+        assert!(tenant_claim(&bad, "tenant_id").is_none());
+    }
+
+    #[test]
+    fn retry_delays_grow_to_the_cap() {
+        let max = Duration::from_secs(60);
+        assert!(retry_delay(0, max) <= Duration::from_secs(1));
+        assert!(retry_delay(3, max) >= Duration::from_secs(4));
+        assert!(retry_delay(30, max) <= max);
+    }
+}

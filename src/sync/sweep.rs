@@ -1,0 +1,182 @@
+//! The drift sweep: some changes come with no event at all (lost beyond the events API's 30 days,
+//! or a vendor that never emits them). Every interval it lists the customers and live
+//! subscriptions, and queues each that belongs to a known tenant and differs from the mirror.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::applier::tenant_claim;
+use super::{SyncError, events};
+use crate::metrics::Metrics;
+use crate::store::{Db, NewEvent, Source, now_ms};
+use crate::vendor::stripe::objects;
+use crate::vendor::{BillingVendor, Fetched, ListFilter, ObjectKind};
+
+pub const LAST_RUN: &str = "sweep.last_run_at";
+
+#[derive(Clone)]
+pub struct Sweep {
+    pub db: Db,
+    pub vendor: Arc<dyn BillingVendor>,
+    pub interval: Duration,
+    pub tenant_key: String,
+    pub metrics: Arc<Metrics>,
+    pub wake: Arc<Notify>,
+}
+
+impl Sweep {
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(self.interval) => {}
+            }
+            if let Err(error) = self.step().await {
+                tracing::warn!(error = %error, "drift sweep failed; retrying next interval");
+            }
+        }
+    }
+
+    /// One sweep; returns how many objects differed from the mirror.
+    pub async fn step(&self) -> Result<usize, SyncError> {
+        // Every state listed below is at least as new as this; it versions them all.
+        let started = now_ms();
+        let mut known: HashSet<String> = self
+            .db
+            .tenants()
+            .linked_customers()
+            .await?
+            .into_iter()
+            .collect();
+        let mut queued = Vec::new();
+
+        for customer in self.list_all(ObjectKind::Customer).await? {
+            let id = objects::id_of(&customer["id"]).unwrap_or_default();
+            if tenant_claim(&customer, &self.tenant_key).is_some() {
+                known.insert(id.clone());
+            } else if !known.contains(&id) {
+                continue;
+            }
+            self.queue_if_changed(ObjectKind::Customer, &customer, started, &mut queued)
+                .await?;
+        }
+
+        let mut listed = HashSet::new();
+        for subscription in self.list_all(ObjectKind::Subscription).await? {
+            let Some(customer) = objects::id_of(&subscription["customer"]) else {
+                continue;
+            };
+            if !known.contains(&customer) {
+                continue;
+            }
+            listed.insert(objects::id_of(&subscription["id"]).unwrap_or_default());
+            self.queue_if_changed(
+                ObjectKind::Subscription,
+                &subscription,
+                started,
+                &mut queued,
+            )
+            .await?;
+        }
+
+        // A live subscription the list no longer shows ended without an event reaching us.
+        for customer in &known {
+            for row in self
+                .db
+                .mirror()
+                .of_customer(customer, ObjectKind::Subscription.as_str())
+                .await?
+            {
+                let ended = matches!(
+                    row.status.as_deref(),
+                    Some("canceled" | "incomplete_expired")
+                );
+                if ended || listed.contains(&row.object_id) {
+                    continue;
+                }
+                if let Fetched::Found(object) = self
+                    .vendor
+                    .fetch(ObjectKind::Subscription, &row.object_id)
+                    .await?
+                {
+                    self.queue_if_changed(ObjectKind::Subscription, &object, started, &mut queued)
+                        .await?;
+                }
+            }
+        }
+
+        let changed = queued.len();
+        self.db.inbox().insert(&queued, now_ms()).await?;
+        self.db
+            .sync_state()
+            .set(LAST_RUN, &now_ms().to_string(), now_ms())
+            .await?;
+        self.metrics.add(
+            "billsync_sweep_changes_total",
+            "Objects the drift sweep found different from the mirror.",
+            &[],
+            changed as u64,
+        );
+        if changed > 0 {
+            tracing::info!(changed, "drift sweep found changes no event had brought");
+            self.wake.notify_one();
+        }
+        Ok(changed)
+    }
+
+    async fn list_all(&self, kind: ObjectKind) -> Result<Vec<Value>, SyncError> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .vendor
+                .list(kind, &ListFilter::default(), after.as_deref())
+                .await?;
+            after = page.data.last().and_then(|o| objects::id_of(&o["id"]));
+            all.extend(page.data);
+            if !page.has_more || after.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
+    async fn queue_if_changed(
+        &self,
+        kind: ObjectKind,
+        object: &Value,
+        fetched_at: i64,
+        queue: &mut Vec<NewEvent>,
+    ) -> Result<(), SyncError> {
+        if differs_from_mirror(&self.db, kind, object).await? {
+            queue.extend(events::from_fetched_state(
+                kind,
+                object,
+                Source::Sweep,
+                fetched_at,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether the mirror lacks this exact state of the object.
+pub async fn differs_from_mirror(
+    db: &Db,
+    kind: ObjectKind,
+    object: &Value,
+) -> Result<bool, SyncError> {
+    let Some(id) = objects::id_of(&object["id"]) else {
+        return Ok(false);
+    };
+    Ok(match db.mirror().get(kind.as_str(), &id).await? {
+        Some(row) if !row.deleted => {
+            serde_json::from_str::<Value>(&row.payload).ok().as_ref() != Some(object)
+        }
+        _ => true,
+    })
+}

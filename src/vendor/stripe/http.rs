@@ -1,0 +1,334 @@
+//! The Stripe client every worker shares: pinned API version, timeouts, a client-side rate
+//! limit, and retries with exponential backoff and jitter on 429, 5xx and connection errors.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use async_trait::async_trait;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use super::objects;
+use crate::config::{Secret, StripeSettings};
+use crate::metrics::Metrics;
+use crate::vendor::{BillingVendor, Fetched, ListFilter, ObjectKind, Page, VendorError};
+
+/// Longest wait between two retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+
+pub struct StripeHttp {
+    http: reqwest::Client,
+    base: String,
+    key: Secret,
+    version: String,
+    max_retries: u32,
+    retry_base: Duration,
+    limiter: RateLimiter,
+    metrics: Arc<Metrics>,
+}
+
+impl StripeHttp {
+    /// `None` when no API key is configured.
+    pub fn from_settings(
+        settings: &StripeSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Option<Self>, VendorError> {
+        let Some(key) = settings.api_key.clone() else {
+            return Ok(None);
+        };
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("billsync/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| VendorError::Unavailable(format!("cannot build HTTP client: {e}")))?;
+        Ok(Some(Self {
+            http,
+            base: settings.api_base.clone(),
+            key,
+            version: settings.api_version.clone(),
+            max_retries: settings.max_retries,
+            retry_base: settings.retry_base_delay,
+            limiter: RateLimiter::per_second(settings.rate_limit),
+            metrics,
+        }))
+    }
+
+    /// GETs `path`; `Ok(None)` on 404. `endpoint` labels the call in metrics.
+    async fn get(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        query: &[(String, String)],
+    ) -> Result<Option<Value>, VendorError> {
+        let url = format!("{}{path}", self.base);
+        let mut attempt = 0;
+        loop {
+            self.limiter.acquire().await;
+            let sent = self
+                .http
+                .get(&url)
+                .query(query)
+                .bearer_auth(self.key.expose())
+                .header("Stripe-Version", &self.version)
+                .send()
+                .await;
+            let retry_reason = match sent {
+                Ok(response) => {
+                    let status = response.status();
+                    self.count(endpoint, status.as_str());
+                    let should_retry = response
+                        .headers()
+                        .get("stripe-should-retry")
+                        .and_then(|v| v.to_str().ok())
+                        .map(|v| v.eq_ignore_ascii_case("true"));
+                    if status.is_success() {
+                        return response
+                            .json::<Value>()
+                            .await
+                            .map(Some)
+                            .map_err(|e| VendorError::Malformed(format!("{endpoint}: {e}")));
+                    }
+                    if status == StatusCode::NOT_FOUND && should_retry != Some(true) {
+                        return Ok(None);
+                    }
+                    let body = response.text().await.unwrap_or_default();
+                    let retryable = should_retry.unwrap_or(
+                        status == StatusCode::TOO_MANY_REQUESTS
+                            || status.is_server_error()
+                            || status == StatusCode::CONFLICT,
+                    );
+                    if !retryable {
+                        return Err(rejected(status, &body));
+                    }
+                    format!("{endpoint}: HTTP {status}")
+                }
+                Err(error) => {
+                    self.count(endpoint, "error");
+                    format!("{endpoint}: {}", without_url(error))
+                }
+            };
+            if attempt >= self.max_retries {
+                return Err(VendorError::Unavailable(format!(
+                    "{retry_reason} (gave up after {} attempts)",
+                    attempt + 1
+                )));
+            }
+            let delay = backoff(self.retry_base, attempt);
+            tracing::debug!(reason = %retry_reason, delay_ms = delay.as_millis() as u64, "retrying Stripe call");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+
+    fn count(&self, endpoint: &str, status: &str) {
+        self.metrics.inc(
+            "billsync_vendor_requests_total",
+            "Calls to the vendor by endpoint and HTTP status (\"error\": no response).",
+            &[("endpoint", endpoint), ("status", status)],
+        );
+    }
+
+    async fn page(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        query: Vec<(String, String)>,
+    ) -> Result<Page, VendorError> {
+        let body = self
+            .get(endpoint, path, &query)
+            .await?
+            .ok_or_else(|| VendorError::Malformed(format!("{endpoint}: list answered 404")))?;
+        objects::page(body).ok_or_else(|| VendorError::Malformed(format!("{endpoint}: not a list")))
+    }
+}
+
+/// The exponential delay before retry `attempt` (0-based), with jitter in [½, 1] of it.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    let exponential = base
+        .saturating_mul(2u32.saturating_pow(attempt))
+        .min(MAX_BACKOFF);
+    exponential.mul_f64(0.5 + fastrand::f64() * 0.5)
+}
+
+fn without_url(error: reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timeout"
+    } else if error.is_connect() {
+        "connection failed"
+    } else {
+        "request failed"
+    };
+    format!("{kind}: {}", error.without_url())
+}
+
+fn rejected(status: StatusCode, body: &str) -> VendorError {
+    let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let error = &parsed["error"];
+    VendorError::Rejected {
+        status: status.as_u16(),
+        code: error["code"].as_str().map(str::to_owned),
+        message: error["message"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("HTTP {status}")),
+    }
+}
+
+#[async_trait]
+impl BillingVendor for StripeHttp {
+    async fn fetch(&self, kind: ObjectKind, id: &str) -> Result<Fetched, VendorError> {
+        if kind == ObjectKind::ActiveEntitlements {
+            return self.fetch_active_entitlements(id).await;
+        }
+        let path = format!("/v1/{}/{}", objects::collection(kind), urlencode(id));
+        match self.get(objects::collection(kind), &path, &[]).await? {
+            Some(object) if object["deleted"] == Value::Bool(true) => Ok(Fetched::Gone),
+            Some(object) => Ok(Fetched::Found(object)),
+            None => Ok(Fetched::Gone),
+        }
+    }
+
+    async fn list(
+        &self,
+        kind: ObjectKind,
+        filter: &ListFilter,
+        starting_after: Option<&str>,
+    ) -> Result<Page, VendorError> {
+        let mut query = vec![("limit".to_owned(), "100".to_owned())];
+        if let Some(customer) = &filter.customer {
+            query.push(("customer".to_owned(), customer.clone()));
+        }
+        if filter.all_statuses && kind == ObjectKind::Subscription {
+            query.push(("status".to_owned(), "all".to_owned()));
+        }
+        if let Some(after) = starting_after {
+            query.push(("starting_after".to_owned(), after.to_owned()));
+        }
+        let collection = objects::collection(kind);
+        self.page(collection, &format!("/v1/{collection}"), query)
+            .await
+    }
+
+    async fn list_events_since(
+        &self,
+        created_gte: i64,
+        starting_after: Option<&str>,
+    ) -> Result<Page, VendorError> {
+        let mut query = vec![
+            ("limit".to_owned(), "100".to_owned()),
+            ("created[gte]".to_owned(), created_gte.to_string()),
+        ];
+        if let Some(after) = starting_after {
+            query.push(("starting_after".to_owned(), after.to_owned()));
+        }
+        self.page("events", "/v1/events", query).await
+    }
+}
+
+impl StripeHttp {
+    /// Stripe lists a customer's active entitlements; billsync keeps them as one summary object,
+    /// the shape of the `entitlements.active_entitlement_summary.updated` event.
+    async fn fetch_active_entitlements(&self, customer: &str) -> Result<Fetched, VendorError> {
+        let mut entitlements = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut query = vec![
+                ("customer".to_owned(), customer.to_owned()),
+                ("limit".to_owned(), "100".to_owned()),
+            ];
+            if let Some(after) = &after {
+                query.push(("starting_after".to_owned(), after.clone()));
+            }
+            let page = self
+                .page(
+                    "entitlements/active_entitlements",
+                    "/v1/entitlements/active_entitlements",
+                    query,
+                )
+                .await?;
+            after = page
+                .data
+                .last()
+                .and_then(|e| e["id"].as_str())
+                .map(str::to_owned);
+            entitlements.extend(page.data);
+            if !page.has_more || after.is_none() {
+                break;
+            }
+        }
+        Ok(Fetched::Found(objects::entitlement_summary(
+            customer,
+            entitlements,
+        )))
+    }
+}
+
+fn urlencode(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Spaces calls evenly at `n` per second across every task that shares it.
+pub struct RateLimiter {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl RateLimiter {
+    pub fn per_second(n: u32) -> Self {
+        Self {
+            interval: Duration::from_secs(1) / n.max(1),
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    pub async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().await;
+            let now = Instant::now();
+            let slot = (*next).max(now);
+            *next = slot + self.interval;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_capped() {
+        let base = Duration::from_millis(100);
+        for attempt in 0..10 {
+            let d = backoff(base, attempt);
+            let full = base.saturating_mul(2u32.pow(attempt)).min(MAX_BACKOFF);
+            assert!(d >= full / 2 && d <= full, "{attempt}: {d:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limiter_spaces_calls() {
+        let limiter = RateLimiter::per_second(10);
+        let started = Instant::now();
+        for _ in 0..11 {
+            limiter.acquire().await;
+        }
+        assert!(started.elapsed() >= Duration::from_millis(1000));
+    }
+
+    #[test]
+    fn ids_are_path_safe() {
+        assert_eq!(urlencode("cus_123"), "cus_123");
+        assert_eq!(urlencode("a/b c"), "a%2Fb%20c");
+    }
+}
