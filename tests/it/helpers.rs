@@ -228,3 +228,120 @@ pub async fn error_of(response: Response) -> (u16, String, Option<String>) {
         error["field"].as_str().map(str::to_owned),
     )
 }
+
+/// The webhook signing secret of test services that take webhooks.
+pub const WEBHOOK_SECRET: &str = "whsec_test_secret_one";
+
+/// Points the service at a fake vendor, with quick retries and workers that stay quiet unless a
+/// test asks for them.
+pub fn use_vendor(settings: &mut Settings, api_base: &str) {
+    settings.stripe.api_key = Some(Secret::new("sk_test_billsync"));
+    settings.stripe.api_base = api_base.trim_end_matches('/').to_owned();
+    settings.stripe.retry_base_delay = std::time::Duration::from_millis(5);
+    settings.stripe.rate_limit = 1000;
+    settings.sync.poll_interval = std::time::Duration::from_secs(3600);
+    settings.sync.sweep_interval = std::time::Duration::from_secs(3600);
+    settings.sync.max_retry_delay = std::time::Duration::from_millis(100);
+}
+
+/// Accepts webhooks signed with [`WEBHOOK_SECRET`].
+pub fn take_webhooks(settings: &mut Settings) {
+    settings.stripe.webhook_secrets = vec![Secret::new(WEBHOOK_SECRET)];
+}
+
+impl TestApp {
+    /// POSTs a webhook body with the given `Stripe-Signature` (none when `None`).
+    pub async fn post_webhook(&self, body: &str, signature: Option<String>) -> Response {
+        let mut request = self
+            .client
+            .post(self.url("/webhooks/stripe"))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(signature) = signature {
+            request = request.header("stripe-signature", signature);
+        }
+        request.send().await.expect("POST webhook")
+    }
+
+    /// POSTs a webhook signed now with [`WEBHOOK_SECRET`]; asserts it was taken.
+    pub async fn deliver(&self, event: &Value) -> Value {
+        let body = event.to_string();
+        let response = self.post_webhook(&body, Some(sign_now(&body))).await;
+        assert_eq!(response.status(), 200, "webhook refused");
+        response.json().await.unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> Value {
+        let response = self.v1(reqwest::Method::GET, path).send().await.expect("GET");
+        assert_eq!(response.status(), 200, "GET {path}");
+        response.json().await.unwrap()
+    }
+}
+
+pub fn sign_now(body: &str) -> String {
+    let now = chrono::Utc::now().timestamp();
+    billsync::webhook::signature::header(WEBHOOK_SECRET, now, body.as_bytes())
+}
+
+/// Polls `check` until it holds (at most 20 s): background work is observed, never slept on.
+pub async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A Stripe event around `object`, created at `created` (Unix seconds).
+pub fn event(id: &str, event_type: &str, created: i64, object: Value) -> Value {
+    serde_json::json!({
+        "id": id,
+        "object": "event",
+        "api_version": "2025-03-31.basil",
+        "created": created,
+        "type": event_type,
+        "livemode": false,
+        "pending_webhooks": 1,
+        "request": {"id": null, "idempotency_key": null},
+        "data": {"object": object},
+    })
+}
+
+/// A customer naming its tenant in metadata.
+pub fn customer(id: &str, tenant: &str) -> Value {
+    serde_json::json!({
+        "id": id, "object": "customer", "created": 1_700_000_000, "email": format!("{tenant}@example.test"),
+        "name": format!("Tenant {tenant}"), "metadata": {"tenant_id": tenant}, "livemode": false
+    })
+}
+
+/// A current-API subscription on one price, period on the item.
+pub fn subscription(id: &str, customer: &str, price: &str, status: &str, quantity: i64) -> Value {
+    serde_json::json!({
+        "id": id, "object": "subscription", "customer": customer, "status": status, "created": 1_700_000_100,
+        "cancel_at_period_end": false, "cancel_at": null, "trial_end": null, "pause_collection": null,
+        "items": {"object": "list", "has_more": false, "data": [{
+            "id": format!("si_{id}"), "object": "subscription_item", "quantity": quantity,
+            "price": {"id": price, "object": "price"},
+            "current_period_start": 1_700_000_000, "current_period_end": 1_702_592_000
+        }]}
+    })
+}
+
+/// Where the end-to-end tools live: `.venv` made by `scripts/test`, or BILLSYNC_TEST_VENV.
+pub fn venv_bin(tool: &str) -> std::path::PathBuf {
+    let venv = std::env::var("BILLSYNC_TEST_VENV")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv"));
+    let path = venv.join("bin").join(tool);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test, which installs localstripe and stripe into .venv",
+        path.display()
+    );
+    path
+}

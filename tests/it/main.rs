@@ -6,4 +6,6 @@ mod helpers;
 mod cli;
 mod health;
 mod openapi;
+mod sync;
 mod tenants;
+mod webhooks;
