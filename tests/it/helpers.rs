@@ -272,7 +272,11 @@ impl TestApp {
     }
 
     pub async fn get_json(&self, path: &str) -> Value {
-        let response = self.v1(reqwest::Method::GET, path).send().await.expect("GET");
+        let response = self
+            .v1(reqwest::Method::GET, path)
+            .send()
+            .await
+            .expect("GET");
         assert_eq!(response.status(), 200, "GET {path}");
         response.json().await.unwrap()
     }
@@ -291,7 +295,10 @@ where
 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !check().await {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

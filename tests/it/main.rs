@@ -4,6 +4,7 @@
 mod helpers;
 
 mod cli;
+mod e2e;
 mod health;
 mod openapi;
 mod sync;
