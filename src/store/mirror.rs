@@ -50,12 +50,15 @@ pub struct ApplyOutcome {
     pub conflict: Option<String>,
 }
 
-/// How an apply settles the inbox rows that asked for it.
-#[derive(Debug, Clone, Default)]
-pub struct Settle<'a> {
-    pub event_ids: &'a [String],
-    /// The refetched state, recorded on the last row so that replay can rebuild it.
-    pub refetched: Option<(&'a str, i64)>,
+/// One object state to apply, and the inbox rows it settles.
+#[derive(Debug, Clone)]
+pub struct Apply {
+    pub state: ObjectState,
+    /// For a customer: the tenant its metadata names.
+    pub claim: Option<TenantClaim>,
+    pub event_ids: Vec<String>,
+    /// The state was refetched: it is recorded on the last row so that replay can rebuild it.
+    pub refetched: bool,
 }
 
 macro_rules! columns {
@@ -73,118 +76,125 @@ impl<'a> Mirror<'a> {
         Self { db }
     }
 
-    /// In one transaction: stores `state` unless a newer one is there, links or unlinks the
-    /// tenant of a customer, and marks the inbox rows applied.
+    /// In one transaction, for each item: stores its state unless a newer one is there, links or
+    /// unlinks the tenant of a customer, and marks its inbox rows applied.
     pub async fn apply(
         &self,
-        state: &ObjectState,
-        claim: Option<&TenantClaim>,
-        settle: Settle<'_>,
+        items: &[Apply],
         now_ms: i64,
-    ) -> Result<ApplyOutcome, StoreError> {
-        let outcome = on_pool!(self.db, |pool| {
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        let outcomes = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let written = sqlx::query(
-                "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, deleted, \
-                 payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
-                 status = excluded.status, created = excluded.created, version = excluded.version, \
-                 deleted = excluded.deleted, payload = excluded.payload, synced_at = excluded.synced_at \
-                 WHERE mirror_objects.version <= excluded.version",
-            )
-            .bind(&state.object_type)
-            .bind(&state.object_id)
-            .bind(&state.customer_id)
-            .bind(&state.status)
-            .bind(state.created)
-            .bind(state.version)
-            .bind(state.deleted)
-            .bind(&state.payload)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                > 0;
-
-            let mut conflict = None;
-            if written && state.object_type == "customer" {
-                let customer = &state.object_id;
-                let keep = claim
-                    .filter(|_| !state.deleted)
-                    .map(|c| c.tenant_id.as_str());
-                // A deleted customer, or one whose tenant id was removed or changed, lets go.
-                sqlx::query(
-                    "UPDATE tenants SET customer_id = NULL, updated_at = $3 \
-                     WHERE customer_id = $1 AND ($2 IS NULL OR tenant_id <> $2)",
+            let mut outcomes = Vec::with_capacity(items.len());
+            for Apply {
+                state,
+                claim,
+                event_ids,
+                refetched,
+            } in items
+            {
+                let written = sqlx::query(
+                    "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, \
+                     deleted, payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                     ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
+                     status = excluded.status, created = excluded.created, version = excluded.version, \
+                     deleted = excluded.deleted, payload = excluded.payload, synced_at = excluded.synced_at \
+                     WHERE mirror_objects.version <= excluded.version",
                 )
-                .bind(customer)
-                .bind(keep)
+                .bind(&state.object_type)
+                .bind(&state.object_id)
+                .bind(&state.customer_id)
+                .bind(&state.status)
+                .bind(state.created)
+                .bind(state.version)
+                .bind(state.deleted)
+                .bind(&state.payload)
                 .bind(now_ms)
                 .execute(&mut *tx)
-                .await?;
-                if let Some(claim) = claim.filter(|_| !state.deleted) {
+                .await?
+                .rows_affected()
+                    > 0;
+
+                let mut conflict = None;
+                if written && state.object_type == "customer" {
+                    let customer = &state.object_id;
+                    let claim = claim.as_ref().filter(|_| !state.deleted);
+                    // A deleted customer, or one whose tenant id was removed or changed, lets go.
                     sqlx::query(
-                        "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (tenant_id) DO UPDATE \
-                         SET customer_id = excluded.customer_id, updated_at = excluded.updated_at \
-                         WHERE tenants.customer_id IS NULL",
+                        "UPDATE tenants SET customer_id = NULL, updated_at = $3 \
+                         WHERE customer_id = $1 AND ($2 IS NULL OR tenant_id <> $2)",
                     )
-                    .bind(&claim.tenant_id)
-                    .bind(&claim.name)
-                    .bind(&claim.email)
                     .bind(customer)
+                    .bind(claim.map(|c| c.tenant_id.as_str()))
                     .bind(now_ms)
                     .execute(&mut *tx)
                     .await?;
-                    let (linked,): (Option<String>,) =
-                        sqlx::query_as("SELECT customer_id FROM tenants WHERE tenant_id = $1")
-                            .bind(&claim.tenant_id)
-                            .fetch_one(&mut *tx)
-                            .await?;
-                    if linked.as_deref() != Some(customer.as_str()) {
-                        conflict = Some(format!(
-                            "customer {customer} names tenant {} which already belongs to customer {}",
-                            claim.tenant_id,
-                            linked.unwrap_or_default()
-                        ));
+                    if let Some(claim) = claim {
+                        sqlx::query(
+                            "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) \
+                             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (tenant_id) DO UPDATE \
+                             SET customer_id = excluded.customer_id, updated_at = excluded.updated_at \
+                             WHERE tenants.customer_id IS NULL",
+                        )
+                        .bind(&claim.tenant_id)
+                        .bind(&claim.name)
+                        .bind(&claim.email)
+                        .bind(customer)
+                        .bind(now_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                        let (linked,): (Option<String>,) =
+                            sqlx::query_as("SELECT customer_id FROM tenants WHERE tenant_id = $1")
+                                .bind(&claim.tenant_id)
+                                .fetch_one(&mut *tx)
+                                .await?;
+                        if linked.as_deref() != Some(customer.as_str()) {
+                            conflict = Some(format!(
+                                "customer {customer} names tenant {} which already belongs to customer {}",
+                                claim.tenant_id,
+                                linked.unwrap_or_default()
+                            ));
+                        }
                     }
                 }
-            }
 
-            let tenant_id: Option<String> = match &state.customer_id {
-                Some(customer) => sqlx::query_as::<_, (String,)>(
-                    "SELECT tenant_id FROM tenants WHERE customer_id = $1",
-                )
-                .bind(customer)
-                .fetch_optional(&mut *tx)
-                .await?
-                .map(|(t,)| t),
-                None => None,
-            };
+                let tenant_id: Option<String> = match &state.customer_id {
+                    Some(customer) => sqlx::query_as::<_, (String,)>(
+                        "SELECT tenant_id FROM tenants WHERE customer_id = $1",
+                    )
+                    .bind(customer)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|(t,)| t),
+                    None => None,
+                };
 
-            for (i, event_id) in settle.event_ids.iter().enumerate() {
-                let refetched = settle.refetched.filter(|_| i + 1 == settle.event_ids.len());
-                sqlx::query(
-                    "UPDATE inbox_events SET status = 'applied', applied_at = $2, tenant_id = $3, last_error = $4, \
-                     attempts = attempts + 1, applied_payload = $5, applied_version = $6 WHERE event_id = $1",
-                )
-                .bind(event_id)
-                .bind(now_ms)
-                .bind(&tenant_id)
-                .bind(&conflict)
-                .bind(refetched.map(|(payload, _)| payload))
-                .bind(refetched.map(|(_, version)| version))
-                .execute(&mut *tx)
-                .await?;
+                for (i, event_id) in event_ids.iter().enumerate() {
+                    let record = *refetched && i + 1 == event_ids.len();
+                    sqlx::query(
+                        "UPDATE inbox_events SET status = 'applied', applied_at = $2, tenant_id = $3, \
+                         last_error = $4, attempts = attempts + 1, applied_payload = $5, applied_version = $6 \
+                         WHERE event_id = $1",
+                    )
+                    .bind(event_id)
+                    .bind(now_ms)
+                    .bind(&tenant_id)
+                    .bind(&conflict)
+                    .bind(record.then_some(state.payload.as_str()))
+                    .bind(record.then_some(state.version))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                outcomes.push(ApplyOutcome {
+                    written,
+                    tenant_id,
+                    conflict,
+                });
             }
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(ApplyOutcome {
-                written,
-                tenant_id,
-                conflict,
-            })
+            Ok::<_, sqlx::Error>(outcomes)
         })?;
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     pub async fn get(

@@ -22,7 +22,7 @@ use crate::config::DatabaseSettings;
 
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
 pub use mirror::{
-    ApplyOutcome, Mirror, MirrorRow, ObjectState, PageKinds, Settle, SyncState, TenantClaim,
+    Apply, ApplyOutcome, Mirror, MirrorRow, ObjectState, PageKinds, SyncState, TenantClaim,
 };
 pub use tenants::{TenantRecord, Tenants, Upserted};
 

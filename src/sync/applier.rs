@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::SyncError;
 use crate::domain::TenantId;
 use crate::metrics::Metrics;
-use crate::store::{Db, InboxRow, ObjectState, Settle, Source, StoreError, TenantClaim, now_ms};
+use crate::store::{Apply, Db, InboxRow, ObjectState, Source, StoreError, TenantClaim, now_ms};
 use crate::vendor::stripe::objects;
 use crate::vendor::{BillingVendor, Fetched, ObjectKind};
 
@@ -54,36 +54,46 @@ impl Applier {
         }
     }
 
-    /// Applies every row due now (one batch); returns how many rows it settled or deferred.
+    /// Applies every row due now (one batch, one transaction); returns how many rows it settled
+    /// or deferred.
     pub async fn step(&self) -> Result<usize, StoreError> {
         let rows = self.db.inbox().due(now_ms(), self.batch).await?;
         let count = rows.len();
+        let mut ready: Vec<(Vec<InboxRow>, Vec<Apply>)> = Vec::new();
         for group in group_by_object(rows) {
-            let started = std::time::Instant::now();
-            match self.apply_group(&group).await {
-                Ok(()) => {
-                    for row in &group {
-                        self.metrics.inc(
-                            "billsync_events_applied_total",
-                            "Inbox rows applied to the mirror, by event type.",
-                            &[("type", &row.event_type)],
-                        );
-                        let latency = (now_ms() - row.received_at).max(0) as f64 / 1000.0;
-                        self.metrics.observe(
-                            "billsync_apply_latency_seconds",
-                            "From an inbox row's arrival to its apply.",
-                            &[("source", &row.source)],
-                            latency,
-                        );
-                    }
-                    self.metrics.observe(
-                        "billsync_apply_duration_seconds",
-                        "Time to apply one object (its fetch included).",
-                        &[],
-                        started.elapsed().as_secs_f64(),
-                    );
-                }
+            match self.prepare(&group).await {
+                Ok(Some(applies)) => ready.push((group, applies)),
+                Ok(None) => {}
                 Err(error) => self.defer(&group, &error).await?,
+            }
+        }
+        let started = std::time::Instant::now();
+        let items: Vec<Apply> = ready
+            .iter()
+            .flat_map(|(_, applies)| applies.iter().cloned())
+            .collect();
+        match self.db.mirror().apply(&items, now_ms()).await {
+            Ok(outcomes) => {
+                for conflict in outcomes.into_iter().filter_map(|o| o.conflict) {
+                    tracing::warn!(conflict = %conflict, "tenant mapping conflict; the first customer keeps the tenant");
+                }
+                self.record_applied(ready.iter().flat_map(|(group, _)| group), started);
+            }
+            // One bad object must not hold back the batch: apply each group alone.
+            Err(error) if ready.len() > 1 => {
+                tracing::warn!(error = %error, "batch apply failed; applying object by object");
+                for (group, applies) in &ready {
+                    match self.db.mirror().apply(applies, now_ms()).await {
+                        Ok(_) => self.record_applied(group.iter(), started),
+                        Err(error) => self.defer(group, &error.into()).await?,
+                    }
+                }
+            }
+            Err(error) => {
+                let error = SyncError::from(error);
+                for (group, _) in &ready {
+                    self.defer(group, &error).await?;
+                }
             }
         }
         if count > 0 {
@@ -98,6 +108,37 @@ impl Applier {
             }
         }
         Ok(count)
+    }
+
+    fn record_applied<'a>(
+        &self,
+        rows: impl Iterator<Item = &'a InboxRow>,
+        started: std::time::Instant,
+    ) {
+        let now = now_ms();
+        let mut n = 0;
+        for row in rows {
+            n += 1;
+            self.metrics.inc(
+                "billsync_events_applied_total",
+                "Inbox rows applied to the mirror, by event type.",
+                &[("type", &row.event_type)],
+            );
+            self.metrics.observe(
+                "billsync_apply_latency_seconds",
+                "From an inbox row's arrival to its apply.",
+                &[("source", &row.source)],
+                (now - row.received_at).max(0) as f64 / 1000.0,
+            );
+        }
+        if n > 0 {
+            self.metrics.observe(
+                "billsync_apply_batch_seconds",
+                "Time to write one batch of applies to the database.",
+                &[],
+                started.elapsed().as_secs_f64(),
+            );
+        }
     }
 
     /// Records the failure on every row of the group; each is retried with backoff.
@@ -119,7 +160,9 @@ impl Applier {
         Ok(())
     }
 
-    async fn apply_group(&self, group: &[InboxRow]) -> Result<(), SyncError> {
+    /// The states a group of rows for one object calls for: the vendor's current state (one
+    /// fetch for the whole group) or each row's own copy. `None` when there is nothing to apply.
+    async fn prepare(&self, group: &[InboxRow]) -> Result<Option<Vec<Apply>>, SyncError> {
         let first = &group[0];
         let (Some(kind), Some(object_id)) = (
             first.object_type.as_deref().and_then(ObjectKind::parse),
@@ -131,63 +174,57 @@ impl Applier {
                     .mark_skipped(&row.event_id, "nothing to apply", now_ms())
                     .await?;
             }
-            return Ok(());
+            return Ok(None);
         };
         let has_events = group.iter().any(|row| !Source::is_fresh_state(&row.source));
-        match &self.vendor {
+        let applies = match &self.vendor {
             Some(vendor) if self.refetch && has_events => {
                 let fetched_at = now_ms();
                 let (object, deleted) = match vendor.fetch(kind, &object_id).await? {
                     Fetched::Found(object) => (object, false),
                     Fetched::Gone => (tombstone(kind, &object_id), true),
                 };
-                let payload = object.to_string();
-                let ids: Vec<String> = group.iter().map(|r| r.event_id.clone()).collect();
-                let settle = Settle {
-                    event_ids: &ids,
-                    refetched: Some((&payload, fetched_at)),
-                };
-                self.store(kind, &object_id, &object, fetched_at, deleted, settle)
-                    .await
+                let ids = group.iter().map(|r| r.event_id.clone()).collect();
+                vec![self.apply_of(kind, &object_id, &object, fetched_at, deleted, ids, true)]
             }
-            _ => {
-                for row in group {
+            _ => group
+                .iter()
+                .map(|row| {
                     let (object, version, deleted) = state_of_row(row, kind)?;
-                    let ids = [row.event_id.clone()];
-                    let settle = Settle {
-                        event_ids: &ids,
-                        refetched: None,
-                    };
-                    self.store(kind, &object_id, &object, version, deleted, settle)
-                        .await?;
-                }
-                Ok(())
-            }
-        }
+                    Ok(self.apply_of(
+                        kind,
+                        &object_id,
+                        &object,
+                        version,
+                        deleted,
+                        vec![row.event_id.clone()],
+                        false,
+                    ))
+                })
+                .collect::<Result<_, SyncError>>()?,
+        };
+        Ok(Some(applies))
     }
 
-    async fn store(
+    #[allow(clippy::too_many_arguments)]
+    fn apply_of(
         &self,
         kind: ObjectKind,
         object_id: &str,
         object: &Value,
         version: i64,
         deleted: bool,
-        settle: Settle<'_>,
-    ) -> Result<(), SyncError> {
-        let state = object_state(kind, object_id, object, version, deleted);
-        let claim = (kind == ObjectKind::Customer)
-            .then(|| tenant_claim(object, &self.tenant_key))
-            .flatten();
-        let outcome = self
-            .db
-            .mirror()
-            .apply(&state, claim.as_ref(), settle, now_ms())
-            .await?;
-        if let Some(conflict) = outcome.conflict {
-            tracing::warn!(conflict = %conflict, "tenant mapping conflict; the first customer keeps the tenant");
+        event_ids: Vec<String>,
+        refetched: bool,
+    ) -> Apply {
+        Apply {
+            state: object_state(kind, object_id, object, version, deleted),
+            claim: (kind == ObjectKind::Customer)
+                .then(|| tenant_claim(object, &self.tenant_key))
+                .flatten(),
+            event_ids,
+            refetched,
         }
-        Ok(())
     }
 }
 
