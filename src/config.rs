@@ -16,6 +16,9 @@ use sha2::{Digest, Sha256};
 /// The defaults, compiled into the binary so that `billsync serve` needs no file at all.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
+/// Where the plan catalog is looked for when `catalog.path` is not set.
+pub const DEFAULT_CATALOG: &str = "config/plans.toml";
+
 /// Environment variable naming an optional TOML file layered over the defaults.
 pub const CONFIG_FILE_ENV: &str = "BILLSYNC_CONFIG";
 
@@ -28,8 +31,25 @@ pub struct Settings {
     pub api: ApiSettings,
     pub stripe: StripeSettings,
     pub sync: SyncSettings,
+    pub catalog: CatalogSettings,
+    pub metering: MeteringSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct CatalogSettings {
+    pub path: PathBuf,
+    /// False when the path is the default one: a missing file then means an empty catalog.
+    pub required: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct MeteringSettings {
+    pub push_interval: Duration,
+    pub push_window: Duration,
+    pub snapshot_interval: Duration,
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -139,6 +159,8 @@ struct Raw {
     api: RawApi,
     stripe: RawStripe,
     sync: RawSync,
+    catalog: RawCatalog,
+    metering: RawMetering,
     log: RawLog,
     shutdown: RawShutdown,
 }
@@ -185,6 +207,21 @@ struct RawSync {
     sweep_interval: String,
     apply_batch: u32,
     max_retry_delay: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    path: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetering {
+    push_interval: String,
+    push_window: String,
+    snapshot_interval: String,
+    max_batch: usize,
 }
 
 #[derive(Deserialize)]
@@ -319,6 +356,33 @@ impl Settings {
             max_retry_delay: positive("sync.max_retry_delay", &raw.sync.max_retry_delay)?,
         };
 
+        let catalog = CatalogSettings {
+            required: raw.catalog.path != DEFAULT_CATALOG,
+            path: PathBuf::from(raw.catalog.path),
+        };
+        let push_window = positive("metering.push_window", &raw.metering.push_window)?;
+        if push_window < Duration::from_secs(60) || push_window > Duration::from_secs(86_400) {
+            return Err(ConfigError::new(
+                "metering.push_window",
+                "must be between 1m and 24h",
+            ));
+        }
+        if !(1..=100_000).contains(&raw.metering.max_batch) {
+            return Err(ConfigError::new(
+                "metering.max_batch",
+                "must be between 1 and 100000",
+            ));
+        }
+        let metering = MeteringSettings {
+            push_interval: positive("metering.push_interval", &raw.metering.push_interval)?,
+            push_window,
+            snapshot_interval: positive(
+                "metering.snapshot_interval",
+                &raw.metering.snapshot_interval,
+            )?,
+            max_batch: raw.metering.max_batch,
+        };
+
         let level = raw.log.level.trim().to_owned();
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
             return Err(ConfigError::new(
@@ -367,6 +431,8 @@ impl Settings {
                 timeout: positive("stripe.timeout", &raw.stripe.timeout)?,
             },
             sync,
+            catalog,
+            metering,
             log: LogSettings {
                 level,
                 format: raw.log.format,

@@ -47,3 +47,4 @@ CREATE TABLE sync_state (
     value      TEXT NOT NULL,
     updated_at BIGINT NOT NULL
 );
+CREATE INDEX inbox_events_customer ON inbox_events (customer_id, event_created);

@@ -217,7 +217,12 @@ pub async fn list_tenant_events(
     let mut rows = state
         .db
         .inbox()
-        .for_tenant(&tenant.tenant_id, page.before.clone(), page.fetch_limit())
+        .for_tenant(
+            &tenant.tenant_id,
+            tenant.customer_id.as_deref(),
+            page.before.clone(),
+            page.fetch_limit(),
+        )
         .await?;
     let next_cursor = page.finish(&mut rows, |row| (row.event_created, row.event_id.clone()));
     let data = rows

@@ -250,10 +250,12 @@ impl<'a> Inbox<'a> {
         Ok(rows)
     }
 
-    /// A tenant's events, newest first, before the `(event_created, event_id)` cursor.
+    /// A tenant's events, newest first, before the `(event_created, event_id)` cursor: those
+    /// applied for it, and those of its customer still waiting or failing.
     pub async fn for_tenant(
         &self,
         tenant_id: &str,
+        customer_id: Option<&str>,
         before: Option<(i64, String)>,
         limit: u32,
     ) -> Result<Vec<InboxRow>, StoreError> {
@@ -262,7 +264,7 @@ impl<'a> Inbox<'a> {
             sqlx::query_as::<_, InboxRow>(concat!(
                 "SELECT ",
                 columns!(),
-                " FROM inbox_events WHERE tenant_id = $1 \
+                " FROM inbox_events WHERE (tenant_id = $1 OR (tenant_id IS NULL AND customer_id = $5)) \
                  AND (event_created < $2 OR (event_created = $2 AND event_id < $3)) \
                  ORDER BY event_created DESC, event_id DESC LIMIT $4"
             ))
@@ -270,6 +272,7 @@ impl<'a> Inbox<'a> {
             .bind(created)
             .bind(id)
             .bind(i64::from(limit))
+            .bind(customer_id)
             .fetch_all(pool)
             .await
         })?;

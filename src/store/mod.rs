@@ -7,6 +7,7 @@
 mod inbox;
 mod mirror;
 mod tenants;
+mod usage;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -25,6 +26,7 @@ pub use mirror::{
     Apply, ApplyOutcome, Mirror, MirrorRow, ObjectState, PageKinds, SyncState, TenantClaim,
 };
 pub use tenants::{TenantRecord, Tenants, Upserted};
+pub use usage::{PushRow, Usage, UsageRow};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -191,6 +193,10 @@ impl Db {
 
     pub fn mirror(&self) -> Mirror<'_> {
         Mirror::new(self)
+    }
+
+    pub fn usage(&self) -> Usage<'_> {
+        Usage::new(self)
     }
 
     pub fn sync_state(&self) -> SyncState<'_> {

@@ -111,4 +111,25 @@ impl<'a> Tenants<'a> {
         })?;
         Ok(rows.into_iter().map(|(c,)| c).collect())
     }
+
+    /// Which of `ids` are known tenants.
+    pub async fn existing(
+        &self,
+        ids: &[&str],
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Default::default());
+        }
+        let rows = on_pool!(self.db, |pool| {
+            let mut query =
+                sqlx::QueryBuilder::new("SELECT tenant_id FROM tenants WHERE tenant_id IN (");
+            let mut list = query.separated(", ");
+            for id in ids {
+                list.push_bind(*id);
+            }
+            query.push(")");
+            query.build_query_as::<(String,)>().fetch_all(pool).await
+        })?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
+    }
 }

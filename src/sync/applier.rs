@@ -177,8 +177,24 @@ impl Applier {
             return Ok(None);
         };
         let has_events = group.iter().any(|row| !Source::is_fresh_state(&row.source));
+        // A refund or dispute names its charge but carries no copy of it: only a fetch helps.
+        let copies: Vec<_> = group.iter().map(|row| state_of_row(row, kind)).collect();
+        let needs_vendor = copies
+            .iter()
+            .any(|c| matches!(c, Err(SyncError::NeedsVendor(_))));
+        if needs_vendor && self.vendor.is_none() {
+            for row in group {
+                let reason =
+                    "carries no copy of the object; applying it needs the vendor (stripe.api_key)";
+                self.db
+                    .inbox()
+                    .mark_skipped(&row.event_id, reason, now_ms())
+                    .await?;
+            }
+            return Ok(None);
+        }
         let applies = match &self.vendor {
-            Some(vendor) if self.refetch && has_events => {
+            Some(vendor) if (self.refetch && has_events) || needs_vendor => {
                 let fetched_at = now_ms();
                 let (object, deleted) = match vendor.fetch(kind, &object_id).await? {
                     Fetched::Found(object) => (object, false),
@@ -189,8 +205,9 @@ impl Applier {
             }
             _ => group
                 .iter()
-                .map(|row| {
-                    let (object, version, deleted) = state_of_row(row, kind)?;
+                .zip(copies)
+                .map(|(row, copy)| {
+                    let (object, version, deleted) = copy?;
                     Ok(self.apply_of(
                         kind,
                         &object_id,

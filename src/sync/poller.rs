@@ -47,8 +47,8 @@ impl Poller {
         let overlap = self.overlap.as_secs() as i64;
         let cursor = match state.get(CURSOR).await? {
             Some(value) => value.parse::<i64>().unwrap_or(0),
-            // A first start reads only the recent past; `billsync backfill` covers the rest.
-            None => now_ms() / 1000 - overlap,
+            // A first start reads only the last overlap; `billsync backfill` covers the rest.
+            None => now_ms() / 1000,
         };
         let mut newest = cursor;
         let mut inserted = 0;

@@ -259,3 +259,29 @@ async fn migrate_prepares_either_database_and_is_repeatable() {
         drop(db);
     }
 }
+
+#[test]
+fn replay_and_backfill_are_commands_of_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let replay = billsync(dir.path(), &["replay", "--dry-run"], &[])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    assert_eq!(
+        replay.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    assert!(
+        stdout.contains("the mirror matches the stored events"),
+        "{stdout}"
+    );
+
+    let backfill = billsync(dir.path(), &["backfill"], &[]).output().unwrap();
+    assert_eq!(backfill.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&backfill.stderr).contains("stripe.api_key"),
+        "backfill says what it needs"
+    );
+}

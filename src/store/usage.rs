@@ -1,0 +1,448 @@
+//! The usage log, the push ledger, and the snapshot of the usage counters.
+
+use super::{Db, StoreError, on_pool};
+
+/// A validated usage event, ready to store.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct UsageRow {
+    pub tenant_id: String,
+    pub event_id: String,
+    pub meter: String,
+    /// Exact decimal as text.
+    pub quantity: String,
+    pub occurred_at: i64,
+    pub unique_value: Option<String>,
+    pub properties: Option<String>,
+    pub received_at: i64,
+    pub push_id: Option<String>,
+}
+
+/// A meter event for Stripe, recorded before it is first sent.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PushRow {
+    pub push_id: String,
+    pub tenant_id: String,
+    pub meter: String,
+    pub customer_id: String,
+    pub event_name: String,
+    pub window_start: i64,
+    pub value: String,
+    pub timestamp: i64,
+    pub event_count: i32,
+    pub status: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: i64,
+    pub created_at: i64,
+    pub sent_at: Option<i64>,
+}
+
+macro_rules! usage_columns {
+    () => {
+        "tenant_id, event_id, meter, quantity, occurred_at, unique_value, properties, received_at, push_id"
+    };
+}
+
+macro_rules! push_columns {
+    () => {
+        "push_id, tenant_id, meter, customer_id, event_name, window_start, value, timestamp, event_count, \
+         status, attempts, last_error, next_attempt_at, created_at, sent_at"
+    };
+}
+
+/// Rows per INSERT statement (well inside both backends' bind-parameter limits).
+const CHUNK: usize = 500;
+
+pub struct Usage<'a> {
+    db: &'a Db,
+}
+
+impl<'a> Usage<'a> {
+    pub(super) fn new(db: &'a Db) -> Self {
+        Self { db }
+    }
+
+    /// Stores the events not stored before, all in one transaction; returns, for each event,
+    /// whether it was new. The call returns only once they are durable.
+    pub async fn insert(&self, rows: &[UsageRow]) -> Result<Vec<bool>, StoreError> {
+        let inserted: std::collections::HashSet<(String, String)> = on_pool!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            let mut inserted = std::collections::HashSet::with_capacity(rows.len());
+            for chunk in rows.chunks(CHUNK) {
+                let mut query = sqlx::QueryBuilder::new(concat!(
+                    "INSERT INTO usage_events (",
+                    usage_columns!(),
+                    ") "
+                ));
+                query.push_values(chunk, |mut b, row| {
+                    b.push_bind(&row.tenant_id)
+                        .push_bind(&row.event_id)
+                        .push_bind(&row.meter)
+                        .push_bind(&row.quantity)
+                        .push_bind(row.occurred_at)
+                        .push_bind(&row.unique_value)
+                        .push_bind(&row.properties)
+                        .push_bind(row.received_at)
+                        .push_bind(Option::<String>::None);
+                });
+                query.push(
+                    " ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING tenant_id, event_id",
+                );
+                let keys: Vec<(String, String)> =
+                    query.build_query_as().fetch_all(&mut *tx).await?;
+                inserted.extend(keys);
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(inserted)
+        })?;
+        Ok(rows
+            .iter()
+            .map(|r| inserted.contains(&(r.tenant_id.clone(), r.event_id.clone())))
+            .collect())
+    }
+
+    /// Events received in `[from_ms, to_ms)`, oldest first (for snapshots and start-up).
+    pub async fn received_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, UsageRow>(concat!(
+                "SELECT ",
+                usage_columns!(),
+                " FROM usage_events WHERE received_at >= $1 AND received_at < $2 ORDER BY received_at"
+            ))
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
+    /// A tenant's events of one meter that happened in `[from_ms, to_ms)`, with the status of
+    /// the push that carried each (NULL: not pushed).
+    pub async fn of_tenant(
+        &self,
+        tenant_id: &str,
+        meter: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(UsageRow, Option<String>)>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String, String, String, String, i64, Option<String>, Option<String>, i64, Option<String>, Option<String>)>(
+                "SELECT e.tenant_id, e.event_id, e.meter, e.quantity, e.occurred_at, e.unique_value, e.properties, \
+                 e.received_at, e.push_id, p.status FROM usage_events e LEFT JOIN usage_pushes p ON p.push_id = e.push_id \
+                 WHERE e.tenant_id = $1 AND e.meter = $2 AND e.occurred_at >= $3 AND e.occurred_at < $4 \
+                 ORDER BY e.occurred_at",
+            )
+            .bind(tenant_id)
+            .bind(meter)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    tenant_id,
+                    event_id,
+                    meter,
+                    quantity,
+                    occurred_at,
+                    unique_value,
+                    properties,
+                    received_at,
+                    push_id,
+                    status,
+                )| {
+                    (
+                        UsageRow {
+                            tenant_id,
+                            event_id,
+                            meter,
+                            quantity,
+                            occurred_at,
+                            unique_value,
+                            properties,
+                            received_at,
+                            push_id,
+                        },
+                        status,
+                    )
+                },
+            )
+            .collect())
+    }
+
+    /// Unpushed events of pushable meters whose tenant has a Stripe customer, oldest first,
+    /// with that customer.
+    pub async fn unpushed(
+        &self,
+        meters: &[String],
+        limit: u32,
+    ) -> Result<Vec<(UsageRow, String)>, StoreError> {
+        if meters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = on_pool!(self.db, |pool| {
+            let mut query = sqlx::QueryBuilder::new(
+                "SELECT e.tenant_id, e.event_id, e.meter, e.quantity, e.occurred_at, e.unique_value, e.properties, \
+                 e.received_at, e.push_id, t.customer_id FROM usage_events e JOIN tenants t ON t.tenant_id = e.tenant_id \
+                 WHERE e.push_id IS NULL AND t.customer_id IS NOT NULL AND e.meter IN (",
+            );
+            let mut list = query.separated(", ");
+            for meter in meters {
+                list.push_bind(meter);
+            }
+            query.push(") ORDER BY e.received_at LIMIT ");
+            query.push_bind(i64::from(limit));
+            query
+                .build_query_as::<(
+                    String,
+                    String,
+                    String,
+                    String,
+                    i64,
+                    Option<String>,
+                    Option<String>,
+                    i64,
+                    Option<String>,
+                    String,
+                )>()
+                .fetch_all(pool)
+                .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(
+                    tenant_id,
+                    event_id,
+                    meter,
+                    quantity,
+                    occurred_at,
+                    unique_value,
+                    properties,
+                    received_at,
+                    push_id,
+                    customer,
+                )| {
+                    (
+                        UsageRow {
+                            tenant_id,
+                            event_id,
+                            meter,
+                            quantity,
+                            occurred_at,
+                            unique_value,
+                            properties,
+                            received_at,
+                            push_id,
+                        },
+                        customer,
+                    )
+                },
+            )
+            .collect())
+    }
+
+    /// Records pushes and ties their events to them, in one transaction: from here on each push
+    /// is sent with its fixed identifier until Stripe has it.
+    pub async fn plan_pushes(
+        &self,
+        pushes: &[(PushRow, Vec<(String, String)>)],
+    ) -> Result<(), StoreError> {
+        on_pool!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for (push, events) in pushes {
+                sqlx::query(concat!(
+                    "INSERT INTO usage_pushes (",
+                    push_columns!(),
+                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                     ON CONFLICT (push_id) DO NOTHING"
+                ))
+                .bind(&push.push_id)
+                .bind(&push.tenant_id)
+                .bind(&push.meter)
+                .bind(&push.customer_id)
+                .bind(&push.event_name)
+                .bind(push.window_start)
+                .bind(&push.value)
+                .bind(push.timestamp)
+                .bind(push.event_count)
+                .bind(&push.status)
+                .bind(push.attempts)
+                .bind(&push.last_error)
+                .bind(push.next_attempt_at)
+                .bind(push.created_at)
+                .bind(push.sent_at)
+                .execute(&mut *tx)
+                .await?;
+                for (tenant_id, event_id) in events {
+                    sqlx::query("UPDATE usage_events SET push_id = $3 WHERE tenant_id = $1 AND event_id = $2 AND push_id IS NULL")
+                        .bind(tenant_id)
+                        .bind(event_id)
+                        .bind(&push.push_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await
+        })?;
+        Ok(())
+    }
+
+    /// Pushes waiting to be sent (first time or again), oldest first.
+    pub async fn due_pushes(&self, now_ms: i64, limit: u32) -> Result<Vec<PushRow>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, PushRow>(concat!(
+                "SELECT ",
+                push_columns!(),
+                " FROM usage_pushes WHERE status = 'pending' AND next_attempt_at <= $1 ORDER BY created_at, push_id LIMIT $2"
+            ))
+            .bind(now_ms)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
+    /// Settles a push: `sent`, `rejected` (the vendor refused it) or `pending` again (retry).
+    pub async fn settle_push(
+        &self,
+        push_id: &str,
+        status: &str,
+        error: Option<&str>,
+        next_attempt_at: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self.db, |pool| {
+            sqlx::query(
+                "UPDATE usage_pushes SET status = $2, last_error = $3, next_attempt_at = $4, attempts = attempts + 1, \
+                 sent_at = CASE WHEN $2 = 'sent' THEN $5 ELSE sent_at END WHERE push_id = $1",
+            )
+            .bind(push_id)
+            .bind(status)
+            .bind(error)
+            .bind(next_attempt_at)
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// Push rows of a tenant and meter (for the ledger and tests).
+    pub async fn pushes_of(
+        &self,
+        tenant_id: &str,
+        meter: &str,
+    ) -> Result<Vec<PushRow>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, PushRow>(concat!(
+                "SELECT ",
+                push_columns!(),
+                " FROM usage_pushes WHERE tenant_id = $1 AND meter = $2 ORDER BY created_at, push_id"
+            ))
+            .bind(tenant_id)
+            .bind(meter)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
+    /// Backlog figures: unpushed events of the given meters and the oldest one's receipt time.
+    pub async fn backlog(&self, meters: &[String]) -> Result<(i64, Option<i64>), StoreError> {
+        if meters.is_empty() {
+            return Ok((0, None));
+        }
+        let row = on_pool!(self.db, |pool| {
+            let mut query = sqlx::QueryBuilder::new(
+                "SELECT COUNT(*), MIN(received_at) FROM usage_events WHERE push_id IS NULL AND meter IN (",
+            );
+            let mut list = query.separated(", ");
+            for meter in meters {
+                list.push_bind(meter);
+            }
+            query.push(")");
+            query
+                .build_query_as::<(i64, Option<i64>)>()
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(row)
+    }
+
+    /// The snapshot: every stored bucket, and the receipt time it covers events up to.
+    pub async fn snapshot(&self) -> Result<Vec<(String, String, i64, String)>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String, String, i64, String)>(
+                "SELECT tenant_id, meter, hour, state FROM usage_buckets",
+            )
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
+    /// Replaces snapshot buckets and moves the watermark, in one transaction.
+    pub async fn save_snapshot(
+        &self,
+        buckets: &[(String, String, i64, String)],
+        watermark: i64,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        on_pool!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            for (tenant, meter, hour, state) in buckets {
+                sqlx::query(
+                    "INSERT INTO usage_buckets (tenant_id, meter, hour, state) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (tenant_id, meter, hour) DO UPDATE SET state = excluded.state",
+                )
+                .bind(tenant)
+                .bind(meter)
+                .bind(hour)
+                .bind(state)
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query(
+                "INSERT INTO sync_state (name, value, updated_at) VALUES ('usage.snapshot_until', $1, $2) \
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            )
+            .bind(watermark.to_string())
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
+        })?;
+        Ok(())
+    }
+
+    /// One snapshot bucket's stored state.
+    pub async fn bucket(
+        &self,
+        tenant_id: &str,
+        meter: &str,
+        hour: i64,
+    ) -> Result<Option<String>, StoreError> {
+        let row = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String,)>(
+                "SELECT state FROM usage_buckets WHERE tenant_id = $1 AND meter = $2 AND hour = $3",
+            )
+            .bind(tenant_id)
+            .bind(meter)
+            .bind(hour)
+            .fetch_optional(pool)
+            .await
+        })?;
+        Ok(row.map(|(s,)| s))
+    }
+}
