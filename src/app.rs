@@ -8,7 +8,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::api;
+use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
+use crate::metering::Metering;
+use crate::metering::counters::Counters;
+use crate::metering::pusher::Pusher;
 use crate::metrics::Metrics;
 use crate::store::{Db, StoreError};
 use crate::sync::Applier;
@@ -27,6 +31,7 @@ pub struct AppState {
     pub vendor: Option<Arc<dyn BillingVendor>>,
     /// Wakes the applier when new inbox rows arrive.
     pub wake: Arc<Notify>,
+    pub metering: Metering,
 }
 
 /// Why the service could not start or stopped with an error.
@@ -38,6 +43,8 @@ pub enum AppError {
     Vendor(#[from] VendorError),
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
 }
 
 /// Installs ring as rustls' crypto provider; every TLS client needs one first.
@@ -61,12 +68,20 @@ impl AppState {
         let metrics = Arc::new(Metrics::default());
         let vendor = StripeHttp::from_settings(&settings.stripe, metrics.clone())?
             .map(|client| Arc::new(client) as Arc<dyn BillingVendor>);
+        let catalog = Catalog::load(&settings.catalog.path, settings.catalog.required)?;
+        let metering = Metering {
+            db: db.clone(),
+            catalog: Arc::new(catalog),
+            counters: Arc::new(Counters::default()),
+            metrics: metrics.clone(),
+        };
         Ok(Self {
             settings: Arc::new(settings),
             db,
             metrics,
             vendor,
             wake: Arc::new(Notify::new()),
+            metering,
         })
     }
 
@@ -95,6 +110,16 @@ impl AppState {
         }
     }
 
+    pub fn pusher(&self, vendor: Arc<dyn BillingVendor>) -> Pusher {
+        Pusher {
+            metering: self.metering.clone(),
+            vendor,
+            interval: self.settings.metering.push_interval,
+            window: self.settings.metering.push_window,
+            max_retry_delay: self.settings.sync.max_retry_delay,
+        }
+    }
+
     pub fn sweep(&self, vendor: Arc<dyn BillingVendor>) -> Sweep {
         Sweep {
             db: self.db.clone(),
@@ -118,13 +143,26 @@ pub async fn run(
     let settings = state.settings.clone();
     let db = state.db.clone();
 
+    let replayed = state.metering.rebuild().await?;
+    tracing::info!(
+        replayed,
+        "usage counters rebuilt from the snapshot and the events after it"
+    );
+
     let mut workers = JoinSet::new();
     workers.spawn(state.applier().run(shutdown.clone()));
+    workers.spawn(
+        state
+            .metering
+            .clone()
+            .run_snapshots(settings.metering.snapshot_interval, shutdown.clone()),
+    );
     match &state.vendor {
         Some(vendor) => {
             tracing::info!(api_base = %settings.stripe.api_base, "Stripe API key configured: vendor sync is on");
             workers.spawn(state.poller(vendor.clone()).run(shutdown.clone()));
             workers.spawn(state.sweep(vendor.clone()).run(shutdown.clone()));
+            workers.spawn(state.pusher(vendor.clone()).run(shutdown.clone()));
         }
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
     }

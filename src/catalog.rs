@@ -10,7 +10,7 @@ use serde::Deserialize;
 use crate::config::parse_duration;
 
 /// How a meter folds its events into one figure per period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Aggregation {
     Sum,

@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod pagination;
 pub mod sync;
 pub mod tenants;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -75,6 +76,16 @@ pub fn routes() -> Vec<Route> {
             get(sync::list_tenant_events),
         ),
         route(Method::GET, "/v1/sync/status", get(sync::sync_status)),
+        route(
+            Method::POST,
+            "/v1/usage",
+            post(usage::post_usage).layer(DefaultBodyLimit::max(usage::MAX_BODY)),
+        ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/usage",
+            get(usage::get_usage),
+        ),
         route(
             Method::POST,
             "/webhooks/stripe",

@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::error::ApiError;
 use super::json::ApiJson;
@@ -14,7 +13,6 @@ use crate::app::AppState;
 use crate::domain::{Email, Subscription, TenantId, TenantName};
 use crate::store::{TenantRecord, Upserted, now_ms};
 use crate::vendor::ObjectKind;
-use crate::vendor::stripe::objects;
 
 /// The body of `PUT /v1/tenants/{tenant_id}`. PUT replaces: an absent field is cleared.
 #[derive(Debug, Deserialize)]
@@ -154,16 +152,7 @@ async fn view(state: &AppState, record: TenantRecord) -> Result<TenantOut, ApiEr
     let customer = mirror
         .get(ObjectKind::Customer.as_str(), &customer_id)
         .await?;
-    let subscriptions = mirror
-        .of_customer(&customer_id, ObjectKind::Subscription.as_str())
-        .await?;
-    let chosen = subscriptions
-        .iter()
-        .filter_map(|row| {
-            let object: Value = serde_json::from_str(&row.payload).ok()?;
-            Some((row, objects::subscription(&object)))
-        })
-        .max_by_key(|(row, s)| (s.liveness(), s.created, row.object_id.clone()));
+    let chosen = crate::sync::current_subscription(&state.db, &customer_id).await?;
     let synced_at = customer
         .iter()
         .map(|c| c.synced_at)

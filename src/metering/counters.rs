@@ -21,12 +21,24 @@ pub fn hour_of(at_ms: i64) -> i64 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Bucket {
-    Sum { total: Decimal },
-    Count { events: u64 },
-    Max { max: Decimal },
+    Sum {
+        total: Decimal,
+    },
+    Count {
+        events: u64,
+    },
+    Max {
+        max: Decimal,
+    },
     /// The latest event's value; ties on time go to the greater event id.
-    Last { value: Decimal, at: i64, event_id: String },
-    Unique { values: BTreeSet<String> },
+    Last {
+        value: Decimal,
+        at: i64,
+        event_id: String,
+    },
+    Unique {
+        values: BTreeSet<String>,
+    },
 }
 
 /// One event, as the counters need it.
@@ -41,9 +53,13 @@ pub struct Sample<'a> {
 impl Bucket {
     pub fn of(aggregation: Aggregation, sample: Sample<'_>) -> Self {
         match aggregation {
-            Aggregation::Sum => Self::Sum { total: sample.quantity },
+            Aggregation::Sum => Self::Sum {
+                total: sample.quantity,
+            },
             Aggregation::Count => Self::Count { events: 1 },
-            Aggregation::Max => Self::Max { max: sample.quantity },
+            Aggregation::Max => Self::Max {
+                max: sample.quantity,
+            },
             Aggregation::Last => Self::Last {
                 value: sample.quantity,
                 at: sample.at_ms,
@@ -61,12 +77,23 @@ impl Bucket {
             (Self::Sum { total }, Self::Sum { total: more }) => *total += *more,
             (Self::Count { events }, Self::Count { events: more }) => *events += *more,
             (Self::Max { max }, Self::Max { max: other }) => *max = (*max).max(*other),
-            (Self::Last { value, at, event_id }, Self::Last { value: v2, at: a2, event_id: e2 }) => {
-                if (*a2, e2.as_str()) > (*at, event_id.as_str()) {
-                    (*value, *at, *event_id) = (*v2, *a2, e2.clone());
-                }
+            (
+                Self::Last {
+                    value,
+                    at,
+                    event_id,
+                },
+                Self::Last {
+                    value: v2,
+                    at: a2,
+                    event_id: e2,
+                },
+            ) if (*a2, e2.as_str()) > (*at, event_id.as_str()) => {
+                (*value, *at, *event_id) = (*v2, *a2, e2.clone());
             }
-            (Self::Unique { values }, Self::Unique { values: more }) => values.extend(more.iter().cloned()),
+            (Self::Unique { values }, Self::Unique { values: more }) => {
+                values.extend(more.iter().cloned())
+            }
             _ => {}
         }
     }
@@ -99,7 +126,9 @@ impl Counters {
 
     pub fn merge(&self, tenant: &str, meter: &str, hour: i64, bucket: &Bucket) {
         let mut series = self.series.write().expect("counters lock");
-        let hours = series.entry((tenant.to_owned(), meter.to_owned())).or_default();
+        let hours = series
+            .entry((tenant.to_owned(), meter.to_owned()))
+            .or_default();
         match hours.get_mut(&hour) {
             Some(held) => held.merge(bucket),
             None => {
@@ -133,7 +162,12 @@ mod tests {
 
     use super::*;
 
-    fn sample(q: &str, at_ms: i64, id: &'static str, unique: Option<&'static str>) -> Sample<'static> {
+    fn sample(
+        q: &str,
+        at_ms: i64,
+        id: &'static str,
+        unique: Option<&'static str>,
+    ) -> Sample<'static> {
         Sample {
             quantity: Decimal::from_str(q).unwrap(),
             at_ms,
@@ -147,7 +181,10 @@ mod tests {
         let c = Counters::default();
         c.record("t", "m", Aggregation::Sum, sample("0.1", 0, "a", None));
         c.record("t", "m", Aggregation::Sum, sample("0.2", 10, "b", None));
-        assert_eq!(c.fold("t", "m", 0, HOUR_MS).unwrap().value(), Decimal::from_str("0.3").unwrap());
+        assert_eq!(
+            c.fold("t", "m", 0, HOUR_MS).unwrap().value(),
+            Decimal::from_str("0.3").unwrap()
+        );
     }
 
     #[test]
@@ -169,16 +206,27 @@ mod tests {
         assert_eq!(value("sum"), Decimal::from(14));
         assert_eq!(value("count"), Decimal::from(3));
         assert_eq!(value("max"), Decimal::from(7));
-        assert_eq!(value("last"), Decimal::from(2), "the latest by time, not by arrival");
+        assert_eq!(
+            value("last"),
+            Decimal::from(2),
+            "the latest by time, not by arrival"
+        );
         assert_eq!(value("unique"), Decimal::from(2));
-        assert_eq!(c.fold("t", "sum", HOUR_MS, 2 * HOUR_MS).unwrap().value(), Decimal::from(7));
+        assert_eq!(
+            c.fold("t", "sum", HOUR_MS, 2 * HOUR_MS).unwrap().value(),
+            Decimal::from(7)
+        );
         assert!(c.fold("t", "sum", 5 * HOUR_MS, 6 * HOUR_MS).is_none());
         assert!(c.fold("other", "sum", 0, 3 * HOUR_MS).is_none());
     }
 
     #[test]
     fn buckets_survive_a_snapshot() {
-        let bucket = Bucket::Last { value: Decimal::new(15, 1), at: 3, event_id: "x".into() };
+        let bucket = Bucket::Last {
+            value: Decimal::new(15, 1),
+            at: 3,
+            event_id: "x".into(),
+        };
         let text = serde_json::to_string(&bucket).unwrap();
         assert_eq!(serde_json::from_str::<Bucket>(&text).unwrap(), bucket);
     }

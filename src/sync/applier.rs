@@ -340,7 +340,7 @@ fn group_by_object(rows: Vec<InboxRow>) -> Vec<Vec<InboxRow>> {
 }
 
 /// 1 s, 2 s, 4 s … capped at `max`, with jitter in [½, 1].
-fn retry_delay(attempts: i32, max: Duration) -> Duration {
+pub fn retry_delay(attempts: i32, max: Duration) -> Duration {
     let exponent = attempts.clamp(0, 20) as u32;
     Duration::from_secs(1)
         .saturating_mul(2u32.saturating_pow(exponent))

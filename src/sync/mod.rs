@@ -8,10 +8,34 @@ pub mod poller;
 pub mod replay;
 pub mod sweep;
 
-use crate::store::StoreError;
-use crate::vendor::VendorError;
+use serde_json::Value;
+
+use crate::domain::Subscription;
+use crate::store::{Db, MirrorRow, StoreError};
+use crate::vendor::stripe::objects;
+use crate::vendor::{ObjectKind, VendorError};
 
 pub use applier::Applier;
+
+/// A customer's subscription as the tenant sees it: the liveliest mirrored one, newest first
+/// among equals.
+pub async fn current_subscription(
+    db: &Db,
+    customer_id: &str,
+) -> Result<Option<(MirrorRow, Subscription)>, StoreError> {
+    let rows = db
+        .mirror()
+        .of_customer(customer_id, ObjectKind::Subscription.as_str())
+        .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let object: Value = serde_json::from_str(&row.payload).ok()?;
+            let subscription = objects::subscription(&object);
+            Some((row, subscription))
+        })
+        .max_by_key(|(row, s)| (s.liveness(), s.created, row.object_id.clone())))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {

@@ -84,6 +84,20 @@ pub struct ListFilter {
     pub all_statuses: bool,
 }
 
+/// One meter event for the vendor's usage-based billing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterEvent {
+    /// The vendor meter's event name.
+    pub event_name: String,
+    pub customer_id: String,
+    /// Exact decimal as text.
+    pub value: String,
+    /// Unix seconds; the vendor attributes the usage to the period holding it.
+    pub timestamp: i64,
+    /// Fixed before the first attempt; the vendor keeps one event per identifier.
+    pub identifier: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VendorError {
     /// The vendor refused the request and retrying will not help (a 4xx other than 429).
@@ -114,6 +128,9 @@ pub trait BillingVendor: Send + Sync {
         filter: &ListFilter,
         starting_after: Option<&str>,
     ) -> Result<Page, VendorError>;
+
+    /// Reports usage to a meter; repeating an identifier must not count twice.
+    async fn report_usage(&self, event: &MeterEvent) -> Result<(), VendorError>;
 
     /// One page of events created at or after `created_gte` (Unix seconds).
     async fn list_events_since(

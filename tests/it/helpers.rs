@@ -131,6 +131,7 @@ pub struct TestApp {
     pub addr: SocketAddr,
     pub client: Client,
     pub db: TestDatabase,
+    pub settings: Settings,
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), AppError>>,
 }
@@ -147,15 +148,32 @@ impl TestApp {
         settings.database.url = Secret::new(url);
         settings.api.key_digests = vec![key_digest(API_KEY).unwrap()];
         adjust(&mut settings);
+        Self::start(settings, db).await
+    }
 
+    /// Stops the service and starts it again on the same database, as after a crash or deploy.
+    pub async fn restart(self) -> Self {
+        self.shutdown.cancel();
+        let Self {
+            server,
+            db,
+            settings,
+            ..
+        } = self;
+        server.await.expect("server task").expect("clean shutdown");
+        Self::start(settings, db).await
+    }
+
+    async fn start(settings: Settings, db: TestDatabase) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(app::run(settings, listener, shutdown.clone()));
+        let server = tokio::spawn(app::run(settings.clone(), listener, shutdown.clone()));
         let app = Self {
             addr,
             client: http_client(),
             db,
+            settings,
             shutdown,
             server,
         };
@@ -351,4 +369,63 @@ pub fn venv_bin(tool: &str) -> std::path::PathBuf {
         path.display()
     );
     path
+}
+
+/// A catalog with one meter of every aggregation (written once to the temp directory).
+pub fn use_test_catalog(settings: &mut Settings) {
+    const CATALOG: &str = r#"
+[meters.calls]
+aggregation = "sum"
+stripe_event_name = "calls"
+late_window = "60d"
+
+[meters.builds]
+aggregation = "count"
+stripe_event_name = "builds"
+
+[meters.storage]
+aggregation = "max"
+stripe_event_name = "storage"
+
+[meters.seats]
+aggregation = "last"
+stripe_event_name = "seats"
+
+[meters.users]
+aggregation = "unique_count"
+property = "user_id"
+stripe_event_name = "users"
+
+[meters.credits]
+aggregation = "sum"
+allow_negative = true
+"#;
+    let path =
+        std::env::temp_dir().join(format!("billsync-test-catalog-{}.toml", std::process::id()));
+    if !path.exists() {
+        let partial = path.with_extension(format!("{}.part", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&partial, CATALOG).unwrap();
+        std::fs::rename(partial, &path).unwrap();
+    }
+    settings.catalog.path = path;
+    settings.catalog.required = true;
+}
+
+/// The service's state without its HTTP server: for stepping workers by hand.
+pub async fn state(
+    backend: Backend,
+    adjust: impl FnOnce(&mut Settings),
+) -> (billsync::app::AppState, TestDatabase) {
+    app::init_crypto();
+    let (db, url) = TestDatabase::create(backend).await;
+    let mut settings = Settings::from_toml("").unwrap();
+    settings.database.url = Secret::new(url);
+    settings.api.key_digests = vec![key_digest(API_KEY).unwrap()];
+    adjust(&mut settings);
+    (
+        billsync::app::AppState::build(settings)
+            .await
+            .expect("state"),
+        db,
+    )
 }

@@ -9,4 +9,5 @@ mod health;
 mod openapi;
 mod sync;
 mod tenants;
+mod usage;
 mod webhooks;

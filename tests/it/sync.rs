@@ -1,7 +1,6 @@
 //! The applier, the poller, the sweep, backfill and replay against a wiremock Stripe.
 
 use billsync::app::AppState;
-use billsync::config::{Secret, Settings, key_digest};
 use billsync::store::{NewEvent, Source};
 use billsync::sync::events;
 use serde_json::{Value, json};
@@ -9,8 +8,8 @@ use wiremock::matchers::{method, path, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::{
-    API_KEY, Backend, TestApp, TestDatabase, customer, event, on_both_backends, subscription,
-    take_webhooks, use_vendor, wait_for,
+    Backend, TestApp, customer, event, on_both_backends, state, subscription, take_webhooks,
+    use_vendor, wait_for,
 };
 
 on_both_backends!(
@@ -26,17 +25,6 @@ on_both_backends!(
     invoices_and_payments_are_listed_newest_first_with_cursors,
     active_entitlements_and_refunds_are_refetched_through_their_parent,
 );
-
-/// The service's state without its HTTP server: for stepping workers by hand.
-async fn state(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> (AppState, TestDatabase) {
-    billsync::app::init_crypto();
-    let (db, url) = TestDatabase::create(backend).await;
-    let mut settings = Settings::from_toml("").unwrap();
-    settings.database.url = Secret::new(url);
-    settings.api.key_digests = vec![key_digest(API_KEY).unwrap()];
-    adjust(&mut settings);
-    (AppState::build(settings).await.expect("state"), db)
-}
 
 fn row(event: &Value) -> NewEvent {
     events::from_event(&event.to_string(), event, Source::Webhook).unwrap()
@@ -165,7 +153,10 @@ async fn a_lost_webhook_is_caught_by_the_poller(backend: Backend) {
         .1
         .parse()
         .unwrap();
-    assert!((now - 65..=now - 55).contains(&since), "the poller reads back one overlap: {since} vs {now}");
+    assert!(
+        (now - 65..=now - 55).contains(&since),
+        "the poller reads back one overlap: {since} vs {now}"
+    );
     app.stop().await;
 }
 

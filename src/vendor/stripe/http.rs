@@ -14,7 +14,9 @@ use tokio::sync::Mutex;
 use super::objects;
 use crate::config::{Secret, StripeSettings};
 use crate::metrics::Metrics;
-use crate::vendor::{BillingVendor, Fetched, ListFilter, ObjectKind, Page, VendorError};
+use crate::vendor::{
+    BillingVendor, Fetched, ListFilter, MeterEvent, ObjectKind, Page, VendorError,
+};
 
 /// Longest wait between two retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
@@ -64,19 +66,38 @@ impl StripeHttp {
         path: &str,
         query: &[(String, String)],
     ) -> Result<Option<Value>, VendorError> {
+        self.call(endpoint, reqwest::Method::GET, path, query, &[], None)
+            .await
+    }
+
+    /// One call with the pinned version, the rate limit and retries. A POST carries
+    /// `idempotency_key`, the same on every retry, so that Stripe applies it once.
+    async fn call(
+        &self,
+        endpoint: &'static str,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(String, String)],
+        form: &[(String, String)],
+        idempotency_key: Option<&str>,
+    ) -> Result<Option<Value>, VendorError> {
         let url = format!("{}{path}", self.base);
         let mut attempt = 0;
         loop {
             self.limiter.acquire().await;
-            let sent = self
+            let mut request = self
                 .http
-                .get(&url)
+                .request(method.clone(), &url)
                 .query(query)
                 .bearer_auth(self.key.expose())
-                .header("Stripe-Version", &self.version)
-                .send()
-                .await;
-            let retry_reason = match sent {
+                .header("Stripe-Version", &self.version);
+            if !form.is_empty() {
+                request = request.form(form);
+            }
+            if let Some(key) = idempotency_key {
+                request = request.header("Idempotency-Key", key);
+            }
+            let retry_reason = match request.send().await {
                 Ok(response) => {
                     let status = response.status();
                     self.count(endpoint, status.as_str());
@@ -211,6 +232,31 @@ impl BillingVendor for StripeHttp {
         let collection = objects::collection(kind);
         self.page(collection, &format!("/v1/{collection}"), query)
             .await
+    }
+
+    async fn report_usage(&self, event: &MeterEvent) -> Result<(), VendorError> {
+        let form = vec![
+            ("event_name".to_owned(), event.event_name.clone()),
+            (
+                "payload[stripe_customer_id]".to_owned(),
+                event.customer_id.clone(),
+            ),
+            ("payload[value]".to_owned(), event.value.clone()),
+            ("timestamp".to_owned(), event.timestamp.to_string()),
+            ("identifier".to_owned(), event.identifier.clone()),
+        ];
+        let path = "/v1/billing/meter_events";
+        self.call(
+            "billing/meter_events",
+            reqwest::Method::POST,
+            path,
+            &[],
+            &form,
+            Some(&event.identifier),
+        )
+        .await?
+        .ok_or_else(|| VendorError::Malformed("billing/meter_events answered 404".to_owned()))?;
+        Ok(())
     }
 
     async fn list_events_since(

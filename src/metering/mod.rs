@@ -1,0 +1,437 @@
+//! Metering: usage events are validated, de-duplicated on (tenant, event id) and stored in one
+//! transaction before the answer; the in-memory counters count them at once; the pusher carries
+//! them to Stripe's billing meters with identifiers fixed before the first send.
+
+pub mod counters;
+pub mod pusher;
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Aggregation, Catalog, Meter};
+use crate::domain::TenantId;
+use crate::metrics::Metrics;
+use crate::store::{Db, StoreError, UsageRow, now_ms};
+use counters::{Bucket, Counters, Sample, hour_of};
+
+/// How far ahead of now an event's timestamp may be.
+const MAX_AHEAD_MS: i64 = 5 * 60 * 1000;
+/// Events received this recently are left out of a snapshot: their transactions may still be
+/// committing, and start-up replays everything after the snapshot anyway.
+const SNAPSHOT_LAG_MS: i64 = 60_000;
+const WATERMARK: &str = "usage.snapshot_until";
+
+/// One refused event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    pub index: usize,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The answer to a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Ingested {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub rejected: Vec<Rejection>,
+}
+
+#[derive(Clone)]
+pub struct Metering {
+    pub db: Db,
+    pub catalog: Arc<Catalog>,
+    pub counters: Arc<Counters>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Metering {
+    /// Validates, stores (durably, in one transaction) and counts a batch of usage events.
+    pub async fn ingest(&self, events: &[Value], now: i64) -> Result<Ingested, StoreError> {
+        let mut outcome = Ingested::default();
+        let mut valid: Vec<(usize, UsageRow, &Meter)> = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            match self.validate(event, now) {
+                Ok((row, meter)) => valid.push((index, row, meter)),
+                Err((code, message)) => outcome.rejected.push(Rejection {
+                    index,
+                    code,
+                    message,
+                }),
+            }
+        }
+
+        let tenants: Vec<&str> = valid
+            .iter()
+            .map(|(_, r, _)| r.tenant_id.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let known = self.db.tenants().existing(&tenants).await?;
+        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(valid.len());
+        let mut rows = Vec::with_capacity(valid.len());
+        let mut meters = Vec::with_capacity(valid.len());
+        for (index, row, meter) in &valid {
+            if !known.contains(&row.tenant_id) {
+                outcome.rejected.push(Rejection {
+                    index: *index,
+                    code: "unknown_tenant",
+                    message: format!("no tenant `{}`", row.tenant_id),
+                });
+                continue;
+            }
+            // A repeat within the batch is a duplicate like any other.
+            if !seen.insert((row.tenant_id.as_str(), row.event_id.as_str())) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            rows.push(row.clone());
+            meters.push(*meter);
+        }
+
+        let inserted = self.db.usage().insert(&rows).await?;
+        for ((row, meter), new) in rows.iter().zip(&meters).zip(&inserted) {
+            if !new {
+                outcome.duplicates += 1;
+                continue;
+            }
+            outcome.accepted += 1;
+            let quantity = Decimal::from_str(&row.quantity).unwrap_or_default();
+            let sample = Sample {
+                quantity,
+                at_ms: row.occurred_at,
+                event_id: &row.event_id,
+                unique_value: row.unique_value.as_deref(),
+            };
+            self.counters
+                .record(&row.tenant_id, &meter.name, meter.aggregation, sample);
+        }
+        outcome.rejected.sort_by_key(|r| r.index);
+        let count = |name, help, n: usize| self.metrics.add(name, help, &[], n as u64);
+        count(
+            "billsync_usage_accepted_total",
+            "Usage events accepted.",
+            outcome.accepted,
+        );
+        count(
+            "billsync_usage_duplicates_total",
+            "Usage events already stored.",
+            outcome.duplicates,
+        );
+        count(
+            "billsync_usage_rejected_total",
+            "Usage events refused.",
+            outcome.rejected.len(),
+        );
+        Ok(outcome)
+    }
+
+    /// Checks one event against the catalog and the clock.
+    fn validate<'c>(
+        &'c self,
+        event: &Value,
+        now: i64,
+    ) -> Result<(UsageRow, &'c Meter), (&'static str, String)> {
+        let text = |field: &str| event[field].as_str();
+        let id = text("id").ok_or(("missing_field", "id is required".to_owned()))?;
+        if id.is_empty() || id.len() > 255 {
+            return Err(("invalid_id", "id must be 1 to 255 characters".to_owned()));
+        }
+        let tenant =
+            text("tenant_id").ok_or(("missing_field", "tenant_id is required".to_owned()))?;
+        TenantId::parse(tenant).map_err(|e| ("invalid_tenant_id", e.message))?;
+        let meter_name = text("meter").ok_or(("missing_field", "meter is required".to_owned()))?;
+        let meter = self.catalog.meters.get(meter_name).ok_or_else(|| {
+            (
+                "unknown_meter",
+                format!("no meter `{meter_name}` in the catalog"),
+            )
+        })?;
+        let quantity = match &event["quantity"] {
+            // Counting events or distinct values needs no quantity.
+            Value::Null
+                if matches!(
+                    meter.aggregation,
+                    Aggregation::Count | Aggregation::UniqueCount
+                ) =>
+            {
+                Ok(Decimal::ONE)
+            }
+            Value::Null => return Err(("missing_field", "quantity is required".to_owned())),
+            Value::Number(n) => Decimal::from_str(&n.to_string())
+                .or_else(|_| Decimal::from_scientific(&n.to_string()))
+                .map_err(|_| ("invalid_quantity", format!("quantity {n} is not a decimal"))),
+            Value::String(s) => Decimal::from_str(s.trim()).map_err(|_| {
+                (
+                    "invalid_quantity",
+                    format!("quantity `{s}` is not a decimal"),
+                )
+            }),
+            _ => Err((
+                "invalid_quantity",
+                "quantity must be a number or a decimal string".to_owned(),
+            )),
+        }?;
+        if quantity.is_sign_negative() && !quantity.is_zero() && !meter.allow_negative {
+            return Err((
+                "negative_quantity",
+                format!("meter `{meter_name}` does not take negative quantities"),
+            ));
+        }
+        let occurred_at = match &event["timestamp"] {
+            Value::Null => now,
+            Value::String(s) => DateTime::parse_from_rfc3339(s)
+                .map_err(|_| {
+                    (
+                        "invalid_timestamp",
+                        format!("timestamp `{s}` is not RFC 3339"),
+                    )
+                })?
+                .timestamp_millis(),
+            _ => {
+                return Err((
+                    "invalid_timestamp",
+                    "timestamp must be an RFC 3339 string".to_owned(),
+                ));
+            }
+        };
+        if occurred_at > now + MAX_AHEAD_MS {
+            return Err((
+                "timestamp_in_future",
+                "timestamp is more than 5 minutes ahead".to_owned(),
+            ));
+        }
+        if occurred_at < now - meter.late_window.as_millis() as i64 {
+            return Err((
+                "timestamp_too_old",
+                format!("timestamp is older than meter `{meter_name}`'s late window"),
+            ));
+        }
+        let properties = &event["properties"];
+        if !(properties.is_null() || properties.is_object()) {
+            return Err((
+                "invalid_properties",
+                "properties must be an object".to_owned(),
+            ));
+        }
+        let unique_value = match (&meter.property, meter.aggregation) {
+            (Some(property), Aggregation::UniqueCount) => {
+                Some(match &properties[property.as_str()] {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    _ => {
+                        return Err((
+                            "missing_property",
+                            format!("meter `{meter_name}` counts distinct properties.{property}"),
+                        ));
+                    }
+                })
+            }
+            _ => None,
+        };
+        Ok((
+            UsageRow {
+                tenant_id: tenant.to_owned(),
+                event_id: id.to_owned(),
+                meter: meter.name.clone(),
+                quantity: quantity.normalize().to_string(),
+                occurred_at,
+                unique_value,
+                properties: (!properties.is_null()).then(|| properties.to_string()),
+                received_at: now,
+                push_id: None,
+            },
+            meter,
+        ))
+    }
+
+    /// Rebuilds the counters: the stored snapshot, then every event received after it.
+    pub async fn rebuild(&self) -> Result<usize, StoreError> {
+        self.counters.clear();
+        for (tenant, meter, hour, state) in self.db.usage().snapshot().await? {
+            match serde_json::from_str::<Bucket>(&state) {
+                Ok(bucket) => self.counters.merge(&tenant, &meter, hour, &bucket),
+                Err(error) => {
+                    tracing::error!(tenant, meter, hour, error = %error, "unreadable usage snapshot bucket")
+                }
+            }
+        }
+        let watermark = self.watermark().await?;
+        let rows = self
+            .db
+            .usage()
+            .received_between(watermark, i64::MAX)
+            .await?;
+        let replayed = rows.len();
+        for row in &rows {
+            self.count_row(row);
+        }
+        Ok(replayed)
+    }
+
+    fn count_row(&self, row: &UsageRow) {
+        let Some(meter) = self.catalog.meters.get(&row.meter) else {
+            return;
+        };
+        let sample = Sample {
+            quantity: Decimal::from_str(&row.quantity).unwrap_or_default(),
+            at_ms: row.occurred_at,
+            event_id: &row.event_id,
+            unique_value: row.unique_value.as_deref(),
+        };
+        self.counters
+            .record(&row.tenant_id, &meter.name, meter.aggregation, sample);
+    }
+
+    async fn watermark(&self) -> Result<i64, StoreError> {
+        Ok(self
+            .db
+            .sync_state()
+            .get(WATERMARK)
+            .await?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Folds the events received since the last snapshot (but for the last minute) into the
+    /// stored buckets; returns how many events it folded.
+    pub async fn snapshot(&self, now: i64) -> Result<usize, StoreError> {
+        let from = self.watermark().await?;
+        let to = now - SNAPSHOT_LAG_MS;
+        if to <= from {
+            return Ok(0);
+        }
+        let rows = self.db.usage().received_between(from, to).await?;
+        let mut folded: HashMap<(String, String, i64), Bucket> = HashMap::new();
+        for row in &rows {
+            let Some(meter) = self.catalog.meters.get(&row.meter) else {
+                continue;
+            };
+            let sample = Sample {
+                quantity: Decimal::from_str(&row.quantity).unwrap_or_default(),
+                at_ms: row.occurred_at,
+                event_id: &row.event_id,
+                unique_value: row.unique_value.as_deref(),
+            };
+            let bucket = Bucket::of(meter.aggregation, sample);
+            folded
+                .entry((
+                    row.tenant_id.clone(),
+                    row.meter.clone(),
+                    hour_of(row.occurred_at),
+                ))
+                .and_modify(|b| b.merge(&bucket))
+                .or_insert(bucket);
+        }
+        let mut states = Vec::with_capacity(folded.len());
+        for ((tenant, meter, hour), mut bucket) in folded {
+            let stored = self.db.usage().bucket(&tenant, &meter, hour).await?;
+            if let Some(mut merged) = stored.and_then(|s| serde_json::from_str::<Bucket>(&s).ok()) {
+                merged.merge(&bucket);
+                bucket = merged;
+            }
+            let state = serde_json::to_string(&bucket).expect("buckets serialise");
+            states.push((tenant, meter, hour, state));
+        }
+        self.db.usage().save_snapshot(&states, to, now).await?;
+        Ok(rows.len())
+    }
+
+    /// Snapshots every `interval` until `shutdown`.
+    pub async fn run_snapshots(self, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(interval) => {}
+            }
+            if let Err(error) = self.snapshot(now_ms()).await {
+                tracing::warn!(error = %error, "usage snapshot failed; retrying next interval");
+            }
+        }
+    }
+
+    /// The meter's usage for the tenant in the billing period holding `at_ms`.
+    pub async fn period_usage(
+        &self,
+        tenant: &str,
+        meter: &str,
+        at_ms: i64,
+    ) -> Result<Option<Decimal>, StoreError> {
+        let (from, to) = billing_period(&self.db, tenant, at_ms).await?;
+        Ok(self
+            .counters
+            .fold(tenant, meter, from, to)
+            .map(|b| b.value()))
+    }
+}
+
+/// The billing period holding `at_ms`: the tenant's subscription period when it holds it, else
+/// the calendar month (UTC).
+pub async fn billing_period(db: &Db, tenant: &str, at_ms: i64) -> Result<(i64, i64), StoreError> {
+    let tenant_id = TenantId::parse(tenant).ok();
+    let record = match &tenant_id {
+        Some(id) => db.tenants().get(id).await?,
+        None => None,
+    };
+    let subscription = match record.and_then(|r| r.customer_id) {
+        Some(customer) => crate::sync::current_subscription(db, &customer).await?,
+        None => None,
+    };
+    let period = subscription
+        .and_then(|(_, s)| Some((s.current_period_start? * 1000, s.current_period_end? * 1000)))
+        .filter(|(start, end)| (*start..*end).contains(&at_ms));
+    Ok(period.unwrap_or_else(|| calendar_month(at_ms)))
+}
+
+/// The UTC calendar month holding `at_ms`, as `[start, end)` in milliseconds.
+pub fn calendar_month(at_ms: i64) -> (i64, i64) {
+    let at = Utc.timestamp_millis_opt(at_ms).single().unwrap_or_default();
+    let start = Utc
+        .with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)
+        .single()
+        .unwrap_or_default();
+    let (year, month) = if at.month() == 12 {
+        (at.year() + 1, 1)
+    } else {
+        (at.year(), at.month() + 1)
+    };
+    let end = Utc
+        .with_ymd_and_hms(year, month, 1, 0, 0, 0)
+        .single()
+        .unwrap_or_default();
+    (start.timestamp_millis(), end.timestamp_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calendar_months_wrap_the_year() {
+        let dec = Utc
+            .with_ymd_and_hms(2026, 12, 31, 23, 0, 0)
+            .unwrap()
+            .timestamp_millis();
+        let (start, end) = calendar_month(dec);
+        assert_eq!(
+            start,
+            Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp_millis()
+        );
+        assert_eq!(
+            end,
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0)
+                .unwrap()
+                .timestamp_millis()
+        );
+    }
+}

@@ -1,0 +1,715 @@
+//! Metering: `POST /v1/usage`, the counters, the pusher and the usage ledger.
+
+use std::str::FromStr;
+
+use billsync::app::AppState;
+use billsync::store::Db;
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use wiremock::matchers::{method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::{
+    Backend, TestApp, customer, error_of, event, on_both_backends, state, take_webhooks,
+    use_test_catalog, use_vendor, wait_for,
+};
+
+on_both_backends!(
+    usage_is_validated_event_by_event_and_stored_once,
+    duplicates_are_refused_even_after_a_restart,
+    decimal_quantities_add_up_exactly,
+    every_aggregation_is_reported_by_the_ledger,
+    counters_are_rebuilt_from_the_snapshot_and_the_events_after_it,
+    a_crash_between_send_and_record_resends_the_same_identifier,
+    late_usage_goes_out_as_a_new_delta,
+    push_storms_are_retried_without_loss,
+    usage_of_a_tenant_without_a_customer_waits_and_loses_nothing,
+    usage_too_old_for_stripe_is_flagged_not_sent,
+    max_unique_and_last_meters_push_the_period_value,
+    the_ledger_shows_pushed_and_unpushed_usage_over_http,
+    big_batches_are_taken_and_oversized_ones_refused,
+);
+
+fn now_rfc3339(offset_secs: i64) -> String {
+    (chrono::Utc::now() + chrono::Duration::seconds(offset_secs)).to_rfc3339()
+}
+
+fn usage(id: &str, tenant: &str, meter: &str, quantity: Value) -> Value {
+    json!({"id": id, "tenant_id": tenant, "meter": meter, "quantity": quantity})
+}
+
+async fn post_usage(app: &TestApp, events: Vec<Value>) -> Value {
+    let response = app
+        .v1(reqwest::Method::POST, "/v1/usage")
+        .json(&json!({"events": events}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+async fn ledger(app: &TestApp, tenant: &str, meter: &str) -> Value {
+    app.get_json(&format!("/v1/tenants/{tenant}/usage?meter={meter}"))
+        .await
+}
+
+async fn usage_is_validated_event_by_event_and_stored_once(backend: Backend) {
+    let app = TestApp::spawn_with(backend, use_test_catalog).await;
+    app.put_tenant("acme", json!({})).await;
+    let events = vec![
+        usage("ok-1", "acme", "calls", json!(5)),
+        usage("bad-meter", "acme", "nope", json!(1)),
+        usage("bad-tenant", "ghost", "calls", json!(1)),
+        usage("negative", "acme", "calls", json!("-1")),
+        json!({"id": "future", "tenant_id": "acme", "meter": "calls", "quantity": 1, "timestamp": now_rfc3339(600)}),
+        json!({"id": "old", "tenant_id": "acme", "meter": "builds", "timestamp": now_rfc3339(-2 * 86_400)}),
+        usage("not-a-number", "acme", "calls", json!("lots")),
+        json!({"tenant_id": "acme", "meter": "calls", "quantity": 1}),
+        json!({"id": "no-user", "tenant_id": "acme", "meter": "users", "properties": {}}),
+        usage("ok-2", "acme", "calls", json!("2.5")),
+        usage("correction", "acme", "credits", json!("-3")),
+        json!({"id": "ok-3", "tenant_id": "acme", "meter": "builds"}),
+        usage("ok-1", "acme", "calls", json!(5)),
+    ];
+    let answer = post_usage(&app, events).await;
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["duplicates"].as_u64()),
+        (Some(4), Some(1)),
+        "{answer}"
+    );
+    let codes: Vec<(u64, &str)> = answer["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["code"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (1, "unknown_meter"),
+            (2, "unknown_tenant"),
+            (3, "negative_quantity"),
+            (4, "timestamp_in_future"),
+            (5, "timestamp_too_old"),
+            (6, "invalid_quantity"),
+            (7, "missing_field"),
+            (8, "missing_property")
+        ]
+    );
+    assert_eq!(ledger(&app, "acme", "calls").await["total"], "7.5");
+    assert_eq!(ledger(&app, "acme", "credits").await["total"], "-3");
+
+    let (status, code, field) = error_of(
+        app.v1(reqwest::Method::POST, "/v1/usage")
+            .json(&json!({"events": "x"}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str(), field.as_deref()),
+        (400, "invalid_value", Some("events"))
+    );
+    app.stop().await;
+}
+
+async fn duplicates_are_refused_even_after_a_restart(backend: Backend) {
+    let app = TestApp::spawn_with(backend, use_test_catalog).await;
+    app.put_tenant("acme", json!({})).await;
+    let batch: Vec<Value> = (0..50)
+        .map(|i| usage(&format!("e{i}"), "acme", "calls", json!(1)))
+        .collect();
+    assert_eq!(post_usage(&app, batch.clone()).await["accepted"], 50);
+    let app = app.restart().await;
+    let again = post_usage(&app, batch).await;
+    assert_eq!(
+        (again["accepted"].as_u64(), again["duplicates"].as_u64()),
+        (Some(0), Some(50))
+    );
+    assert_eq!(ledger(&app, "acme", "calls").await["total"], "50");
+    app.stop().await;
+}
+
+async fn decimal_quantities_add_up_exactly(backend: Backend) {
+    let app = TestApp::spawn_with(backend, use_test_catalog).await;
+    app.put_tenant("acme", json!({})).await;
+    post_usage(
+        &app,
+        vec![
+            usage("a", "acme", "calls", json!(0.1)),
+            usage("b", "acme", "calls", json!("0.2")),
+        ],
+    )
+    .await;
+    assert_eq!(ledger(&app, "acme", "calls").await["total"], "0.3");
+    app.stop().await;
+}
+
+async fn every_aggregation_is_reported_by_the_ledger(backend: Backend) {
+    let app = TestApp::spawn_with(backend, use_test_catalog).await;
+    app.put_tenant("acme", json!({})).await;
+    let at = |secs: i64| now_rfc3339(-secs);
+    let mut events = Vec::new();
+    for (i, (quantity, user, ago)) in [("5", "u1", 30), ("9", "u2", 20), ("4", "u1", 10)]
+        .into_iter()
+        .enumerate()
+    {
+        for meter in ["calls", "builds", "storage", "seats", "users"] {
+            events.push(json!({"id": format!("{meter}-{i}"), "tenant_id": "acme", "meter": meter, "quantity": quantity,
+                "timestamp": at(ago), "properties": {"user_id": user}}));
+        }
+    }
+    events.reverse(); // arrival order must not matter, least of all for `last`
+    assert_eq!(post_usage(&app, events).await["accepted"], 15);
+    for (meter, total) in [
+        ("calls", "18"),
+        ("builds", "3"),
+        ("storage", "9"),
+        ("seats", "4"),
+        ("users", "2"),
+    ] {
+        assert_eq!(ledger(&app, "acme", meter).await["total"], total, "{meter}");
+    }
+    app.stop().await;
+}
+
+async fn counters_are_rebuilt_from_the_snapshot_and_the_events_after_it(backend: Backend) {
+    let (state, db) = state(backend, use_test_catalog).await;
+    state
+        .db
+        .tenants()
+        .upsert(
+            &billsync::domain::TenantId::parse("acme").unwrap(),
+            None,
+            None,
+            0,
+        )
+        .await
+        .unwrap();
+    let now = billsync::store::now_ms();
+    let batch = |ids: std::ops::Range<i32>| -> Vec<Value> {
+        ids.map(|i| json!({"id": format!("r{i}"), "tenant_id": "acme", "meter": "users", "properties": {"user_id": format!("u{}", i % 7)}}))
+            .collect()
+    };
+    state
+        .metering
+        .ingest(&batch(0..20), now - 120_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        state.metering.snapshot(now).await.unwrap(),
+        20,
+        "events older than a minute are folded"
+    );
+    state.metering.ingest(&batch(20..40), now).await.unwrap();
+    state
+        .metering
+        .ingest(
+            &[json!({"id": "s1", "tenant_id": "acme", "meter": "calls", "quantity": "1.25"})],
+            now,
+        )
+        .await
+        .unwrap();
+    let before = (
+        state
+            .metering
+            .period_usage("acme", "users", now)
+            .await
+            .unwrap(),
+        state
+            .metering
+            .period_usage("acme", "calls", now)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        before,
+        (
+            Some(Decimal::from(7)),
+            Some(Decimal::from_str("1.25").unwrap())
+        )
+    );
+
+    // A new process: only the snapshot and the 21 later events are read.
+    let restarted = AppState::build((*state.settings).clone()).await.unwrap();
+    assert_eq!(restarted.metering.rebuild().await.unwrap(), 21);
+    let after = (
+        restarted
+            .metering
+            .period_usage("acme", "users", now)
+            .await
+            .unwrap(),
+        restarted
+            .metering
+            .period_usage("acme", "calls", now)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(after, before);
+    drop(db);
+}
+
+/// A wiremock Stripe taking meter events; returns the server.
+async fn meter_vendor() -> MockServer {
+    let vendor = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/billing/meter_events"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"object": "billing.meter_event"})),
+        )
+        .mount(&vendor)
+        .await;
+    vendor
+}
+
+/// Every meter event the vendor received: (identifier, value, Idempotency-Key).
+async fn meter_events(vendor: &MockServer) -> Vec<(String, Decimal, String)> {
+    vendor
+        .received_requests()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.url.path() == "/v1/billing/meter_events")
+        .map(|r| {
+            let form: std::collections::HashMap<String, String> = url_form(&r.body);
+            let key = r
+                .headers
+                .get("idempotency-key")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            (
+                form["identifier"].clone(),
+                Decimal::from_str(&form["payload[value]"]).unwrap(),
+                key,
+            )
+        })
+        .collect()
+}
+
+fn url_form(body: &[u8]) -> std::collections::HashMap<String, String> {
+    reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(body)))
+        .unwrap()
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// A tenant linked to a Stripe customer, as the applier would leave it.
+async fn linked_tenant(state: &AppState, tenant: &str, customer_id: &str) {
+    let event = event(
+        &format!("evt_{tenant}"),
+        "customer.created",
+        1_700_000_000,
+        customer(customer_id, tenant),
+    );
+    let row = billsync::sync::events::from_event(
+        &event.to_string(),
+        &event,
+        billsync::store::Source::Webhook,
+    )
+    .unwrap();
+    state.db.inbox().insert(&[row], 0).await.unwrap();
+    let mut applier = state.applier();
+    applier.vendor = None;
+    applier.step().await.unwrap();
+}
+
+async fn a_crash_between_send_and_record_resends_the_same_identifier(backend: Backend) {
+    let vendor = meter_vendor().await;
+    let (state, _db) = state(backend, |s| {
+        use_test_catalog(s);
+        use_vendor(s, &vendor.uri());
+    })
+    .await;
+    linked_tenant(&state, "acme", "cus_acme").await;
+    let now = billsync::store::now_ms();
+    let events: Vec<Value> = (0..30)
+        .map(|i| usage(&format!("c{i}"), "acme", "calls", json!("0.5")))
+        .collect();
+    assert_eq!(
+        state.metering.ingest(&events, now).await.unwrap().accepted,
+        30
+    );
+    let pusher = state.pusher(state.vendor.clone().unwrap());
+    assert_eq!(pusher.step().await.unwrap().sent, 1);
+
+    // The process died after Stripe answered and before the answer was recorded.
+    sql(&state.db, "UPDATE usage_pushes SET status = 'pending'").await;
+    let again = pusher.step().await.unwrap();
+    assert_eq!(
+        (again.planned, again.sent),
+        (0, 1),
+        "nothing new planned; the same push re-sent"
+    );
+
+    let sent = meter_events(&vendor).await;
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].0, sent[1].0, "the same identifier both times");
+    assert_eq!(
+        sent[0].0, sent[0].2,
+        "the identifier is also the idempotency key"
+    );
+    let unique: std::collections::HashMap<&str, Decimal> =
+        sent.iter().map(|(id, v, _)| (id.as_str(), *v)).collect();
+    assert_eq!(
+        unique.values().copied().sum::<Decimal>(),
+        Decimal::from(15),
+        "unique identifiers carry exactly the accepted usage"
+    );
+}
+
+async fn sql(db: &Db, statement: &'static str) {
+    match db {
+        Db::Sqlite(pool) => sqlx::query(statement).execute(pool).await.map(drop),
+        Db::Postgres(pool) => sqlx::query(statement).execute(pool).await.map(drop),
+    }
+    .unwrap();
+}
+
+async fn late_usage_goes_out_as_a_new_delta(backend: Backend) {
+    let vendor = meter_vendor().await;
+    let (state, _db) = state(backend, |s| {
+        use_test_catalog(s);
+        use_vendor(s, &vendor.uri());
+    })
+    .await;
+    linked_tenant(&state, "acme", "cus_acme").await;
+    let pusher = state.pusher(state.vendor.clone().unwrap());
+    let now = billsync::store::now_ms();
+    let at = chrono::Utc::now().to_rfc3339();
+    let first =
+        json!({"id": "l1", "tenant_id": "acme", "meter": "calls", "quantity": 10, "timestamp": at});
+    state.metering.ingest(&[first], now).await.unwrap();
+    pusher.step().await.unwrap();
+    let late =
+        json!({"id": "l2", "tenant_id": "acme", "meter": "calls", "quantity": 3, "timestamp": at});
+    state.metering.ingest(&[late], now + 1000).await.unwrap();
+    pusher.step().await.unwrap();
+    let sent = meter_events(&vendor).await;
+    let values: Vec<Decimal> = sent.iter().map(|(_, v, _)| *v).collect();
+    assert_eq!(
+        values,
+        [Decimal::from(10), Decimal::from(3)],
+        "the late event is a delta of its own"
+    );
+    assert_ne!(sent[0].0, sent[1].0);
+}
+
+async fn push_storms_are_retried_without_loss(backend: Backend) {
+    let vendor = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/billing/meter_events"))
+        .respond_with(ResponseTemplate::new(429))
+        .up_to_n_times(5)
+        .with_priority(1)
+        .mount(&vendor)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/billing/meter_events"))
+        .respond_with(ResponseTemplate::new(502))
+        .up_to_n_times(3)
+        .with_priority(2)
+        .mount(&vendor)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/billing/meter_events"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({})))
+        .with_priority(3)
+        .mount(&vendor)
+        .await;
+    let (state, _db) = state(backend, |s| {
+        use_test_catalog(s);
+        use_vendor(s, &vendor.uri());
+        s.stripe.max_retries = 2;
+        s.sync.max_retry_delay = std::time::Duration::from_millis(1);
+    })
+    .await;
+    for (tenant, customer_id) in [("a", "cus_a"), ("b", "cus_b"), ("c", "cus_c")] {
+        linked_tenant(&state, tenant, customer_id).await;
+    }
+    let events: Vec<Value> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|t| (0..4).map(move |i| usage(&format!("{t}{i}"), t, "calls", json!(i + 1))))
+        .collect();
+    state
+        .metering
+        .ingest(&events, billsync::store::now_ms())
+        .await
+        .unwrap();
+    let pusher = state.pusher(state.vendor.clone().unwrap());
+    for _ in 0..10 {
+        pusher.step().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    for tenant in ["a", "b", "c"] {
+        let pushes = state.db.usage().pushes_of(tenant, "calls").await.unwrap();
+        assert_eq!(pushes.len(), 1, "{tenant}");
+        assert_eq!(
+            (pushes[0].status.as_str(), pushes[0].value.as_str()),
+            ("sent", "10"),
+            "{tenant}"
+        );
+    }
+}
+
+async fn usage_of_a_tenant_without_a_customer_waits_and_loses_nothing(backend: Backend) {
+    let vendor = meter_vendor().await;
+    let (state, _db) = state(backend, |s| {
+        use_test_catalog(s);
+        use_vendor(s, &vendor.uri());
+    })
+    .await;
+    state
+        .db
+        .tenants()
+        .upsert(
+            &billsync::domain::TenantId::parse("later").unwrap(),
+            None,
+            None,
+            0,
+        )
+        .await
+        .unwrap();
+    state
+        .metering
+        .ingest(
+            &[usage("w1", "later", "calls", json!(7))],
+            billsync::store::now_ms(),
+        )
+        .await
+        .unwrap();
+    let pusher = state.pusher(state.vendor.clone().unwrap());
+    assert_eq!(pusher.step().await.unwrap().planned, 0);
+    assert!(meter_events(&vendor).await.is_empty());
+    assert!(
+        state
+            .metrics
+            .render()
+            .contains("billsync_usage_push_backlog{} 1")
+    );
+
+    linked_tenant(&state, "later", "cus_later").await;
+    assert_eq!(pusher.step().await.unwrap().sent, 1);
+    assert_eq!(meter_events(&vendor).await[0].1, Decimal::from(7));
+    assert!(
+        state
+            .metrics
+            .render()
+            .contains("billsync_usage_push_backlog{} 0")
+    );
+}
+
+async fn usage_too_old_for_stripe_is_flagged_not_sent(backend: Backend) {
+    let vendor = meter_vendor().await;
+    let (state, _db) = state(backend, |s| {
+        use_test_catalog(s);
+        use_vendor(s, &vendor.uri());
+    })
+    .await;
+    linked_tenant(&state, "acme", "cus_acme").await;
+    let old = json!({"id": "old", "tenant_id": "acme", "meter": "calls", "quantity": 4, "timestamp": now_rfc3339(-40 * 86_400)});
+    assert_eq!(
+        state
+            .metering
+            .ingest(&[old], billsync::store::now_ms())
+            .await
+            .unwrap()
+            .accepted,
+        1
+    );
+    let report = state
+        .pusher(state.vendor.clone().unwrap())
+        .step()
+        .await
+        .unwrap();
+    assert_eq!((report.expired, report.sent), (1, 0));
+    assert!(meter_events(&vendor).await.is_empty());
+    let pushes = state.db.usage().pushes_of("acme", "calls").await.unwrap();
+    assert_eq!(pushes[0].status, "expired");
+    assert!(
+        pushes[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("reconciliation")
+    );
+}
+
+async fn max_unique_and_last_meters_push_the_period_value(backend: Backend) {
+    let vendor = meter_vendor().await;
+    let (state, _db) = state(backend, |s| {
+        use_test_catalog(s);
+        use_vendor(s, &vendor.uri());
+    })
+    .await;
+    linked_tenant(&state, "acme", "cus_acme").await;
+    let pusher = state.pusher(state.vendor.clone().unwrap());
+    let now = billsync::store::now_ms();
+    let ev = |id: &str, meter: &str, q: i64, user: &str, ago: i64| {
+        json!({"id": id, "tenant_id": "acme", "meter": meter,
+        "quantity": q, "timestamp": now_rfc3339(-ago), "properties": {"user_id": user}})
+    };
+    state
+        .metering
+        .ingest(
+            &[
+                ev("m1", "storage", 8, "u1", 30),
+                ev("m2", "storage", 3, "u1", 20),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    state
+        .metering
+        .ingest(
+            &[
+                ev("u1", "users", 1, "ann", 30),
+                ev("u2", "users", 1, "bob", 20),
+                ev("u3", "users", 1, "ann", 10),
+            ],
+            now,
+        )
+        .await
+        .unwrap();
+    state
+        .metering
+        .ingest(
+            &[ev("s1", "seats", 12, "x", 30), ev("s2", "seats", 9, "x", 5)],
+            now,
+        )
+        .await
+        .unwrap();
+    pusher.step().await.unwrap();
+    let value = |meter: &'static str| {
+        let db = state.db.clone();
+        async move {
+            db.usage().pushes_of("acme", meter).await.unwrap()[0]
+                .value
+                .clone()
+        }
+    };
+    assert_eq!(
+        (
+            value("storage").await,
+            value("users").await,
+            value("seats").await
+        ),
+        ("8".into(), "2".into(), "9".into())
+    );
+}
+
+async fn the_ledger_shows_pushed_and_unpushed_usage_over_http(backend: Backend) {
+    let vendor = meter_vendor().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/customers/cus_http"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer("cus_http", "ledger")))
+        .mount(&vendor)
+        .await;
+    let app = TestApp::spawn_with(backend, |s| {
+        use_test_catalog(s);
+        use_vendor(s, &vendor.uri());
+        take_webhooks(s);
+        s.metering.push_interval = std::time::Duration::from_millis(100);
+    })
+    .await;
+    app.put_tenant("ledger", json!({})).await;
+    post_usage(
+        &app,
+        vec![
+            usage("h1", "ledger", "calls", json!(2)),
+            usage("h2", "ledger", "calls", json!(3)),
+        ],
+    )
+    .await;
+    let before = ledger(&app, "ledger", "calls").await;
+    assert_eq!(
+        (
+            before["total"].as_str(),
+            before["unpushed"].as_str(),
+            before["pushed"].as_str()
+        ),
+        (Some("5"), Some("5"), Some("0"))
+    );
+    app.deliver(&event(
+        "evt_link",
+        "customer.created",
+        1_700_000_000,
+        customer("cus_http", "ledger"),
+    ))
+    .await;
+    wait_for("the usage to be pushed", || async {
+        ledger(&app, "ledger", "calls").await["pushed"] == "5"
+    })
+    .await;
+    let after = app
+        .get_json("/v1/tenants/ledger/usage?meter=calls&group_by=hour")
+        .await;
+    assert_eq!(
+        after["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["events"].as_u64().unwrap())
+            .sum::<u64>(),
+        2
+    );
+    assert_eq!(after["unpushed"], "0");
+    let (status, code, field) = error_of(
+        app.v1(reqwest::Method::GET, "/v1/tenants/ledger/usage")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str(), field.as_deref()),
+        (400, "missing_field", Some("meter"))
+    );
+    let bad = app
+        .v1(
+            reqwest::Method::GET,
+            "/v1/tenants/ledger/usage?meter=calls&group_by=week",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(bad).await.2.as_deref(), Some("group_by"));
+    app.stop().await;
+}
+
+async fn big_batches_are_taken_and_oversized_ones_refused(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        use_test_catalog(s);
+        s.metering.max_batch = 10_000;
+    })
+    .await;
+    app.put_tenant("bulk", json!({})).await;
+    let padding = "p".repeat(150);
+    let batch: Vec<Value> = (0..10_000)
+        .map(|i| json!({"id": format!("b{i}"), "tenant_id": "bulk", "meter": "calls", "quantity": 1, "properties": {"pad": padding}}))
+        .collect();
+    let answer = post_usage(&app, batch).await;
+    assert_eq!(
+        answer["accepted"], 10_000,
+        "a 2 MB batch of 10,000 events is one call"
+    );
+    let too_many: Vec<Value> = (0..10_001)
+        .map(|i| usage(&format!("x{i}"), "bulk", "calls", json!(1)))
+        .collect();
+    let response = app
+        .v1(reqwest::Method::POST, "/v1/usage")
+        .json(&json!({"events": too_many}))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, field) = error_of(response).await;
+    assert_eq!(
+        (status, code.as_str(), field.as_deref()),
+        (400, "too_many_events", Some("events"))
+    );
+    assert_eq!(ledger(&app, "bulk", "calls").await["total"], "10000");
+    app.stop().await;
+}
