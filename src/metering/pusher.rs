@@ -31,8 +31,9 @@ use crate::vendor::{BillingVendor, MeterEvent, VendorError};
 const VENDOR_WINDOW_MS: i64 = 35 * 24 * 3_600_000;
 /// Keep clear of the edge of that window.
 const WINDOW_MARGIN_MS: i64 = 3_600_000;
-/// Events planned per pass, pushes sent per pass.
-const PLAN_LIMIT: u32 = 50_000;
+/// Events planned per pass (a pass groups them all, so one group is one vendor call), pushes
+/// sent per pass.
+const PLAN_LIMIT: u32 = 250_000;
 const SEND_LIMIT: u32 = 1_000;
 
 #[derive(Clone)]

@@ -190,7 +190,7 @@ impl<'a> Usage<'a> {
         }
         let rows = on_pool!(self.db, |pool| {
             let mut query = sqlx::QueryBuilder::new(
-                "SELECT e.tenant_id, e.event_id, e.meter, e.quantity, e.occurred_at, e.unique_value, e.properties, \
+                "SELECT e.tenant_id, e.event_id, e.meter, e.quantity, e.occurred_at, e.unique_value, CAST(NULL AS TEXT), \
                  e.received_at, e.push_id, t.customer_id FROM usage_events e JOIN tenants t ON t.tenant_id = e.tenant_id \
                  WHERE e.push_id IS NULL AND t.customer_id IS NOT NULL AND e.meter IN (",
             );
@@ -282,13 +282,19 @@ impl<'a> Usage<'a> {
                 .bind(push.sent_at)
                 .execute(&mut *tx)
                 .await?;
-                for (tenant_id, event_id) in events {
-                    sqlx::query("UPDATE usage_events SET push_id = $3 WHERE tenant_id = $1 AND event_id = $2 AND push_id IS NULL")
-                        .bind(tenant_id)
-                        .bind(event_id)
-                        .bind(&push.push_id)
-                        .execute(&mut *tx)
-                        .await?;
+                // A push carries one tenant's events: tie them to it by id, a chunk at a time.
+                for chunk in events.chunks(CHUNK) {
+                    let mut update = sqlx::QueryBuilder::new("UPDATE usage_events SET push_id = ");
+                    update.push_bind(&push.push_id);
+                    update.push(" WHERE push_id IS NULL AND tenant_id = ");
+                    update.push_bind(&push.tenant_id);
+                    update.push(" AND event_id IN (");
+                    let mut ids = update.separated(", ");
+                    for (_, event_id) in chunk {
+                        ids.push_bind(event_id);
+                    }
+                    update.push(")");
+                    update.build().execute(&mut *tx).await?;
                 }
             }
             tx.commit().await
