@@ -112,7 +112,7 @@ fn batches(size: usize, count: usize, offset: usize) -> Vec<Value> {
             let events: Vec<Value> = (0..size)
                 .map(|_| {
                     next += 1;
-                    let id = if next % 100 == 0 && next > offset + 1 { next - 1 } else { next };
+                    let id = if next.is_multiple_of(100) && next > offset + 1 { next - 1 } else { next };
                     json!({"id": format!("e{id}"), "tenant_id": format!("t{}", id % TENANTS), "meter": "calls", "quantity": "1.5"})
                 })
                 .collect();
