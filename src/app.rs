@@ -74,6 +74,7 @@ impl AppState {
             catalog: Arc::new(catalog),
             counters: Arc::new(Counters::default()),
             metrics: metrics.clone(),
+            writer: Arc::default(),
         };
         Ok(Self {
             settings: Arc::new(settings),
@@ -132,6 +133,19 @@ impl AppState {
     }
 }
 
+/// Checkpoints the SQLite write-ahead log every second, off the request path.
+async fn checkpoints(db: Db, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+        if let Err(error) = db.checkpoint().await {
+            tracing::warn!(error = %error, "SQLite checkpoint failed");
+        }
+    }
+}
+
 /// Runs the service on `listener` until `shutdown` is cancelled, then stops accepting, lets
 /// in-flight requests and worker passes finish (at most `shutdown.grace`), and closes the pool.
 pub async fn run(
@@ -151,6 +165,7 @@ pub async fn run(
 
     let mut workers = JoinSet::new();
     workers.spawn(state.applier().run(shutdown.clone()));
+    workers.spawn(checkpoints(db.clone(), shutdown.clone()));
     workers.spawn(
         state
             .metering

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Aggregation, Catalog, Meter};
 use crate::domain::TenantId;
 use crate::metrics::Metrics;
-use crate::store::{Db, StoreError, UsageRow, now_ms};
+use crate::store::{Backend, Db, StoreError, UsageRow, now_ms};
 use counters::{Bucket, Counters, Sample, hour_of};
 
 /// How far ahead of now an event's timestamp may be.
@@ -51,6 +51,9 @@ pub struct Metering {
     pub catalog: Arc<Catalog>,
     pub counters: Arc<Counters>,
     pub metrics: Arc<Metrics>,
+    /// SQLite takes one writer at a time and makes the others sleep and poll; queueing batches
+    /// here instead keeps the tail latency down.
+    pub writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Metering {
@@ -97,7 +100,13 @@ impl Metering {
             meters.push(*meter);
         }
 
-        let inserted = self.db.usage().insert(&rows).await?;
+        let inserted = match self.db.backend() {
+            Backend::Sqlite => {
+                let _turn = self.writer.lock().await;
+                self.db.usage().insert(&rows).await?
+            }
+            Backend::Postgres => self.db.usage().insert(&rows).await?,
+        };
         for ((row, meter), new) in rows.iter().zip(&meters).zip(&inserted) {
             if !new {
                 outcome.duplicates += 1;

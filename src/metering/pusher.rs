@@ -119,19 +119,25 @@ impl Pusher {
             };
             events.sort_by(|a, b| a.event_id.cmp(&b.event_id));
             let latest = events.iter().map(|e| e.occurred_at).max().unwrap_or(window);
-            let value = match meter.aggregation {
-                Aggregation::Sum => events
-                    .iter()
-                    .map(|e| Decimal::from_str(&e.quantity).unwrap_or_default())
-                    .sum(),
-                Aggregation::Count => Decimal::from(events.len()),
+            let (value, stamp) = match meter.aggregation {
+                Aggregation::Sum => {
+                    let total = events
+                        .iter()
+                        .map(|e| Decimal::from_str(&e.quantity).unwrap_or_default())
+                        .sum();
+                    (total, latest)
+                }
+                Aggregation::Count => (Decimal::from(events.len()), latest),
+                // The period's running value, stamped as late in the period as now allows, so
+                // that Stripe's `last` takes it over any earlier push, even one for later events.
                 Aggregation::Max | Aggregation::UniqueCount | Aggregation::Last => {
                     let (from, to) = billing_period(db, &tenant, latest).await?;
-                    self.metering
+                    let value = self
+                        .metering
                         .counters
                         .fold(&tenant, &meter_name, from, to)
-                        .map(|b| b.value())
-                        .unwrap_or_default()
+                        .map(|b| b.value());
+                    (value.unwrap_or_default(), now.min(to - 1000).max(latest))
                 }
             };
             let expired = latest < now - VENDOR_WINDOW_MS + WINDOW_MARGIN_MS;
@@ -147,7 +153,7 @@ impl Pusher {
                 event_name,
                 window_start: window,
                 value: value.normalize().to_string(),
-                timestamp: latest.div_euclid(1000),
+                timestamp: stamp.div_euclid(1000),
                 event_count: i32::try_from(events.len()).unwrap_or(i32::MAX),
                 status: if expired { "expired" } else { "pending" }.to_owned(),
                 attempts: 0,
