@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api;
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
+use crate::entitlements::{Entitlements, PlanCatalog, Policy, SyncHealth};
 use crate::metering::Metering;
 use crate::metering::counters::Counters;
 use crate::metering::pusher::Pusher;
@@ -32,6 +33,7 @@ pub struct AppState {
     /// Wakes the applier when new inbox rows arrive.
     pub wake: Arc<Notify>,
     pub metering: Metering,
+    pub entitlements: Entitlements,
 }
 
 /// Why the service could not start or stopped with an error.
@@ -76,6 +78,24 @@ impl AppState {
             metrics: metrics.clone(),
             writer: Arc::default(),
         };
+        let plans =
+            PlanCatalog::from_catalog(&metering.catalog).map_err(|message| CatalogError {
+                path: settings.catalog.path.display().to_string(),
+                message,
+            })?;
+        let policy = Policy {
+            granting_statuses: settings.entitlements.granting_statuses.clone(),
+            past_due_grace: settings.entitlements.past_due_grace,
+            stale_after: settings.entitlements.stale_after,
+        };
+        let entitlements = Entitlements::new(
+            db.clone(),
+            plans,
+            metering.clone(),
+            policy,
+            Arc::new(SyncHealth::default()),
+            vendor.is_some(),
+        );
         Ok(Self {
             settings: Arc::new(settings),
             db,
@@ -83,6 +103,7 @@ impl AppState {
             vendor,
             wake: Arc::new(Notify::new()),
             metering,
+            entitlements,
         })
     }
 
@@ -97,6 +118,7 @@ impl AppState {
             max_retry_delay: self.settings.sync.max_retry_delay,
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
+            entitlements: Some(self.entitlements.clone()),
         }
     }
 
@@ -108,6 +130,7 @@ impl AppState {
             overlap: self.settings.sync.poll_overlap,
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
+            health: self.entitlements.health.clone(),
         }
     }
 
@@ -129,6 +152,7 @@ impl AppState {
             tenant_key: self.settings.stripe.tenant_metadata_key.clone(),
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
+            health: self.entitlements.health.clone(),
         }
     }
 }

@@ -33,8 +33,16 @@ pub struct Settings {
     pub sync: SyncSettings,
     pub catalog: CatalogSettings,
     pub metering: MeteringSettings,
+    pub entitlements: EntitlementSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct EntitlementSettings {
+    pub granting_statuses: Vec<String>,
+    pub past_due_grace: Duration,
+    pub stale_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +72,8 @@ pub struct DatabaseSettings {
 pub struct ApiSettings {
     /// SHA-256 digests of the accepted bearer keys; the keys themselves are not kept.
     pub key_digests: Vec<[u8; 32]>,
+    /// Keys limited to some tenants: digest and the tenants it may ask about.
+    pub tenant_keys: Vec<([u8; 32], Vec<String>)>,
     pub max_body_bytes: usize,
 }
 
@@ -161,6 +171,7 @@ struct Raw {
     sync: RawSync,
     catalog: RawCatalog,
     metering: RawMetering,
+    entitlements: RawEntitlements,
     log: RawLog,
     shutdown: RawShutdown,
 }
@@ -178,6 +189,8 @@ struct RawDatabase {
 struct RawApi {
     #[serde(deserialize_with = "list_or_csv")]
     keys: Vec<String>,
+    #[serde(deserialize_with = "list_or_csv")]
+    tenant_keys: Vec<String>,
     max_body_bytes: usize,
 }
 
@@ -222,6 +235,15 @@ struct RawMetering {
     push_window: String,
     snapshot_interval: String,
     max_batch: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntitlements {
+    #[serde(deserialize_with = "list_or_csv")]
+    granting_statuses: Vec<String>,
+    past_due_grace: String,
+    stale_after: String,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +326,26 @@ impl Settings {
             .iter()
             .map(|key| key_digest(key).map_err(|message| ConfigError::new("api.keys", message)))
             .collect::<Result<Vec<_>, _>>()?;
+        let tenant_keys = raw
+            .api
+            .tenant_keys
+            .iter()
+            .map(|entry| {
+                let bad = |m: &str| ConfigError::new("api.tenant_keys", m.to_owned());
+                let (key, tenants) = entry
+                    .rsplit_once('=')
+                    .ok_or_else(|| bad("each entry is <key>=<tenant>|<tenant>..."))?;
+                let digest = key_digest(key).map_err(|m| bad(&m))?;
+                let tenants = tenants
+                    .split('|')
+                    .map(|t| {
+                        crate::domain::TenantId::parse(t.trim()).map(|t| t.as_str().to_owned())
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| bad(&e.message))?;
+                Ok((digest, tenants))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         if raw.api.max_body_bytes < 1024 {
             return Err(ConfigError::new(
                 "api.max_body_bytes",
@@ -383,6 +425,15 @@ impl Settings {
             max_batch: raw.metering.max_batch,
         };
 
+        let entitlements = EntitlementSettings {
+            granting_statuses: raw.entitlements.granting_statuses,
+            past_due_grace: duration(
+                "entitlements.past_due_grace",
+                &raw.entitlements.past_due_grace,
+            )?,
+            stale_after: positive("entitlements.stale_after", &raw.entitlements.stale_after)?,
+        };
+
         let level = raw.log.level.trim().to_owned();
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
             return Err(ConfigError::new(
@@ -403,6 +454,7 @@ impl Settings {
             },
             api: ApiSettings {
                 key_digests,
+                tenant_keys,
                 max_body_bytes: raw.api.max_body_bytes,
             },
             stripe: StripeSettings {
@@ -433,6 +485,7 @@ impl Settings {
             sync,
             catalog,
             metering,
+            entitlements,
             log: LogSettings {
                 level,
                 format: raw.log.format,

@@ -8,6 +8,7 @@ pub mod app;
 pub mod catalog;
 pub mod config;
 pub mod domain;
+pub mod entitlements;
 pub mod metering;
 pub mod metrics;
 pub mod store;

@@ -1,5 +1,7 @@
 //! Bearer-key authentication for the product-facing API (`/v1/...`).
 
+use std::sync::Arc;
+
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;
@@ -10,14 +12,29 @@ use subtle::{Choice, ConstantTimeEq};
 use super::error::ApiError;
 use crate::app::AppState;
 
+/// Which tenants the request's key may ask about; added to every authorised request.
+#[derive(Debug, Clone, Default)]
+pub struct KeyScope {
+    /// `None`: every tenant.
+    tenants: Option<Arc<Vec<String>>>,
+}
+
+impl KeyScope {
+    pub fn allows(&self, tenant_id: &str) -> bool {
+        self.tenants
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|x| x == tenant_id))
+    }
+}
+
 /// Lets the request through only with `Authorization: Bearer <key>` for a configured key.
 pub async fn require_api_key(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
-    let digests = &state.settings.api.key_digests;
-    if digests.is_empty() {
+    let api = &state.settings.api;
+    if api.key_digests.is_empty() && api.tenant_keys.is_empty() {
         return ApiError::unauthorized("no API keys are configured: set api.keys to open /v1")
             .into_response();
     }
@@ -34,17 +51,28 @@ pub async fn require_api_key(
         return ApiError::unauthorized("missing bearer key: send Authorization: Bearer <key>")
             .into_response();
     };
-    if !key_matches(presented, digests) {
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let scope = if key_matches(&digest, api.key_digests.iter()) {
+        KeyScope::default()
+    } else if let Some((_, tenants)) = api
+        .tenant_keys
+        .iter()
+        .find(|(d, _)| key_matches(&digest, std::iter::once(d)))
+    {
+        KeyScope {
+            tenants: Some(Arc::new(tenants.clone())),
+        }
+    } else {
         return ApiError::unauthorized("the bearer key is not valid").into_response();
-    }
+    };
+    request.extensions_mut().insert(scope);
     next.run(request).await
 }
 
-/// Compares the key's digest with every configured digest, in constant time, without stopping early.
-fn key_matches(presented: &str, digests: &[[u8; 32]]) -> bool {
-    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+/// Compares the digest with every given digest, in constant time, without stopping early.
+fn key_matches<'a>(digest: &[u8; 32], known: impl Iterator<Item = &'a [u8; 32]>) -> bool {
     let mut matched = Choice::from(0);
-    for known in digests {
+    for known in known {
         matched |= digest.ct_eq(known);
     }
     matched.into()
@@ -57,12 +85,13 @@ mod tests {
 
     #[test]
     fn only_configured_keys_match() {
-        let digests = vec![
+        let digests = [
             key_digest("first-key-0123456789").unwrap(),
             key_digest("second-key-0123456789").unwrap(),
         ];
-        assert!(key_matches("second-key-0123456789", &digests));
-        assert!(!key_matches("second-key-012345678", &digests));
-        assert!(!key_matches("", &digests));
+        let of = |k: &str| -> [u8; 32] { Sha256::digest(k.as_bytes()).into() };
+        assert!(key_matches(&of("second-key-0123456789"), digests.iter()));
+        assert!(!key_matches(&of("second-key-012345678"), digests.iter()));
+        assert!(!key_matches(&of(""), digests.iter()));
     }
 }

@@ -2,6 +2,7 @@
 //! list and a test checks the list against `openapi.yaml`.
 
 pub mod auth;
+pub mod entitlements;
 pub mod error;
 pub mod health;
 pub mod json;
@@ -85,6 +86,21 @@ pub fn routes() -> Vec<Route> {
             Method::GET,
             "/v1/tenants/{tenant_id}/usage",
             get(usage::get_usage),
+        ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/entitlements",
+            get(entitlements::get_entitlements),
+        ),
+        route(
+            Method::POST,
+            "/v1/tenants/{tenant_id}/entitlements/check",
+            post(entitlements::check),
+        ),
+        route(
+            Method::POST,
+            "/v1/entitlements/check",
+            post(entitlements::check_batch),
         ),
         route(
             Method::POST,

@@ -2,11 +2,13 @@
 
 use std::collections::HashMap;
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::auth::KeyScope;
 use super::error::ApiError;
 use super::pagination::PageRequest;
 use super::tenants::{load, rfc3339, rfc3339_secs};
@@ -130,11 +132,12 @@ impl PaymentOut {
 
 async fn customer_page(
     state: &AppState,
+    scope: &KeyScope,
     tenant_id: &str,
     query: &HashMap<String, String>,
     kinds: PageKinds,
 ) -> Result<(Vec<MirrorRow>, Option<String>), ApiError> {
-    let tenant = load(state, tenant_id).await?;
+    let tenant = load(state, scope, tenant_id).await?;
     let page = PageRequest::from_query(query)?;
     let Some(customer) = tenant.customer_id else {
         return Ok((Vec::new(), None));
@@ -156,11 +159,12 @@ fn parse(row: &MirrorRow) -> Value {
 
 pub async fn list_invoices(
     State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
     Path(tenant_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<PageOut<InvoiceOut>>, ApiError> {
     let (rows, next_cursor) =
-        customer_page(&state, &tenant_id, &query, PageKinds::Invoices).await?;
+        customer_page(&state, &scope, &tenant_id, &query, PageKinds::Invoices).await?;
     let data = rows
         .iter()
         .map(|row| InvoiceOut::new(objects::invoice(&parse(row)), row.synced_at))
@@ -170,11 +174,12 @@ pub async fn list_invoices(
 
 pub async fn list_payments(
     State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
     Path(tenant_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<PageOut<PaymentOut>>, ApiError> {
     let (rows, next_cursor) =
-        customer_page(&state, &tenant_id, &query, PageKinds::Payments).await?;
+        customer_page(&state, &scope, &tenant_id, &query, PageKinds::Payments).await?;
     let data = rows
         .iter()
         .map(|row| {
@@ -209,10 +214,11 @@ pub struct EventOut {
 /// The vendor events (and fetched states) that touched the tenant, newest first.
 pub async fn list_tenant_events(
     State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
     Path(tenant_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<PageOut<EventOut>>, ApiError> {
-    let tenant = load(&state, &tenant_id).await?;
+    let tenant = load(&state, &scope, &tenant_id).await?;
     let page = PageRequest::from_query(&query)?;
     let mut rows = state
         .db

@@ -1,5 +1,6 @@
 //! Tenants: `PUT` and `GET /v1/tenants/{tenant_id}`, with the mirrored subscription.
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -7,6 +8,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 
+use super::auth::KeyScope;
 use super::error::ApiError;
 use super::json::ApiJson;
 use crate::app::AppState;
@@ -104,10 +106,14 @@ impl From<TenantRecord> for TenantOut {
 /// Creates the tenant (201) or replaces its name and email (200).
 pub async fn put_tenant(
     State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
     Path(tenant_id): Path<String>,
     ApiJson(body): ApiJson<TenantIn>,
 ) -> Result<(StatusCode, Json<TenantOut>), ApiError> {
     let tenant_id = TenantId::parse(&tenant_id)?;
+    if !scope.allows(tenant_id.as_str()) {
+        return Err(not_found(&tenant_id));
+    }
     let name = body.name.as_deref().map(TenantName::parse).transpose()?;
     let email = body.email.as_deref().map(Email::parse).transpose()?;
     let upserted = state
@@ -126,21 +132,33 @@ pub async fn put_tenant(
 
 pub async fn get_tenant(
     State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
     Path(tenant_id): Path<String>,
 ) -> Result<Json<TenantOut>, ApiError> {
-    let record = load(&state, &tenant_id).await?;
+    let record = load(&state, &scope, &tenant_id).await?;
     Ok(Json(view(&state, record).await?))
 }
 
-/// The tenant named in the path, or a JSON 400/404.
-pub async fn load(state: &AppState, raw_id: &str) -> Result<TenantRecord, ApiError> {
+/// The tenant named in the path, or a JSON 400/404 (also for a tenant the key may not see).
+pub async fn load(
+    state: &AppState,
+    scope: &KeyScope,
+    raw_id: &str,
+) -> Result<TenantRecord, ApiError> {
     let tenant_id = TenantId::parse(raw_id)?;
+    if !scope.allows(tenant_id.as_str()) {
+        return Err(not_found(&tenant_id));
+    }
     state
         .db
         .tenants()
         .get(&tenant_id)
         .await?
-        .ok_or_else(|| ApiError::not_found("tenant_not_found", format!("no tenant `{tenant_id}`")))
+        .ok_or_else(|| not_found(&tenant_id))
+}
+
+fn not_found(tenant_id: &TenantId) -> ApiError {
+    ApiError::not_found("tenant_not_found", format!("no tenant `{tenant_id}`"))
 }
 
 /// The tenant with its mirrored subscription: the liveliest one, newest first among equals.

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use chrono::DateTime;
@@ -10,6 +11,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::auth::KeyScope;
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::tenants::{load, rfc3339};
@@ -34,6 +36,7 @@ pub struct UsageIn {
 /// Stores the batch's valid events durably and counts them, or refuses the whole batch.
 pub async fn post_usage(
     State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
     ApiJson(body): ApiJson<UsageIn>,
 ) -> Result<Json<Ingested>, ApiError> {
     let max = state.settings.metering.max_batch;
@@ -44,7 +47,13 @@ pub async fn post_usage(
         )
         .with_field("events"));
     }
-    Ok(Json(state.metering.ingest(&body.events, now_ms()).await?))
+    let visible = |tenant: &str| scope.allows(tenant);
+    Ok(Json(
+        state
+            .metering
+            .ingest_visible(&body.events, now_ms(), &visible)
+            .await?,
+    ))
 }
 
 #[derive(Debug, Serialize)]
@@ -101,10 +110,11 @@ fn figure(bucket: &Option<Bucket>) -> String {
 /// or day, with the pushed and unpushed parts.
 pub async fn get_usage(
     State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
     Path(tenant_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<UsageOut>, ApiError> {
-    let tenant = load(&state, &tenant_id).await?;
+    let tenant = load(&state, &scope, &tenant_id).await?;
     let invalid = |field: &str, message: String| {
         ApiError::bad_request("invalid_value", message).with_field(field)
     };

@@ -59,6 +59,16 @@ pub struct Metering {
 impl Metering {
     /// Validates, stores (durably, in one transaction) and counts a batch of usage events.
     pub async fn ingest(&self, events: &[Value], now: i64) -> Result<Ingested, StoreError> {
+        self.ingest_visible(events, now, &|_| true).await
+    }
+
+    /// [`Self::ingest`] for a caller that may only see some tenants; others are unknown to it.
+    pub async fn ingest_visible(
+        &self,
+        events: &[Value],
+        now: i64,
+        visible: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<Ingested, StoreError> {
         let mut outcome = Ingested::default();
         let mut valid: Vec<(usize, UsageRow, &Meter)> = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
@@ -83,7 +93,7 @@ impl Metering {
         let mut rows = Vec::with_capacity(valid.len());
         let mut meters = Vec::with_capacity(valid.len());
         for (index, row, meter) in &valid {
-            if !known.contains(&row.tenant_id) {
+            if !known.contains(&row.tenant_id) || !visible(&row.tenant_id) {
                 outcome.rejected.push(Rejection {
                     index: *index,
                     code: "unknown_tenant",

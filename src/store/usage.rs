@@ -451,4 +451,18 @@ impl<'a> Usage<'a> {
         })?;
         Ok(row.map(|(s,)| s))
     }
+
+    /// Whether the tenant already has a usage event with this id.
+    pub async fn exists(&self, tenant_id: &str, event_id: &str) -> Result<bool, StoreError> {
+        let row = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (i64,)>(
+                "SELECT COUNT(*) FROM usage_events WHERE tenant_id = $1 AND event_id = $2",
+            )
+            .bind(tenant_id)
+            .bind(event_id)
+            .fetch_one(pool)
+            .await
+        })?;
+        Ok(row.0 > 0)
+    }
 }

@@ -12,8 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::SyncError;
 use crate::domain::TenantId;
+use crate::entitlements::Entitlements;
 use crate::metrics::Metrics;
-use crate::store::{Apply, Db, InboxRow, ObjectState, Source, StoreError, TenantClaim, now_ms};
+use crate::store::{
+    Apply, ApplyOutcome, Db, InboxRow, ObjectState, Source, StoreError, TenantClaim, now_ms,
+};
 use crate::vendor::stripe::objects;
 use crate::vendor::{BillingVendor, Fetched, ObjectKind};
 
@@ -30,6 +33,8 @@ pub struct Applier {
     pub max_retry_delay: Duration,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
+    /// Told which tenants' read models the applied states change.
+    pub entitlements: Option<Entitlements>,
 }
 
 impl Applier {
@@ -74,6 +79,7 @@ impl Applier {
             .collect();
         match self.db.mirror().apply(&items, now_ms()).await {
             Ok(outcomes) => {
+                self.invalidate(&items, &outcomes);
                 for conflict in outcomes.into_iter().filter_map(|o| o.conflict) {
                     tracing::warn!(conflict = %conflict, "tenant mapping conflict; the first customer keeps the tenant");
                 }
@@ -84,7 +90,10 @@ impl Applier {
                 tracing::warn!(error = %error, "batch apply failed; applying object by object");
                 for (group, applies) in &ready {
                     match self.db.mirror().apply(applies, now_ms()).await {
-                        Ok(_) => self.record_applied(group.iter(), started),
+                        Ok(outcomes) => {
+                            self.invalidate(applies, &outcomes);
+                            self.record_applied(group.iter(), started);
+                        }
                         Err(error) => self.defer(group, &error.into()).await?,
                     }
                 }
@@ -108,6 +117,30 @@ impl Applier {
             }
         }
         Ok(count)
+    }
+
+    /// Drops the read models the applied states feed: a tenant's own objects change its model;
+    /// a product, price or plan may change anyone's.
+    fn invalidate(&self, items: &[Apply], outcomes: &[ApplyOutcome]) {
+        let Some(entitlements) = &self.entitlements else {
+            return;
+        };
+        for (item, outcome) in items.iter().zip(outcomes) {
+            if !outcome.written {
+                continue;
+            }
+            match item.state.object_type.as_str() {
+                "product" | "price" | "plan" => entitlements.invalidate_all(),
+                _ => {
+                    if let Some(tenant) = &outcome.tenant_id {
+                        entitlements.invalidate(tenant);
+                    }
+                    if let Some(claim) = &item.claim {
+                        entitlements.invalidate(&claim.tenant_id);
+                    }
+                }
+            }
+        }
     }
 
     fn record_applied<'a>(

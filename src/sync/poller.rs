@@ -10,6 +10,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::{SyncError, events};
+use crate::entitlements::SyncHealth;
 use crate::metrics::Metrics;
 use crate::store::{Db, Source, now_ms};
 use crate::vendor::BillingVendor;
@@ -26,12 +27,15 @@ pub struct Poller {
     pub overlap: Duration,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
+    /// Told whether vendor sync works, for the staleness of entitlement answers.
+    pub health: Arc<SyncHealth>,
 }
 
 impl Poller {
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             if let Err(error) = self.step().await {
+                self.health.failed();
                 tracing::warn!(error = %error, "events poller failed; retrying next interval");
             }
             tokio::select! {

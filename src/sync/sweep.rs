@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::applier::tenant_claim;
 use super::{SyncError, events};
+use crate::entitlements::SyncHealth;
 use crate::metrics::Metrics;
 use crate::store::{Db, NewEvent, Source, now_ms};
 use crate::vendor::stripe::objects;
@@ -27,6 +28,8 @@ pub struct Sweep {
     pub tenant_key: String,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
+    /// Told whether vendor sync works, for the staleness of entitlement answers.
+    pub health: Arc<SyncHealth>,
 }
 
 impl Sweep {
@@ -37,6 +40,7 @@ impl Sweep {
                 () = tokio::time::sleep(self.interval) => {}
             }
             if let Err(error) = self.step().await {
+                self.health.failed();
                 tracing::warn!(error = %error, "drift sweep failed; retrying next interval");
             }
         }
@@ -110,6 +114,8 @@ impl Sweep {
             }
         }
 
+        // Every known tenant's customer and live subscriptions were just read: confirmed.
+        self.health.confirmed(started);
         let changed = queued.len();
         self.db.inbox().insert(&queued, now_ms()).await?;
         self.db

@@ -399,6 +399,24 @@ stripe_event_name = "users"
 [meters.credits]
 aggregation = "sum"
 allow_negative = true
+
+[features.api_calls]
+meter = "calls"
+
+[features.beta]
+fail_open = true
+
+[plans.free]
+features = { api_calls = 10 }
+
+[plans.price_pro]
+features = { api_calls = 1000, sso = true }
+
+[plans.plan_basic]
+features = { api_calls = 100 }
+
+[plans.plan_pro]
+features = { api_calls = 1000, sso = true }
 "#;
     let path =
         std::env::temp_dir().join(format!("billsync-test-catalog-{}.toml", std::process::id()));

@@ -5,6 +5,7 @@ mod helpers;
 
 mod cli;
 mod e2e;
+mod entitlements;
 mod health;
 mod openapi;
 mod sync;

@@ -1,0 +1,277 @@
+//! Entitlement checks: `GET /v1/tenants/{t}/entitlements`, `POST /v1/tenants/{t}/entitlements/check`
+//! and the batch `POST /v1/entitlements/check`.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::{Path, State};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::auth::KeyScope;
+use super::error::ApiError;
+use super::json::ApiJson;
+use super::tenants::{load, rfc3339};
+use crate::app::AppState;
+use crate::domain::TenantId;
+use crate::entitlements::model::Grant;
+use crate::entitlements::{Decision, TenantModel};
+use crate::store::now_ms;
+
+/// Most checks in one batch call.
+pub const MAX_CHECKS: usize = 1000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckIn {
+    pub feature: String,
+    /// How much the action would use of a quota (default 1).
+    pub quantity: Option<Value>,
+    /// Record the usage when allowed, in the same atomic step.
+    pub record: Option<RecordIn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordIn {
+    /// The usage event id: a repeated id is recorded once.
+    pub id: String,
+    pub timestamp: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchCheckIn {
+    pub tenant_id: String,
+    pub feature: String,
+    pub quantity: Option<Value>,
+    pub record: Option<RecordIn>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchIn {
+    pub checks: Vec<BatchCheckIn>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckOut {
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// Whether a `record` was stored (or had been, for a repeated id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recorded: Option<bool>,
+}
+
+fn quantity(raw: &Option<Value>) -> Result<Decimal, ApiError> {
+    let invalid = || {
+        ApiError::bad_request("invalid_value", "quantity must be a decimal of at least 0")
+            .with_field("quantity")
+    };
+    let q = match raw {
+        None | Some(Value::Null) => Decimal::ONE,
+        Some(Value::Number(n)) => Decimal::from_str(&n.to_string()).map_err(|_| invalid())?,
+        Some(Value::String(s)) => Decimal::from_str(s.trim()).map_err(|_| invalid())?,
+        Some(_) => return Err(invalid()),
+    };
+    if q.is_sign_negative() && !q.is_zero() {
+        return Err(invalid());
+    }
+    Ok(q)
+}
+
+fn unknown_tenant() -> CheckOut {
+    CheckOut {
+        decision: Decision {
+            allowed: false,
+            reason: "unknown_tenant",
+            limit: None,
+            used: None,
+            remaining: None,
+            as_of: None,
+            stale: false,
+        },
+        recorded: None,
+    }
+}
+
+/// One check (and record), the heart of both check routes.
+async fn check_one(
+    state: &AppState,
+    tenant: &str,
+    feature: &str,
+    quantity: Decimal,
+    record: Option<&RecordIn>,
+) -> Result<CheckOut, ApiError> {
+    let entitlements = &state.entitlements;
+    let Some(model) = entitlements.model(tenant).await? else {
+        return Ok(unknown_tenant());
+    };
+    let decision = entitlements.decide(&model, feature, quantity, now_ms());
+    let Some(record) = record else {
+        return Ok(CheckOut {
+            decision,
+            recorded: None,
+        });
+    };
+    let Some(Grant::Quota { meter, .. }) = model.features.get(feature) else {
+        // Nothing to count: a boolean feature, or one the plan lacks.
+        return Ok(CheckOut {
+            decision,
+            recorded: Some(false),
+        });
+    };
+    // Check and record under one lock per tenant and meter: the last unit goes once.
+    let lock = entitlements.record_lock(tenant, meter);
+    let _turn = lock.lock().await;
+    if state.db.usage().exists(tenant, &record.id).await? {
+        let mut decision = entitlements.decide(&model, feature, Decimal::ZERO, now_ms());
+        decision.allowed = true;
+        decision.reason = "ok";
+        return Ok(CheckOut {
+            decision,
+            recorded: Some(true),
+        });
+    }
+    let decision = entitlements.decide(&model, feature, quantity, now_ms());
+    if !decision.allowed {
+        return Ok(CheckOut {
+            decision,
+            recorded: Some(false),
+        });
+    }
+    let mut event = json!({"id": record.id, "tenant_id": tenant, "meter": meter, "quantity": quantity.to_string()});
+    if let Some(timestamp) = &record.timestamp {
+        event["timestamp"] = json!(timestamp);
+    }
+    let outcome = state.metering.ingest(&[event], now_ms()).await?;
+    if let Some(rejection) = outcome.rejected.first() {
+        return Err(
+            ApiError::bad_request("invalid_record", rejection.message.clone()).with_field("record"),
+        );
+    }
+    // `used` as it stands after this record.
+    let after = entitlements.decide(&model, feature, Decimal::ZERO, now_ms());
+    Ok(CheckOut {
+        decision: Decision {
+            allowed: true,
+            reason: "ok",
+            ..after
+        },
+        recorded: Some(true),
+    })
+}
+
+pub async fn check(
+    State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
+    Path(tenant_id): Path<String>,
+    ApiJson(body): ApiJson<CheckIn>,
+) -> Result<Json<CheckOut>, ApiError> {
+    let tenant = TenantId::parse(&tenant_id)?;
+    if !scope.allows(tenant.as_str()) {
+        return Err(ApiError::not_found(
+            "tenant_not_found",
+            format!("no tenant `{tenant}`"),
+        ));
+    }
+    let quantity = quantity(&body.quantity)?;
+    Ok(Json(
+        check_one(
+            &state,
+            tenant.as_str(),
+            &body.feature,
+            quantity,
+            body.record.as_ref(),
+        )
+        .await?,
+    ))
+}
+
+pub async fn check_batch(
+    State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
+    ApiJson(body): ApiJson<BatchIn>,
+) -> Result<Json<Value>, ApiError> {
+    if body.checks.len() > MAX_CHECKS {
+        let message = format!("at most {MAX_CHECKS} checks per call");
+        return Err(ApiError::bad_request("too_many_checks", message).with_field("checks"));
+    }
+    let mut results = Vec::with_capacity(body.checks.len());
+    for (i, check) in body.checks.iter().enumerate() {
+        let quantity =
+            quantity(&check.quantity).map_err(|e| e.with_field(format!("checks[{i}].quantity")))?;
+        let visible = TenantId::parse(&check.tenant_id).is_ok() && scope.allows(&check.tenant_id);
+        let out = if visible {
+            check_one(
+                &state,
+                &check.tenant_id,
+                &check.feature,
+                quantity,
+                check.record.as_ref(),
+            )
+            .await?
+        } else {
+            unknown_tenant()
+        };
+        let mut value = serde_json::to_value(out).expect("check answers serialise");
+        value["tenant_id"] = json!(check.tenant_id);
+        value["feature"] = json!(check.feature);
+        results.push(value);
+    }
+    Ok(Json(json!({ "results": results })))
+}
+
+#[derive(Debug, Serialize)]
+pub struct EntitlementsOut {
+    pub tenant_id: String,
+    pub plan: Option<String>,
+    pub status: Option<String>,
+    pub as_of: Option<String>,
+    pub stale: bool,
+    pub features: BTreeMap<String, Value>,
+}
+
+pub async fn get_entitlements(
+    State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
+    Path(tenant_id): Path<String>,
+) -> Result<Json<EntitlementsOut>, ApiError> {
+    let tenant = load(&state, &scope, &tenant_id).await?;
+    let model: std::sync::Arc<TenantModel> = state
+        .entitlements
+        .model(&tenant.tenant_id)
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found("tenant_not_found", format!("no tenant `{tenant_id}`"))
+        })?;
+    let (as_of, stale) = state.entitlements.freshness(&model, now_ms());
+    let (start, end) = model.period;
+    let features = model
+        .features
+        .iter()
+        .map(|(name, grant)| {
+            let value = match grant {
+                Grant::Boolean { enabled } => json!({"kind": "boolean", "enabled": enabled}),
+                Grant::Quota { limit, meter } => {
+                    let used = state.entitlements.used(&model, meter);
+                    let remaining = limit.map(|l| (Decimal::from(l) - used).max(Decimal::ZERO).normalize().to_string());
+                    json!({"kind": "quota", "limit": limit, "used": used.normalize().to_string(), "remaining": remaining,
+                        "meter": meter, "period_start": rfc3339(start), "period_end": rfc3339(end)})
+                }
+            };
+            (name.clone(), value)
+        })
+        .collect();
+    Ok(Json(EntitlementsOut {
+        tenant_id: model.tenant_id.clone(),
+        plan: model.plan.clone(),
+        status: model.status.clone(),
+        as_of: as_of.map(rfc3339),
+        stale,
+        features,
+    }))
+}

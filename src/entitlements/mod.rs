@@ -1,0 +1,460 @@
+//! Entitlements: "may tenant T do this?" answered from memory. A read model per tenant (plan,
+//! status, grants) is computed from the catalog and the mirror by the code that changes them,
+//! and usage comes from the metering counters, so a warm check touches neither the vendor nor
+//! the database.
+
+pub mod model;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde_json::Value;
+
+use crate::catalog::Catalog;
+use crate::domain::TenantId;
+use crate::metering::{Metering, calendar_month};
+use crate::store::{Db, StoreError, now_ms};
+use crate::vendor::ObjectKind;
+use crate::vendor::stripe::objects;
+use model::{FeatureValue, Features, Grant, metadata_features};
+
+/// The plan catalog's features and plans, typed.
+#[derive(Debug, Clone, Default)]
+pub struct PlanCatalog {
+    /// Quota features and the meter each counts (default: the meter of the same name).
+    pub meters: BTreeMap<String, String>,
+    /// Features that fail open while the tenant's vendor state is unknown.
+    pub fail_open: Vec<String>,
+    /// Plans by key: a price, plan or product id, a lookup key, or `free`.
+    pub plans: BTreeMap<String, Features>,
+}
+
+impl PlanCatalog {
+    pub fn from_catalog(catalog: &Catalog) -> Result<Self, String> {
+        let mut parsed = Self::default();
+        for (name, def) in &catalog.features {
+            let table = def
+                .as_table()
+                .ok_or_else(|| format!("features.{name} must be a table"))?;
+            if let Some(meter) = table.get("meter") {
+                let meter = meter
+                    .as_str()
+                    .ok_or_else(|| format!("features.{name}.meter must be a string"))?;
+                parsed.meters.insert(name.clone(), meter.to_owned());
+            }
+            if table.get("fail_open").and_then(toml::Value::as_bool) == Some(true) {
+                parsed.fail_open.push(name.clone());
+            }
+        }
+        for (key, plan) in &catalog.plans {
+            let features = plan
+                .get("features")
+                .and_then(toml::Value::as_table)
+                .ok_or_else(|| format!("plans.{key} needs a `features` table"))?;
+            let mut typed = Features::new();
+            for (feature, value) in features {
+                let value = FeatureValue::from_toml(value)
+                    .map_err(|e| format!("plans.{key}.features.{feature}: {e}"))?;
+                typed.insert(feature.clone(), value);
+            }
+            parsed.plans.insert(key.clone(), typed);
+        }
+        Ok(parsed)
+    }
+
+    fn meter_of(&self, feature: &str) -> String {
+        self.meters
+            .get(feature)
+            .cloned()
+            .unwrap_or_else(|| feature.to_owned())
+    }
+}
+
+/// How entitlements treat subscription states and staleness.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub granting_statuses: Vec<String>,
+    pub past_due_grace: Duration,
+    pub stale_after: Duration,
+}
+
+/// Why a tenant has what it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// A subscription that grants access.
+    Subscribed,
+    /// No granting subscription, but a free plan.
+    Free,
+    NoSubscription,
+    /// A subscription that does not grant access, and no free plan.
+    Inactive,
+}
+
+/// One tenant's read model.
+#[derive(Debug, Clone)]
+pub struct TenantModel {
+    pub tenant_id: String,
+    /// The catalog plan key or price id that set the features (`free`, or none).
+    pub plan: Option<String>,
+    pub status: Option<String>,
+    pub standing: Standing,
+    pub features: BTreeMap<String, Grant>,
+    /// The billing period quotas count, `[start, end)` in Unix ms.
+    pub period: (i64, i64),
+    /// When the vendor state was last confirmed (Unix ms); `None`: never synced.
+    pub as_of: Option<i64>,
+    /// Metadata values that were not understood (reported, ignored).
+    pub invalid: Vec<String>,
+}
+
+/// Shared signal of whether vendor sync is working, set by the sync workers.
+#[derive(Debug, Default)]
+pub struct SyncHealth {
+    failing: AtomicBool,
+    confirmed_at: AtomicI64,
+}
+
+impl SyncHealth {
+    /// A pass that read the vendor's full state (a sweep) succeeded now.
+    pub fn confirmed(&self, at_ms: i64) {
+        self.confirmed_at.fetch_max(at_ms, Ordering::Relaxed);
+        self.failing.store(false, Ordering::Relaxed);
+    }
+
+    pub fn failed(&self) {
+        self.failing.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    pub fn confirmed_at(&self) -> Option<i64> {
+        Some(self.confirmed_at.load(Ordering::Relaxed)).filter(|t| *t > 0)
+    }
+}
+
+/// A check's answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// `ok`, `unknown_tenant`, `no_subscription`, `subscription_inactive`, `feature_not_in_plan`,
+    /// `limit_exceeded`, or `state_unknown` (never synced, feature failing closed).
+    pub reason: &'static str,
+    /// `null`: unlimited, or not a quota.
+    pub limit: Option<i64>,
+    pub used: Option<String>,
+    pub remaining: Option<String>,
+    pub as_of: Option<String>,
+    pub stale: bool,
+}
+
+type RecordLock = Arc<tokio::sync::Mutex<()>>;
+
+#[derive(Clone)]
+pub struct Entitlements {
+    pub db: Db,
+    pub plans: Arc<PlanCatalog>,
+    pub metering: Metering,
+    pub policy: Policy,
+    pub health: Arc<SyncHealth>,
+    /// Whether a vendor is configured at all (without one, nothing is ever confirmed).
+    pub vendor_configured: bool,
+    models: Arc<RwLock<HashMap<String, Arc<TenantModel>>>>,
+    /// Serialises check-and-record per tenant and meter, so the last unit goes once.
+    record_locks: Arc<Mutex<HashMap<(String, String), RecordLock>>>,
+}
+
+impl Entitlements {
+    pub fn new(
+        db: Db,
+        plans: PlanCatalog,
+        metering: Metering,
+        policy: Policy,
+        health: Arc<SyncHealth>,
+        vendor_configured: bool,
+    ) -> Self {
+        Self {
+            db,
+            plans: Arc::new(plans),
+            metering,
+            policy,
+            health,
+            vendor_configured,
+            models: Arc::default(),
+            record_locks: Arc::default(),
+        }
+    }
+
+    /// Forgets one tenant's model; the next check recomputes it.
+    pub fn invalidate(&self, tenant_id: &str) {
+        self.models.write().expect("models lock").remove(tenant_id);
+    }
+
+    /// Forgets every model (a product or price changed, or the catalog was reloaded).
+    pub fn invalidate_all(&self) {
+        self.models.write().expect("models lock").clear();
+    }
+
+    /// The tenant's model from memory, or computed from the database (a cold tenant).
+    pub async fn model(&self, tenant_id: &str) -> Result<Option<Arc<TenantModel>>, StoreError> {
+        if let Some(model) = self.models.read().expect("models lock").get(tenant_id) {
+            return Ok(Some(model.clone()));
+        }
+        let Some(model) = self.compute(tenant_id).await? else {
+            return Ok(None);
+        };
+        let model = Arc::new(model);
+        self.models
+            .write()
+            .expect("models lock")
+            .insert(tenant_id.to_owned(), model.clone());
+        Ok(Some(model))
+    }
+
+    /// Computes a tenant's model from the catalog and the mirror.
+    pub async fn compute(&self, tenant_id: &str) -> Result<Option<TenantModel>, StoreError> {
+        let Ok(id) = TenantId::parse(tenant_id) else {
+            return Ok(None);
+        };
+        let Some(tenant) = self.db.tenants().get(&id).await? else {
+            return Ok(None);
+        };
+        let now = now_ms();
+        let mut model = TenantModel {
+            tenant_id: tenant.tenant_id.clone(),
+            plan: None,
+            status: None,
+            standing: Standing::NoSubscription,
+            features: BTreeMap::new(),
+            period: calendar_month(now),
+            as_of: None,
+            invalid: Vec::new(),
+        };
+        let mut sources: Vec<Features> = Vec::new();
+        let mut customer_object = None;
+        let mut subscription = None;
+        if let Some(customer_id) = &tenant.customer_id {
+            let mirror = self.db.mirror();
+            if let Some(row) = mirror
+                .get(ObjectKind::Customer.as_str(), customer_id)
+                .await?
+            {
+                model.as_of = Some(row.synced_at);
+                customer_object = serde_json::from_str::<Value>(&row.payload).ok();
+            }
+            subscription = crate::sync::current_subscription(&self.db, customer_id).await?;
+        }
+        if let Some((row, sub)) = &subscription {
+            model.as_of = model.as_of.max(Some(row.synced_at));
+            model.status = Some(sub.status.clone());
+            if let (Some(start), Some(end)) = (sub.current_period_start, sub.current_period_end) {
+                model.period = (start * 1000, end * 1000);
+            }
+            if self.grants_access(&sub.status, sub.current_period_start, now) {
+                model.standing = Standing::Subscribed;
+                for item in &sub.items {
+                    let Some(price_id) = &item.price else {
+                        continue;
+                    };
+                    self.price_sources(price_id, &mut sources, &mut model)
+                        .await?;
+                }
+            } else {
+                model.standing = Standing::Inactive;
+            }
+        }
+        let free = self.plans.plans.get("free");
+        if let Some(free) = free.filter(|_| model.standing != Standing::Subscribed) {
+            model.standing = Standing::Free;
+            model.plan = Some("free".to_owned());
+            sources.insert(0, free.clone());
+        }
+        if let Some(customer) = &customer_object {
+            let (features, invalid) = metadata_features(&customer["metadata"]);
+            model.invalid.extend(invalid);
+            sources.push(features);
+        }
+        let active = match &tenant.customer_id {
+            Some(customer_id) => {
+                let kind = ObjectKind::ActiveEntitlements.as_str();
+                self.db.mirror().get(kind, customer_id).await?
+            }
+            None => None,
+        };
+        if let Some(row) = active {
+            let summary: Value = serde_json::from_str(&row.payload).unwrap_or(Value::Null);
+            let active: Features = summary["entitlements"]["data"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["lookup_key"].as_str())
+                .map(|key| (key.to_owned(), FeatureValue::Enabled(true)))
+                .collect();
+            sources.push(active);
+        }
+        if matches!(
+            model.standing,
+            Standing::Inactive | Standing::NoSubscription
+        ) {
+            // No plan: a customer override alone does not open a plan's features.
+            sources.clear();
+        }
+        for problem in &model.invalid {
+            tracing::warn!(tenant = %model.tenant_id, problem = %problem, "invalid entitlement metadata ignored");
+        }
+        model.features = model::grants(&sources, |f| self.plans.meter_of(f));
+        Ok(Some(model))
+    }
+
+    /// Catalog entries for the price (by id, lookup key or product), then product and price metadata.
+    async fn price_sources(
+        &self,
+        price_id: &str,
+        sources: &mut Vec<Features>,
+        model: &mut TenantModel,
+    ) -> Result<(), StoreError> {
+        let mirror = self.db.mirror();
+        let price = match mirror.get(ObjectKind::Price.as_str(), price_id).await? {
+            Some(row) => Some(row),
+            None => mirror.get(ObjectKind::Plan.as_str(), price_id).await?,
+        };
+        let price: Option<Value> = price.and_then(|row| serde_json::from_str(&row.payload).ok());
+        let product_id = price.as_ref().and_then(|p| objects::id_of(&p["product"]));
+        let lookup_key = price
+            .as_ref()
+            .and_then(|p| p["lookup_key"].as_str().map(str::to_owned));
+        for key in [product_id.clone(), lookup_key, Some(price_id.to_owned())]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(plan) = self.plans.plans.get(&key) {
+                model.plan.get_or_insert(key.clone());
+                sources.push(plan.clone());
+            }
+        }
+        model.plan.get_or_insert(price_id.to_owned());
+        let product = match product_id {
+            Some(product_id) => {
+                mirror
+                    .get(ObjectKind::Product.as_str(), &product_id)
+                    .await?
+            }
+            None => None,
+        };
+        if let Some(row) = product {
+            let product: Value = serde_json::from_str(&row.payload).unwrap_or(Value::Null);
+            let (features, invalid) = metadata_features(&product["metadata"]);
+            model.invalid.extend(invalid);
+            sources.push(features);
+        }
+        if let Some(price) = &price {
+            let (features, invalid) = metadata_features(&price["metadata"]);
+            model.invalid.extend(invalid);
+            sources.push(features);
+        }
+        Ok(())
+    }
+
+    fn grants_access(&self, status: &str, period_start: Option<i64>, now: i64) -> bool {
+        if self.policy.granting_statuses.iter().any(|s| s == status) {
+            return true;
+        }
+        // past_due keeps access for a grace period, counted from the period's start (when the
+        // renewal payment was attempted).
+        status == "past_due"
+            && period_start.is_some_and(|start| {
+                now < start * 1000 + self.policy.past_due_grace.as_millis() as i64
+            })
+    }
+
+    /// When the answer was last confirmed with the vendor, and whether that is too long ago.
+    pub fn freshness(&self, model: &TenantModel, now: i64) -> (Option<i64>, bool) {
+        let as_of = model
+            .as_of
+            .map(|t| t.max(self.health.confirmed_at().unwrap_or(0)));
+        let stale = match as_of {
+            None => true,
+            Some(t) => now - t > self.policy.stale_after.as_millis() as i64,
+        } || self.health.is_failing()
+            || !self.vendor_configured;
+        (as_of, stale)
+    }
+
+    /// The used amount of a quota in the model's period.
+    pub fn used(&self, model: &TenantModel, meter: &str) -> Decimal {
+        let (from, to) = model.period;
+        self.metering
+            .counters
+            .fold(&model.tenant_id, meter, from, to)
+            .map_or(Decimal::ZERO, |b| b.value())
+    }
+
+    /// Decides one check, without recording anything.
+    pub fn decide(
+        &self,
+        model: &TenantModel,
+        feature: &str,
+        quantity: Decimal,
+        now: i64,
+    ) -> Decision {
+        let (as_of, stale) = self.freshness(model, now);
+        let as_of_text = as_of.map(crate::api::tenants::rfc3339);
+        let answer =
+            |allowed, reason, limit, used: Option<Decimal>, remaining: Option<Decimal>| Decision {
+                allowed,
+                reason,
+                limit,
+                used: used.map(|u| u.normalize().to_string()),
+                remaining: remaining.map(|r| r.normalize().to_string()),
+                as_of: as_of_text.clone(),
+                stale,
+            };
+        if model.as_of.is_none() && model.standing != Standing::Free {
+            let open = self.plans.fail_open.iter().any(|f| f == feature);
+            return answer(
+                open,
+                if open { "ok" } else { "state_unknown" },
+                None,
+                None,
+                None,
+            );
+        }
+        match model.standing {
+            Standing::NoSubscription => return answer(false, "no_subscription", None, None, None),
+            Standing::Inactive => return answer(false, "subscription_inactive", None, None, None),
+            Standing::Subscribed | Standing::Free => {}
+        }
+        match model.features.get(feature) {
+            None | Some(Grant::Boolean { enabled: false }) => {
+                answer(false, "feature_not_in_plan", None, None, None)
+            }
+            Some(Grant::Boolean { enabled: true }) => answer(true, "ok", None, None, None),
+            Some(Grant::Quota { limit, meter }) => {
+                let used = self.used(model, meter);
+                match limit {
+                    None => answer(true, "ok", None, Some(used), None),
+                    Some(limit) => {
+                        let limit_d = Decimal::from(*limit);
+                        let remaining = (limit_d - used).max(Decimal::ZERO);
+                        let allowed = used + quantity <= limit_d;
+                        let reason = if allowed { "ok" } else { "limit_exceeded" };
+                        answer(allowed, reason, Some(*limit), Some(used), Some(remaining))
+                    }
+                }
+            }
+        }
+    }
+
+    /// The lock that makes check-and-record atomic for one tenant and meter.
+    pub fn record_lock(&self, tenant: &str, meter: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.record_locks.lock().expect("record locks");
+        locks
+            .entry((tenant.to_owned(), meter.to_owned()))
+            .or_default()
+            .clone()
+    }
+}
