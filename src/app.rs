@@ -157,6 +157,40 @@ impl AppState {
     }
 }
 
+/// On SIGHUP, reads the catalog file again: features and plans take effect at once (every
+/// read model is recomputed); meter changes need a restart.
+#[cfg(unix)]
+async fn reload_on_sighup(state: AppState, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the catalog reloads only at start");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = hangup.recv() => {}
+        }
+        let settings = &state.settings.catalog;
+        let reloaded = Catalog::load(&settings.path, settings.required)
+            .map_err(|e| e.to_string())
+            .and_then(|catalog| {
+                if catalog.meters != state.metering.catalog.meters {
+                    tracing::warn!(
+                        "the catalog's meters changed: they take effect at the next restart"
+                    );
+                }
+                state.entitlements.reload(&catalog)
+            });
+        match reloaded {
+            Ok(()) => tracing::info!(path = %settings.path.display(), "catalog reloaded"),
+            Err(error) => {
+                tracing::error!(error = %error, "catalog reload failed; the previous catalog stays")
+            }
+        }
+    }
+}
+
 /// Checkpoints the SQLite write-ahead log every second, off the request path.
 async fn checkpoints(db: Db, shutdown: CancellationToken) {
     loop {
@@ -213,6 +247,9 @@ pub async fn run(
             "no webhook secrets configured (stripe.webhook_secrets): every webhook is refused"
         );
     }
+
+    #[cfg(unix)]
+    workers.spawn(reload_on_sighup(state.clone(), shutdown.clone()));
 
     let grace = settings.shutdown.grace;
     let router = api::router(state);

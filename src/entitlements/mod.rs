@@ -137,8 +137,8 @@ impl SyncHealth {
     }
 }
 
-/// A check's answer.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// A check's answer. Built without allocating; formatted only when serialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Decision {
     pub allowed: bool,
     /// `ok`, `unknown_tenant`, `no_subscription`, `subscription_inactive`, `feature_not_in_plan`,
@@ -146,10 +146,31 @@ pub struct Decision {
     pub reason: &'static str,
     /// `null`: unlimited, or not a quota.
     pub limit: Option<i64>,
-    pub used: Option<String>,
-    pub remaining: Option<String>,
-    pub as_of: Option<String>,
+    /// Exact decimals, serialised as strings.
+    pub used: Option<Decimal>,
+    pub remaining: Option<Decimal>,
+    #[serde(serialize_with = "rfc3339_ms")]
+    pub as_of: Option<i64>,
     pub stale: bool,
+}
+
+fn rfc3339_ms<S: serde::Serializer>(at: &Option<i64>, serializer: S) -> Result<S::Ok, S::Error> {
+    match at {
+        Some(ms) => serializer.serialize_str(&crate::api::tenants::rfc3339(*ms)),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl Decision {
+    pub const UNKNOWN_TENANT: Decision = Decision {
+        allowed: false,
+        reason: "unknown_tenant",
+        limit: None,
+        used: None,
+        remaining: None,
+        as_of: None,
+        stale: false,
+    };
 }
 
 type RecordLock = Arc<tokio::sync::Mutex<()>>;
@@ -157,7 +178,8 @@ type RecordLock = Arc<tokio::sync::Mutex<()>>;
 #[derive(Clone)]
 pub struct Entitlements {
     pub db: Db,
-    pub plans: Arc<PlanCatalog>,
+    /// Swapped whole by a catalog reload.
+    plans: Arc<RwLock<Arc<PlanCatalog>>>,
     pub metering: Metering,
     pub policy: Policy,
     pub health: Arc<SyncHealth>,
@@ -179,7 +201,7 @@ impl Entitlements {
     ) -> Self {
         Self {
             db,
-            plans: Arc::new(plans),
+            plans: Arc::new(RwLock::new(Arc::new(plans))),
             metering,
             policy,
             health,
@@ -187,6 +209,18 @@ impl Entitlements {
             models: Arc::default(),
             record_locks: Arc::default(),
         }
+    }
+
+    pub fn plans(&self) -> Arc<PlanCatalog> {
+        self.plans.read().expect("plans lock").clone()
+    }
+
+    /// Takes a new catalog's features and plans; every model is recomputed on its next check.
+    pub fn reload(&self, catalog: &Catalog) -> Result<(), String> {
+        let plans = PlanCatalog::from_catalog(catalog)?;
+        *self.plans.write().expect("plans lock") = Arc::new(plans);
+        self.invalidate_all();
+        Ok(())
     }
 
     /// Forgets one tenant's model; the next check recomputes it.
@@ -267,7 +301,8 @@ impl Entitlements {
                 model.standing = Standing::Inactive;
             }
         }
-        let free = self.plans.plans.get("free");
+        let plans = self.plans();
+        let free = plans.plans.get("free");
         if let Some(free) = free.filter(|_| model.standing != Standing::Subscribed) {
             model.standing = Standing::Free;
             model.plan = Some("free".to_owned());
@@ -306,7 +341,7 @@ impl Entitlements {
         for problem in &model.invalid {
             tracing::warn!(tenant = %model.tenant_id, problem = %problem, "invalid entitlement metadata ignored");
         }
-        model.features = model::grants(&sources, |f| self.plans.meter_of(f));
+        model.features = model::grants(&sources, |f| plans.meter_of(f));
         Ok(Some(model))
     }
 
@@ -331,7 +366,7 @@ impl Entitlements {
             .into_iter()
             .flatten()
         {
-            if let Some(plan) = self.plans.plans.get(&key) {
+            if let Some(plan) = self.plans().plans.get(&key) {
                 model.plan.get_or_insert(key.clone());
                 sources.push(plan.clone());
             }
@@ -389,8 +424,8 @@ impl Entitlements {
         let (from, to) = model.period;
         self.metering
             .counters
-            .fold(&model.tenant_id, meter, from, to)
-            .map_or(Decimal::ZERO, |b| b.value())
+            .period_value(&model.tenant_id, meter, from, to)
+            .unwrap_or(Decimal::ZERO)
     }
 
     /// Decides one check, without recording anything.
@@ -402,19 +437,18 @@ impl Entitlements {
         now: i64,
     ) -> Decision {
         let (as_of, stale) = self.freshness(model, now);
-        let as_of_text = as_of.map(crate::api::tenants::rfc3339);
         let answer =
             |allowed, reason, limit, used: Option<Decimal>, remaining: Option<Decimal>| Decision {
                 allowed,
                 reason,
                 limit,
-                used: used.map(|u| u.normalize().to_string()),
-                remaining: remaining.map(|r| r.normalize().to_string()),
-                as_of: as_of_text.clone(),
+                used: used.map(|u| u.normalize()),
+                remaining: remaining.map(|r| r.normalize()),
+                as_of,
                 stale,
             };
         if model.as_of.is_none() && model.standing != Standing::Free {
-            let open = self.plans.fail_open.iter().any(|f| f == feature);
+            let open = self.plans().fail_open.iter().any(|f| f == feature);
             return answer(
                 open,
                 if open { "ok" } else { "state_unknown" },
@@ -447,6 +481,20 @@ impl Entitlements {
                 }
             }
         }
+    }
+
+    /// A check from memory alone: `None` when the tenant's model is not loaded (cold).
+    pub fn check_warm(
+        &self,
+        tenant: &str,
+        feature: &str,
+        quantity: Decimal,
+        now: i64,
+    ) -> Option<Decision> {
+        let models = self.models.read().expect("models lock");
+        models
+            .get(tenant)
+            .map(|model| self.decide(model, feature, quantity, now))
     }
 
     /// The lock that makes check-and-record atomic for one tenant and meter.

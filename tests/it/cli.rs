@@ -285,3 +285,62 @@ fn replay_and_backfill_are_commands_of_the_binary() {
         "backfill says what it needs"
     );
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_catalog_and_the_answers_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("plans.toml");
+    let write = |limit: u32| {
+        let text = format!(
+            "[meters.calls]\naggregation = \"sum\"\n\n[features.api_calls]\nmeter = \"calls\"\n\n[plans.free]\nfeatures = {{ api_calls = {limit} }}\n"
+        );
+        std::fs::write(&catalog, text).unwrap();
+    };
+    write(10);
+    let key = "reload-test-key-0123456789";
+    let env = [
+        ("BILLSYNC_LISTEN", "127.0.0.1:0"),
+        ("BILLSYNC_API__KEYS", key),
+        ("BILLSYNC_CATALOG__PATH", catalog.to_str().unwrap()),
+    ];
+    let mut child = billsync(dir.path(), &["serve"], &env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let address = listening_address(&mut child, &mut seen);
+    let client = crate::helpers::http_client();
+    let put = client
+        .put(format!("http://{address}/v1/tenants/reload"))
+        .bearer_auth(key)
+        .json(&serde_json::json!({}));
+    assert_eq!(put.send().await.unwrap().status(), 201);
+    let limit = || async {
+        let answer: Value = client
+            .post(format!(
+                "http://{address}/v1/tenants/reload/entitlements/check"
+            ))
+            .bearer_auth(key)
+            .json(&serde_json::json!({"feature": "api_calls"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        answer["limit"].clone()
+    };
+    assert_eq!(limit().await, 10);
+    write(20);
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    crate::helpers::wait_for("the reloaded limit", || async { limit().await == 20 }).await;
+    let (status, _) = terminate_and_wait(&mut child);
+    assert_eq!(status.code(), Some(0));
+}

@@ -70,6 +70,20 @@ impl Drop for LocalStripe {
     }
 }
 
+async fn check(app: &TestApp, feature: &str) -> Value {
+    let response = app
+        .v1(
+            reqwest::Method::POST,
+            "/v1/tenants/e2e-tenant/entitlements/check",
+        )
+        .json(&serde_json::json!({ "feature": feature }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
 async fn tenant(app: &TestApp, id: &str) -> Option<Value> {
     let response = app.get_tenant(id).await;
     (response.status() == 200).then_some(response.json().await.unwrap())
@@ -84,6 +98,7 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
         s.stripe.legacy_plans = true;
         s.sync.poll_interval = std::time::Duration::from_secs(2);
         s.sync.sweep_interval = std::time::Duration::from_secs(1);
+        crate::helpers::use_test_catalog(s);
     })
     .await;
     let registered = app
@@ -110,6 +125,14 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
     assert_eq!(seen["customer_id"], created["customer"]);
     assert_eq!(seen["subscription"]["id"], created["subscription"]);
     assert_eq!(seen["email"], "e2e-tenant@example.test");
+
+    // The test catalog gives plan_basic 100 API calls and no SSO.
+    let api_calls = check(&app, "api_calls").await;
+    assert_eq!(
+        (api_calls["allowed"].as_bool(), api_calls["limit"].as_i64()),
+        (Some(true), Some(100))
+    );
+    assert_eq!(check(&app, "sso").await["reason"], "feature_not_in_plan");
 
     // localstripe never emits customer.subscription.updated: the sweep must find the change.
     let sub = created["subscription"].as_str().unwrap();
