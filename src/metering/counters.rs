@@ -166,12 +166,14 @@ impl Counters {
                 series.hours.insert(hour, bucket.clone());
             }
         }
-        if let Some(period) = &mut series.period {
-            if (hour_of(period.from)..period.to).contains(&hour) {
-                match &mut period.total {
-                    Some(total) => total.merge(bucket),
-                    None => period.total = Some(bucket.clone()),
-                }
+        let covering = series
+            .period
+            .as_mut()
+            .filter(|p| (hour_of(p.from)..p.to).contains(&hour));
+        if let Some(period) = covering {
+            match &mut period.total {
+                Some(total) => total.merge(bucket),
+                None => period.total = Some(bucket.clone()),
             }
         }
     }
