@@ -20,71 +20,16 @@ use billsync::vendor::{
     BillingVendor, Fetched, ListFilter, MeterEvent, ObjectKind, Page, VendorError,
 };
 use serde_json::{Value, json};
-use sqlx::Connection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+mod common;
+
+use common::{Backend, Database, percentiles};
 
 const API_KEY: &str = "bench-api-key-0123456789";
 const TENANTS: usize = 500;
 const CONCURRENCY: usize = 4;
-
-#[derive(Clone, Copy, Debug)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-struct Database {
-    url: String,
-    _dir: Option<tempfile::TempDir>,
-    postgres: Option<(String, String)>,
-}
-
-impl Database {
-    async fn create(backend: Backend) -> Self {
-        match backend {
-            Backend::Sqlite => {
-                let dir = tempfile::tempdir().unwrap();
-                let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-                Self {
-                    url,
-                    _dir: Some(dir),
-                    postgres: None,
-                }
-            }
-            Backend::Postgres => {
-                let admin = std::env::var("BILLSYNC_BENCH_DATABASE_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
-                let name = format!("billsync_bench_{}", uuid::Uuid::new_v4().simple());
-                let mut conn = sqlx::PgConnection::connect(&admin)
-                    .await
-                    .expect("PostgreSQL for the benchmark");
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-                    .execute(&mut conn)
-                    .await
-                    .unwrap();
-                let mut url = reqwest::Url::parse(&admin).unwrap();
-                url.set_path(&name);
-                Self {
-                    url: url.to_string(),
-                    _dir: None,
-                    postgres: Some((admin, name)),
-                }
-            }
-        }
-    }
-
-    async fn drop_now(self) {
-        if let Some((admin, name)) = &self.postgres {
-            let mut conn = sqlx::PgConnection::connect(admin).await.unwrap();
-            let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&mut conn)
-                .await
-                .unwrap();
-        }
-    }
-}
 
 fn settings(url: &str, catalog: &std::path::Path) -> Settings {
     let mut s = Settings::from_toml("").unwrap();
@@ -93,15 +38,6 @@ fn settings(url: &str, catalog: &std::path::Path) -> Settings {
     s.catalog.path = catalog.to_owned();
     s.catalog.required = true;
     s
-}
-
-fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
-    samples.sort();
-    let at = |q: f64| {
-        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i].as_secs_f64() * 1000.0
-    };
-    (at(0.50), at(0.99))
 }
 
 /// Batches of `size` events; one event in a hundred repeats an id already sent.

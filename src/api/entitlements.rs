@@ -201,20 +201,26 @@ pub async fn check_batch(
         let message = format!("at most {MAX_CHECKS} checks per call");
         return Err(ApiError::bad_request("too_many_checks", message).with_field("checks"));
     }
+    // Every quantity is checked before any check runs, so a bad one records nothing.
+    let quantities = body
+        .checks
+        .iter()
+        .enumerate()
+        .map(|(i, check)| {
+            quantity(&check.quantity).map_err(|e| e.with_field(format!("checks[{i}].quantity")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut results = Vec::with_capacity(body.checks.len());
-    for (i, check) in body.checks.iter().enumerate() {
-        let quantity =
-            quantity(&check.quantity).map_err(|e| e.with_field(format!("checks[{i}].quantity")))?;
+    for (i, (check, quantity)) in body.checks.iter().zip(quantities).enumerate() {
         let visible = TenantId::parse(&check.tenant_id).is_ok() && scope.allows(&check.tenant_id);
         let out = if visible {
-            check_one(
-                &state,
-                &check.tenant_id,
-                &check.feature,
-                quantity,
-                check.record.as_ref(),
-            )
-            .await?
+            let record = check.record.as_ref();
+            check_one(&state, &check.tenant_id, &check.feature, quantity, record)
+                .await
+                .map_err(|e| match e.field.as_deref() {
+                    Some("record") => e.with_field(format!("checks[{i}].record")),
+                    _ => e,
+                })?
         } else {
             unknown_tenant()
         };

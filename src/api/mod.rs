@@ -164,12 +164,16 @@ pub fn router(state: AppState) -> Router {
                     )
                 })
                 .on_response(
+                    // Successes at debug: at tens of thousands of checks a second, an info line
+                    // per request would cost more than the request.
                     |response: &Response, latency: Duration, _span: &tracing::Span| {
-                        tracing::info!(
-                            status = response.status().as_u16(),
-                            latency_ms = latency.as_secs_f64() * 1000.0,
-                            "response"
-                        );
+                        let status = response.status().as_u16();
+                        let latency_ms = latency.as_secs_f64() * 1000.0;
+                        if status >= 400 {
+                            tracing::info!(status, latency_ms, "response");
+                        } else {
+                            tracing::debug!(status, latency_ms, "response");
+                        }
                     },
                 ),
         )

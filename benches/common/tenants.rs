@@ -1,0 +1,71 @@
+//! A service state with many tenants on the free plan, their read models loaded.
+#![allow(dead_code)]
+
+use billsync::app::{AppState, init_crypto};
+use billsync::config::{Secret, Settings, key_digest};
+use billsync::store::Db;
+
+pub const API_KEY: &str = "bench-api-key-0123456789";
+
+/// The catalog every entitlement benchmark uses: a quota and a boolean on the free plan.
+pub const CATALOG: &str = "[meters.calls]\naggregation = \"sum\"\n\n[features.api_calls]\nmeter = \"calls\"\n\n\
+[plans.free]\nfeatures = { api_calls = 1000000, sso = true }\n";
+
+pub fn settings(url: &str, catalog: &std::path::Path) -> Settings {
+    let mut s = Settings::from_toml("").unwrap();
+    s.database.url = Secret::new(url);
+    s.api.key_digests = vec![key_digest(API_KEY).unwrap()];
+    s.catalog.path = catalog.to_owned();
+    s.catalog.required = true;
+    s
+}
+
+/// Inserts `count` tenants `t0`… in a few transactions.
+pub async fn create_tenants(db: &Db, count: usize) {
+    for chunk in (0..count).collect::<Vec<_>>().chunks(5000) {
+        let mut query = sqlx::QueryBuilder::new(
+            "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) ",
+        );
+        query.push_values(chunk, |mut b, i| {
+            b.push_bind(format!("t{i}"))
+                .push_bind(Option::<String>::None)
+                .push_bind(Option::<String>::None)
+                .push_bind(Option::<String>::None)
+                .push_bind(0_i64)
+                .push_bind(0_i64);
+        });
+        let Db::Sqlite(pool) = db else {
+            unreachable!("the entitlement benchmarks keep their tenants in SQLite")
+        };
+        query.build().execute(pool).await.unwrap();
+    }
+}
+
+/// A state on SQLite with `count` tenants whose models are all loaded.
+pub async fn warm_state(dir: &std::path::Path, count: usize) -> AppState {
+    init_crypto();
+    let catalog = dir.join("plans.toml");
+    std::fs::write(&catalog, CATALOG).unwrap();
+    let url = format!("sqlite://{}", dir.join("bench.db").display());
+    let state = AppState::build(settings(&url, &catalog)).await.unwrap();
+    create_tenants(&state.db, count).await;
+    for i in 0..count {
+        state
+            .entitlements
+            .model(&format!("t{i}"))
+            .await
+            .unwrap()
+            .expect("tenant");
+    }
+    state
+}
+
+/// This process's resident memory, in MiB (Linux).
+pub fn resident_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
