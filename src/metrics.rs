@@ -1,7 +1,7 @@
 //! In-process metrics in Prometheus' text format: counters, gauges and latency histograms,
 //! each a family of series told apart by labels.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::sync::Mutex;
 
@@ -31,10 +31,20 @@ struct Families {
     histograms: BTreeMap<&'static str, Family<Histogram>>,
 }
 
+/// One HTTP series: a method and status on a route.
+struct HttpSeries {
+    method: String,
+    status: u16,
+    latency: Histogram,
+}
+
 /// The process's metrics; cheap to update from any task.
 #[derive(Default)]
 pub struct Metrics {
     families: Mutex<Families>,
+    /// HTTP requests by route, then method and status: updated on every request, so kept apart
+    /// from the general families and looked up without allocating.
+    http: Mutex<HashMap<String, Vec<HttpSeries>>>,
 }
 
 fn labels(pairs: &[(&str, &str)]) -> String {
@@ -103,18 +113,84 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything recorded so far.
+    /// Counts one HTTP request and its latency.
+    pub fn observe_request(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        let mut http = self.http.lock().expect("metrics lock");
+        if !http.contains_key(route) {
+            http.insert(route.to_owned(), Vec::new());
+        }
+        let series = http.get_mut(route).expect("inserted above");
+        let index = match series
+            .iter()
+            .position(|s| s.status == status && s.method == method)
+        {
+            Some(i) => i,
+            None => {
+                series.push(HttpSeries {
+                    method: method.to_owned(),
+                    status,
+                    latency: Histogram::default(),
+                });
+                series.len() - 1
+            }
+        };
+        let h = &mut series[index].latency;
+        h.count += 1;
+        h.sum += seconds;
+        if let Some(i) = BUCKETS.iter().position(|&le| seconds <= le) {
+            h.buckets[i] += 1;
+        }
+    }
+
+    fn render_http(&self, out: &mut String) {
+        let http = self.http.lock().expect("metrics lock");
+        let mut rows: Vec<(&str, &HttpSeries)> = http
+            .iter()
+            .flat_map(|(route, series)| series.iter().map(move |s| (route.as_str(), s)))
+            .collect();
+        rows.sort_by(|a, b| (a.0, &a.1.method, a.1.status).cmp(&(b.0, &b.1.method, b.1.status)));
+        let label_set = |route: &str, s: &HttpSeries| {
+            labels(&[
+                ("method", &s.method),
+                ("route", route),
+                ("status", &s.status.to_string()),
+            ])
+        };
+        out.push_str("# HELP billsync_http_requests_total HTTP requests by route and status.\n");
+        out.push_str("# TYPE billsync_http_requests_total counter\n");
+        for (route, s) in &rows {
+            let _ = writeln!(
+                out,
+                "billsync_http_requests_total{{{}}} {}",
+                label_set(route, s),
+                s.latency.count
+            );
+        }
+        out.push_str("# HELP billsync_http_request_duration_seconds HTTP request latency.\n");
+        out.push_str("# TYPE billsync_http_request_duration_seconds histogram\n");
+        for (route, s) in &rows {
+            write_histogram(
+                out,
+                "billsync_http_request_duration_seconds",
+                &label_set(route, s),
+                &s.latency,
+            );
+        }
+    }
+
+    /// The Prometheus text exposition of everything recorded so far.
     pub fn render(&self) -> String {
-        let families = self.families.lock().expect("metrics lock");
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP billsync_build_info Build information.\n# TYPE billsync_build_info gauge"
+        out.push_str(
+            "# HELP billsync_build_info Build information.\n# TYPE billsync_build_info gauge\n",
         );
         let _ = writeln!(
             out,
             "billsync_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         );
+        self.render_http(&mut out);
+        let families = self.families.lock().expect("metrics lock");
         for (name, family) in &families.counters {
             let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} counter", family.help);
             for (labels, value) in &family.series {
@@ -134,22 +210,26 @@ impl Metrics {
                 family.help
             );
             for (labels, h) in &family.series {
-                let sep = if labels.is_empty() { "" } else { "," };
-                let mut cumulative = 0;
-                for (le, n) in BUCKETS.iter().zip(h.buckets) {
-                    cumulative += n;
-                    let _ = writeln!(
-                        out,
-                        "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
-                    );
-                }
-                let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
-                let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
-                let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+                write_histogram(&mut out, name, labels, h);
             }
         }
         out
     }
+}
+
+fn write_histogram(out: &mut String, name: &str, labels: &str, h: &Histogram) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    let mut cumulative = 0;
+    for (le, n) in BUCKETS.iter().zip(h.buckets) {
+        cumulative += n;
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
 }
 
 #[cfg(test)]

@@ -13,27 +13,15 @@ use crate::app::AppState;
 /// probing random paths cannot grow the label set).
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().clone();
+    let route = request.extensions().get::<MatchedPath>().cloned();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [
-        ("method", method.as_str()),
-        ("route", route.as_str()),
-        ("status", status.as_str()),
-    ];
-    state.metrics.inc(
-        "billsync_http_requests_total",
-        "HTTP requests by route and status.",
-        &labels,
-    );
-    state.metrics.observe(
-        "billsync_http_request_duration_seconds",
-        "HTTP request latency.",
-        &labels,
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+    let status = response.status().as_u16();
+    state.metrics.observe_request(
+        method.as_str(),
+        route,
+        status,
         started.elapsed().as_secs_f64(),
     );
     response

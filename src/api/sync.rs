@@ -300,6 +300,7 @@ pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, A
             "oldest_waiting_at": stats.oldest_waiting.map(rfc3339),
         },
         "failed_events": failed,
+        "invalid_metadata": state.entitlements.invalid_metadata(),
         "lag_seconds": {
             "sync": seconds_since(stats.newest_applied_event),
             "poller": seconds_since(last_poll),

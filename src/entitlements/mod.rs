@@ -186,6 +186,8 @@ pub struct Entitlements {
     /// Whether a vendor is configured at all (without one, nothing is ever confirmed).
     pub vendor_configured: bool,
     models: Arc<RwLock<HashMap<String, Arc<TenantModel>>>>,
+    /// The latest metadata values that could not be read, by tenant (for `/v1/sync/status`).
+    invalid: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
     /// Serialises check-and-record per tenant and meter, so the last unit goes once.
     record_locks: Arc<Mutex<HashMap<(String, String), RecordLock>>>,
 }
@@ -207,8 +209,14 @@ impl Entitlements {
             health,
             vendor_configured,
             models: Arc::default(),
+            invalid: Arc::default(),
             record_locks: Arc::default(),
         }
+    }
+
+    /// Tenants whose vendor metadata holds values that were ignored, with the problems.
+    pub fn invalid_metadata(&self) -> BTreeMap<String, Vec<String>> {
+        self.invalid.lock().expect("invalid lock").clone()
     }
 
     pub fn plans(&self) -> Arc<PlanCatalog> {
@@ -341,6 +349,13 @@ impl Entitlements {
         for problem in &model.invalid {
             tracing::warn!(tenant = %model.tenant_id, problem = %problem, "invalid entitlement metadata ignored");
         }
+        let mut invalid = self.invalid.lock().expect("invalid lock");
+        if model.invalid.is_empty() {
+            invalid.remove(&model.tenant_id);
+        } else {
+            invalid.insert(model.tenant_id.clone(), model.invalid.clone());
+        }
+        drop(invalid);
         model.features = model::grants(&sources, |f| plans.meter_of(f));
         Ok(Some(model))
     }

@@ -192,6 +192,13 @@ async fn product_metadata_sets_the_quota_and_a_customer_override_wins(backend: B
         "feature_not_in_plan",
         "an invalid value is ignored"
     );
+    let reported = app.get_json("/v1/sync/status").await["invalid_metadata"]["meta"].clone();
+    assert!(
+        reported[0]
+            .as_str()
+            .is_some_and(|p| p.contains("billsync.exports")),
+        "and reported: {reported}"
+    );
 
     app.deliver(&event(
         "evt_p2",
