@@ -239,7 +239,7 @@ pub async fn run(
         }
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
     }
-    if settings.api.key_digests.is_empty() {
+    if settings.api.key_digests.is_empty() && settings.api.tenant_keys.is_empty() {
         tracing::warn!("no API keys configured (api.keys): every /v1 request is refused with 401");
     }
     if settings.stripe.webhook_secrets.is_empty() {

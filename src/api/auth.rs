@@ -20,6 +20,11 @@ pub struct KeyScope {
 }
 
 impl KeyScope {
+    /// Whether the key is limited to some tenants.
+    pub fn is_limited(&self) -> bool {
+        self.tenants.is_some()
+    }
+
     pub fn allows(&self, tenant_id: &str) -> bool {
         self.tenants
             .as_ref()

@@ -257,8 +257,20 @@ pub async fn list_tenant_events(
 /// The prefix of the idempotency keys billsync's own commands carry.
 pub const OWN_KEY_PREFIX: &str = "billsync-";
 
-/// Where sync stands: cursor, last webhook, backlog, failures, lags.
-pub async fn sync_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Where sync stands: cursor, last webhook, backlog, failures, lags. It names every tenant, so
+/// a tenant-scoped key may not read it.
+pub async fn sync_status(
+    State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
+) -> Result<Json<Value>, ApiError> {
+    if scope.is_limited() {
+        let message = "a tenant-scoped key cannot read the sync status of every tenant";
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            message,
+        ));
+    }
     let now = now_ms();
     let stats = state.db.inbox().stats().await?;
     let sync = state.db.sync_state();

@@ -108,6 +108,9 @@ pub struct TenantModel {
     pub as_of: Option<i64>,
     /// Metadata values that were not understood (reported, ignored).
     pub invalid: Vec<String>,
+    /// When time alone changes the answer (the period ends, a past_due grace runs out): the
+    /// model is recomputed on the first check after it.
+    pub expires_at: i64,
 }
 
 /// Shared signal of whether vendor sync is working, set by the sync workers.
@@ -142,7 +145,8 @@ impl SyncHealth {
 pub struct Decision {
     pub allowed: bool,
     /// `ok`, `unknown_tenant`, `no_subscription`, `subscription_inactive`, `feature_not_in_plan`,
-    /// `limit_exceeded`, or `state_unknown` (never synced, feature failing closed).
+    /// or `limit_exceeded`. A tenant never synced fails closed as `no_subscription` (with
+    /// `stale: true`) unless the feature fails open.
     pub reason: &'static str,
     /// `null`: unlimited, or not a quota.
     pub limit: Option<i64>,
@@ -243,8 +247,16 @@ impl Entitlements {
 
     /// The tenant's model from memory, or computed from the database (a cold tenant).
     pub async fn model(&self, tenant_id: &str) -> Result<Option<Arc<TenantModel>>, StoreError> {
-        if let Some(model) = self.models.read().expect("models lock").get(tenant_id) {
-            return Ok(Some(model.clone()));
+        let now = now_ms();
+        let warm = {
+            let models = self.models.read().expect("models lock");
+            models
+                .get(tenant_id)
+                .filter(|m| now < m.expires_at)
+                .cloned()
+        };
+        if warm.is_some() {
+            return Ok(warm);
         }
         let Some(model) = self.compute(tenant_id).await? else {
             return Ok(None);
@@ -275,6 +287,7 @@ impl Entitlements {
             period: calendar_month(now),
             as_of: None,
             invalid: Vec::new(),
+            expires_at: i64::MAX,
         };
         let mut sources: Vec<Features> = Vec::new();
         let mut customer_object = None;
@@ -295,6 +308,12 @@ impl Entitlements {
             model.status = Some(sub.status.clone());
             if let (Some(start), Some(end)) = (sub.current_period_start, sub.current_period_end) {
                 model.period = (start * 1000, end * 1000);
+            }
+            if let (Some(start), "past_due") = (sub.current_period_start, sub.status.as_str()) {
+                let grace_end = start * 1000 + self.policy.past_due_grace.as_millis() as i64;
+                if grace_end > now {
+                    model.expires_at = grace_end;
+                }
             }
             if self.grants_access(&sub.status, sub.current_period_start, now) {
                 model.standing = Standing::Subscribed;
@@ -357,6 +376,7 @@ impl Entitlements {
         }
         drop(invalid);
         model.features = model::grants(&sources, |f| plans.meter_of(f));
+        model.expires_at = model.expires_at.min(model.period.1);
         Ok(Some(model))
     }
 
@@ -466,7 +486,7 @@ impl Entitlements {
             let open = self.plans().fail_open.iter().any(|f| f == feature);
             return answer(
                 open,
-                if open { "ok" } else { "state_unknown" },
+                if open { "ok" } else { "no_subscription" },
                 None,
                 None,
                 None,
@@ -507,9 +527,8 @@ impl Entitlements {
         now: i64,
     ) -> Option<Decision> {
         let models = self.models.read().expect("models lock");
-        models
-            .get(tenant)
-            .map(|model| self.decide(model, feature, quantity, now))
+        let model = models.get(tenant).filter(|m| now < m.expires_at)?;
+        Some(self.decide(model, feature, quantity, now))
     }
 
     /// The lock that makes check-and-record atomic for one tenant and meter.

@@ -16,6 +16,7 @@ on_both_backends!(
     concurrent_check_and_record_never_exceed_a_hard_limit,
     never_synced_state_fails_closed_unless_the_feature_fails_open,
     many_checks_go_in_one_batch,
+    the_answer_changes_when_a_past_due_grace_runs_out,
 );
 
 /// A subscription on `price` whose period started `started_days_ago`.
@@ -355,6 +356,15 @@ async fn a_key_scoped_to_one_tenant_sees_no_other(backend: Backend) {
             .unwrap();
         assert_eq!(error_of(other).await.0, 404, "{path}");
     }
+    let status = as_scoped(reqwest::Method::GET, "/v1/sync/status")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(status).await.0,
+        403,
+        "sync status names every tenant"
+    );
     let put = as_scoped(reqwest::Method::PUT, "/v1/tenants/tenant-b")
         .json(&json!({}))
         .send()
@@ -464,7 +474,7 @@ async fn never_synced_state_fails_closed_unless_the_feature_fails_open(backend: 
             closed["reason"].as_str(),
             closed["stale"].as_bool()
         ),
-        (Some(false), Some("state_unknown"), Some(true))
+        (Some(false), Some("no_subscription"), Some(true))
     );
     app.stop().await;
 }
@@ -514,5 +524,32 @@ async fn many_checks_go_in_one_batch(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(error_of(refused).await.1, "too_many_checks");
+    app.stop().await;
+}
+
+async fn the_answer_changes_when_a_past_due_grace_runs_out(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        use_test_catalog(s);
+        take_webhooks(s);
+        s.stripe.refetch = false;
+        // The period began a day ago: the grace ends two seconds from now.
+        s.entitlements.past_due_grace = std::time::Duration::from_secs(86_400 + 2);
+    })
+    .await;
+    onboard(&app, "grace", "cus_grace", json!({})).await;
+    subscribe(
+        &app,
+        live_subscription("sub_g", "cus_grace", "price_pro", "past_due", 1),
+    )
+    .await;
+    assert_eq!(
+        check(&app, "grace", json!({"feature": "api_calls"})).await["limit"],
+        1000
+    );
+    // Nothing changes at the vendor; time alone moves the tenant to the free plan.
+    wait_for("the grace to run out", || async {
+        check(&app, "grace", json!({"feature": "api_calls"})).await["limit"] == 10
+    })
+    .await;
     app.stop().await;
 }
