@@ -22,9 +22,21 @@ use crate::sync::sweep::Sweep;
 use crate::vendor::stripe::StripeHttp;
 use crate::vendor::{BillingVendor, VendorError};
 
-/// What every handler and worker can reach.
+/// What every handler and worker can reach. Cloned for every request and layer, so it is one
+/// `Arc`.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The parts of the service, shared.
+pub struct Services {
     pub settings: Arc<Settings>,
     pub db: Db,
     pub metrics: Arc<Metrics>,
@@ -96,7 +108,7 @@ impl AppState {
             Arc::new(SyncHealth::default()),
             vendor.is_some(),
         );
-        Ok(Self {
+        Ok(Self(Arc::new(Services {
             settings: Arc::new(settings),
             db,
             metrics,
@@ -104,7 +116,7 @@ impl AppState {
             wake: Arc::new(Notify::new()),
             metering,
             entitlements,
-        })
+        })))
     }
 
     pub fn applier(&self) -> Applier {
