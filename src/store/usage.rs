@@ -37,6 +37,14 @@ pub struct PushRow {
     pub sent_at: Option<i64>,
 }
 
+/// A usage row and one more column (a push's status, a customer id).
+#[derive(sqlx::FromRow)]
+struct UsageWith {
+    #[sqlx(flatten)]
+    row: UsageRow,
+    extra: Option<String>,
+}
+
 macro_rules! usage_columns {
     () => {
         "tenant_id, event_id, meter, quantity, occurred_at, unique_value, properties, received_at, push_id"
@@ -131,9 +139,10 @@ impl<'a> Usage<'a> {
         to_ms: i64,
     ) -> Result<Vec<(UsageRow, Option<String>)>, StoreError> {
         let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, (String, String, String, String, i64, Option<String>, Option<String>, i64, Option<String>, Option<String>)>(
+            sqlx::query_as::<_, UsageWith>(
                 "SELECT e.tenant_id, e.event_id, e.meter, e.quantity, e.occurred_at, e.unique_value, e.properties, \
-                 e.received_at, e.push_id, p.status FROM usage_events e LEFT JOIN usage_pushes p ON p.push_id = e.push_id \
+                 e.received_at, e.push_id, p.status AS extra FROM usage_events e \
+                 LEFT JOIN usage_pushes p ON p.push_id = e.push_id \
                  WHERE e.tenant_id = $1 AND e.meter = $2 AND e.occurred_at >= $3 AND e.occurred_at < $4 \
                  ORDER BY e.occurred_at",
             )
@@ -144,38 +153,7 @@ impl<'a> Usage<'a> {
             .fetch_all(pool)
             .await
         })?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    tenant_id,
-                    event_id,
-                    meter,
-                    quantity,
-                    occurred_at,
-                    unique_value,
-                    properties,
-                    received_at,
-                    push_id,
-                    status,
-                )| {
-                    (
-                        UsageRow {
-                            tenant_id,
-                            event_id,
-                            meter,
-                            quantity,
-                            occurred_at,
-                            unique_value,
-                            properties,
-                            received_at,
-                            push_id,
-                        },
-                        status,
-                    )
-                },
-            )
-            .collect())
+        Ok(rows.into_iter().map(|w| (w.row, w.extra)).collect())
     }
 
     /// Unpushed events of pushable meters whose tenant has a Stripe customer, oldest first,
@@ -190,8 +168,9 @@ impl<'a> Usage<'a> {
         }
         let rows = on_pool!(self.db, |pool| {
             let mut query = sqlx::QueryBuilder::new(
-                "SELECT e.tenant_id, e.event_id, e.meter, e.quantity, e.occurred_at, e.unique_value, CAST(NULL AS TEXT), \
-                 e.received_at, e.push_id, t.customer_id FROM usage_events e JOIN tenants t ON t.tenant_id = e.tenant_id \
+                "SELECT e.tenant_id, e.event_id, e.meter, e.quantity, e.occurred_at, e.unique_value, \
+                 CAST(NULL AS TEXT) AS properties, e.received_at, e.push_id, t.customer_id AS extra \
+                 FROM usage_events e JOIN tenants t ON t.tenant_id = e.tenant_id \
                  WHERE e.push_id IS NULL AND t.customer_id IS NOT NULL AND e.meter IN (",
             );
             let mut list = query.separated(", ");
@@ -200,53 +179,11 @@ impl<'a> Usage<'a> {
             }
             query.push(") ORDER BY e.received_at LIMIT ");
             query.push_bind(i64::from(limit));
-            query
-                .build_query_as::<(
-                    String,
-                    String,
-                    String,
-                    String,
-                    i64,
-                    Option<String>,
-                    Option<String>,
-                    i64,
-                    Option<String>,
-                    String,
-                )>()
-                .fetch_all(pool)
-                .await
+            query.build_query_as::<UsageWith>().fetch_all(pool).await
         })?;
         Ok(rows
             .into_iter()
-            .map(
-                |(
-                    tenant_id,
-                    event_id,
-                    meter,
-                    quantity,
-                    occurred_at,
-                    unique_value,
-                    properties,
-                    received_at,
-                    push_id,
-                    customer,
-                )| {
-                    (
-                        UsageRow {
-                            tenant_id,
-                            event_id,
-                            meter,
-                            quantity,
-                            occurred_at,
-                            unique_value,
-                            properties,
-                            received_at,
-                            push_id,
-                        },
-                        customer,
-                    )
-                },
-            )
+            .map(|w| (w.row, w.extra.unwrap_or_default()))
             .collect())
     }
 

@@ -24,6 +24,29 @@ fn billsync(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     command
 }
 
+/// A child process killed when the test ends, even by a panic.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// Reads JSON log lines until the "billsync listening" one and returns its address.
 fn listening_address(child: &mut Child, seen: &mut Vec<String>) -> String {
     let stdout = child.stdout.take().expect("piped stdout");
@@ -74,6 +97,7 @@ async fn serve_starts_with_zero_set_up_and_stops_cleanly_on_sigterm() {
     .stdout(Stdio::piped())
     .stderr(Stdio::null())
     .spawn()
+    .map(Running)
     .unwrap();
     let mut seen = Vec::new();
     let address = listening_address(&mut child, &mut seen);
@@ -203,6 +227,7 @@ async fn secrets_never_reach_the_logs() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(Running)
         .unwrap();
     let mut seen = Vec::new();
     let address = listening_address(&mut child, &mut seen);
@@ -307,6 +332,7 @@ async fn sighup_reloads_the_catalog_and_the_answers_follow() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(Running)
         .unwrap();
     let mut seen = Vec::new();
     let address = listening_address(&mut child, &mut seen);
