@@ -9,13 +9,13 @@ use axum::response::{IntoResponse, Response};
 
 use crate::app::AppState;
 
-/// Records every request under its route template ("unmatched" for unknown routes, so that
+/// Records every request under its route template (and gives error responses the JSON shape) ("unmatched" for unknown routes, so that
 /// probing random paths cannot grow the label set).
 pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().cloned();
-    let response = next.run(request).await;
+    let response = super::json_error_body(next.run(request).await);
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let status = response.status().as_u16();
     state.metrics.observe_request(

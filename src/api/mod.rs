@@ -18,7 +18,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{Method, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post, put};
 use tower_http::request_id::{
@@ -146,7 +146,6 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             metrics::track,
         ))
-        .layer(middleware::from_fn(json_errors))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(
             TraceLayer::new_for_http()
@@ -183,9 +182,9 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Gives every error response the JSON error shape, including those made by the router (405)
-/// and by layers (413) that know nothing of it.
-async fn json_errors(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
+/// and by layers (413) that know nothing of it. Called by the outermost middleware
+/// ([`metrics::track`]), so that it costs no layer of its own.
+pub(crate) fn json_error_body(response: Response) -> Response {
     let status = response.status();
     let is_json = response
         .headers()
