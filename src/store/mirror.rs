@@ -86,6 +86,10 @@ impl<'a> Mirror<'a> {
         let outcomes = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
             let mut outcomes = Vec::with_capacity(items.len());
+            let mut settled: std::collections::BTreeMap<
+                (Option<String>, Option<String>),
+                Vec<&str>,
+            > = std::collections::BTreeMap::new();
             for Apply {
                 state,
                 claim,
@@ -170,26 +174,53 @@ impl<'a> Mirror<'a> {
                 };
 
                 for (i, event_id) in event_ids.iter().enumerate() {
-                    let record = *refetched && i + 1 == event_ids.len();
-                    sqlx::query(
-                        "UPDATE inbox_events SET status = 'applied', applied_at = $2, tenant_id = $3, \
-                         last_error = $4, attempts = attempts + 1, applied_payload = $5, applied_version = $6 \
-                         WHERE event_id = $1",
-                    )
-                    .bind(event_id)
-                    .bind(now_ms)
-                    .bind(&tenant_id)
-                    .bind(&conflict)
-                    .bind(record.then_some(state.payload.as_str()))
-                    .bind(record.then_some(state.version))
-                    .execute(&mut *tx)
-                    .await?;
+                    if *refetched && i + 1 == event_ids.len() {
+                        // The refetched state goes on its row, for replay.
+                        sqlx::query(
+                            "UPDATE inbox_events SET status = 'applied', applied_at = $2, tenant_id = $3, \
+                             last_error = $4, attempts = attempts + 1, applied_payload = $5, \
+                             applied_version = $6 WHERE event_id = $1",
+                        )
+                        .bind(event_id)
+                        .bind(now_ms)
+                        .bind(&tenant_id)
+                        .bind(&conflict)
+                        .bind(state.payload.as_str())
+                        .bind(state.version)
+                        .execute(&mut *tx)
+                        .await?;
+                    } else {
+                        settled
+                            .entry((tenant_id.clone(), conflict.clone()))
+                            .or_default()
+                            .push(event_id.as_str());
+                    }
                 }
                 outcomes.push(ApplyOutcome {
                     written,
                     tenant_id,
                     conflict,
                 });
+            }
+            // The other rows are settled together, a statement per tenant rather than per row.
+            for ((tenant_id, conflict), ids) in &settled {
+                for chunk in ids.chunks(500) {
+                    let mut update = sqlx::QueryBuilder::new(
+                        "UPDATE inbox_events SET status = 'applied', applied_at = ",
+                    );
+                    update.push_bind(now_ms);
+                    update.push(", tenant_id = ");
+                    update.push_bind(tenant_id);
+                    update.push(", last_error = ");
+                    update.push_bind(conflict);
+                    update.push(", attempts = attempts + 1 WHERE event_id IN (");
+                    let mut list = update.separated(", ");
+                    for id in chunk {
+                        list.push_bind(*id);
+                    }
+                    update.push(")");
+                    update.build().execute(&mut *tx).await?;
+                }
             }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(outcomes)
