@@ -264,6 +264,17 @@ async fn meter_vendor() -> MockServer {
     vendor
 }
 
+/// A state with the test catalog, pointed at a vendor that takes meter events.
+async fn metered(backend: Backend) -> (MockServer, AppState, crate::helpers::TestDatabase) {
+    let vendor = meter_vendor().await;
+    let (state, db) = state(backend, |s| {
+        use_test_catalog(s);
+        use_vendor(s, &vendor.uri());
+    })
+    .await;
+    (vendor, state, db)
+}
+
 /// Every meter event the vendor received: (identifier, value, Idempotency-Key).
 async fn meter_events(vendor: &MockServer) -> Vec<(String, Decimal, String)> {
     vendor
@@ -317,12 +328,7 @@ async fn linked_tenant(state: &AppState, tenant: &str, customer_id: &str) {
 }
 
 async fn a_crash_between_send_and_record_resends_the_same_identifier(backend: Backend) {
-    let vendor = meter_vendor().await;
-    let (state, _db) = state(backend, |s| {
-        use_test_catalog(s);
-        use_vendor(s, &vendor.uri());
-    })
-    .await;
+    let (vendor, state, _db) = metered(backend).await;
     linked_tenant(&state, "acme", "cus_acme").await;
     let now = billsync::store::now_ms();
     let events: Vec<Value> = (0..30)
@@ -369,12 +375,7 @@ async fn sql(db: &Db, statement: &'static str) {
 }
 
 async fn late_usage_goes_out_as_a_new_delta(backend: Backend) {
-    let vendor = meter_vendor().await;
-    let (state, _db) = state(backend, |s| {
-        use_test_catalog(s);
-        use_vendor(s, &vendor.uri());
-    })
-    .await;
+    let (vendor, state, _db) = metered(backend).await;
     linked_tenant(&state, "acme", "cus_acme").await;
     let pusher = state.pusher(state.vendor.clone().unwrap());
     let now = billsync::store::now_ms();
@@ -455,12 +456,7 @@ async fn push_storms_are_retried_without_loss(backend: Backend) {
 }
 
 async fn usage_of_a_tenant_without_a_customer_waits_and_loses_nothing(backend: Backend) {
-    let vendor = meter_vendor().await;
-    let (state, _db) = state(backend, |s| {
-        use_test_catalog(s);
-        use_vendor(s, &vendor.uri());
-    })
-    .await;
+    let (vendor, state, _db) = metered(backend).await;
     state
         .db
         .tenants()
@@ -502,12 +498,7 @@ async fn usage_of_a_tenant_without_a_customer_waits_and_loses_nothing(backend: B
 }
 
 async fn usage_too_old_for_stripe_is_flagged_not_sent(backend: Backend) {
-    let vendor = meter_vendor().await;
-    let (state, _db) = state(backend, |s| {
-        use_test_catalog(s);
-        use_vendor(s, &vendor.uri());
-    })
-    .await;
+    let (vendor, state, _db) = metered(backend).await;
     linked_tenant(&state, "acme", "cus_acme").await;
     let old = json!({"id": "old", "tenant_id": "acme", "meter": "calls", "quantity": 4, "timestamp": now_rfc3339(-40 * 86_400)});
     assert_eq!(
@@ -538,12 +529,7 @@ async fn usage_too_old_for_stripe_is_flagged_not_sent(backend: Backend) {
 }
 
 async fn max_unique_and_last_meters_push_the_period_value(backend: Backend) {
-    let vendor = meter_vendor().await;
-    let (state, _db) = state(backend, |s| {
-        use_test_catalog(s);
-        use_vendor(s, &vendor.uri());
-    })
-    .await;
+    let (_vendor, state, _db) = metered(backend).await;
     linked_tenant(&state, "acme", "cus_acme").await;
     let pusher = state.pusher(state.vendor.clone().unwrap());
     let now = billsync::store::now_ms();
