@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -267,8 +268,16 @@ pub async fn run(
     let router = api::router(state);
     tracing::info!(address = %listener.local_addr()?, backend = ?db.backend(), "billsync listening");
 
-    let server =
-        axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let server = axum::serve(
+        // Small JSON answers go out at once, not held back by Nagle's algorithm.
+        listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %error, "cannot set TCP_NODELAY");
+            }
+        }),
+        router,
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(server.into_future());
     let drained = async {
         let served = (&mut server)
