@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use billsync::app::{self, AppState};
-use billsync::config::{Secret, Settings, key_digest};
 use billsync::store::{Apply, ObjectState, TenantClaim};
 use billsync::vendor::{
     BillingVendor, Fetched, ListFilter, MeterEvent, ObjectKind, Page, VendorError,
@@ -24,21 +23,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod common;
+#[path = "common/tenants.rs"]
+mod tenants;
 
 use common::{Backend, Database, percentiles};
+use tenants::{API_KEY, settings};
 
-const API_KEY: &str = "bench-api-key-0123456789";
 const TENANTS: usize = 500;
 const CONCURRENCY: usize = 4;
-
-fn settings(url: &str, catalog: &std::path::Path) -> Settings {
-    let mut s = Settings::from_toml("").unwrap();
-    s.database.url = Secret::new(url);
-    s.api.key_digests = vec![key_digest(API_KEY).unwrap()];
-    s.catalog.path = catalog.to_owned();
-    s.catalog.required = true;
-    s
-}
 
 /// Batches of `size` events; one event in a hundred repeats an id already sent.
 fn batches(size: usize, count: usize, offset: usize) -> Vec<Value> {

@@ -4,7 +4,6 @@ use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use chrono::{DateTime, SecondsFormat, Utc};
 use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 
@@ -12,7 +11,7 @@ use super::auth::KeyScope;
 use super::error::ApiError;
 use super::json::ApiJson;
 use crate::app::AppState;
-use crate::domain::{Email, Subscription, TenantId, TenantName};
+use crate::domain::{Email, Subscription, TenantId, TenantName, rfc3339, rfc3339_secs};
 use crate::store::{TenantRecord, Upserted, now_ms};
 use crate::vendor::ObjectKind;
 
@@ -180,16 +179,4 @@ async fn view(state: &AppState, record: TenantRecord) -> Result<TenantOut, ApiEr
     out.subscription = chosen.map(|(_, s)| s.into());
     out.synced_at = synced_at.map(rfc3339);
     Ok(out)
-}
-
-/// Unix seconds (the vendor's times) as RFC 3339.
-pub fn rfc3339_secs(unix_secs: i64) -> String {
-    rfc3339(unix_secs.saturating_mul(1000))
-}
-
-/// Unix milliseconds (billsync's own times) as RFC 3339.
-pub fn rfc3339(unix_ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(unix_ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
 }

@@ -160,7 +160,7 @@ pub struct Decision {
 
 fn rfc3339_ms<S: serde::Serializer>(at: &Option<i64>, serializer: S) -> Result<S::Ok, S::Error> {
     match at {
-        Some(ms) => serializer.serialize_str(&crate::api::tenants::rfc3339(*ms)),
+        Some(ms) => serializer.serialize_str(&crate::domain::rfc3339(*ms)),
         None => serializer.serialize_none(),
     }
 }
