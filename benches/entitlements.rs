@@ -44,6 +44,7 @@ struct WrkRun {
 
 fn wrk(
     address: &str,
+    threads: u32,
     connections: u32,
     seconds: u32,
     tenants: usize,
@@ -51,7 +52,7 @@ fn wrk(
 ) -> WrkRun {
     let output = Command::new("wrk")
         .args([
-            "-t2",
+            &format!("-t{threads}"),
             &format!("-c{connections}"),
             &format!("-d{seconds}s"),
             "-s",
@@ -81,7 +82,63 @@ fn wrk(
     }
 }
 
-#[tokio::main]
+fn healthy(address: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(address) else {
+        return false;
+    };
+    let mut answer = String::new();
+    stream.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").is_ok()
+        && stream.read_to_string(&mut answer).is_ok()
+        && answer.split_whitespace().nth(1) == Some("200")
+}
+
+/// `billsync::app::run` on a runtime of its own, built the way `billsync serve` builds it.
+struct Server {
+    address: String,
+    shutdown: CancellationToken,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Server {
+    fn start(settings: billsync::config::Settings) -> Self {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let address = std_listener.local_addr().unwrap().to_string();
+        let shutdown = CancellationToken::new();
+        let thread = std::thread::spawn({
+            let shutdown = shutdown.clone();
+            move || {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                if let Some(threads) = settings.runtime.worker_threads {
+                    builder.worker_threads(threads);
+                }
+                let runtime = builder.enable_all().build().unwrap();
+                runtime.block_on(async move {
+                    let listener = TcpListener::from_std(std_listener).unwrap();
+                    billsync::app::run(settings, listener, shutdown)
+                        .await
+                        .unwrap();
+                });
+            }
+        });
+        while !healthy(&address) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            address,
+            shutdown,
+            thread,
+        }
+    }
+
+    fn stop(self) {
+        self.shutdown.cancel();
+        self.thread.join().unwrap();
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "quick");
     let (count, seconds) = if quick { (2_000, 3) } else { (10_000, 10) };
@@ -112,51 +169,45 @@ async fn main() {
         q[2].as_nanos()
     );
 
-    // Over HTTP, with wrk on the same machine.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let shutdown = CancellationToken::new();
-    let settings = (*state.settings).clone();
-    let server = tokio::spawn(billsync::app::run(settings, listener, shutdown.clone()));
-    let client = reqwest::Client::new();
-    while client
-        .get(format!("http://{address}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Over HTTP, with wrk on the same machine: the service on its own runtime, first with the
+    // defaults (one worker per core, wrk on two threads), then with `runtime.worker_threads = 1`
+    // and wrk on one thread, so that each has a core of its own.
     let script = dir.path().join("check.lua");
     std::fs::write(&script, WRK_SCRIPT).unwrap();
-    // Warm the server's own models (a new process), then measure.
-    let _ = tokio::task::spawn_blocking({
-        let (address, script) = (address.clone(), script.clone());
-        move || wrk(&address, 8, 2, count, &script)
-    })
-    .await;
-    for connections in [8, 64] {
-        let (address, script) = (address.clone(), script.clone());
-        let run = tokio::task::spawn_blocking(move || {
-            wrk(&address, connections, seconds, count, &script)
-        })
-        .await
-        .unwrap();
-        println!(
-            "| HTTP checks, {connections} connections, {seconds} s: requests/s; p50 / p99 / p99.9 | {:.0}; {} / {} / {} µs{} |",
-            run.requests_per_sec,
-            run.p50_us,
-            run.p99_us,
-            run.p999_us,
-            if run.non_2xx > 0 {
-                format!(" ({} non-2xx!)", run.non_2xx)
-            } else {
-                String::new()
-            }
-        );
+    for (threads, wrk_threads) in [(None, 2), (Some(1), 1)] {
+        let mut settings = (*state.settings).clone();
+        settings.runtime.worker_threads = threads;
+        let server = Server::start(settings);
+        // Warm the server's own models (a new state), then measure.
+        let _ = wrk(&server.address, wrk_threads, 8, 2, count, &script);
+        let label = match threads {
+            None => format!("default workers (one per core), wrk -t{wrk_threads}"),
+            Some(n) => format!("runtime.worker_threads = {n}, wrk -t{wrk_threads}"),
+        };
+        for connections in [8, 64] {
+            let run = wrk(
+                &server.address,
+                wrk_threads,
+                connections,
+                seconds,
+                count,
+                &script,
+            );
+            println!(
+                "| HTTP checks, {label}, {connections} connections, {seconds} s: requests/s; p50 / p99 / p99.9 | {:.0}; {} / {} / {} µs{} |",
+                run.requests_per_sec,
+                run.p50_us,
+                run.p99_us,
+                run.p999_us,
+                if run.non_2xx > 0 {
+                    format!(" ({} non-2xx!)", run.non_2xx)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        server.stop();
     }
-    shutdown.cancel();
-    server.await.unwrap().unwrap();
     drop(state);
 
     // Memory: 100,000 tenants' models loaded.

@@ -16,7 +16,8 @@ use async_trait::async_trait;
 use billsync::app::{self, AppState};
 use billsync::store::{Apply, ObjectState, TenantClaim};
 use billsync::vendor::{
-    BillingVendor, Fetched, ListFilter, MeterEvent, ObjectKind, Page, VendorError,
+    BillingVendor, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
+    PreviewRequest, SubscriptionWrite, VendorError,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -176,6 +177,30 @@ impl BillingVendor for CountingVendor {
     }
     async fn list_events_since(&self, _: i64, _: Option<&str>) -> Result<Page, VendorError> {
         Ok(Page::default())
+    }
+    async fn write_customer(
+        &self,
+        _: Option<&str>,
+        _: &CustomerWrite<'_>,
+        _: &str,
+    ) -> Result<Value, VendorError> {
+        Err(VendorError::Unavailable(
+            "the metering bench writes no customers".into(),
+        ))
+    }
+    async fn write_subscription(
+        &self,
+        _: &SubscriptionWrite<'_>,
+        _: &str,
+    ) -> Result<Value, VendorError> {
+        Err(VendorError::Unavailable(
+            "the metering bench writes no subscriptions".into(),
+        ))
+    }
+    async fn preview(&self, _: &PreviewRequest<'_>) -> Result<Value, VendorError> {
+        Err(VendorError::Unavailable(
+            "the metering bench previews nothing".into(),
+        ))
     }
 }
 

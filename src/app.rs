@@ -18,6 +18,7 @@ use crate::metering::pusher::Pusher;
 use crate::metrics::Metrics;
 use crate::store::{Db, StoreError};
 use crate::sync::Applier;
+use crate::sync::outbox::Outbox;
 use crate::sync::poller::Poller;
 use crate::sync::sweep::Sweep;
 use crate::vendor::stripe::StripeHttp;
@@ -45,6 +46,8 @@ pub struct Services {
     pub vendor: Option<Arc<dyn BillingVendor>>,
     /// Wakes the applier when new inbox rows arrive.
     pub wake: Arc<Notify>,
+    /// Wakes the outbox worker when a command is accepted.
+    pub outbox_wake: Arc<Notify>,
     pub metering: Metering,
     pub entitlements: Entitlements,
 }
@@ -115,6 +118,7 @@ impl AppState {
             metrics,
             vendor,
             wake: Arc::new(Notify::new()),
+            outbox_wake: Arc::new(Notify::new()),
             metering,
             entitlements,
         })))
@@ -144,6 +148,19 @@ impl AppState {
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
             health: self.entitlements.health.clone(),
+        }
+    }
+
+    pub fn outbox(&self, vendor: Arc<dyn BillingVendor>) -> Outbox {
+        Outbox {
+            db: self.db.clone(),
+            vendor,
+            applier: self.applier(),
+            metrics: self.metrics.clone(),
+            wake: self.outbox_wake.clone(),
+            concurrency: self.settings.outbox.concurrency,
+            give_up_after: self.settings.outbox.give_up_after,
+            max_retry_delay: self.settings.sync.max_retry_delay,
         }
     }
 
@@ -249,6 +266,7 @@ pub async fn run(
             workers.spawn(state.poller(vendor.clone()).run(shutdown.clone()));
             workers.spawn(state.sweep(vendor.clone()).run(shutdown.clone()));
             workers.spawn(state.pusher(vendor.clone()).run(shutdown.clone()));
+            workers.spawn(state.outbox(vendor.clone()).run(shutdown.clone()));
         }
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
     }

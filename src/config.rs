@@ -36,6 +36,22 @@ pub struct Settings {
     pub entitlements: EntitlementSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
+    pub runtime: RuntimeSettings,
+    pub outbox: OutboxSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboxSettings {
+    /// Commands sent at once (one tenant's always one at a time).
+    pub concurrency: usize,
+    /// A command the vendor could not take for this long fails.
+    pub give_up_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    /// Async worker threads; `None` means one per core.
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +190,8 @@ struct Raw {
     entitlements: RawEntitlements,
     log: RawLog,
     shutdown: RawShutdown,
+    runtime: RawRuntime,
+    outbox: RawOutbox,
 }
 
 #[derive(Deserialize)]
@@ -257,6 +275,19 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawShutdown {
     grace: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbox {
+    concurrency: usize,
+    give_up_after: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    worker_threads: usize,
 }
 
 impl Settings {
@@ -434,6 +465,27 @@ impl Settings {
             stale_after: positive("entitlements.stale_after", &raw.entitlements.stale_after)?,
         };
 
+        if raw.runtime.worker_threads > 1024 {
+            return Err(ConfigError::new(
+                "runtime.worker_threads",
+                "must be between 0 (one per core) and 1024",
+            ));
+        }
+        let runtime = RuntimeSettings {
+            worker_threads: (raw.runtime.worker_threads > 0).then_some(raw.runtime.worker_threads),
+        };
+
+        if !(1..=256).contains(&raw.outbox.concurrency) {
+            return Err(ConfigError::new(
+                "outbox.concurrency",
+                "must be between 1 and 256",
+            ));
+        }
+        let outbox = OutboxSettings {
+            concurrency: raw.outbox.concurrency,
+            give_up_after: positive("outbox.give_up_after", &raw.outbox.give_up_after)?,
+        };
+
         let level = raw.log.level.trim().to_owned();
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
             return Err(ConfigError::new(
@@ -493,6 +545,8 @@ impl Settings {
             shutdown: ShutdownSettings {
                 grace: duration("shutdown.grace", &raw.shutdown.grace)?,
             },
+            runtime,
+            outbox,
         })
     }
 }
@@ -654,6 +708,16 @@ mod tests {
         assert!(s.api.key_digests.is_empty());
         assert!(s.stripe.api_key.is_none());
         assert_eq!(s.stripe.api_base, "https://api.stripe.com");
+        assert_eq!(s.runtime.worker_threads, None);
+    }
+
+    #[test]
+    fn worker_threads_zero_means_one_per_core() {
+        let s = Settings::load_from(env(&[("BILLSYNC_RUNTIME__WORKER_THREADS", "1")])).unwrap();
+        assert_eq!(s.runtime.worker_threads, Some(1));
+        let err =
+            Settings::load_from(env(&[("BILLSYNC_RUNTIME__WORKER_THREADS", "5000")])).unwrap_err();
+        assert_eq!(err.key, "runtime.worker_threads");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! list and a test checks the list against `openapi.yaml`.
 
 pub mod auth;
+pub mod commands;
 pub mod entitlements;
 pub mod error;
 pub mod health;
@@ -20,7 +21,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{Method, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{MethodRouter, get, post, put};
+use axum::routing::{MethodRouter, delete, get, post, put};
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -75,6 +76,31 @@ pub fn routes() -> Vec<Route> {
             Method::GET,
             "/v1/tenants/{tenant_id}/events",
             get(sync::list_tenant_events),
+        ),
+        route(
+            Method::POST,
+            "/v1/tenants/{tenant_id}/subscription",
+            post(commands::set_subscription),
+        ),
+        route(
+            Method::DELETE,
+            "/v1/tenants/{tenant_id}/subscription",
+            delete(commands::cancel_subscription),
+        ),
+        route(
+            Method::POST,
+            "/v1/tenants/{tenant_id}/subscription/resume",
+            post(commands::resume_subscription),
+        ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/subscription/preview",
+            get(commands::preview_subscription),
+        ),
+        route(
+            Method::GET,
+            "/v1/commands/{command_id}",
+            get(commands::get_command),
         ),
         route(Method::GET, "/v1/sync/status", get(sync::sync_status)),
         route(

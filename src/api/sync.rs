@@ -234,10 +234,7 @@ pub async fn list_tenant_events(
     let data = rows
         .into_iter()
         .map(|row| EventOut {
-            own_command: row
-                .idempotency_key
-                .as_deref()
-                .is_some_and(|key| key.starts_with(OWN_KEY_PREFIX)),
+            own_command: crate::sync::is_own(&row),
             event_id: row.event_id,
             event_type: row.event_type,
             source: row.source,
@@ -253,9 +250,6 @@ pub async fn list_tenant_events(
         .collect();
     Ok(Json(PageOut { data, next_cursor }))
 }
-
-/// The prefix of the idempotency keys billsync's own commands carry.
-pub const OWN_KEY_PREFIX: &str = "billsync-";
 
 /// Where sync stands: cursor, last webhook, backlog, failures, lags. It names every tenant, so
 /// a tenant-scoped key may not read it.
@@ -295,6 +289,7 @@ pub async fn sync_status(
         })
         .collect();
     let seconds_since = |t: Option<i64>| t.map(|t| ((now - t).max(0) as f64) / 1000.0);
+    let (commands_pending, oldest_command) = state.db.commands().backlog().await?;
     Ok(Json(json!({
         "vendor": {
             "configured": state.vendor.is_some(),
@@ -312,12 +307,17 @@ pub async fn sync_status(
             "oldest_waiting_at": stats.oldest_waiting.map(rfc3339),
         },
         "failed_events": failed,
+        "outbox": {
+            "pending": commands_pending,
+            "oldest_pending_at": oldest_command.map(rfc3339),
+        },
         "invalid_metadata": state.entitlements.invalid_metadata(),
         "lag_seconds": {
             "sync": seconds_since(stats.newest_applied_event),
             "poller": seconds_since(last_poll),
             "sweep": seconds_since(last_sweep),
             "backlog": seconds_since(stats.oldest_waiting),
+            "outbox": seconds_since(oldest_command),
         },
     })))
 }

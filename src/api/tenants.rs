@@ -8,6 +8,7 @@ use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
 
 use super::auth::KeyScope;
+use super::commands::{CommandOut, customer_sync, pending_of};
 use super::error::ApiError;
 use super::json::ApiJson;
 use crate::app::AppState;
@@ -35,8 +36,8 @@ pub struct TenantOut {
     pub subscription: Option<SubscriptionOut>,
     /// When the vendor state was last confirmed; null until then.
     pub synced_at: Option<String>,
-    /// Commands sent to the vendor and not yet confirmed.
-    pub pending: Vec<serde_json::Value>,
+    /// Commands sent to the vendor and not yet confirmed, oldest first.
+    pub pending: Vec<CommandOut>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -115,11 +116,21 @@ pub async fn put_tenant(
     }
     let name = body.name.as_deref().map(TenantName::parse).transpose()?;
     let email = body.email.as_deref().map(Email::parse).transpose()?;
+    let sync = customer_sync(&state);
     let upserted = state
         .db
         .tenants()
-        .upsert(&tenant_id, name.as_ref(), email.as_ref(), now_ms())
+        .upsert(
+            &tenant_id,
+            name.as_ref(),
+            email.as_ref(),
+            now_ms(),
+            sync.as_ref(),
+        )
         .await?;
+    if sync.is_some() {
+        state.outbox_wake.notify_one();
+    }
     Ok(match upserted {
         Upserted::Created(record) => {
             tracing::info!(tenant_id = %tenant_id, "tenant created");
@@ -162,8 +173,11 @@ fn not_found(tenant_id: &TenantId) -> ApiError {
 
 /// The tenant with its mirrored subscription: the liveliest one, newest first among equals.
 async fn view(state: &AppState, record: TenantRecord) -> Result<TenantOut, ApiError> {
+    let pending = pending_of(state, &record.tenant_id).await?;
     let Some(customer_id) = record.customer_id.clone() else {
-        return Ok(record.into());
+        let mut out = TenantOut::from(record);
+        out.pending = pending;
+        return Ok(out);
     };
     let mirror = state.db.mirror();
     let customer = mirror
@@ -176,6 +190,7 @@ async fn view(state: &AppState, record: TenantRecord) -> Result<TenantOut, ApiEr
         .chain(chosen.iter().map(|(row, _)| row.synced_at))
         .max();
     let mut out = TenantOut::from(record);
+    out.pending = pending;
     out.subscription = chosen.map(|(_, s)| s.into());
     out.synced_at = synced_at.map(rfc3339);
     Ok(out)

@@ -67,6 +67,8 @@ pub struct InvoiceLine {
     pub period_start: Option<i64>,
     pub period_end: Option<i64>,
     pub description: Option<String>,
+    /// A proration (credit for unused time, or the new price's remainder).
+    pub proration: bool,
 }
 
 /// A payment intent, a charge or a credit note.

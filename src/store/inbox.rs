@@ -10,6 +10,8 @@ pub enum Source {
     Poll,
     Sweep,
     Backfill,
+    /// The vendor's answer to one of billsync's own commands.
+    Command,
 }
 
 impl Source {
@@ -19,12 +21,13 @@ impl Source {
             Self::Poll => "poll",
             Self::Sweep => "sweep",
             Self::Backfill => "backfill",
+            Self::Command => "command",
         }
     }
 
-    /// Sweep and backfill rows carry a state fetched just now, not an event's snapshot.
+    /// Sweep, backfill and command rows carry a state fetched just now, not an event's snapshot.
     pub fn is_fresh_state(name: &str) -> bool {
-        matches!(name, "sweep" | "backfill")
+        matches!(name, "sweep" | "backfill" | "command")
     }
 }
 

@@ -307,6 +307,21 @@ impl<'a> Mirror<'a> {
         Ok(rows)
     }
 
+    /// Every live (not deleted) object of a kind; for small kinds such as prices.
+    pub async fn of_type(&self, object_type: &str) -> Result<Vec<MirrorRow>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, MirrorRow>(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM mirror_objects WHERE object_type = $1 AND deleted = FALSE ORDER BY object_id"
+            ))
+            .bind(object_type)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
     /// A page of every mirror row in key order (for replay's comparison).
     pub async fn all_after(
         &self,

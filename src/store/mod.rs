@@ -4,6 +4,7 @@
 //! pool is configured through [`on_pool!`], which expands the same code once per backend so each
 //! keeps its native driver (types, `LISTEN/NOTIFY`, advisory locks).
 
+mod commands;
 mod inbox;
 mod mirror;
 mod tenants;
@@ -21,6 +22,7 @@ use sqlx::sqlite::{
 
 use crate::config::DatabaseSettings;
 
+pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
 pub use mirror::{
     Apply, ApplyOutcome, Mirror, MirrorRow, ObjectState, PageKinds, SyncState, TenantClaim,
@@ -198,6 +200,10 @@ impl Db {
 
     pub fn tenants(&self) -> Tenants<'_> {
         Tenants::new(self)
+    }
+
+    pub fn commands(&self) -> Commands<'_> {
+        Commands::new(self)
     }
 
     pub fn inbox(&self) -> Inbox<'_> {

@@ -2,7 +2,8 @@
 
 use crate::domain::{Email, TenantId, TenantName};
 
-use super::{Db, StoreError, on_pool};
+use super::commands::insert_command;
+use super::{Db, NewCommand, StoreError, on_pool};
 
 /// A tenant as stored.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -53,13 +54,16 @@ impl<'a> Tenants<'a> {
     }
 
     /// Creates the tenant or replaces its name and email, in one transaction.
-    /// `updated_at` moves only when something changed.
+    /// `updated_at` moves only when something changed. `sync`, the command that carries the
+    /// tenant to the vendor's customer, is stored in the same transaction when the tenant is new
+    /// or changed, or has no customer and no such command pending.
     pub async fn upsert(
         &self,
         id: &TenantId,
         name: Option<&TenantName>,
         email: Option<&Email>,
         now_ms: i64,
+        sync: Option<&NewCommand>,
     ) -> Result<Upserted, StoreError> {
         let name = name.map(TenantName::as_str);
         let email = email.map(Email::as_str);
@@ -77,6 +81,17 @@ impl<'a> Tenants<'a> {
             .bind(now_ms)
             .fetch_optional(&mut *tx)
             .await?;
+            let before = match &created {
+                Some(_) => None,
+                None => Some(
+                    sqlx::query_as::<_, (Option<String>, Option<String>)>(
+                        "SELECT name, email FROM tenants WHERE tenant_id = $1",
+                    )
+                    .bind(id.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?,
+                ),
+            };
             let upserted = match created {
                 Some(record) => Upserted::Created(record),
                 None => Upserted::Updated(
@@ -94,6 +109,24 @@ impl<'a> Tenants<'a> {
                     .await?,
                 ),
             };
+            if let Some(command) = sync {
+                let changed =
+                    before.is_none_or(|(n, e)| n.as_deref() != name || e.as_deref() != email);
+                let unlinked = match &upserted {
+                    Upserted::Created(r) | Upserted::Updated(r) => r.customer_id.is_none(),
+                };
+                let waiting: (i64,) = sqlx::query_as(
+                    "SELECT COUNT(*) FROM commands WHERE tenant_id = $1 AND kind = $2 \
+                     AND status = 'pending'",
+                )
+                .bind(id.as_str())
+                .bind(&command.kind)
+                .fetch_one(&mut *tx)
+                .await?;
+                if changed || (unlinked && waiting.0 == 0) {
+                    insert_command!(&mut *tx, id.as_str(), command, now_ms).await?;
+                }
+            }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(upserted)
         })?;

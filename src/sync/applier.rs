@@ -209,7 +209,11 @@ impl Applier {
             }
             return Ok(None);
         };
-        let has_events = group.iter().any(|row| !Source::is_fresh_state(&row.source));
+        // billsync's own commands already applied the vendor's answer (a fresher state than
+        // the event's copy): their events need no refetch, and their copies change nothing.
+        let has_events = group
+            .iter()
+            .any(|row| !Source::is_fresh_state(&row.source) && !super::is_own(row));
         // A refund or dispute names its charge but carries no copy of it: only a fetch helps.
         let copies: Vec<_> = group.iter().map(|row| state_of_row(row, kind)).collect();
         let needs_vendor = copies
@@ -254,6 +258,33 @@ impl Applier {
                 .collect::<Result<_, SyncError>>()?,
         };
         Ok(Some(applies))
+    }
+
+    /// Applies a state the vendor just answered with (an outbox command's result), whose inbox
+    /// row `event_id` is already stored, and drops the read models it changes.
+    pub async fn apply_confirmed(
+        &self,
+        kind: ObjectKind,
+        object: &Value,
+        version: i64,
+        event_id: &str,
+    ) -> Result<(), StoreError> {
+        let Some(object_id) = objects::id_of(object) else {
+            return Ok(());
+        };
+        let apply = self.apply_of(
+            kind,
+            &object_id,
+            object,
+            version,
+            false,
+            vec![event_id.to_owned()],
+            false,
+        );
+        let items = std::slice::from_ref(&apply);
+        let outcomes = self.db.mirror().apply(items, now_ms()).await?;
+        self.invalidate(items, &outcomes);
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -4,6 +4,7 @@
 pub mod applier;
 pub mod backfill;
 pub mod events;
+pub mod outbox;
 pub mod poller;
 pub mod replay;
 pub mod sweep;
@@ -11,11 +12,21 @@ pub mod sweep;
 use serde_json::Value;
 
 use crate::domain::Subscription;
-use crate::store::{Db, MirrorRow, StoreError};
+use crate::store::{Db, InboxRow, MirrorRow, StoreError};
 use crate::vendor::stripe::objects;
 use crate::vendor::{ObjectKind, VendorError};
 
 pub use applier::Applier;
+
+/// The prefix of the idempotency keys billsync's own commands carry.
+pub const OWN_KEY_PREFIX: &str = "billsync-";
+
+/// True when the row is the vendor's echo of one of billsync's own commands.
+pub fn is_own(row: &InboxRow) -> bool {
+    row.idempotency_key
+        .as_deref()
+        .is_some_and(|key| key.starts_with(OWN_KEY_PREFIX))
+}
 
 /// A customer's subscription as the tenant sees it: the liveliest mirrored one, newest first
 /// among equals.

@@ -98,6 +98,79 @@ pub struct MeterEvent {
     pub identifier: String,
 }
 
+/// A vendor customer as billsync writes it: the tenant it belongs to, its name and email.
+#[derive(Debug, Clone, Copy)]
+pub struct CustomerWrite<'a> {
+    pub tenant_id: &'a str,
+    pub name: Option<&'a str>,
+    pub email: Option<&'a str>,
+}
+
+/// How a plan change is billed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Proration {
+    /// Credit the unused time and charge the new price on the next invoice.
+    #[default]
+    CreateProrations,
+    /// No proration.
+    None,
+    /// Prorate and invoice at once.
+    AlwaysInvoice,
+}
+
+impl Proration {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::CreateProrations => "create_prorations",
+            Self::None => "none",
+            Self::AlwaysInvoice => "always_invoice",
+        }
+    }
+}
+
+/// One change to a subscription. Writes carry `metadata` naming billsync's command.
+#[derive(Debug, Clone, Copy)]
+pub enum SubscriptionWrite<'a> {
+    Create {
+        customer: &'a str,
+        price: &'a str,
+        quantity: u32,
+        trial_days: Option<u32>,
+        metadata: &'a [(&'a str, &'a str)],
+    },
+    /// Swaps the one item's price and quantity.
+    Change {
+        subscription: &'a str,
+        item: &'a str,
+        price: &'a str,
+        quantity: u32,
+        proration: Proration,
+        /// Unix seconds; fixed when the command was accepted, so every retry sends the same.
+        trial_end: Option<i64>,
+        metadata: &'a [(&'a str, &'a str)],
+    },
+    /// Cancel at the end of the period (`true`) or undo that (`false`).
+    CancelAtPeriodEnd {
+        subscription: &'a str,
+        cancel: bool,
+        metadata: &'a [(&'a str, &'a str)],
+    },
+    /// Cancel now.
+    CancelNow { subscription: &'a str },
+}
+
+/// What a subscription change would cost, without making it.
+#[derive(Debug, Clone, Copy)]
+pub struct PreviewRequest<'a> {
+    pub customer: &'a str,
+    /// The current subscription and its item, when there is one.
+    pub current: Option<(&'a str, &'a str)>,
+    pub price: &'a str,
+    pub quantity: u32,
+    pub proration: Proration,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum VendorError {
     /// The vendor refused the request and retrying will not help (a 4xx other than 429).
@@ -138,4 +211,23 @@ pub trait BillingVendor: Send + Sync {
         created_gte: i64,
         starting_after: Option<&str>,
     ) -> Result<Page, VendorError>;
+
+    /// Creates the customer (`existing: None`) or updates it; returns the vendor's customer.
+    /// Repeating `idempotency_key` must not create a second one.
+    async fn write_customer(
+        &self,
+        existing: Option<&str>,
+        customer: &CustomerWrite<'_>,
+        idempotency_key: &str,
+    ) -> Result<Value, VendorError>;
+
+    /// Makes one subscription change; returns the vendor's subscription after it.
+    async fn write_subscription(
+        &self,
+        write: &SubscriptionWrite<'_>,
+        idempotency_key: &str,
+    ) -> Result<Value, VendorError>;
+
+    /// The invoice the change would produce (the vendor's upcoming-invoice preview).
+    async fn preview(&self, request: &PreviewRequest<'_>) -> Result<Value, VendorError>;
 }

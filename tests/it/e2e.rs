@@ -7,7 +7,10 @@ use serde_json::Value;
 
 use crate::helpers::{Backend, TestApp, on_both_backends, venv_bin, wait_for};
 
-on_both_backends!(e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant);
+on_both_backends!(
+    e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant,
+    e2e_self_serve_changes_reach_localstripe_once_and_come_back,
+);
 
 const SECRET: &str = "whsec_e2e_localstripe";
 
@@ -71,10 +74,14 @@ impl Drop for LocalStripe {
 }
 
 async fn check(app: &TestApp, feature: &str) -> Value {
+    check_of(app, "e2e-tenant", feature).await
+}
+
+async fn check_of(app: &TestApp, tenant: &str, feature: &str) -> Value {
     let response = app
         .v1(
             reqwest::Method::POST,
-            "/v1/tenants/e2e-tenant/entitlements/check",
+            &format!("/v1/tenants/{tenant}/entitlements/check"),
         )
         .json(&serde_json::json!({ "feature": feature }))
         .send()
@@ -176,6 +183,148 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
         !metrics.contains("billsync_webhooks_rejected_total"),
         "{metrics}"
     );
+    let status = app.get_json("/v1/sync/status").await;
+    assert_eq!(status["inbox"]["failed"], 0, "{status}");
+    app.stop().await;
+}
+
+/// Sends a change and waits for its command to end; returns the command.
+async fn change(app: &TestApp, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    let mut request = app.v1(method, path);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 202, "{path}");
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v1/commands/{id}");
+    wait_for(&format!("command {id}"), || async {
+        app.get_json(&path).await["status"] != "pending"
+    })
+    .await;
+    let command = app.get_json(&path).await;
+    assert_eq!(command["status"], "succeeded", "{command}");
+    command
+}
+
+async fn e2e_self_serve_changes_reach_localstripe_once_and_come_back(backend: Backend) {
+    let stripe = LocalStripe::start().await;
+    let app = TestApp::spawn_with(backend, |s| {
+        s.stripe.api_key = Some(billsync::config::Secret::new("sk_test_e2e"));
+        s.stripe.api_base = stripe.base.clone();
+        s.stripe.webhook_secrets = vec![billsync::config::Secret::new(SECRET)];
+        s.stripe.legacy_plans = true;
+        crate::helpers::use_test_catalog(s);
+    })
+    .await;
+    app.client
+        .post(format!("{}/_config/webhooks/billsync", stripe.base))
+        .form(&[
+            ("url", app.url("/webhooks/stripe")),
+            ("secret", SECRET.to_owned()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    stripe.flow(&["plans"]);
+
+    // A new tenant: its customer appears at the vendor, named after it.
+    let put = app
+        .put_tenant(
+            "self-serve",
+            serde_json::json!({"name": "Self Serve", "email": "owner@self-serve.test"}),
+        )
+        .await;
+    assert_eq!(put.status(), 201);
+    wait_for("the tenant's customer", || async {
+        let t = tenant(&app, "self-serve").await.unwrap();
+        t["customer_id"].is_string() && t["pending"] == serde_json::json!([])
+    })
+    .await;
+    let customer = tenant(&app, "self-serve").await.unwrap()["customer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let at_vendor = stripe.flow(&["customer", &customer]);
+    assert_eq!(at_vendor["metadata"]["tenant_id"], "self-serve");
+    assert_eq!(at_vendor["email"], "owner@self-serve.test");
+    stripe.flow(&["card", &customer]);
+
+    // Subscribe: the plan's quota applies at once.
+    let path = "/v1/tenants/self-serve/subscription";
+    let subscribed = change(
+        &app,
+        reqwest::Method::POST,
+        path,
+        Some(serde_json::json!({"price": "plan_basic"})),
+    )
+    .await;
+    assert_eq!(
+        subscribed["subscription"]["status"], "active",
+        "{subscribed}"
+    );
+    let calls = check_of(&app, "self-serve", "api_calls").await;
+    assert_eq!(
+        (calls["allowed"].as_bool(), calls["limit"].as_i64()),
+        (Some(true), Some(100))
+    );
+    assert_eq!(check_of(&app, "self-serve", "sso").await["allowed"], false);
+
+    // The preview asks localstripe for the upcoming invoice and changes nothing.
+    let preview = app
+        .get_json("/v1/tenants/self-serve/subscription/preview?price=plan_pro")
+        .await;
+    assert_eq!(preview["currency"], "eur", "{preview}");
+    assert!(
+        preview["lines"].as_array().is_some_and(|l| !l.is_empty()),
+        "{preview}"
+    );
+
+    // Upgrade: SSO follows.
+    let upgraded = change(
+        &app,
+        reqwest::Method::POST,
+        path,
+        Some(serde_json::json!({"price": "plan_pro", "proration": "create_prorations"})),
+    )
+    .await;
+    assert_eq!(upgraded["subscription"]["items"][0]["price"], "plan_pro");
+    assert_eq!(check_of(&app, "self-serve", "sso").await["allowed"], true);
+    assert_eq!(
+        check_of(&app, "self-serve", "api_calls").await["limit"],
+        1000
+    );
+
+    // Cancel at period end, then resume: still on the plan throughout.
+    let canceling = change(
+        &app,
+        reqwest::Method::DELETE,
+        &format!("{path}?at_period_end=true"),
+        None,
+    )
+    .await;
+    assert_eq!(canceling["subscription"]["cancel_at_period_end"], true);
+    assert_eq!(
+        tenant(&app, "self-serve").await.unwrap()["subscription"]["cancel_at_period_end"],
+        true
+    );
+    assert_eq!(check_of(&app, "self-serve", "sso").await["allowed"], true);
+    let resumed = change(&app, reqwest::Method::POST, &format!("{path}/resume"), None).await;
+    assert_eq!(resumed["subscription"]["cancel_at_period_end"], false);
+
+    // One customer, one subscription at the vendor, in the state billsync shows.
+    let subscriptions = stripe.flow(&["subscriptions", &customer]);
+    let subscriptions = subscriptions.as_array().unwrap();
+    assert_eq!(subscriptions.len(), 1, "{subscriptions:?}");
+    assert_eq!(subscriptions[0]["plan"]["id"], "plan_pro");
+    assert_eq!(subscriptions[0]["cancel_at_period_end"], false);
+    let seen = tenant(&app, "self-serve").await.unwrap();
+    assert_eq!(seen["subscription"]["id"], subscriptions[0]["id"]);
+    assert_eq!(seen["subscription"]["items"][0]["price"], "plan_pro");
+    assert_eq!(seen["subscription"]["cancel_at_period_end"], false);
     let status = app.get_json("/v1/sync/status").await;
     assert_eq!(status["inbox"]["failed"], 0, "{status}");
     app.stop().await;

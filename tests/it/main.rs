@@ -4,6 +4,7 @@
 mod helpers;
 
 mod cli;
+mod commands;
 mod e2e;
 mod entitlements;
 mod health;

@@ -185,6 +185,7 @@ async fn counters_are_rebuilt_from_the_snapshot_and_the_events_after_it(backend:
             None,
             None,
             0,
+            None,
         )
         .await
         .unwrap();
@@ -465,6 +466,7 @@ async fn usage_of_a_tenant_without_a_customer_waits_and_loses_nothing(backend: B
             None,
             None,
             0,
+            None,
         )
         .await
         .unwrap();

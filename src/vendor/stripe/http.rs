@@ -15,8 +15,15 @@ use super::objects;
 use crate::config::{Secret, StripeSettings};
 use crate::metrics::Metrics;
 use crate::vendor::{
-    BillingVendor, Fetched, ListFilter, MeterEvent, ObjectKind, Page, VendorError,
+    BillingVendor, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
+    PreviewRequest, Proration, SubscriptionWrite, VendorError,
 };
+
+/// A successful answer, or a 404 with its body.
+enum Answer {
+    Found(Value),
+    NotFound(String),
+}
 
 /// Longest wait between two retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
@@ -30,6 +37,8 @@ pub struct StripeHttp {
     retry_base: Duration,
     limiter: RateLimiter,
     metrics: Arc<Metrics>,
+    legacy_plans: bool,
+    tenant_key: String,
 }
 
 impl StripeHttp {
@@ -56,6 +65,8 @@ impl StripeHttp {
             retry_base: settings.retry_base_delay,
             limiter: RateLimiter::per_second(settings.rate_limit),
             metrics,
+            legacy_plans: settings.legacy_plans,
+            tenant_key: settings.tenant_metadata_key.clone(),
         }))
     }
 
@@ -66,8 +77,31 @@ impl StripeHttp {
         path: &str,
         query: &[(String, String)],
     ) -> Result<Option<Value>, VendorError> {
-        self.call(endpoint, reqwest::Method::GET, path, query, &[], None)
-            .await
+        match self
+            .call(endpoint, reqwest::Method::GET, path, query, &[], None)
+            .await?
+        {
+            Answer::Found(value) => Ok(Some(value)),
+            Answer::NotFound(_) => Ok(None),
+        }
+    }
+
+    /// POSTs (or DELETEs) a write with its idempotency key; a 404 is the vendor's refusal.
+    async fn write(
+        &self,
+        endpoint: &'static str,
+        method: reqwest::Method,
+        path: &str,
+        form: &[(String, String)],
+        idempotency_key: &str,
+    ) -> Result<Value, VendorError> {
+        match self
+            .call(endpoint, method, path, &[], form, Some(idempotency_key))
+            .await?
+        {
+            Answer::Found(value) => Ok(value),
+            Answer::NotFound(body) => Err(rejected(StatusCode::NOT_FOUND, &body)),
+        }
     }
 
     /// One call with the pinned version, the rate limit and retries. A POST carries
@@ -80,7 +114,7 @@ impl StripeHttp {
         query: &[(String, String)],
         form: &[(String, String)],
         idempotency_key: Option<&str>,
-    ) -> Result<Option<Value>, VendorError> {
+    ) -> Result<Answer, VendorError> {
         let url = format!("{}{path}", self.base);
         let mut attempt = 0;
         loop {
@@ -110,13 +144,13 @@ impl StripeHttp {
                         return response
                             .json::<Value>()
                             .await
-                            .map(Some)
+                            .map(Answer::Found)
                             .map_err(|e| VendorError::Malformed(format!("{endpoint}: {e}")));
                     }
-                    if status == StatusCode::NOT_FOUND && should_retry != Some(true) {
-                        return Ok(None);
-                    }
                     let body = response.text().await.unwrap_or_default();
+                    if status == StatusCode::NOT_FOUND && should_retry != Some(true) {
+                        return Ok(Answer::NotFound(body));
+                    }
                     let retryable = should_retry.unwrap_or(
                         status == StatusCode::TOO_MANY_REQUESTS
                             || status.is_server_error()
@@ -245,17 +279,14 @@ impl BillingVendor for StripeHttp {
             ("timestamp".to_owned(), event.timestamp.to_string()),
             ("identifier".to_owned(), event.identifier.clone()),
         ];
-        let path = "/v1/billing/meter_events";
-        self.call(
+        self.write(
             "billing/meter_events",
             reqwest::Method::POST,
-            path,
-            &[],
+            "/v1/billing/meter_events",
             &form,
-            Some(&event.identifier),
+            &event.identifier,
         )
-        .await?
-        .ok_or_else(|| VendorError::Malformed("billing/meter_events answered 404".to_owned()))?;
+        .await?;
         Ok(())
     }
 
@@ -272,6 +303,166 @@ impl BillingVendor for StripeHttp {
             query.push(("starting_after".to_owned(), after.to_owned()));
         }
         self.page("events", "/v1/events", query).await
+    }
+
+    async fn write_customer(
+        &self,
+        existing: Option<&str>,
+        customer: &CustomerWrite<'_>,
+        idempotency_key: &str,
+    ) -> Result<Value, VendorError> {
+        let mut form = Form::default();
+        // An empty value clears the field at Stripe.
+        form.push("name", customer.name.unwrap_or_default());
+        form.push("email", customer.email.unwrap_or_default());
+        form.push(
+            &format!("metadata[{}]", self.tenant_key),
+            customer.tenant_id,
+        );
+        let path = match existing {
+            Some(id) => format!("/v1/customers/{}", urlencode(id)),
+            None => "/v1/customers".to_owned(),
+        };
+        self.write(
+            "customers",
+            reqwest::Method::POST,
+            &path,
+            &form.0,
+            idempotency_key,
+        )
+        .await
+    }
+
+    async fn write_subscription(
+        &self,
+        write: &SubscriptionWrite<'_>,
+        idempotency_key: &str,
+    ) -> Result<Value, VendorError> {
+        let price_field = if self.legacy_plans { "plan" } else { "price" };
+        let mut form = Form::default();
+        let (method, path) = match *write {
+            SubscriptionWrite::Create {
+                customer,
+                price,
+                quantity,
+                trial_days,
+                metadata,
+            } => {
+                form.push("customer", customer);
+                form.push(&format!("items[0][{price_field}]"), price);
+                form.push("items[0][quantity]", &quantity.to_string());
+                // A declined card fails the command instead of leaving an incomplete subscription.
+                form.push("payment_behavior", "error_if_incomplete");
+                if let Some(days) = trial_days {
+                    form.push("trial_period_days", &days.to_string());
+                }
+                form.metadata(metadata);
+                (reqwest::Method::POST, "/v1/subscriptions".to_owned())
+            }
+            SubscriptionWrite::Change {
+                subscription,
+                item,
+                price,
+                quantity,
+                proration,
+                trial_end,
+                metadata,
+            } => {
+                form.push("items[0][id]", item);
+                form.push(&format!("items[0][{price_field}]"), price);
+                form.push("items[0][quantity]", &quantity.to_string());
+                if self.legacy_plans {
+                    // The 2017 API knows only `prorate`.
+                    let prorate = proration != Proration::None;
+                    form.push("prorate", if prorate { "true" } else { "false" });
+                } else {
+                    form.push("proration_behavior", proration.as_str());
+                    form.push("payment_behavior", "error_if_incomplete");
+                }
+                if let Some(end) = trial_end {
+                    form.push("trial_end", &end.to_string());
+                }
+                form.metadata(metadata);
+                (
+                    reqwest::Method::POST,
+                    format!("/v1/subscriptions/{}", urlencode(subscription)),
+                )
+            }
+            SubscriptionWrite::CancelAtPeriodEnd {
+                subscription,
+                cancel,
+                metadata,
+            } => {
+                form.push(
+                    "cancel_at_period_end",
+                    if cancel { "true" } else { "false" },
+                );
+                form.metadata(metadata);
+                (
+                    reqwest::Method::POST,
+                    format!("/v1/subscriptions/{}", urlencode(subscription)),
+                )
+            }
+            SubscriptionWrite::CancelNow { subscription } => (
+                reqwest::Method::DELETE,
+                format!("/v1/subscriptions/{}", urlencode(subscription)),
+            ),
+        };
+        self.write("subscriptions", method, &path, &form.0, idempotency_key)
+            .await
+    }
+
+    async fn preview(&self, request: &PreviewRequest<'_>) -> Result<Value, VendorError> {
+        let price_field = if self.legacy_plans { "plan" } else { "price" };
+        let mut form = Form::default();
+        form.push("customer", request.customer);
+        if let Some((subscription, item)) = request.current {
+            form.push("subscription", subscription);
+            form.push("subscription_details[items][0][id]", item);
+            form.push(
+                "subscription_details[proration_behavior]",
+                request.proration.as_str(),
+            );
+        }
+        form.push(
+            &format!("subscription_details[items][0][{price_field}]"),
+            request.price,
+        );
+        form.push(
+            "subscription_details[items][0][quantity]",
+            &request.quantity.to_string(),
+        );
+        // A preview changes nothing; no idempotency key is needed, but `call` retries it safely.
+        match self
+            .call(
+                "invoices/create_preview",
+                reqwest::Method::POST,
+                "/v1/invoices/create_preview",
+                &[],
+                &form.0,
+                None,
+            )
+            .await?
+        {
+            Answer::Found(value) => Ok(value),
+            Answer::NotFound(body) => Err(rejected(StatusCode::NOT_FOUND, &body)),
+        }
+    }
+}
+
+/// Form fields in the order they are sent.
+#[derive(Default)]
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    fn push(&mut self, key: &str, value: &str) {
+        self.0.push((key.to_owned(), value.to_owned()));
+    }
+
+    fn metadata(&mut self, pairs: &[(&str, &str)]) {
+        for (key, value) in pairs {
+            self.push(&format!("metadata[{key}]"), value);
+        }
     }
 }
 

@@ -1,9 +1,7 @@
-//! Stripe. Reads go through [`StripeHttp`], which parses tolerantly (current objects and older
-//! shapes such as legacy plans and localstripe's lists alike); `sdk` builds the async-stripe
-//! client.
+//! Stripe, through [`StripeHttp`]: reads parse tolerantly (current objects and older shapes such
+//! as legacy plans and localstripe's lists alike), writes carry idempotency keys.
 
 mod http;
 pub mod objects;
-pub mod sdk;
 
 pub use http::StripeHttp;

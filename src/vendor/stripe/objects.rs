@@ -194,6 +194,10 @@ pub fn invoice(object: &Value) -> Invoice {
                 period_start: int(&line["period"]["start"]),
                 period_end: int(&line["period"]["end"]),
                 description: string(&line["description"]),
+                // Older versions flag the line; newer ones its parent's details.
+                proration: line["proration"].as_bool().unwrap_or(false)
+                    || line["parent"]["subscription_item_details"]["proration"] == true
+                    || line["parent"]["invoice_item_details"]["proration"] == true,
             })
             .collect(),
     }
