@@ -99,7 +99,9 @@ async fn link_customers(db: &Db, count: usize) {
     }
 }
 
-async fn run(backend: Backend, commands: usize) -> Run {
+/// Posts `commands` new subscriptions, as fast as [`CLIENTS`] clients can (`pace: None`) or at
+/// `pace` per second, and measures them until every one is confirmed.
+async fn run(backend: Backend, commands: usize, pace: Option<u32>) -> Run {
     let vendor = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path("/v1/subscriptions"))
@@ -149,29 +151,45 @@ async fn run(backend: Backend, commands: usize) -> Run {
     }
 
     let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
+    let post = move |client: reqwest::Client, t: usize| async move {
+        let response = client
+            .post(format!("http://{address}/v1/tenants/t{t}/subscription"))
+            .bearer_auth(tenants::API_KEY)
+            .json(&json!({"price": "price_pro"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        body["id"].as_str().unwrap().to_owned()
+    };
     let mut posting = tokio::task::JoinSet::new();
-    for _ in 0..CLIENTS {
-        let (client, next) = (client.clone(), next.clone());
-        posting.spawn(async move {
-            let mut ids = Vec::new();
-            loop {
-                let t = next.fetch_add(1, Ordering::Relaxed);
-                if t >= commands {
-                    break ids;
-                }
-                let response = client
-                    .post(format!("http://{address}/v1/tenants/t{t}/subscription"))
-                    .bearer_auth(tenants::API_KEY)
-                    .json(&json!({"price": "price_pro"}))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 202);
-                let body: Value = response.json().await.unwrap();
-                ids.push(body["id"].as_str().unwrap().to_owned());
+    match pace {
+        None => {
+            let next = Arc::new(AtomicUsize::new(0));
+            for _ in 0..CLIENTS {
+                let (client, next) = (client.clone(), next.clone());
+                posting.spawn(async move {
+                    let mut ids = Vec::new();
+                    loop {
+                        let t = next.fetch_add(1, Ordering::Relaxed);
+                        if t >= commands {
+                            break ids;
+                        }
+                        ids.push(post(client.clone(), t).await);
+                    }
+                });
             }
-        });
+        }
+        Some(rate) => {
+            let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for t in 0..commands {
+                ticks.tick().await;
+                let client = client.clone();
+                posting.spawn(async move { vec![post(client, t).await] });
+            }
+        }
     }
     let mut ids = Vec::with_capacity(commands);
     while let Some(done) = posting.join_next().await {
@@ -230,23 +248,29 @@ async fn main() {
     app::init_crypto();
     let quick = std::env::args().any(|a| a == "quick");
     let commands = if quick { 500 } else { 3000 };
+    let paced = if quick { 400 } else { 2000 };
     println!(
         "billsync outbox benchmark: new subscriptions, vendor answering in {} ms, rate limit {RATE_LIMIT} calls/s, \
          outbox.concurrency = {CONCURRENCY}, {CLIENTS} HTTP clients",
         VENDOR_DELAY.as_millis()
     );
     println!(
-        "| database | commands | commands/s | request to confirmed p50 / p99 | vendor calls/s (limit {RATE_LIMIT}) |"
+        "| database | load | commands | commands/s | request to confirmed p50 / p99 | vendor calls/s (limit {RATE_LIMIT}) |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for (label, backend) in [
         ("SQLite", Backend::Sqlite),
         ("PostgreSQL", Backend::Postgres),
     ] {
-        let r = run(backend, commands).await;
-        println!(
-            "| {label} | {} | {:.0} | {:.0} / {:.0} ms | {:.0} |",
-            r.commands, r.per_sec, r.p50_ms, r.p99_ms, r.vendor_calls_per_sec
-        );
+        for (load, count, pace) in [
+            (format!("as fast as {CLIENTS} clients post"), commands, None),
+            ("paced at 200 commands/s".to_owned(), paced, Some(200)),
+        ] {
+            let r = run(backend, count, pace).await;
+            println!(
+                "| {label} | {load} | {} | {:.0} | {:.0} / {:.0} ms | {:.0} |",
+                r.commands, r.per_sec, r.p50_ms, r.p99_ms, r.vendor_calls_per_sec
+            );
+        }
     }
 }

@@ -437,21 +437,20 @@ async fn enqueue(
 
 /// Cancel and resume need a subscription: a live one in the mirror, or one on its way.
 async fn require_subscription(state: &AppState, tenant: &TenantRecord) -> Result<(), ApiError> {
-    let live = match &tenant.customer_id {
-        Some(customer) => crate::sync::current_subscription(&state.db, customer)
+    // Pending first: a command that ends applies its state in the same transaction, so if it
+    // is no longer pending, the mirror read after shows what it did.
+    let pending = state.db.commands().pending_of(&tenant.tenant_id).await?;
+    if pending
+        .iter()
+        .any(|c| c.kind == CommandKind::SubscriptionSet.as_str())
+    {
+        return Ok(());
+    }
+    if let Some(customer) = &tenant.customer_id
+        && crate::sync::current_subscription(&state.db, customer)
             .await?
-            .is_some_and(|(_, s)| s.liveness() > 0),
-        None => false,
-    };
-    let coming = || async {
-        let pending = state.db.commands().pending_of(&tenant.tenant_id).await?;
-        Ok::<_, ApiError>(
-            pending
-                .iter()
-                .any(|c| c.kind == CommandKind::SubscriptionSet.as_str()),
-        )
-    };
-    if live || coming().await? {
+            .is_some_and(|(_, s)| s.liveness() > 0)
+    {
         return Ok(());
     }
     Err(ApiError::new(

@@ -86,6 +86,43 @@ macro_rules! insert_command {
 }
 pub(super) use insert_command;
 
+/// Ends a pending command (counting the attempt) and rebases the tenant's later commands, on
+/// any transaction; evaluates to whether the command was still pending.
+macro_rules! settle_command {
+    ($tx:expr, $command:expr, $settlement:expr, $now_ms:expr) => {{
+        let command: &$crate::store::CommandRow = $command;
+        let settlement: &$crate::store::Settlement<'_> = $settlement;
+        let settled = sqlx::query(
+            "UPDATE commands SET status = $2, result = $3, error_code = $4, last_error = $5, \
+             attempts = attempts + 1, updated_at = $6, completed_at = $6 \
+             WHERE command_id = $1 AND status = 'pending'",
+        )
+        .bind(&command.command_id)
+        .bind(settlement.status)
+        .bind(&settlement.result)
+        .bind(&settlement.error_code)
+        .bind(&settlement.message)
+        .bind($now_ms)
+        .execute($tx)
+        .await?
+        .rows_affected()
+            > 0;
+        if settled && let Some((old, new)) = &settlement.rebase {
+            sqlx::query(
+                "UPDATE commands SET base = $3 WHERE tenant_id = $1 AND status = 'pending' \
+                 AND base = $2",
+            )
+            .bind(&command.tenant_id)
+            .bind(old)
+            .bind(new)
+            .execute($tx)
+            .await?;
+        }
+        settled
+    }};
+}
+pub(super) use settle_command;
+
 pub struct Commands<'a> {
     db: &'a Db,
 }
@@ -227,22 +264,6 @@ impl<'a> Commands<'a> {
         Ok(next)
     }
 
-    /// Counts an attempt before its call goes out.
-    pub async fn begin_attempt(&self, command_id: &str, now_ms: i64) -> Result<(), StoreError> {
-        on_pool!(self.db, |pool| {
-            sqlx::query(
-                "UPDATE commands SET attempts = attempts + 1, updated_at = $2 \
-                 WHERE command_id = $1 AND status = 'pending'",
-            )
-            .bind(command_id)
-            .bind(now_ms)
-            .execute(pool)
-            .await
-            .map(drop)
-        })?;
-        Ok(())
-    }
-
     /// The attempt failed in a way worth retrying at `next_attempt_at`.
     pub async fn retry_later(
         &self,
@@ -253,8 +274,8 @@ impl<'a> Commands<'a> {
     ) -> Result<(), StoreError> {
         on_pool!(self.db, |pool| {
             sqlx::query(
-                "UPDATE commands SET last_error = $2, next_attempt_at = $3, updated_at = $4 \
-                 WHERE command_id = $1 AND status = 'pending'",
+                "UPDATE commands SET attempts = attempts + 1, last_error = $2, next_attempt_at = $3, \
+                 updated_at = $4 WHERE command_id = $1 AND status = 'pending'",
             )
             .bind(command_id)
             .bind(error)
@@ -267,8 +288,8 @@ impl<'a> Commands<'a> {
         Ok(())
     }
 
-    /// Ends a pending command and rebases the tenant's later commands, in one transaction.
-    /// False when it had already ended.
+    /// Ends a pending command with no vendor state to apply (failures), and rebases the
+    /// tenant's later commands. False when it had already ended.
     pub async fn settle(
         &self,
         command: &CommandRow,
@@ -277,31 +298,7 @@ impl<'a> Commands<'a> {
     ) -> Result<bool, StoreError> {
         let settled = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let settled = sqlx::query(
-                "UPDATE commands SET status = $2, result = $3, error_code = $4, last_error = $5, \
-                 updated_at = $6, completed_at = $6 WHERE command_id = $1 AND status = 'pending'",
-            )
-            .bind(&command.command_id)
-            .bind(settlement.status)
-            .bind(&settlement.result)
-            .bind(&settlement.error_code)
-            .bind(&settlement.message)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                > 0;
-            if settled && let Some((old, new)) = &settlement.rebase {
-                sqlx::query(
-                    "UPDATE commands SET base = $3 WHERE tenant_id = $1 AND status = 'pending' \
-                     AND base = $2",
-                )
-                .bind(&command.tenant_id)
-                .bind(old)
-                .bind(new)
-                .execute(&mut *tx)
-                .await?;
-            }
+            let settled = settle_command!(&mut *tx, command, settlement, now_ms);
             tx.commit().await?;
             Ok::<_, sqlx::Error>(settled)
         })?;

@@ -90,6 +90,33 @@ macro_rules! columns {
     };
 }
 
+/// The statement that stores one [`NewEvent`] unless its id is there, on any connection (the
+/// mirror stores a command's confirmed state in the transaction that applies it).
+macro_rules! insert_event {
+    ($conn:expr, $event:expr, $status:expr, $now_ms:expr) => {{
+        let e: &$crate::store::NewEvent = $event;
+        sqlx::query(
+            "INSERT INTO inbox_events (event_id, event_type, source, object_type, object_id, customer_id, \
+             event_created, idempotency_key, payload, received_at, status, attempts, next_attempt_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $10) \
+             ON CONFLICT (event_id) DO NOTHING",
+        )
+        .bind(&e.event_id)
+        .bind(&e.event_type)
+        .bind(e.source.as_str())
+        .bind(&e.object_type)
+        .bind(&e.object_id)
+        .bind(&e.customer_id)
+        .bind(e.event_created)
+        .bind(&e.idempotency_key)
+        .bind(&e.payload)
+        .bind($now_ms)
+        .bind($status)
+        .execute($conn)
+    }};
+}
+pub(super) use insert_event;
+
 pub struct Inbox<'a> {
     db: &'a Db,
 }
@@ -111,25 +138,7 @@ impl<'a> Inbox<'a> {
                 } else {
                     "skipped"
                 };
-                let done = sqlx::query(
-                    "INSERT INTO inbox_events (event_id, event_type, source, object_type, object_id, customer_id, \
-                     event_created, idempotency_key, payload, received_at, status, attempts, next_attempt_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $10) \
-                     ON CONFLICT (event_id) DO NOTHING",
-                )
-                .bind(&e.event_id)
-                .bind(&e.event_type)
-                .bind(e.source.as_str())
-                .bind(&e.object_type)
-                .bind(&e.object_id)
-                .bind(&e.customer_id)
-                .bind(e.event_created)
-                .bind(&e.idempotency_key)
-                .bind(&e.payload)
-                .bind(now_ms)
-                .bind(status)
-                .execute(&mut *tx)
-                .await?;
+                let done = insert_event!(&mut *tx, e, status, now_ms).await?;
                 inserted += done.rows_affected() as usize;
             }
             tx.commit().await?;

@@ -1,7 +1,9 @@
 //! The mirror: the vendor's current state, one row per object, and the transaction that applies
 //! a state to it (with the tenant link and the inbox rows it settles).
 
-use super::{Db, StoreError, on_pool};
+use super::commands::settle_command;
+use super::inbox::insert_event;
+use super::{CommandRow, Db, NewEvent, Settlement, StoreError, on_pool};
 
 /// A vendor object's state, ready to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +63,15 @@ pub struct Apply {
     pub refetched: bool,
 }
 
+/// A command's end, applied with the vendor state it confirmed: the state's inbox row is stored,
+/// the state applied and the command ended in one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Confirmed<'a> {
+    pub record: &'a NewEvent,
+    pub command: &'a CommandRow,
+    pub settlement: &'a Settlement<'a>,
+}
+
 macro_rules! columns {
     () => {
         "object_type, object_id, customer_id, status, created, version, deleted, payload, synced_at"
@@ -83,8 +94,23 @@ impl<'a> Mirror<'a> {
         items: &[Apply],
         now_ms: i64,
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
+        self.apply_with(items, None, now_ms).await
+    }
+
+    /// [`Mirror::apply`], storing a command's confirmed state and ending the command in the
+    /// same transaction.
+    pub async fn apply_with(
+        &self,
+        items: &[Apply],
+        confirmed: Option<Confirmed<'_>>,
+        now_ms: i64,
+    ) -> Result<Vec<ApplyOutcome>, StoreError> {
         let outcomes = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
+            if let Some(c) = &confirmed {
+                insert_event!(&mut *tx, c.record, "pending", now_ms).await?;
+                settle_command!(&mut *tx, c.command, c.settlement, now_ms);
+            }
             let mut outcomes = Vec::with_capacity(items.len());
             let mut settled: std::collections::BTreeMap<
                 (Option<String>, Option<String>),

@@ -25,7 +25,8 @@ use crate::config::DatabaseSettings;
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
 pub use mirror::{
-    Apply, ApplyOutcome, Mirror, MirrorRow, ObjectState, PageKinds, SyncState, TenantClaim,
+    Apply, ApplyOutcome, Confirmed, Mirror, MirrorRow, ObjectState, PageKinds, SyncState,
+    TenantClaim,
 };
 pub use tenants::{TenantRecord, Tenants, Upserted};
 pub use usage::{PushRow, Usage, UsageRow};

@@ -15,7 +15,8 @@ use crate::domain::TenantId;
 use crate::entitlements::Entitlements;
 use crate::metrics::Metrics;
 use crate::store::{
-    Apply, ApplyOutcome, Db, InboxRow, ObjectState, Source, StoreError, TenantClaim, now_ms,
+    Apply, ApplyOutcome, Confirmed, Db, InboxRow, ObjectState, Source, StoreError, TenantClaim,
+    now_ms,
 };
 use crate::vendor::stripe::objects;
 use crate::vendor::{BillingVendor, Fetched, ObjectKind};
@@ -260,29 +261,32 @@ impl Applier {
         Ok(Some(applies))
     }
 
-    /// Applies a state the vendor just answered with (an outbox command's result), whose inbox
-    /// row `event_id` is already stored, and drops the read models it changes.
+    /// Applies a state the vendor just answered with (an outbox command's result) together
+    /// with its inbox row and the command's end, and drops the read models it changes.
     pub async fn apply_confirmed(
         &self,
         kind: ObjectKind,
         object: &Value,
         version: i64,
-        event_id: &str,
+        confirmed: Confirmed<'_>,
     ) -> Result<(), StoreError> {
-        let Some(object_id) = objects::id_of(object) else {
-            return Ok(());
-        };
+        // `from_fetched_state` made the record, so the object has an id.
+        let object_id = objects::id_of(object).unwrap_or_default();
         let apply = self.apply_of(
             kind,
             &object_id,
             object,
             version,
             false,
-            vec![event_id.to_owned()],
+            vec![confirmed.record.event_id.clone()],
             false,
         );
         let items = std::slice::from_ref(&apply);
-        let outcomes = self.db.mirror().apply(items, now_ms()).await?;
+        let outcomes = self
+            .db
+            .mirror()
+            .apply_with(items, Some(confirmed), now_ms())
+            .await?;
         self.invalidate(items, &outcomes);
         Ok(())
     }

@@ -23,7 +23,7 @@ use super::applier::{Applier, retry_delay};
 use super::{OWN_KEY_PREFIX, SyncError, events};
 use crate::domain::{Subscription, TenantId};
 use crate::metrics::Metrics;
-use crate::store::{CommandRow, Db, Settlement, Source, StoreError, now_ms};
+use crate::store::{CommandRow, Confirmed, Db, Settlement, Source, StoreError, now_ms};
 use crate::vendor::stripe::objects;
 use crate::vendor::{
     BillingVendor, CustomerWrite, Fetched, ListFilter, ObjectKind, Proration, SubscriptionWrite,
@@ -251,15 +251,6 @@ impl Outbox {
     /// One attempt at one command, recorded whatever happens.
     pub async fn attempt(&self, command: CommandRow) {
         let started = std::time::Instant::now();
-        if let Err(error) = self
-            .db
-            .commands()
-            .begin_attempt(&command.command_id, now_ms())
-            .await
-        {
-            tracing::warn!(command_id = %command.command_id, error = %error, "outbox: cannot record the attempt");
-            return;
-        }
         let step = match self.execute(&command).await {
             Ok(step) => step,
             Err(SyncError::Vendor(VendorError::Rejected {
@@ -332,29 +323,16 @@ impl Outbox {
         Ok("pending")
     }
 
-    /// Applies the vendor state the attempt ended with (stored in the inbox first, so that
-    /// replay can rebuild it), then stores the command's end: a client that sees the command
-    /// ended sees the mirror and the entitlements after it. A crash in between leaves the
-    /// command pending; its next attempt finds the state already at the vendor.
+    /// Stores the command's end. With a vendor state (the result, or the current state on
+    /// conflict), the state's inbox row, its apply to the mirror and the command's end are one
+    /// transaction: a client that sees the command ended sees the mirror and the entitlements
+    /// after it. A crash before it leaves the command pending; its next attempt finds the
+    /// state already at the vendor.
     async fn settle(
         &self,
         command: &CommandRow,
         ending: Ending,
     ) -> Result<&'static str, StoreError> {
-        let fetched_at = now_ms();
-        if let Some((kind, object)) = &ending.object
-            && let Some(mut event) =
-                events::from_fetched_state(*kind, object, Source::Command, fetched_at)
-        {
-            event.idempotency_key = Some(idempotency_key(&command.command_id));
-            self.db
-                .inbox()
-                .insert(std::slice::from_ref(&event), fetched_at)
-                .await?;
-            self.applier
-                .apply_confirmed(*kind, object, fetched_at, &event.event_id)
-                .await?;
-        }
         let rebase = match (&command.base, &ending.object) {
             (Some(old), Some((ObjectKind::Subscription, object)))
                 if ending.status == "succeeded" =>
@@ -371,10 +349,30 @@ impl Outbox {
             message: ending.message.clone(),
             rebase,
         };
-        self.db
-            .commands()
-            .settle(command, &settlement, now_ms())
-            .await?;
+        let fetched_at = now_ms();
+        let record = ending.object.as_ref().and_then(|(kind, object)| {
+            let mut event = events::from_fetched_state(*kind, object, Source::Command, fetched_at)?;
+            event.idempotency_key = Some(idempotency_key(&command.command_id));
+            Some((*kind, object, event))
+        });
+        match &record {
+            Some((kind, object, event)) => {
+                let confirmed = Confirmed {
+                    record: event,
+                    command,
+                    settlement: &settlement,
+                };
+                self.applier
+                    .apply_confirmed(*kind, object, fetched_at, confirmed)
+                    .await?;
+            }
+            None => {
+                self.db
+                    .commands()
+                    .settle(command, &settlement, now_ms())
+                    .await?;
+            }
+        }
         match ending.status {
             "failed" => {
                 tracing::warn!(command_id = %command.command_id, kind = %command.kind, code = ?ending.error_code, message = ?ending.message, "command failed")
