@@ -109,6 +109,8 @@ impl Server {
         let thread = std::thread::spawn({
             let shutdown = shutdown.clone();
             move || {
+                // As `billsync serve` runs: with its log subscriber (default level: info).
+                billsync::telemetry::init(&settings.log);
                 let mut builder = tokio::runtime::Builder::new_multi_thread();
                 if let Some(threads) = settings.runtime.worker_threads {
                     builder.worker_threads(threads);

@@ -16,3 +16,8 @@ pub mod sync;
 pub mod telemetry;
 pub mod vendor;
 pub mod webhook;
+
+/// mimalloc: the hot path's small allocations (request, header map, JSON answer) cost less
+/// than with the system allocator; see the entitlement figures in the README.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -15,9 +15,24 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     let started = Instant::now();
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().cloned();
+    let request_id = request.headers().get("x-request-id").cloned();
     let response = super::json_error_body(next.run(request).await);
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let status = response.status().as_u16();
+    if status >= 400 {
+        let request_id = request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        tracing::info!(
+            method = %method,
+            route,
+            status,
+            request_id,
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "response"
+        );
+    }
     state.metrics.observe_request(
         method.as_str(),
         route,

@@ -174,6 +174,9 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(
+            // The request span is at debug: at tens of thousands of checks a second, an enabled
+            // span per request would cost more than the check. Error responses are logged at
+            // info by `metrics::track`, with the request id.
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request| {
                     let request_id = request
@@ -181,7 +184,7 @@ pub fn router(state: AppState) -> Router {
                         .get::<RequestId>()
                         .and_then(|id| id.header_value().to_str().ok())
                         .unwrap_or("-");
-                    tracing::info_span!(
+                    tracing::debug_span!(
                         "request",
                         method = %request.method(),
                         path = %request.uri().path(),
@@ -189,16 +192,12 @@ pub fn router(state: AppState) -> Router {
                     )
                 })
                 .on_response(
-                    // Successes at debug: at tens of thousands of checks a second, an info line
-                    // per request would cost more than the request.
                     |response: &Response, latency: Duration, _span: &tracing::Span| {
-                        let status = response.status().as_u16();
-                        let latency_ms = latency.as_secs_f64() * 1000.0;
-                        if status >= 400 {
-                            tracing::info!(status, latency_ms, "response");
-                        } else {
-                            tracing::debug!(status, latency_ms, "response");
-                        }
+                        tracing::debug!(
+                            status = response.status().as_u16(),
+                            latency_ms = latency.as_secs_f64() * 1000.0,
+                            "response"
+                        );
                     },
                 ),
         )
