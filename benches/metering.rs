@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use billsync::app::{self, AppState};
-use billsync::store::{Apply, ObjectState, TenantClaim};
 use billsync::vendor::{
     BillingVendor, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
     PreviewRequest, SubscriptionWrite, VendorError,
@@ -209,27 +208,7 @@ async fn vendor_calls(catalog: &std::path::Path) -> (usize, f64) {
     let db = Database::create(Backend::Postgres).await;
     app::init_crypto();
     let state = AppState::build(settings(&db.url, catalog)).await.unwrap();
-    let links: Vec<Apply> = (0..TENANTS)
-        .map(|t| {
-            let customer = json!({"id": format!("cus_{t}"), "object": "customer", "metadata": {"tenant_id": format!("t{t}")}});
-            Apply {
-                state: ObjectState {
-                    object_type: "customer".into(),
-                    object_id: format!("cus_{t}"),
-                    customer_id: Some(format!("cus_{t}")),
-                    status: None,
-                    created: None,
-                    version: 1,
-                    deleted: false,
-                    payload: customer.to_string(),
-                },
-                claim: Some(TenantClaim { tenant_id: format!("t{t}"), name: None, email: None }),
-                event_ids: Vec::new(),
-                refetched: false,
-            }
-        })
-        .collect();
-    state.db.mirror().apply(&links, 0).await.unwrap();
+    tenants::link_customers(&state.db, TENANTS).await;
     let interval = state.settings.metering.push_interval;
     let events = 20_000 * interval.as_secs() as usize;
     let now = billsync::store::now_ms();

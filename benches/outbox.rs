@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use billsync::app;
-use billsync::store::{Apply, Db, ObjectState, TenantClaim};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -70,35 +69,6 @@ struct Run {
     vendor_calls_per_sec: f64,
 }
 
-async fn link_customers(db: &Db, count: usize) {
-    let links: Vec<Apply> = (0..count)
-        .map(|t| Apply {
-            state: ObjectState {
-                object_type: "customer".into(),
-                object_id: format!("cus_{t}"),
-                customer_id: Some(format!("cus_{t}")),
-                status: None,
-                created: None,
-                version: 1,
-                deleted: false,
-                payload: json!({"id": format!("cus_{t}"), "object": "customer",
-                    "metadata": {"tenant_id": format!("t{t}")}})
-                .to_string(),
-            },
-            claim: Some(TenantClaim {
-                tenant_id: format!("t{t}"),
-                name: None,
-                email: None,
-            }),
-            event_ids: Vec::new(),
-            refetched: false,
-        })
-        .collect();
-    for chunk in links.chunks(1000) {
-        db.mirror().apply(chunk, 0).await.unwrap();
-    }
-}
-
 /// Posts `commands` new subscriptions, as fast as [`CLIENTS`] clients can (`pace: None`) or at
 /// `pace` per second, and measures them until every one is confirmed.
 async fn run(backend: Backend, commands: usize, pace: Option<u32>) -> Run {
@@ -132,7 +102,7 @@ async fn run(backend: Backend, commands: usize, pace: Option<u32>) -> Run {
     settings.database.max_connections = 20;
     {
         let state = app::AppState::build(settings.clone()).await.unwrap();
-        link_customers(&state.db, commands).await;
+        tenants::link_customers(&state.db, commands).await;
         state.db.close().await;
     }
 

@@ -69,3 +69,33 @@ pub fn resident_mib() -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
+
+/// Links tenants `t0`… to customers `cus_0`…, as the applier would from their metadata.
+pub async fn link_customers(db: &Db, count: usize) {
+    let links: Vec<billsync::store::Apply> = (0..count)
+        .map(|t| billsync::store::Apply {
+            state: billsync::store::ObjectState {
+                object_type: "customer".into(),
+                object_id: format!("cus_{t}"),
+                customer_id: Some(format!("cus_{t}")),
+                status: None,
+                created: None,
+                version: 1,
+                deleted: false,
+                payload: serde_json::json!({"id": format!("cus_{t}"), "object": "customer",
+                    "metadata": {"tenant_id": format!("t{t}")}})
+                .to_string(),
+            },
+            claim: Some(billsync::store::TenantClaim {
+                tenant_id: format!("t{t}"),
+                name: None,
+                email: None,
+            }),
+            event_ids: Vec::new(),
+            refetched: false,
+        })
+        .collect();
+    for chunk in links.chunks(1000) {
+        db.mirror().apply(chunk, 0).await.unwrap();
+    }
+}

@@ -249,6 +249,14 @@ async fn tenant_with_customer(app: &TestApp, tenant: &str) -> String {
         .to_owned()
 }
 
+/// Subscribes and waits for the command to succeed; returns it.
+async fn subscribed(app: &TestApp, tenant: &str, price: &str) -> Value {
+    let accepted = subscribe(app, tenant, json!({ "price": price })).await;
+    let done = ended(app, accepted["id"].as_str().unwrap()).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    done
+}
+
 async fn subscribe(app: &TestApp, tenant: &str, body: Value) -> Value {
     let response = app
         .v1(Method::POST, &format!("/v1/tenants/{tenant}/subscription"))
@@ -264,20 +272,6 @@ async fn subscribe(app: &TestApp, tenant: &str, body: Value) -> Value {
         format!("/v1/commands/{}", body["id"].as_str().unwrap())
     );
     body
-}
-
-async fn check(app: &TestApp, tenant: &str, feature: &str) -> Value {
-    let response = app
-        .v1(
-            Method::POST,
-            &format!("/v1/tenants/{tenant}/entitlements/check"),
-        )
-        .json(&json!({ "feature": feature }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
 }
 
 async fn putting_a_tenant_creates_its_customer_once_and_carries_changes(backend: Backend) {
@@ -351,7 +345,7 @@ async fn a_500_is_retried_with_the_same_key_and_changes_the_vendor_once(backend:
         .await;
     let app = start(backend, &fake).await;
     tenant_with_customer(&app, "acme").await;
-    assert_eq!(check(&app, "acme", "sso").await["allowed"], false);
+    assert_eq!(app.check("acme", "sso").await["allowed"], false);
 
     let accepted = subscribe(&app, "acme", json!({"price": "price_pro", "quantity": 2})).await;
     assert_eq!(accepted["status"], "pending");
@@ -379,7 +373,7 @@ async fn a_500_is_retried_with_the_same_key_and_changes_the_vendor_once(backend:
         tenant["subscription"]["items"][0]["price"], "price_pro",
         "{tenant}"
     );
-    let sso = check(&app, "acme", "sso").await;
+    let sso = app.check("acme", "sso").await;
     assert_eq!(sso["allowed"], true, "{sso}");
     app.stop().await;
 }
@@ -454,11 +448,7 @@ async fn a_dashboard_edit_in_between_ends_in_conflict(backend: Backend) {
     let fake = Fake::start().await;
     let app = start(backend, &fake).await;
     tenant_with_customer(&app, "acme").await;
-    let first = subscribe(&app, "acme", json!({"price": "plan_basic"})).await;
-    assert_eq!(
-        ended(&app, first["id"].as_str().unwrap()).await["status"],
-        "succeeded"
-    );
+    subscribed(&app, "acme", "plan_basic").await;
 
     // Customer success moves the tenant to another price in the dashboard; billsync has not
     // heard of it when the app asks for an upgrade.
@@ -656,7 +646,7 @@ async fn cancel_at_period_end_and_resume_follow_the_vendor(backend: Backend) {
     assert_eq!(updates, ["true", "false"]);
     let tenant = app.get_json("/v1/tenants/acme").await;
     assert_eq!(tenant["subscription"]["cancel_at_period_end"], false);
-    assert_eq!(check(&app, "acme", "sso").await["allowed"], true);
+    assert_eq!(app.check("acme", "sso").await["allowed"], true);
     app.stop().await;
 }
 
@@ -664,12 +654,8 @@ async fn cancel_now_ends_the_subscription_and_the_plan(backend: Backend) {
     let fake = Fake::start().await;
     let app = start(backend, &fake).await;
     tenant_with_customer(&app, "acme").await;
-    let set = subscribe(&app, "acme", json!({"price": "price_pro"})).await;
-    assert_eq!(
-        ended(&app, set["id"].as_str().unwrap()).await["status"],
-        "succeeded"
-    );
-    assert_eq!(check(&app, "acme", "sso").await["allowed"], true);
+    subscribed(&app, "acme", "price_pro").await;
+    assert_eq!(app.check("acme", "sso").await["allowed"], true);
     let cancel: Value = app
         .v1(
             Method::DELETE,
@@ -686,7 +672,7 @@ async fn cancel_now_ends_the_subscription_and_the_plan(backend: Backend) {
     assert_eq!(done["subscription"]["status"], "canceled");
     assert_eq!(fake.calls("DELETE", "/v1/subscriptions/").await.len(), 1);
     // The free plan of the test catalog has no SSO.
-    let sso = check(&app, "acme", "sso").await;
+    let sso = app.check("acme", "sso").await;
     assert_eq!(sso["allowed"], false, "{sso}");
     app.stop().await;
 }

@@ -47,6 +47,21 @@ impl LocalStripe {
         Self { child, base }
     }
 
+    /// Registers the service's webhook endpoint, signed with [`SECRET`].
+    async fn send_webhooks_to(&self, app: &TestApp) {
+        let registered = app
+            .client
+            .post(format!("{}/_config/webhooks/billsync", self.base))
+            .form(&[
+                ("url", app.url("/webhooks/stripe")),
+                ("secret", SECRET.to_owned()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert!(registered.status().is_success());
+    }
+
     fn flow(&self, args: &[&str]) -> Value {
         let output = Command::new(venv_bin("python"))
             .arg(concat!(
@@ -73,24 +88,6 @@ impl Drop for LocalStripe {
     }
 }
 
-async fn check(app: &TestApp, feature: &str) -> Value {
-    check_of(app, "e2e-tenant", feature).await
-}
-
-async fn check_of(app: &TestApp, tenant: &str, feature: &str) -> Value {
-    let response = app
-        .v1(
-            reqwest::Method::POST,
-            &format!("/v1/tenants/{tenant}/entitlements/check"),
-        )
-        .json(&serde_json::json!({ "feature": feature }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
-}
-
 async fn tenant(app: &TestApp, id: &str) -> Option<Value> {
     let response = app.get_tenant(id).await;
     (response.status() == 200).then_some(response.json().await.unwrap())
@@ -108,17 +105,7 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
         crate::helpers::use_test_catalog(s);
     })
     .await;
-    let registered = app
-        .client
-        .post(format!("{}/_config/webhooks/billsync", stripe.base))
-        .form(&[
-            ("url", app.url("/webhooks/stripe")),
-            ("secret", SECRET.to_owned()),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert!(registered.status().is_success());
+    stripe.send_webhooks_to(&app).await;
 
     let created = stripe.flow(&["setup", "e2e-tenant"]);
     wait_for("the subscription on plan_basic", || async {
@@ -134,12 +121,15 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
     assert_eq!(seen["email"], "e2e-tenant@example.test");
 
     // The test catalog gives plan_basic 100 API calls and no SSO.
-    let api_calls = check(&app, "api_calls").await;
+    let api_calls = app.check("e2e-tenant", "api_calls").await;
     assert_eq!(
         (api_calls["allowed"].as_bool(), api_calls["limit"].as_i64()),
         (Some(true), Some(100))
     );
-    assert_eq!(check(&app, "sso").await["reason"], "feature_not_in_plan");
+    assert_eq!(
+        app.check("e2e-tenant", "sso").await["reason"],
+        "feature_not_in_plan"
+    );
 
     // localstripe never emits customer.subscription.updated: the sweep must find the change.
     let sub = created["subscription"].as_str().unwrap();
@@ -220,15 +210,7 @@ async fn e2e_self_serve_changes_reach_localstripe_once_and_come_back(backend: Ba
         crate::helpers::use_test_catalog(s);
     })
     .await;
-    app.client
-        .post(format!("{}/_config/webhooks/billsync", stripe.base))
-        .form(&[
-            ("url", app.url("/webhooks/stripe")),
-            ("secret", SECRET.to_owned()),
-        ])
-        .send()
-        .await
-        .unwrap();
+    stripe.send_webhooks_to(&app).await;
     stripe.flow(&["plans"]);
 
     // A new tenant: its customer appears at the vendor, named after it.
@@ -266,12 +248,12 @@ async fn e2e_self_serve_changes_reach_localstripe_once_and_come_back(backend: Ba
         subscribed["subscription"]["status"], "active",
         "{subscribed}"
     );
-    let calls = check_of(&app, "self-serve", "api_calls").await;
+    let calls = app.check("self-serve", "api_calls").await;
     assert_eq!(
         (calls["allowed"].as_bool(), calls["limit"].as_i64()),
         (Some(true), Some(100))
     );
-    assert_eq!(check_of(&app, "self-serve", "sso").await["allowed"], false);
+    assert_eq!(app.check("self-serve", "sso").await["allowed"], false);
 
     // The preview asks localstripe for the upcoming invoice and changes nothing.
     let preview = app
@@ -292,11 +274,8 @@ async fn e2e_self_serve_changes_reach_localstripe_once_and_come_back(backend: Ba
     )
     .await;
     assert_eq!(upgraded["subscription"]["items"][0]["price"], "plan_pro");
-    assert_eq!(check_of(&app, "self-serve", "sso").await["allowed"], true);
-    assert_eq!(
-        check_of(&app, "self-serve", "api_calls").await["limit"],
-        1000
-    );
+    assert_eq!(app.check("self-serve", "sso").await["allowed"], true);
+    assert_eq!(app.check("self-serve", "api_calls").await["limit"], 1000);
 
     // Cancel at period end, then resume: still on the plan throughout.
     let canceling = change(
@@ -311,7 +290,7 @@ async fn e2e_self_serve_changes_reach_localstripe_once_and_come_back(backend: Ba
         tenant(&app, "self-serve").await.unwrap()["subscription"]["cancel_at_period_end"],
         true
     );
-    assert_eq!(check_of(&app, "self-serve", "sso").await["allowed"], true);
+    assert_eq!(app.check("self-serve", "sso").await["allowed"], true);
     let resumed = change(&app, reqwest::Method::POST, &format!("{path}/resume"), None).await;
     assert_eq!(resumed["subscription"]["cancel_at_period_end"], false);
 

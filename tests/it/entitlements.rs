@@ -84,17 +84,7 @@ async fn subscribe(app: &TestApp, subscription: Value) {
 }
 
 async fn check(app: &TestApp, tenant: &str, body: Value) -> Value {
-    let response = app
-        .v1(
-            reqwest::Method::POST,
-            &format!("/v1/tenants/{tenant}/entitlements/check"),
-        )
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
+    app.check_body(tenant, body).await
 }
 
 async fn post_usage(app: &TestApp, events: Value) -> Value {

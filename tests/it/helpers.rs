@@ -289,6 +289,27 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
+    /// POSTs an entitlement check for the tenant; asserts it was answered.
+    pub async fn check_body(&self, tenant: &str, body: Value) -> Value {
+        let response = self
+            .v1(
+                reqwest::Method::POST,
+                &format!("/v1/tenants/{tenant}/entitlements/check"),
+            )
+            .json(&body)
+            .send()
+            .await
+            .expect("POST check");
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// Checks one unit of `feature` for the tenant.
+    pub async fn check(&self, tenant: &str, feature: &str) -> Value {
+        self.check_body(tenant, serde_json::json!({ "feature": feature }))
+            .await
+    }
+
     pub async fn get_json(&self, path: &str) -> Value {
         let response = self
             .v1(reqwest::Method::GET, path)
