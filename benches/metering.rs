@@ -201,6 +201,15 @@ impl BillingVendor for CountingVendor {
             "the metering bench previews nothing".into(),
         ))
     }
+    async fn meter_usage(
+        &self,
+        _: &str,
+        _: &str,
+        _: i64,
+        _: i64,
+    ) -> Result<Option<rust_decimal::Decimal>, VendorError> {
+        Ok(None)
+    }
 }
 
 /// Vendor calls per second when one push interval (10 s) carries 20,000 events/s.

@@ -16,6 +16,7 @@ use crate::metering::Metering;
 use crate::metering::counters::Counters;
 use crate::metering::pusher::Pusher;
 use crate::metrics::Metrics;
+use crate::reconcile::Reconciler;
 use crate::store::{Db, StoreError};
 use crate::sync::Applier;
 use crate::sync::outbox::Outbox;
@@ -164,6 +165,19 @@ impl AppState {
         }
     }
 
+    pub fn reconciler(&self) -> Reconciler {
+        let settings = &self.settings.reconcile;
+        Reconciler {
+            db: self.db.clone(),
+            vendor: self.vendor.clone(),
+            catalog: self.metering.catalog.clone(),
+            metrics: self.metrics.clone(),
+            wake: self.wake.clone(),
+            vendor_usage: settings.vendor_usage,
+            drift_sample: settings.drift_sample,
+        }
+    }
+
     pub fn pusher(&self, vendor: Arc<dyn BillingVendor>) -> Pusher {
         Pusher {
             metering: self.metering.clone(),
@@ -277,6 +291,14 @@ pub async fn run(
         tracing::warn!(
             "no webhook secrets configured (stripe.webhook_secrets): every webhook is refused"
         );
+    }
+
+    if let Some(interval) = settings.reconcile.interval {
+        workers.spawn(state.reconciler().run_scheduled(
+            interval,
+            settings.reconcile.window,
+            shutdown.clone(),
+        ));
     }
 
     #[cfg(unix)]

@@ -35,6 +35,8 @@ pub struct Meter {
     pub allow_negative: bool,
     /// For `unique_count`: the event property whose distinct values are counted.
     pub property: Option<String>,
+    /// The Stripe prices (or plans) whose invoice lines bill this meter, for reconciliation.
+    pub stripe_prices: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -65,6 +67,8 @@ struct RawMeter {
     #[serde(default)]
     allow_negative: bool,
     property: Option<String>,
+    #[serde(default)]
+    stripe_prices: Vec<String>,
 }
 
 /// Why the catalog could not be loaded; names the file and the entry.
@@ -123,6 +127,7 @@ impl Catalog {
                     late_window,
                     allow_negative: m.allow_negative,
                     property: m.property,
+                    stripe_prices: m.stripe_prices,
                 },
             );
         }

@@ -38,6 +38,18 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub runtime: RuntimeSettings,
     pub outbox: OutboxSettings,
+    pub reconcile: ReconcileSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReconcileSettings {
+    /// How often a scheduled run reconciles the last `window`; `None`: never.
+    pub interval: Option<Duration>,
+    pub window: Duration,
+    /// Ask Stripe for its meter totals (a call per tenant, meter and period).
+    pub vendor_usage: bool,
+    /// Tenants a run over every tenant checks for drift (first in tenant order).
+    pub drift_sample: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -192,6 +204,7 @@ struct Raw {
     shutdown: RawShutdown,
     runtime: RawRuntime,
     outbox: RawOutbox,
+    reconcile: RawReconcile,
 }
 
 #[derive(Deserialize)]
@@ -275,6 +288,15 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawShutdown {
     grace: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReconcile {
+    interval: String,
+    window: String,
+    vendor_usage: bool,
+    drift_sample: usize,
 }
 
 #[derive(Deserialize)]
@@ -486,6 +508,14 @@ impl Settings {
             give_up_after: positive("outbox.give_up_after", &raw.outbox.give_up_after)?,
         };
 
+        let interval = duration("reconcile.interval", &raw.reconcile.interval)?;
+        let reconcile = ReconcileSettings {
+            interval: (!interval.is_zero()).then_some(interval),
+            window: positive("reconcile.window", &raw.reconcile.window)?,
+            vendor_usage: raw.reconcile.vendor_usage,
+            drift_sample: raw.reconcile.drift_sample,
+        };
+
         let level = raw.log.level.trim().to_owned();
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
             return Err(ConfigError::new(
@@ -547,6 +577,7 @@ impl Settings {
             },
             runtime,
             outbox,
+            reconcile,
         })
     }
 }

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod entitlements;
 pub mod metering;
 pub mod metrics;
+pub mod reconcile;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

@@ -23,12 +23,37 @@ enum Command {
     /// List every customer, product, price, plan, subscription, invoice, payment and credit note
     /// from Stripe and bring the mirror up to date. Resumes where an interrupted run stopped.
     Backfill,
+    /// Reconcile usage, pushes, invoices and payments over a window, print the report, and exit
+    /// 1 when anything does not match.
+    Reconcile {
+        /// Start of the window (RFC 3339 or YYYY-MM-DD, UTC), included.
+        #[arg(long)]
+        from: String,
+        /// End of the window, excluded.
+        #[arg(long)]
+        to: String,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Report drift without repairing it.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Rebuild the mirror from the stored events alone (no vendor calls) and report what differs.
     Replay {
         /// Only report; leave the mirror as it is.
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
 }
 
 fn main() -> ExitCode {
@@ -40,7 +65,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    billsync::telemetry::init(&settings.log);
+    // serve logs to stdout; the other commands print their report there and log to stderr.
+    billsync::telemetry::init_to(&settings.log, !matches!(cli.command, Command::Serve));
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = settings.runtime.worker_threads {
         builder.worker_threads(threads);
@@ -54,6 +80,13 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         match cli.command {
+            Command::Reconcile {
+                from,
+                to,
+                tenant,
+                format,
+                dry_run,
+            } => reconcile(settings, &from, &to, tenant, format, dry_run).await,
             Command::Serve => serve(settings).await,
             Command::Migrate => migrate(settings).await,
             Command::Backfill => backfill(settings).await,
@@ -62,6 +95,7 @@ fn main() -> ExitCode {
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        Err(message) if message == FINDINGS => ExitCode::from(1),
         Err(message) => {
             tracing::error!(error = %message, "billsync failed");
             eprintln!("billsync: {message}");
@@ -111,6 +145,113 @@ async fn backfill(settings: Settings) -> Result<(), String> {
     println!("applied {} inbox rows", report.applied);
     state.db.close().await;
     Ok(())
+}
+
+/// The outcome of a reconciliation that found differences: exit code 1, nothing more to say.
+const FINDINGS: &str = "reconciliation found differences";
+
+async fn reconcile(
+    settings: Settings,
+    from: &str,
+    to: &str,
+    tenant: Option<String>,
+    format: Format,
+    dry_run: bool,
+) -> Result<(), String> {
+    use billsync::domain::parse_time;
+    let time = |name: &str, text: &str| {
+        parse_time(text).ok_or_else(|| format!("--{name} must be an RFC 3339 time or YYYY-MM-DD"))
+    };
+    let params = billsync::reconcile::Params {
+        from_ms: time("from", from)?,
+        to_ms: time("to", to)?,
+        tenant,
+        dry_run,
+    };
+    if params.to_ms <= params.from_ms {
+        return Err("--to must be after --from".to_owned());
+    }
+    let state = app::AppState::build(settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (run_id, report) = state
+        .reconciler()
+        .run(&params, "cli")
+        .await
+        .map_err(|e| e.to_string())?;
+    state.db.close().await;
+    let items: Vec<serde_json::Value> = report.items.iter().map(|i| i.to_json()).collect();
+    match format {
+        Format::Json => {
+            let out = serde_json::json!({"id": run_id, "summary": report.summary, "items": items});
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        }
+        Format::Csv => {
+            println!("area,finding,tenant_id,subject,cause,detail");
+            for item in &items {
+                println!(
+                    "{},{},{},{},{},{}",
+                    csv(&item["area"]),
+                    csv(&item["finding"]),
+                    csv(&item["tenant_id"]),
+                    csv(&subject(item)),
+                    csv(&item["cause"]),
+                    csv(&serde_json::Value::String(item.to_string()))
+                );
+            }
+        }
+        Format::Table => {
+            println!("reconciliation {run_id}: {} finding(s)", items.len());
+            println!(
+                "{:<8} {:<22} {:<20} {:<40} cause",
+                "area", "finding", "tenant", "subject"
+            );
+            for item in &items {
+                println!(
+                    "{:<8} {:<22} {:<20} {:<40} {}",
+                    item["area"].as_str().unwrap_or_default(),
+                    item["finding"].as_str().unwrap_or_default(),
+                    item["tenant_id"].as_str().unwrap_or("-"),
+                    subject(item).as_str().unwrap_or_default(),
+                    item["cause"].as_str().unwrap_or_default()
+                );
+            }
+        }
+    }
+    if items.is_empty() {
+        Ok(())
+    } else {
+        Err(FINDINGS.to_owned())
+    }
+}
+
+/// What an item is about, in a word: the invoice, the meter and period, or the object.
+fn subject(item: &serde_json::Value) -> serde_json::Value {
+    let text = match item["area"].as_str() {
+        Some("money") => item["invoice"].as_str().unwrap_or_default().to_owned(),
+        Some("usage") => format!(
+            "{} {}..{}",
+            item["meter"].as_str().unwrap_or_default(),
+            item["period_start"].as_str().unwrap_or_default(),
+            item["period_end"].as_str().unwrap_or_default()
+        ),
+        _ => item["object_id"].as_str().unwrap_or_default().to_owned(),
+    };
+    serde_json::Value::String(text)
+}
+
+/// One CSV field, quoted when it needs to be.
+fn csv(value: &serde_json::Value) -> String {
+    let text = match value {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if text.contains([',', '"', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text
+    }
 }
 
 async fn replay(settings: Settings, dry_run: bool) -> Result<(), String> {

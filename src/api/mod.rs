@@ -9,6 +9,7 @@ pub mod health;
 pub mod json;
 pub mod metrics;
 pub mod pagination;
+pub mod reconcile;
 pub mod sync;
 pub mod tenants;
 pub mod usage;
@@ -103,6 +104,12 @@ pub fn routes() -> Vec<Route> {
             get(commands::get_command),
         ),
         route(Method::GET, "/v1/sync/status", get(sync::sync_status)),
+        route(Method::POST, "/v1/reconciliations", post(reconcile::start)),
+        route(
+            Method::GET,
+            "/v1/reconciliations/{run_id}",
+            get(reconcile::get),
+        ),
         route(
             Method::POST,
             "/v1/usage",

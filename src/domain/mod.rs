@@ -6,7 +6,7 @@ mod time;
 
 pub use billing::{Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem};
 pub use tenant::{Email, TenantId, TenantName};
-pub use time::{rfc3339, rfc3339_secs};
+pub use time::{parse_time, rfc3339, rfc3339_secs};
 
 /// A value that failed to parse, naming the field it came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -12,6 +12,8 @@ pub enum Source {
     Backfill,
     /// The vendor's answer to one of billsync's own commands.
     Command,
+    /// A state a reconciliation's drift check fetched, to repair the mirror.
+    Reconcile,
 }
 
 impl Source {
@@ -22,12 +24,14 @@ impl Source {
             Self::Sweep => "sweep",
             Self::Backfill => "backfill",
             Self::Command => "command",
+            Self::Reconcile => "reconcile",
         }
     }
 
-    /// Sweep, backfill and command rows carry a state fetched just now, not an event's snapshot.
+    /// Sweep, backfill, command and reconcile rows carry a state fetched just now, not an
+    /// event's snapshot.
     pub fn is_fresh_state(name: &str) -> bool {
-        matches!(name, "sweep" | "backfill" | "command")
+        matches!(name, "sweep" | "backfill" | "command" | "reconcile")
     }
 }
 

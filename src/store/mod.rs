@@ -7,6 +7,7 @@
 mod commands;
 mod inbox;
 mod mirror;
+mod reconcile;
 mod tenants;
 mod usage;
 
@@ -28,6 +29,7 @@ pub use mirror::{
     Apply, ApplyOutcome, Confirmed, Mirror, MirrorRow, ObjectState, PageKinds, SyncState,
     TenantClaim,
 };
+pub use reconcile::{ItemRow, Reconciliations, RunRow, UsageFact};
 pub use tenants::{TenantRecord, Tenants, Upserted};
 pub use usage::{PushRow, Usage, UsageRow};
 
@@ -217,6 +219,10 @@ impl Db {
 
     pub fn usage(&self) -> Usage<'_> {
         Usage::new(self)
+    }
+
+    pub fn reconciliations(&self) -> Reconciliations<'_> {
+        Reconciliations::new(self)
     }
 
     pub fn sync_state(&self) -> SyncState<'_> {

@@ -133,6 +133,19 @@ impl<'a> Tenants<'a> {
         Ok(upserted)
     }
 
+    /// Every tenant linked to a customer, as (tenant, customer), in tenant order.
+    pub async fn linked(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT tenant_id, customer_id FROM tenants WHERE customer_id IS NOT NULL \
+                 ORDER BY tenant_id",
+            )
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
     /// The customer ids of every tenant linked to one.
     pub async fn linked_customers(&self) -> Result<Vec<String>, StoreError> {
         let rows = on_pool!(self.db, |pool| {

@@ -230,4 +230,14 @@ pub trait BillingVendor: Send + Sync {
 
     /// The invoice the change would produce (the vendor's upcoming-invoice preview).
     async fn preview(&self, request: &PreviewRequest<'_>) -> Result<Value, VendorError>;
+
+    /// What the vendor's meter named `event_name` holds for the customer between two times
+    /// (Unix seconds); `None` when the vendor has no such meter.
+    async fn meter_usage(
+        &self,
+        event_name: &str,
+        customer: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Option<rust_decimal::Decimal>, VendorError>;
 }

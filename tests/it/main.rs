@@ -9,6 +9,7 @@ mod e2e;
 mod entitlements;
 mod health;
 mod openapi;
+mod reconcile;
 mod sync;
 mod tenants;
 mod usage;

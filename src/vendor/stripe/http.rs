@@ -39,6 +39,8 @@ pub struct StripeHttp {
     metrics: Arc<Metrics>,
     legacy_plans: bool,
     tenant_key: String,
+    /// The vendor's meters by event name, listed once.
+    meters: Mutex<Option<std::collections::HashMap<String, String>>>,
 }
 
 impl StripeHttp {
@@ -67,6 +69,7 @@ impl StripeHttp {
             metrics,
             legacy_plans: settings.legacy_plans,
             tenant_key: settings.tenant_metadata_key.clone(),
+            meters: Mutex::new(None),
         }))
     }
 
@@ -447,6 +450,85 @@ impl BillingVendor for StripeHttp {
             Answer::Found(value) => Ok(value),
             Answer::NotFound(body) => Err(rejected(StatusCode::NOT_FOUND, &body)),
         }
+    }
+
+    async fn meter_usage(
+        &self,
+        event_name: &str,
+        customer: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Option<rust_decimal::Decimal>, VendorError> {
+        let Some(meter) = self.meter_id(event_name).await? else {
+            return Ok(None);
+        };
+        // Stripe takes summary bounds on minute boundaries.
+        let query = vec![
+            ("customer".to_owned(), customer.to_owned()),
+            (
+                "start_time".to_owned(),
+                (start - start.rem_euclid(60)).to_string(),
+            ),
+            (
+                "end_time".to_owned(),
+                (end - end.rem_euclid(60)).to_string(),
+            ),
+            ("limit".to_owned(), "100".to_owned()),
+        ];
+        let path = format!("/v1/billing/meters/{}/event_summaries", urlencode(&meter));
+        let page = self
+            .page("billing/meters/event_summaries", &path, query)
+            .await?;
+        let total = page
+            .data
+            .iter()
+            .filter_map(|s| {
+                let value = &s["aggregated_value"];
+                value
+                    .as_str()
+                    .map(str::to_owned)
+                    .or_else(|| value.as_number().map(|n| n.to_string()))
+            })
+            .filter_map(|v| {
+                <rust_decimal::Decimal as std::str::FromStr>::from_str(&v)
+                    .ok()
+                    .or_else(|| rust_decimal::Decimal::from_scientific(&v).ok())
+            })
+            .sum();
+        Ok(Some(total))
+    }
+}
+
+impl StripeHttp {
+    /// The id of the meter with this event name (the meters are listed once per process).
+    async fn meter_id(&self, event_name: &str) -> Result<Option<String>, VendorError> {
+        let mut meters = self.meters.lock().await;
+        if meters.is_none() {
+            let mut found = std::collections::HashMap::new();
+            let mut after: Option<String> = None;
+            loop {
+                let mut query = vec![("limit".to_owned(), "100".to_owned())];
+                if let Some(after) = &after {
+                    query.push(("starting_after".to_owned(), after.clone()));
+                }
+                let page = self
+                    .page("billing/meters", "/v1/billing/meters", query)
+                    .await?;
+                after = page.data.last().and_then(|m| objects::id_of(&m["id"]));
+                for meter in &page.data {
+                    if let (Some(name), Some(id)) =
+                        (meter["event_name"].as_str(), objects::id_of(&meter["id"]))
+                    {
+                        found.insert(name.to_owned(), id);
+                    }
+                }
+                if !page.has_more || after.is_none() {
+                    break;
+                }
+            }
+            *meters = Some(found);
+        }
+        Ok(meters.as_ref().and_then(|m| m.get(event_name).cloned()))
     }
 }
 

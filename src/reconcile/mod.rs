@@ -1,0 +1,489 @@
+//! Reconciliation: every difference between what billsync metered, what it pushed, what the
+//! vendor holds and invoiced, and what was paid, itemised with its evidence.
+//!
+//! A run reads the usage log, the push ledger and the mirror (and asks the vendor for its meter
+//! totals and, for drift, its current subscriptions). It writes only its report, and, unless it
+//! is a dry run, the vendor states that repair drift (as inbox rows, source `reconcile`, which
+//! the applier applies like any other). The same inputs give the same report.
+
+pub mod drift;
+pub mod money;
+pub mod usage;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::Catalog;
+use crate::domain::rfc3339;
+use crate::metrics::Metrics;
+use crate::store::{Db, RunRow, StoreError, now_ms};
+use crate::sync::SyncError;
+use crate::vendor::stripe::objects;
+use crate::vendor::{BillingVendor, ObjectKind};
+
+/// What a reconciliation can find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finding {
+    // usage
+    NotYetPushed,
+    RejectedByVendor,
+    OutsideVendorWindow,
+    ArrivedAfterInvoice,
+    InvoiceMissing,
+    VendorMismatch,
+    InvoiceMismatch,
+    Unexplained,
+    // money
+    MissingPayment,
+    PartiallyPaid,
+    Overpaid,
+    AmountMismatch,
+    Refunded,
+    Disputed,
+    Void,
+    Uncollectible,
+    CurrencyMismatch,
+    // drift
+    Drift,
+}
+
+impl Finding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotYetPushed => "not_yet_pushed",
+            Self::RejectedByVendor => "rejected_by_vendor",
+            Self::OutsideVendorWindow => "outside_vendor_window",
+            Self::ArrivedAfterInvoice => "arrived_after_invoice",
+            Self::InvoiceMissing => "invoice_missing",
+            Self::VendorMismatch => "vendor_mismatch",
+            Self::InvoiceMismatch => "invoice_mismatch",
+            Self::Unexplained => "unexplained",
+            Self::MissingPayment => "missing_payment",
+            Self::PartiallyPaid => "partially_paid",
+            Self::Overpaid => "overpaid",
+            Self::AmountMismatch => "amount_mismatch",
+            Self::Refunded => "refunded",
+            Self::Disputed => "disputed",
+            Self::Void => "void",
+            Self::Uncollectible => "uncollectible",
+            Self::CurrencyMismatch => "currency_mismatch",
+            Self::Drift => "drift",
+        }
+    }
+}
+
+/// One finding: its area (`usage`, `money`, `drift`), its kind, the tenant, and the figures,
+/// cause and evidence.
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub area: &'static str,
+    pub finding: Finding,
+    pub tenant_id: Option<String>,
+    pub detail: Value,
+}
+
+impl Item {
+    /// The item as the report shows it.
+    pub fn to_json(&self) -> Value {
+        let mut out = json!({
+            "area": self.area,
+            "finding": self.finding.as_str(),
+            "tenant_id": self.tenant_id,
+        });
+        if let (Value::Object(out), Value::Object(detail)) = (&mut out, &self.detail) {
+            out.extend(detail.clone());
+        }
+        out
+    }
+}
+
+/// What to reconcile.
+#[derive(Debug, Clone)]
+pub struct Params {
+    /// Unix ms, `[from, to)`.
+    pub from_ms: i64,
+    pub to_ms: i64,
+    pub tenant: Option<String>,
+    /// Report drift without repairing it.
+    pub dry_run: bool,
+}
+
+/// A finished report: the summary and the items, in report order.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub summary: Value,
+    pub items: Vec<Item>,
+}
+
+#[derive(Clone)]
+pub struct Reconciler {
+    pub db: Db,
+    pub vendor: Option<Arc<dyn BillingVendor>>,
+    pub catalog: Arc<Catalog>,
+    pub metrics: Arc<Metrics>,
+    /// Wakes the applier after drift repairs are queued.
+    pub wake: Arc<Notify>,
+    /// Ask the vendor for its meter totals (one call per tenant, meter and period).
+    pub vendor_usage: bool,
+    /// How many tenants (in tenant order) a run over every tenant checks for drift.
+    pub drift_sample: usize,
+}
+
+impl Reconciler {
+    /// Computes the report. Drift repairs are queued unless `params.dry_run`.
+    pub async fn report(&self, params: &Params) -> Result<Report, SyncError> {
+        let db = &self.db;
+        let linked: Vec<(String, String)> = db
+            .tenants()
+            .linked()
+            .await?
+            .into_iter()
+            .filter(|(t, _)| params.tenant.as_ref().is_none_or(|only| only == t))
+            .collect();
+        let tenant_of: HashMap<&str, &str> = linked
+            .iter()
+            .map(|(t, c)| (c.as_str(), t.as_str()))
+            .collect();
+        let customer_filter = match &params.tenant {
+            Some(_) => match linked.first() {
+                Some((_, c)) => Some(c.as_str()),
+                None => Some(""),
+            },
+            None => None,
+        };
+        let reads = db.reconciliations();
+        // Invoices created in the window, and the payments of the same customers since then.
+        let from_s = params.from_ms.div_euclid(1000);
+        let to_s = params.to_ms.div_euclid(1000);
+        let invoices: Vec<money::Billed> = reads
+            .mirrored(&[ObjectKind::Invoice.as_str()], from_s, customer_filter)
+            .await?
+            .into_iter()
+            .filter(|row| row.created.is_some_and(|c| c < to_s))
+            .filter_map(|row| {
+                let tenant = tenant_of.get(row.customer_id.as_deref()?)?.to_string();
+                let raw: Value = serde_json::from_str(&row.payload).ok()?;
+                Some(money::Billed {
+                    tenant_id: tenant,
+                    invoice: objects::invoice(&raw),
+                    raw,
+                })
+            })
+            .collect();
+        let payments: Vec<crate::domain::Payment> = reads
+            .mirrored(
+                &["charge", "payment_intent", "credit_note"],
+                from_s,
+                customer_filter,
+            )
+            .await?
+            .into_iter()
+            .filter(|row| {
+                row.customer_id
+                    .as_deref()
+                    .is_some_and(|c| tenant_of.contains_key(c))
+            })
+            .filter_map(|row| {
+                let raw: Value = serde_json::from_str(&row.payload).ok()?;
+                Some(objects::payment(&row.object_type, &raw))
+            })
+            .collect();
+
+        // Usage: units are the invoice lines of prices that bill a meter.
+        let meters = &self.catalog.meters;
+        let price_meter: HashMap<&str, &str> = meters
+            .values()
+            .flat_map(|m| {
+                m.stripe_prices
+                    .iter()
+                    .map(move |p| (p.as_str(), m.name.as_str()))
+            })
+            .collect();
+        let customer_of: HashMap<&str, &str> = linked
+            .iter()
+            .map(|(t, c)| (t.as_str(), c.as_str()))
+            .collect();
+        let mut units = Vec::new();
+        for billed in &invoices {
+            let billed_at = billed.raw["status_transitions"]["finalized_at"]
+                .as_i64()
+                .or(billed.invoice.created)
+                .unwrap_or(0)
+                * 1000;
+            for line in &billed.invoice.lines {
+                let Some(meter) = line.price.as_deref().and_then(|p| price_meter.get(p)) else {
+                    continue;
+                };
+                let (Some(start), Some(end)) = (line.period_start, line.period_end) else {
+                    continue;
+                };
+                units.push(usage::Unit {
+                    tenant_id: billed.tenant_id.clone(),
+                    customer_id: customer_of
+                        .get(billed.tenant_id.as_str())
+                        .map(|c| c.to_string())
+                        .unwrap_or_default(),
+                    meter: meter.to_string(),
+                    start: start * 1000,
+                    end: end * 1000,
+                    invoice: Some(usage::InvoiceLine {
+                        invoice_id: billed.invoice.id.clone(),
+                        line_id: line.id.clone(),
+                        quantity: line.quantity,
+                        billed_at,
+                    }),
+                });
+            }
+        }
+        // Usage after the start of a tenant's current period is not billed yet.
+        let mut open_from = HashMap::new();
+        for (tenant, customer) in &linked {
+            if let Some((_, s)) = crate::sync::current_subscription(db, customer).await?
+                && s.liveness() > 0
+                && let Some(start) = s.current_period_start
+            {
+                open_from.insert(tenant.clone(), start * 1000);
+            }
+        }
+        let tenant = params.tenant.as_deref();
+        let events = reads.usage(params.from_ms, params.to_ms, tenant).await?;
+        let pushes = reads.pushes(params.from_ms, params.to_ms, tenant).await?;
+        let vendor_usage = self.vendor_usage_of(&units).await?;
+        let mut items = usage::reconcile(meters, units, events, pushes, &open_from, &vendor_usage);
+        let usage_items = items.len();
+
+        let money = money::reconcile(&invoices, &payments, now_ms() / 1000);
+        items.extend(money.items);
+
+        // Drift: one tenant, or a sample of every tenant, when the vendor can be asked.
+        let mut drift_checked = 0;
+        if let Some(vendor) = &self.vendor {
+            let sample: Vec<(String, String)> = match &params.tenant {
+                Some(_) => linked.clone(),
+                None => linked.iter().take(self.drift_sample).cloned().collect(),
+            };
+            drift_checked = sample.len();
+            let (drift, repairs) = drift::check(db, vendor.as_ref(), &sample).await?;
+            if !params.dry_run && !repairs.is_empty() {
+                db.inbox().insert(&repairs, now_ms()).await?;
+                tracing::warn!(
+                    repaired = repairs.len(),
+                    "reconciliation: drift repaired by applying the vendor's state"
+                );
+                self.wake.notify_one();
+            }
+            items.extend(drift.into_iter().map(|mut item| {
+                item.detail["repaired"] = json!(!params.dry_run);
+                item
+            }));
+        }
+
+        items.sort_by(|a, b| {
+            (a.area, &a.tenant_id, a.finding, a.detail.to_string()).cmp(&(
+                b.area,
+                &b.tenant_id,
+                b.finding,
+                b.detail.to_string(),
+            ))
+        });
+        let summary = summarize(
+            params,
+            &items,
+            usage_items,
+            money.matched,
+            invoices.len(),
+            drift_checked,
+            self.vendor.is_some() && self.vendor_usage,
+        );
+        Ok(Report { summary, items })
+    }
+
+    /// Runs a reconciliation to the end and stores it; returns the run id.
+    pub async fn run(&self, params: &Params, trigger: &str) -> Result<(String, Report), SyncError> {
+        let run_id = self.begin(params, trigger).await?;
+        let report = self.finish(&run_id, params).await?;
+        Ok((run_id, report))
+    }
+
+    /// Stores a new run as `running`; [`Reconciler::finish`] completes it.
+    pub async fn begin(&self, params: &Params, trigger: &str) -> Result<String, StoreError> {
+        let run_id = format!("rec_{}", uuid::Uuid::now_v7().simple());
+        self.db
+            .reconciliations()
+            .start(&RunRow {
+                run_id: run_id.clone(),
+                period_from: params.from_ms,
+                period_to: params.to_ms,
+                tenant_id: params.tenant.clone(),
+                dry_run: params.dry_run,
+                trigger: trigger.to_owned(),
+                status: "running".to_owned(),
+                summary: None,
+                error: None,
+                started_at: now_ms(),
+                finished_at: None,
+            })
+            .await?;
+        Ok(run_id)
+    }
+
+    /// Computes the report of a begun run and stores it (or the failure).
+    pub async fn finish(&self, run_id: &str, params: &Params) -> Result<Report, SyncError> {
+        let started = std::time::Instant::now();
+        let report = match self.report(params).await {
+            Ok(report) => report,
+            Err(error) => {
+                self.db
+                    .reconciliations()
+                    .fail(run_id, &error.to_string(), now_ms())
+                    .await?;
+                return Err(error);
+            }
+        };
+        let rows: Vec<(String, String, Option<String>, String)> = report
+            .items
+            .iter()
+            .map(|i| {
+                (
+                    i.area.to_owned(),
+                    i.finding.as_str().to_owned(),
+                    i.tenant_id.clone(),
+                    i.to_json().to_string(),
+                )
+            })
+            .collect();
+        self.db
+            .reconciliations()
+            .finish(run_id, &report.summary.to_string(), &rows, now_ms())
+            .await?;
+        self.metrics.set(
+            "billsync_reconciliation_open_findings",
+            "Findings of the latest reconciliation run.",
+            &[],
+            report.items.len() as f64,
+        );
+        self.metrics.observe(
+            "billsync_reconciliation_seconds",
+            "Time to compute and store one reconciliation report.",
+            &[],
+            started.elapsed().as_secs_f64(),
+        );
+        tracing::info!(run_id, findings = report.items.len(), "reconciliation done");
+        Ok(report)
+    }
+
+    /// Every `interval`, reconciles the last `window` for every tenant.
+    pub async fn run_scheduled(
+        self,
+        interval: Duration,
+        window: Duration,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let to_ms = now_ms();
+            let params = Params {
+                from_ms: to_ms - window.as_millis() as i64,
+                to_ms,
+                tenant: None,
+                dry_run: false,
+            };
+            if let Err(error) = self.run(&params, "schedule").await {
+                tracing::warn!(error = %error, "scheduled reconciliation failed");
+            }
+        }
+    }
+
+    /// The vendor's meter total for each unit, when asked for and possible.
+    async fn vendor_usage_of(
+        &self,
+        units: &[usage::Unit],
+    ) -> Result<HashMap<(String, String, i64), Decimal>, SyncError> {
+        let mut totals = HashMap::new();
+        let Some(vendor) = self.vendor.as_ref().filter(|_| self.vendor_usage) else {
+            return Ok(totals);
+        };
+        for unit in units {
+            let Some(event_name) = self
+                .catalog
+                .meters
+                .get(&unit.meter)
+                .and_then(|m| m.stripe_event_name.as_deref())
+            else {
+                continue;
+            };
+            if let Some(total) = vendor
+                .meter_usage(
+                    event_name,
+                    &unit.customer_id,
+                    unit.start / 1000,
+                    unit.end / 1000,
+                )
+                .await?
+            {
+                totals.insert(
+                    (unit.tenant_id.clone(), unit.meter.clone(), unit.start),
+                    total,
+                );
+            }
+        }
+        Ok(totals)
+    }
+}
+
+fn summarize(
+    params: &Params,
+    items: &[Item],
+    usage_items: usize,
+    matched_invoices: usize,
+    invoices: usize,
+    drift_checked: usize,
+    vendor_usage: bool,
+) -> Value {
+    let mut findings: BTreeMap<&str, (u64, BTreeMap<String, i64>)> = BTreeMap::new();
+    for item in items {
+        let entry = findings.entry(item.finding.as_str()).or_default();
+        entry.0 += 1;
+        if item.area == "money"
+            && let (Some(currency), Some(amount)) = (
+                item.detail["currency"].as_str(),
+                item.detail["amount_due"].as_i64(),
+            )
+        {
+            *entry.1.entry(currency.to_owned()).or_default() += amount;
+        }
+    }
+    let by_finding: serde_json::Map<String, Value> = findings
+        .into_iter()
+        .map(|(finding, (count, amounts))| {
+            (
+                finding.to_owned(),
+                json!({"count": count, "amount_due": amounts}),
+            )
+        })
+        .collect();
+    json!({
+        "from": rfc3339(params.from_ms),
+        "to": rfc3339(params.to_ms),
+        "tenant_id": params.tenant,
+        "dry_run": params.dry_run,
+        "items": items.len(),
+        "usage_items": usage_items,
+        "invoices": invoices,
+        "matched_invoices": matched_invoices,
+        "drift_checked_tenants": drift_checked,
+        "vendor_usage_asked": vendor_usage,
+        "findings": by_finding,
+    })
+}

@@ -1,0 +1,201 @@
+//! Money: each finalized invoice of the window against the payments the mirror holds for it
+//! (charges, payment intents, credit notes), in integer minor units.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use super::{Finding, Item};
+use crate::domain::{Invoice, Payment, rfc3339_secs};
+
+/// An invoice with the tenant it bills and its raw object (for the newer `payments` list).
+pub struct Billed {
+    pub tenant_id: String,
+    pub invoice: Invoice,
+    pub raw: Value,
+}
+
+/// What the money side found: the items, and how many invoices matched.
+pub struct Outcome {
+    pub items: Vec<Item>,
+    pub matched: usize,
+}
+
+/// Compares every invoice with its payments. `payments` are all mirrored payments of the
+/// customers concerned; `now_s` decides what is past due.
+pub fn reconcile(invoices: &[Billed], payments: &[Payment], now_s: i64) -> Outcome {
+    let intents: HashMap<&str, &Payment> = payments
+        .iter()
+        .filter(|p| p.kind == "payment_intent")
+        .map(|p| (p.id.as_str(), p))
+        .collect();
+    let mut items = Vec::new();
+    let mut matched = 0;
+    for billed in invoices {
+        let found = findings(billed, payments, &intents, now_s);
+        if found.is_empty() {
+            matched += 1;
+        }
+        items.extend(found);
+    }
+    Outcome { items, matched }
+}
+
+fn findings(
+    billed: &Billed,
+    payments: &[Payment],
+    intents: &HashMap<&str, &Payment>,
+    now_s: i64,
+) -> Vec<Item> {
+    let invoice = &billed.invoice;
+    let status = invoice.status.as_deref().unwrap_or("");
+    if status == "draft" || status.is_empty() {
+        return Vec::new();
+    }
+    // Payment intents the invoice names itself (older versions: `payment_intent`; newer: the
+    // `payments` list).
+    let mut named: Vec<String> = billed.raw["payment_intent"]
+        .as_str()
+        .map(|s| vec![s.to_owned()])
+        .or_else(|| {
+            billed.raw["payment_intent"]["id"]
+                .as_str()
+                .map(|s| vec![s.to_owned()])
+        })
+        .unwrap_or_default();
+    if let Some(list) = billed.raw["payments"]["data"].as_array() {
+        named.extend(list.iter().filter_map(|p| {
+            let pi = &p["payment"]["payment_intent"];
+            pi.as_str().or_else(|| pi["id"].as_str()).map(str::to_owned)
+        }));
+    }
+    let belongs = |p: &Payment| {
+        p.invoice.as_deref() == Some(invoice.id.as_str())
+            || p.payment_intent.as_deref().is_some_and(|pi| {
+                named.iter().any(|n| n == pi)
+                    || intents
+                        .get(pi)
+                        .is_some_and(|intent| intent.invoice.as_deref() == Some(&invoice.id))
+            })
+    };
+    let charges: Vec<&Payment> = payments
+        .iter()
+        .filter(|p| p.kind == "charge" && belongs(p))
+        .collect();
+    let credit_notes: Vec<&Payment> = payments
+        .iter()
+        .filter(|p| p.kind == "credit_note" && p.invoice.as_deref() == Some(invoice.id.as_str()))
+        .collect();
+    let succeeded: Vec<&&Payment> = charges
+        .iter()
+        .filter(|c| c.status.as_deref() == Some("succeeded"))
+        .collect();
+    let received: i64 = succeeded.iter().filter_map(|c| c.amount).sum();
+    let refunded: i64 = succeeded.iter().filter_map(|c| c.amount_refunded).sum();
+    let credited: i64 = credit_notes
+        .iter()
+        .filter(|c| c.status.as_deref() != Some("void"))
+        .filter_map(|c| c.amount)
+        .sum();
+    let total = invoice.total.unwrap_or(0);
+    let due = invoice.amount_due.unwrap_or(total);
+    let paid = invoice.amount_paid.unwrap_or(0);
+    let currency = invoice.currency.clone().unwrap_or_default();
+
+    let evidence = json!({
+        "invoice": invoice.id,
+        "charges": charges.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        "credit_notes": credit_notes.iter().map(|c| &c.id).collect::<Vec<_>>(),
+    });
+    let make = |finding: Finding, cause: String| Item {
+        area: "money",
+        finding,
+        tenant_id: Some(billed.tenant_id.clone()),
+        detail: json!({
+            "invoice": invoice.id,
+            "number": invoice.number,
+            "status": status,
+            "currency": currency,
+            "total": total,
+            "amount_due": due,
+            "amount_paid": paid,
+            "received": received,
+            "refunded": refunded,
+            "credited": credited,
+            "due_date": invoice.due_date.map(rfc3339_secs),
+            "cause": cause,
+            "evidence": evidence,
+        }),
+    };
+
+    let mut found = Vec::new();
+    match status {
+        "void" => found.push(make(Finding::Void, "the invoice was voided".into())),
+        "uncollectible" => found.push(make(
+            Finding::Uncollectible,
+            "the invoice was marked uncollectible".into(),
+        )),
+        _ => {}
+    }
+    let foreign: Vec<&str> = succeeded
+        .iter()
+        .filter(|c| {
+            c.currency
+                .as_deref()
+                .is_some_and(|c| !c.eq_ignore_ascii_case(&currency))
+        })
+        .map(|c| c.id.as_str())
+        .collect();
+    if !foreign.is_empty() {
+        found.push(make(
+            Finding::CurrencyMismatch,
+            format!(
+                "payments in another currency than the invoice's: {}",
+                foreign.join(", ")
+            ),
+        ));
+    }
+    if refunded > 0 {
+        found.push(make(Finding::Refunded, format!("{refunded} refunded")));
+    }
+    if charges.iter().any(|c| c.disputed) {
+        found.push(make(Finding::Disputed, "a payment is disputed".into()));
+    }
+    if matches!(status, "void" | "uncollectible") || !foreign.is_empty() {
+        return found;
+    }
+    let owed = due - credited.min(due);
+    if received > total.max(due) {
+        found.push(make(
+            Finding::Overpaid,
+            format!(
+                "received {received}, more than the invoice's {}",
+                total.max(due)
+            ),
+        ));
+    } else if status == "paid" {
+        if received != paid && !(received == 0 && paid == 0) {
+            found.push(make(
+                Finding::AmountMismatch,
+                format!("the invoice says {paid} paid; its payments add up to {received}"),
+            ));
+        }
+    } else if status == "open" {
+        let past_due = invoice
+            .due_date
+            .or(billed.raw["next_payment_attempt"].as_i64())
+            .is_some_and(|d| d < now_s);
+        if received > 0 && received < owed {
+            found.push(make(
+                Finding::PartiallyPaid,
+                format!("received {received} of {owed}"),
+            ));
+        } else if received == 0 && owed > 0 && past_due {
+            found.push(make(
+                Finding::MissingPayment,
+                "open past its due date with no payment".into(),
+            ));
+        }
+    }
+    found
+}

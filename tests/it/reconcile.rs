@@ -1,0 +1,841 @@
+//! Reconciliation over HTTP and from the command line: a seeded scenario with each kind of
+//! finding (usage through the real pusher against a wiremock Stripe, invoices and payments
+//! through webhooks), each listed exactly once and nothing else; a clean period is an empty
+//! report and exit code 0.
+
+use std::collections::BTreeMap;
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use wiremock::matchers::{body_string_contains, method, path, path_regex};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+use crate::helpers::{
+    Backend, TestApp, customer, error_of, event, on_both_backends, subscription, take_webhooks,
+    use_vendor, wait_for,
+};
+
+on_both_backends!(
+    every_kind_of_finding_is_listed_once_and_nothing_else,
+    a_clean_period_gives_an_empty_report,
+    drift_is_reported_and_repaired_unless_dry_run,
+    the_vendors_meter_totals_are_compared,
+);
+
+const DAY: i64 = 86_400;
+
+/// A tenant, its usage, and the (quantity, finalization time) of its invoice, if any.
+type UsageCase<'a> = (&'a str, &'a [i64], Option<(i64, i64)>);
+/// A tenant, its invoice's status and currency and amount paid, its payment (amount, currency,
+/// other charge fields), and the invoice's due date.
+type MoneyCase<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    i64,
+    Option<(i64, &'a str, Value)>,
+    Option<i64>,
+);
+
+const CATALOG: &str = r#"
+[meters.calls]
+aggregation = "sum"
+stripe_event_name = "calls"
+late_window = "90d"
+stripe_prices = ["price_calls"]
+"#;
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// A service with the catalog above, webhooks and a vendor.
+async fn service(
+    backend: Backend,
+    vendor: &MockServer,
+    adjust: impl FnOnce(&mut billsync::config::Settings),
+) -> TestApp {
+    let path = std::env::temp_dir().join(format!(
+        "billsync-reconcile-catalog-{}.toml",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&path, CATALOG).unwrap();
+    TestApp::spawn_with(backend, |s| {
+        use_vendor(s, &vendor.uri());
+        take_webhooks(s);
+        s.stripe.refetch = false;
+        s.catalog.path = path;
+        s.catalog.required = true;
+        s.metering.push_interval = std::time::Duration::from_millis(100);
+        s.reconcile.vendor_usage = false;
+        adjust(s);
+    })
+    .await
+}
+
+/// Meter events are taken, except those named in `refuse` (400) and `fail` (500).
+async fn meter_events(vendor: &MockServer, refuse: &[&str], fail: &[&str]) {
+    for customer in refuse {
+        Mock::given(method("POST"))
+            .and(path("/v1/billing/meter_events"))
+            .and(body_string_contains(format!(
+                "payload%5Bstripe_customer_id%5D={customer}"
+            )))
+            .respond_with(ResponseTemplate::new(400).set_body_json(
+                json!({"error": {"type": "invalid_request_error", "message": "No such customer"}}),
+            ))
+            .with_priority(1)
+            .mount(vendor)
+            .await;
+    }
+    for customer in fail {
+        Mock::given(method("POST"))
+            .and(path("/v1/billing/meter_events"))
+            .and(body_string_contains(format!(
+                "payload%5Bstripe_customer_id%5D={customer}"
+            )))
+            .respond_with(ResponseTemplate::new(500))
+            .with_priority(1)
+            .mount(vendor)
+            .await;
+    }
+    Mock::given(method("POST"))
+        .and(path("/v1/billing/meter_events"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"object": "billing.meter_event"})),
+        )
+        .with_priority(5)
+        .mount(vendor)
+        .await;
+    Mock::given(method("GET"))
+        .and(path_regex("^/v1/subscriptions$"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"object": "list", "data": [], "has_more": false})),
+        )
+        .with_priority(9)
+        .mount(vendor)
+        .await;
+}
+
+/// A finalized invoice with one line.
+#[allow(clippy::too_many_arguments)]
+fn invoice(
+    id: &str,
+    customer: &str,
+    status: &str,
+    currency: &str,
+    total: i64,
+    paid: i64,
+    line: Value,
+    due: Option<i64>,
+    finalized: i64,
+) -> Value {
+    json!({
+        "id": id, "object": "invoice", "customer": customer, "status": status, "currency": currency,
+        "total": total, "amount_due": total, "amount_paid": paid, "amount_remaining": total - paid,
+        "created": now() - 9 * DAY, "due_date": due, "status_transitions": {"finalized_at": finalized},
+        "lines": {"object": "list", "data": [line]}
+    })
+}
+
+fn usage_line(quantity: i64, start: i64, end: i64) -> Value {
+    json!({"id": "il_usage", "object": "line_item", "amount": quantity * 10, "currency": "eur",
+        "quantity": quantity, "price": {"id": "price_calls"}, "period": {"start": start, "end": end}})
+}
+
+fn flat_line() -> Value {
+    json!({"id": "il_flat", "object": "line_item", "amount": 1000, "currency": "eur", "quantity": 1,
+        "price": {"id": "price_flat"}, "period": {"start": now() - 30 * DAY, "end": now() - 20 * DAY}})
+}
+
+fn charge(
+    id: &str,
+    customer: &str,
+    invoice: &str,
+    amount: i64,
+    currency: &str,
+    extra: Value,
+) -> Value {
+    let mut charge = json!({"id": id, "object": "charge", "customer": customer, "invoice": invoice,
+        "amount": amount, "currency": currency, "status": "succeeded", "paid": true,
+        "amount_refunded": 0, "refunded": false, "disputed": false, "created": now() - 5 * DAY});
+    if let (Value::Object(c), Value::Object(e)) = (&mut charge, extra) {
+        c.extend(e);
+    }
+    charge
+}
+
+struct Seed<'a> {
+    app: &'a TestApp,
+    n: usize,
+}
+
+impl Seed<'_> {
+    async fn deliver(&mut self, kind: &str, object: Value) {
+        self.n += 1;
+        self.app
+            .deliver(&event(
+                &format!("evt_seed_{}", self.n),
+                kind,
+                now() - 60,
+                object,
+            ))
+            .await;
+    }
+
+    async fn tenant(&mut self, tenant: &str) -> String {
+        let id = format!("cus_{tenant}");
+        self.deliver("customer.created", customer(&id, tenant))
+            .await;
+        let app = self.app;
+        wait_for(&format!("tenant {tenant}"), || async {
+            app.get_tenant(tenant).await.status() == 200
+        })
+        .await;
+        id
+    }
+
+    async fn usage(&mut self, tenant: &str, at: i64, quantities: &[i64]) {
+        let events: Vec<Value> = quantities
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                self.n += 1;
+                json!({"id": format!("u{}-{i}", self.n), "tenant_id": tenant, "meter": "calls",
+                    "quantity": q, "timestamp": chrono::DateTime::from_timestamp(at + i as i64, 0).unwrap().to_rfc3339()})
+            })
+            .collect();
+        let response = self
+            .app
+            .v1(Method::POST, "/v1/usage")
+            .json(&json!({"events": events}))
+            .send()
+            .await
+            .unwrap();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["accepted"], quantities.len(), "{body}");
+    }
+}
+
+async fn reconcile(app: &TestApp, body: Value) -> Value {
+    let response = app
+        .v1(Method::POST, "/v1/reconciliations")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v1/reconciliations/{id}?limit=1000");
+    wait_for("the reconciliation", || async {
+        app.get_json(&path).await["status"] != "running"
+    })
+    .await;
+    let run = app.get_json(&path).await;
+    assert_eq!(run["status"], "done", "{run}");
+    run
+}
+
+fn window() -> Value {
+    let at = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap().to_rfc3339();
+    json!({"from": at(now() - 60 * DAY), "to": at(now())})
+}
+
+/// finding → tenants, from a report.
+fn found(run: &Value) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for item in run["items"].as_array().unwrap() {
+        out.entry(item["finding"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(item["tenant_id"].as_str().unwrap_or("-").to_owned());
+    }
+    out
+}
+
+async fn every_kind_of_finding_is_listed_once_and_nothing_else(backend: Backend) {
+    let vendor = MockServer::start().await;
+    meter_events(&vendor, &["cus_rejected"], &["cus_unpushed"]).await;
+    let app = service(backend, &vendor, |_| {}).await;
+    let mut seed = Seed { app: &app, n: 0 };
+    let (p_start, p_end) = (now() - 20 * DAY, now() - 10 * DAY);
+    let in_p = now() - 15 * DAY;
+
+    // Usage: one tenant per usage finding, and one where all four figures agree.
+    let usage_cases: [UsageCase; 7] = [
+        ("clean", &[4, 6], Some((10, p_end + DAY))),
+        ("unpushed", &[5], Some((5, p_end + DAY))),
+        ("rejected", &[7], Some((7, p_end + DAY))),
+        ("afterinvoice", &[4], Some((0, now() - 9 * DAY))),
+        ("mismatch", &[8], Some((99, now() + DAY))),
+        ("noinvoice", &[6], None),
+        ("late", &[3], None),
+    ];
+    for (tenant, quantities, bill) in usage_cases {
+        let customer = seed.tenant(tenant).await;
+        let (at, start, end) = if tenant == "late" {
+            (now() - 40 * DAY, now() - 45 * DAY, now() - 38 * DAY)
+        } else {
+            (in_p, p_start, p_end)
+        };
+        seed.usage(tenant, at, quantities).await;
+        let bill = bill.or((tenant == "late").then_some((3, now() - 37 * DAY)));
+        if let Some((quantity, finalized)) = bill {
+            let total = quantity * 10;
+            seed.deliver(
+                "invoice.finalized",
+                invoice(
+                    &format!("in_{tenant}"),
+                    &customer,
+                    "paid",
+                    "eur",
+                    total,
+                    total,
+                    usage_line(quantity, start, end),
+                    None,
+                    finalized,
+                ),
+            )
+            .await;
+            if total > 0 {
+                seed.deliver(
+                    "charge.succeeded",
+                    charge(
+                        &format!("ch_{tenant}"),
+                        &customer,
+                        &format!("in_{tenant}"),
+                        total,
+                        "eur",
+                        json!({}),
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+    // Money: one tenant per money finding, and one paid invoice that matches.
+    let past = Some(now() - 2 * DAY);
+    let money_cases: [MoneyCase; 10] = [
+        (
+            "paid",
+            "paid",
+            "eur",
+            1000,
+            Some((1000, "eur", json!({}))),
+            None,
+        ),
+        ("missing", "open", "eur", 0, None, past),
+        (
+            "partial",
+            "open",
+            "eur",
+            0,
+            Some((400, "eur", json!({}))),
+            past,
+        ),
+        (
+            "over",
+            "paid",
+            "eur",
+            1000,
+            Some((1500, "eur", json!({}))),
+            None,
+        ),
+        (
+            "short",
+            "paid",
+            "eur",
+            1000,
+            Some((900, "eur", json!({}))),
+            None,
+        ),
+        (
+            "refund",
+            "paid",
+            "eur",
+            1000,
+            Some((1000, "eur", json!({"amount_refunded": 300}))),
+            None,
+        ),
+        (
+            "dispute",
+            "paid",
+            "eur",
+            1000,
+            Some((1000, "eur", json!({"disputed": true}))),
+            None,
+        ),
+        ("voided", "void", "eur", 0, None, None),
+        ("lost", "uncollectible", "eur", 0, None, past),
+        (
+            "foreign",
+            "paid",
+            "eur",
+            1000,
+            Some((1000, "usd", json!({}))),
+            None,
+        ),
+    ];
+    for (tenant, status, currency, paid, pay, due) in money_cases {
+        let customer = seed.tenant(tenant).await;
+        let id = format!("in_{tenant}");
+        seed.deliver(
+            "invoice.finalized",
+            invoice(
+                &id,
+                &customer,
+                status,
+                currency,
+                1000,
+                paid,
+                flat_line(),
+                due,
+                now() - 8 * DAY,
+            ),
+        )
+        .await;
+        if let Some((amount, currency, extra)) = pay {
+            seed.deliver(
+                "charge.succeeded",
+                charge(
+                    &format!("ch_{tenant}"),
+                    &customer,
+                    &id,
+                    amount,
+                    currency,
+                    extra,
+                ),
+            )
+            .await;
+        }
+    }
+    wait_for("every push to settle", || async {
+        let status = app.get_json("/v1/sync/status").await;
+        let _ = status;
+        let requests = vendor.received_requests().await.unwrap_or_default();
+        let sent: std::collections::BTreeSet<String> = requests
+            .iter()
+            .filter(|r| r.url.path() == "/v1/billing/meter_events")
+            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+            .filter_map(|b| {
+                b.split("payload%5Bstripe_customer_id%5D=")
+                    .nth(1)
+                    .map(|c| c.split('&').next().unwrap_or("").to_owned())
+            })
+            .collect();
+        [
+            "cus_clean",
+            "cus_unpushed",
+            "cus_rejected",
+            "cus_afterinvoice",
+            "cus_mismatch",
+            "cus_noinvoice",
+        ]
+        .iter()
+        .all(|c| sent.contains(*c))
+    })
+    .await;
+
+    let run = reconcile(&app, window()).await;
+    let expected: BTreeMap<String, Vec<String>> = [
+        ("not_yet_pushed", "unpushed"),
+        ("rejected_by_vendor", "rejected"),
+        ("arrived_after_invoice", "afterinvoice"),
+        ("invoice_mismatch", "mismatch"),
+        ("invoice_missing", "noinvoice"),
+        ("outside_vendor_window", "late"),
+        ("missing_payment", "missing"),
+        ("partially_paid", "partial"),
+        ("overpaid", "over"),
+        ("amount_mismatch", "short"),
+        ("refunded", "refund"),
+        ("disputed", "dispute"),
+        ("void", "voided"),
+        ("uncollectible", "lost"),
+        ("currency_mismatch", "foreign"),
+    ]
+    .into_iter()
+    .map(|(f, t)| (f.to_owned(), vec![t.to_owned()]))
+    .collect();
+    assert_eq!(found(&run), expected, "{run:#}");
+
+    // Every item carries its figures and points at its evidence.
+    let items = run["items"].as_array().unwrap();
+    let unpushed = items
+        .iter()
+        .find(|i| i["finding"] == "not_yet_pushed")
+        .unwrap();
+    assert_eq!(
+        (unpushed["accepted"].as_str(), unpushed["invoiced"].as_str()),
+        (Some("5"), Some("5"))
+    );
+    assert_eq!(unpushed["pushed"], Value::Null);
+    assert_eq!(unpushed["evidence"]["invoice"], "in_unpushed");
+    assert_eq!(unpushed["evidence"]["invoice_line"], "il_usage");
+    assert!(
+        !unpushed["evidence"]["push_ids"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            || unpushed["evidence"]["unpushed_events"] == 1,
+        "{unpushed}"
+    );
+    let mismatch = items
+        .iter()
+        .find(|i| i["finding"] == "invoice_mismatch")
+        .unwrap();
+    assert_eq!(
+        (mismatch["pushed"].as_str(), mismatch["invoiced"].as_str()),
+        (Some("8"), Some("99"))
+    );
+    assert_eq!(
+        mismatch["evidence"]["push_ids"].as_array().unwrap().len(),
+        1
+    );
+    let partial = items
+        .iter()
+        .find(|i| i["finding"] == "partially_paid")
+        .unwrap();
+    assert_eq!(
+        (partial["received"].as_i64(), partial["amount_due"].as_i64()),
+        (Some(400), Some(1000))
+    );
+    assert_eq!(partial["evidence"]["charges"], json!(["ch_partial"]));
+    let summary = &run["summary"];
+    assert_eq!(summary["items"], 15);
+    assert_eq!(summary["findings"]["partially_paid"]["count"], 1);
+    assert_eq!(
+        summary["findings"]["partially_paid"]["amount_due"]["eur"],
+        1000
+    );
+
+    // The same inputs give the same report.
+    let again = reconcile(&app, window()).await;
+    assert_eq!(again["items"], run["items"]);
+
+    // One tenant only; pages follow the cursor.
+    let mut one = window();
+    one["tenant"] = json!("partial");
+    assert_eq!(found(&reconcile(&app, one).await).len(), 1);
+    let first = app
+        .get_json(&format!(
+            "/v1/reconciliations/{}?limit=10",
+            run["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 10);
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let rest = app
+        .get_json(&format!(
+            "/v1/reconciliations/{}?limit=10&cursor={cursor}",
+            run["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(rest["items"].as_array().unwrap().len(), 5);
+    assert_eq!(rest["next_cursor"], Value::Null);
+
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("billsync_reconciliation_open_findings"),
+        "{metrics}"
+    );
+
+    let bad = app
+        .v1(Method::POST, "/v1/reconciliations")
+        .json(&json!({"from": "yesterday", "to": "2026-01-01"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(bad).await.2.as_deref(), Some("from"));
+    let missing = app
+        .v1(Method::GET, "/v1/reconciliations/rec_nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(missing).await.1, "reconciliation_not_found");
+
+    // The command line prints the same report and exits 1.
+    let settings_db = app.settings.database.url.expose().to_owned();
+    let catalog = app.settings.catalog.path.clone();
+    let w = window();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .args([
+            "reconcile",
+            "--from",
+            w["from"].as_str().unwrap(),
+            "--to",
+            w["to"].as_str().unwrap(),
+            "--format",
+            "json",
+            "--dry-run",
+        ])
+        .env("BILLSYNC_DATABASE__URL", &settings_db)
+        .env("BILLSYNC_CATALOG__PATH", &catalog)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(found(&printed), expected);
+    let csv = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .args([
+            "reconcile",
+            "--from",
+            w["from"].as_str().unwrap(),
+            "--to",
+            w["to"].as_str().unwrap(),
+            "--format",
+            "csv",
+        ])
+        .env("BILLSYNC_DATABASE__URL", &settings_db)
+        .env("BILLSYNC_CATALOG__PATH", &catalog)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&csv.stdout);
+    assert_eq!(text.lines().count(), 16, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("money,partially_paid,partial,in_partial,")),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+async fn a_clean_period_gives_an_empty_report(backend: Backend) {
+    let vendor = MockServer::start().await;
+    meter_events(&vendor, &[], &[]).await;
+    let app = service(backend, &vendor, |_| {}).await;
+    let mut seed = Seed { app: &app, n: 0 };
+    let customer = seed.tenant("clean").await;
+    seed.usage("clean", now() - 15 * DAY, &[2, 3]).await;
+    seed.deliver(
+        "invoice.finalized",
+        invoice(
+            "in_clean",
+            &customer,
+            "paid",
+            "eur",
+            50,
+            50,
+            usage_line(5, now() - 20 * DAY, now() - 10 * DAY),
+            None,
+            now() - 9 * DAY + 3600,
+        ),
+    )
+    .await;
+    seed.deliver(
+        "charge.succeeded",
+        charge("ch_clean", &customer, "in_clean", 50, "eur", json!({})),
+    )
+    .await;
+    wait_for("the push", || async {
+        vendor
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r.url.path() == "/v1/billing/meter_events")
+    })
+    .await;
+    // The push is sent now, after the invoice above was finalized: move the finalization on.
+    seed.deliver(
+        "invoice.finalized",
+        invoice(
+            "in_clean",
+            &customer,
+            "paid",
+            "eur",
+            50,
+            50,
+            usage_line(5, now() - 20 * DAY, now() - 10 * DAY),
+            None,
+            now() + DAY,
+        ),
+    )
+    .await;
+    let run = reconcile(&app, window()).await;
+    assert_eq!(run["items"], json!([]), "{run:#}");
+    assert_eq!(run["summary"]["matched_invoices"], 1);
+    let settings_db = app.settings.database.url.expose().to_owned();
+    let catalog = app.settings.catalog.path.clone();
+    let w = window();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .args([
+            "reconcile",
+            "--from",
+            w["from"].as_str().unwrap(),
+            "--to",
+            w["to"].as_str().unwrap(),
+        ])
+        .env("BILLSYNC_DATABASE__URL", &settings_db)
+        .env("BILLSYNC_CATALOG__PATH", &catalog)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("0 finding(s)"));
+    app.stop().await;
+}
+
+async fn drift_is_reported_and_repaired_unless_dry_run(backend: Backend) {
+    let vendor = MockServer::start().await;
+    let now_sub = |status: &str| {
+        let mut s = subscription("sub_d", "cus_drifty", "price_pro", status, 1);
+        s["items"]["data"][0]["current_period_start"] = json!(now() - DAY);
+        s["items"]["data"][0]["current_period_end"] = json!(now() + 29 * DAY);
+        s
+    };
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"object": "list", "has_more": false, "data": [now_sub("past_due")]}),
+        ))
+        .mount(&vendor)
+        .await;
+    let app = service(backend, &vendor, |_| {}).await;
+    let mut seed = Seed { app: &app, n: 0 };
+    seed.tenant("drifty").await;
+    seed.deliver("customer.subscription.created", now_sub("active"))
+        .await;
+    wait_for("the subscription", || async {
+        app.get_json("/v1/tenants/drifty").await["subscription"]["status"] == "active"
+    })
+    .await;
+
+    let mut dry = window();
+    dry["dry_run"] = json!(true);
+    let run = reconcile(&app, dry).await;
+    assert_eq!(
+        found(&run),
+        BTreeMap::from([("drift".to_owned(), vec!["drifty".to_owned()])])
+    );
+    let item = &run["items"][0];
+    assert_eq!(
+        item["differences"]["status"],
+        json!({"mirror": "active", "vendor": "past_due"})
+    );
+    assert_eq!(item["repaired"], false);
+    assert_eq!(
+        app.get_json("/v1/tenants/drifty").await["subscription"]["status"],
+        "active"
+    );
+
+    let run = reconcile(&app, window()).await;
+    assert_eq!(run["items"][0]["repaired"], true);
+    wait_for("the repair", || async {
+        app.get_json("/v1/tenants/drifty").await["subscription"]["status"] == "past_due"
+    })
+    .await;
+    let events = app.get_json("/v1/tenants/drifty/events").await;
+    assert!(
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["source"] == "reconcile"),
+        "the repair is logged as such: {events}"
+    );
+    assert_eq!(reconcile(&app, window()).await["items"], json!([]));
+    app.stop().await;
+}
+
+async fn the_vendors_meter_totals_are_compared(backend: Backend) {
+    let vendor = MockServer::start().await;
+    meter_events(&vendor, &[], &[]).await;
+    Mock::given(method("GET"))
+        .and(path("/v1/billing/meters"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"object": "list", "has_more": false,
+            "data": [{"id": "mtr_calls", "object": "billing.meter", "event_name": "calls"}]})),
+        )
+        .mount(&vendor)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/billing/meters/mtr_calls/event_summaries"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"object": "list", "has_more": false,
+            "data": [{"object": "billing.meter_event_summary", "aggregated_value": 4.0}]})),
+        )
+        .mount(&vendor)
+        .await;
+    let app = service(backend, &vendor, |s| s.reconcile.vendor_usage = true).await;
+    let mut seed = Seed { app: &app, n: 0 };
+    let customer = seed.tenant("gap").await;
+    seed.usage("gap", now() - 15 * DAY, &[5]).await;
+    seed.deliver(
+        "invoice.finalized",
+        invoice(
+            "in_gap",
+            &customer,
+            "paid",
+            "eur",
+            50,
+            50,
+            usage_line(5, now() - 20 * DAY, now() - 10 * DAY),
+            None,
+            now() + DAY,
+        ),
+    )
+    .await;
+    seed.deliver(
+        "charge.succeeded",
+        charge("ch_gap", &customer, "in_gap", 50, "eur", json!({})),
+    )
+    .await;
+    wait_for("the push", || async {
+        vendor
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .any(|r| r.url.path() == "/v1/billing/meter_events")
+    })
+    .await;
+    let run = reconcile(&app, window()).await;
+    assert_eq!(
+        found(&run),
+        BTreeMap::from([("vendor_mismatch".to_owned(), vec!["gap".to_owned()])]),
+        "{run:#}"
+    );
+    let item = &run["items"][0];
+    assert_eq!(
+        (
+            item["accepted"].as_str(),
+            item["pushed"].as_str(),
+            item["vendor"].as_str(),
+            item["invoiced"].as_str()
+        ),
+        (Some("5"), Some("5"), Some("4"), Some("5"))
+    );
+    let asked = vendor.received_requests().await.unwrap_or_default();
+    let summary = asked
+        .iter()
+        .find(|r| r.url.path().ends_with("/event_summaries"))
+        .unwrap();
+    let query: BTreeMap<String, String> = summary
+        .url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    assert_eq!(query["customer"], customer);
+    app.stop().await;
+}
