@@ -243,21 +243,56 @@ impl Reconciler {
                 });
             }
         }
-        // Usage after the start of a tenant's current period is not billed yet.
-        let mut open_from = HashMap::new();
-        for (tenant, customer) in &linked {
-            if let Some((_, s)) = crate::sync::current_subscription(db, customer).await?
-                && s.liveness() > 0
-                && let Some(start) = s.current_period_start
-            {
-                open_from.insert(tenant.clone(), start * 1000);
+        // Usage after the start of a tenant's current period is not billed yet: per customer,
+        // the liveliest subscription (newest among equals), as the tenant view picks it.
+        let mut current: HashMap<&str, crate::domain::Subscription> = HashMap::new();
+        for row in reads
+            .mirrored(
+                &[ObjectKind::Subscription.as_str()],
+                i64::MIN,
+                customer_filter,
+            )
+            .await?
+        {
+            let Some(customer) = row
+                .customer_id
+                .as_deref()
+                .and_then(|c| tenant_of.get_key_value(c))
+                .map(|(c, _)| *c)
+            else {
+                continue;
+            };
+            let Ok(raw) = serde_json::from_str::<Value>(&row.payload) else {
+                continue;
+            };
+            let s = objects::subscription(&raw);
+            let rank = |s: &crate::domain::Subscription| (s.liveness(), s.created, s.id.clone());
+            if current.get(customer).is_none_or(|c| rank(&s) > rank(c)) {
+                current.insert(customer, s);
             }
         }
+        let open_from: HashMap<String, i64> = current
+            .into_iter()
+            .filter(|(_, s)| s.liveness() > 0)
+            .filter_map(|(customer, s)| {
+                Some((
+                    tenant_of.get(customer)?.to_string(),
+                    s.current_period_start? * 1000,
+                ))
+            })
+            .collect();
         let tenant = params.tenant.as_deref();
-        let events = reads.usage(params.from_ms, params.to_ms, tenant).await?;
-        let pushes = reads.pushes(params.from_ms, params.to_ms, tenant).await?;
         let vendor_usage = self.vendor_usage_of(&units).await?;
-        let mut items = usage::reconcile(meters, units, events, pushes, &open_from, &vendor_usage);
+        let mut ledger = usage::Ledger::new(meters, units, &open_from);
+        reads
+            .each_usage(params.from_ms, params.to_ms, tenant, |event| {
+                ledger.add_event(event)
+            })
+            .await?;
+        for push in reads.pushes(params.from_ms, params.to_ms, tenant).await? {
+            ledger.add_push(push);
+        }
+        let mut items = ledger.finish(&vendor_usage);
         let usage_items = items.len();
 
         let money = money::reconcile(&invoices, &payments, now_ms() / 1000);
@@ -286,14 +321,8 @@ impl Reconciler {
             }));
         }
 
-        items.sort_by(|a, b| {
-            (a.area, &a.tenant_id, a.finding, a.detail.to_string()).cmp(&(
-                b.area,
-                &b.tenant_id,
-                b.finding,
-                b.detail.to_string(),
-            ))
-        });
+        items
+            .sort_by_cached_key(|i| (i.area, i.tenant_id.clone(), i.finding, i.detail.to_string()));
         let summary = summarize(
             params,
             &items,

@@ -199,3 +199,114 @@ fn findings(
     }
     found
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vendor::stripe::objects;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn billed(status: &str, paid: i64, due: Option<i64>) -> Billed {
+        let raw = json!({"id": "in_1", "object": "invoice", "customer": "cus_1", "status": status,
+            "currency": "eur", "total": 1000, "amount_due": 1000, "amount_paid": paid,
+            "due_date": due, "lines": {"data": []}});
+        Billed {
+            tenant_id: "t".into(),
+            invoice: objects::invoice(&raw),
+            raw,
+        }
+    }
+
+    fn charge(amount: i64, extra: Value) -> Payment {
+        let mut raw = json!({"id": "ch_1", "object": "charge", "invoice": "in_1", "amount": amount,
+            "currency": "eur", "status": "succeeded", "amount_refunded": 0, "disputed": false});
+        if let (Value::Object(r), Value::Object(e)) = (&mut raw, extra) {
+            r.extend(e);
+        }
+        objects::payment("charge", &raw)
+    }
+
+    fn findings_of(invoice: Billed, payments: Vec<Payment>) -> Vec<&'static str> {
+        reconcile(&[invoice], &payments, NOW)
+            .items
+            .iter()
+            .map(|i| i.finding.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn each_kind_is_found_alone() {
+        let past = Some(NOW - 1);
+        let future = Some(NOW + 86_400);
+        let cases: Vec<(Billed, Vec<Payment>, Vec<&str>)> = vec![
+            (
+                billed("paid", 1000, None),
+                vec![charge(1000, json!({}))],
+                vec![],
+            ),
+            (billed("open", 0, future), vec![], vec![]),
+            (billed("draft", 0, past), vec![], vec![]),
+            (billed("open", 0, past), vec![], vec!["missing_payment"]),
+            (
+                billed("open", 0, past),
+                vec![charge(300, json!({}))],
+                vec!["partially_paid"],
+            ),
+            (
+                billed("paid", 1000, None),
+                vec![charge(1200, json!({}))],
+                vec!["overpaid"],
+            ),
+            (
+                billed("paid", 1000, None),
+                vec![charge(999, json!({}))],
+                vec!["amount_mismatch"],
+            ),
+            (
+                billed("paid", 1000, None),
+                vec![charge(1000, json!({"amount_refunded": 1}))],
+                vec!["refunded"],
+            ),
+            (
+                billed("paid", 1000, None),
+                vec![charge(1000, json!({"disputed": true}))],
+                vec!["disputed"],
+            ),
+            (billed("void", 0, None), vec![], vec!["void"]),
+            (
+                billed("uncollectible", 0, past),
+                vec![],
+                vec!["uncollectible"],
+            ),
+            (
+                billed("paid", 1000, None),
+                vec![charge(1000, json!({"currency": "usd"}))],
+                vec!["currency_mismatch"],
+            ),
+            // A failed charge is not money received.
+            (
+                billed("open", 0, past),
+                vec![charge(1000, json!({"status": "failed"}))],
+                vec!["missing_payment"],
+            ),
+        ];
+        for (invoice, payments, expected) in cases {
+            let status = invoice.invoice.status.clone();
+            assert_eq!(findings_of(invoice, payments), expected, "{status:?}");
+        }
+    }
+
+    #[test]
+    fn payments_are_found_through_their_payment_intent() {
+        let mut invoice = billed("paid", 1000, None);
+        invoice.raw["payments"] = json!({"data": [{"payment": {"payment_intent": "pi_1"}}]});
+        let charge = objects::payment(
+            "charge",
+            &json!({"id": "ch_2", "payment_intent": "pi_1", "amount": 1000, "currency": "eur", "status": "succeeded"}),
+        );
+        let outcome = reconcile(&[invoice], &[charge], NOW);
+        assert!(outcome.items.is_empty());
+        assert_eq!(outcome.matched, 1);
+    }
+}

@@ -37,140 +37,211 @@ pub struct InvoiceLine {
     pub billed_at: i64,
 }
 
-/// What the units add up to, with the evidence.
+/// What the events and pushes of one unit add up to, folded as they stream past, with the
+/// evidence.
 #[derive(Debug, Default)]
 struct Tally {
-    events: Vec<UsageFact>,
+    events: usize,
+    sum: Decimal,
+    max: Option<Decimal>,
+    /// `(occurred_at, received_at, event_id)` and quantity of the latest event.
+    last: Option<((i64, i64, String), Decimal)>,
+    uniques: BTreeSet<String>,
+    first_at: Option<i64>,
+    last_at: Option<i64>,
+    unpushed: usize,
+    /// The first unpushed event ids, as evidence.
+    unpushed_ids: Vec<String>,
     pushes: Vec<PushRow>,
 }
 
-/// Builds the usage items. `units` are the invoice lines of metered prices in the window;
-/// usage in closed time no unit covers becomes `invoice_missing`; usage after `open_from`
-/// (per tenant: the current period's start) is not billed yet and is left out.
-pub fn reconcile(
-    meters: &BTreeMap<String, Meter>,
-    units: Vec<Unit>,
-    events: Vec<UsageFact>,
-    pushes: Vec<PushRow>,
-    open_from: &HashMap<String, i64>,
-    vendor_usage: &HashMap<(String, String, i64), Decimal>,
-) -> Vec<Item> {
-    // Units by (tenant, meter), sorted by start, to place each event and push.
-    let mut by_key: BTreeMap<(String, String), Vec<(Unit, Tally)>> = BTreeMap::new();
-    for unit in units {
-        by_key
-            .entry((unit.tenant_id.clone(), unit.meter.clone()))
-            .or_default()
-            .push((unit, Tally::default()));
-    }
-    for list in by_key.values_mut() {
-        list.sort_by_key(|(u, _)| u.start);
-    }
-    let mut uncovered: BTreeMap<(String, String), Tally> = BTreeMap::new();
-    for event in events {
-        let Some(meter) = meters.get(&event.meter) else {
-            continue;
-        };
-        if meter.stripe_event_name.is_none() {
-            continue;
+impl Tally {
+    fn add(&mut self, event: UsageFact) {
+        let quantity = Decimal::from_str(&event.quantity).unwrap_or_default();
+        self.events += 1;
+        self.sum += quantity;
+        self.max = Some(self.max.map_or(quantity, |m| m.max(quantity)));
+        self.first_at = Some(
+            self.first_at
+                .map_or(event.occurred_at, |f| f.min(event.occurred_at)),
+        );
+        self.last_at = Some(
+            self.last_at
+                .map_or(event.occurred_at, |l| l.max(event.occurred_at)),
+        );
+        if let Some(value) = event.unique_value {
+            self.uniques.insert(value);
         }
-        let key = (event.tenant_id.clone(), event.meter.clone());
-        if let Some(list) = by_key.get_mut(&key)
+        if event.push_id.is_none() {
+            self.unpushed += 1;
+            if self.unpushed_ids.len() < MAX_EVENT_IDS {
+                self.unpushed_ids.push(event.event_id.clone());
+            }
+        }
+        let key = (event.occurred_at, event.received_at, event.event_id);
+        if self.last.as_ref().is_none_or(|(k, _)| key > *k) {
+            self.last = Some((key, quantity));
+        }
+    }
+}
+
+/// The usage side of a run: the units (invoice lines of metered prices in the window), folded
+/// with every event and push as they are read, so that memory grows with the units, not with
+/// the events.
+pub struct Ledger<'a> {
+    meters: &'a BTreeMap<String, Meter>,
+    /// tenant → meter → units sorted by start, each with its tally.
+    units: HashMap<String, HashMap<String, Vec<(Unit, Tally)>>>,
+    /// Usage in closed time no unit covers, by (tenant, meter).
+    uncovered: BTreeMap<(String, String), Tally>,
+    /// Per tenant, the start of its current period (Unix ms): usage after it is not billed yet.
+    open_from: &'a HashMap<String, i64>,
+}
+
+impl<'a> Ledger<'a> {
+    pub fn new(
+        meters: &'a BTreeMap<String, Meter>,
+        units: Vec<Unit>,
+        open_from: &'a HashMap<String, i64>,
+    ) -> Self {
+        let mut by_tenant: HashMap<String, HashMap<String, Vec<(Unit, Tally)>>> = HashMap::new();
+        for unit in units {
+            by_tenant
+                .entry(unit.tenant_id.clone())
+                .or_default()
+                .entry(unit.meter.clone())
+                .or_default()
+                .push((unit, Tally::default()));
+        }
+        for list in by_tenant.values_mut().flat_map(|m| m.values_mut()) {
+            list.sort_by_key(|(u, _)| u.start);
+        }
+        Self {
+            meters,
+            units: by_tenant,
+            uncovered: BTreeMap::new(),
+            open_from,
+        }
+    }
+
+    pub fn add_event(&mut self, event: UsageFact) {
+        if self
+            .meters
+            .get(&event.meter)
+            .is_none_or(|m| m.stripe_event_name.is_none())
+        {
+            return;
+        }
+        if let Some(list) = self
+            .units
+            .get_mut(&event.tenant_id)
+            .and_then(|m| m.get_mut(&event.meter))
             && let Some((_, tally)) = list
                 .iter_mut()
                 .find(|(u, _)| u.start <= event.occurred_at && event.occurred_at < u.end)
         {
-            tally.events.push(event);
-            continue;
+            tally.add(event);
+            return;
         }
-        let open = open_from
+        let open = self
+            .open_from
             .get(&event.tenant_id)
             .is_some_and(|from| event.occurred_at >= *from);
         if !open {
-            uncovered.entry(key).or_default().events.push(event);
+            self.uncovered
+                .entry((event.tenant_id.clone(), event.meter.clone()))
+                .or_default()
+                .add(event);
         }
     }
-    // A push belongs where its events are: by the window it was stamped for.
-    for push in pushes {
-        let key = (push.tenant_id.clone(), push.meter.clone());
+
+    /// A push belongs where its events are: by the time it was stamped with.
+    pub fn add_push(&mut self, push: PushRow) {
         let at = push.timestamp * 1000;
-        if let Some(list) = by_key.get_mut(&key)
+        if let Some(list) = self
+            .units
+            .get_mut(&push.tenant_id)
+            .and_then(|m| m.get_mut(&push.meter))
             && let Some((_, tally)) = list.iter_mut().find(|(u, _)| u.start <= at && at < u.end)
         {
             tally.pushes.push(push);
-            continue;
+            return;
         }
-        if let Some(tally) = uncovered.get_mut(&key) {
+        if let Some(tally) = self
+            .uncovered
+            .get_mut(&(push.tenant_id.clone(), push.meter.clone()))
+        {
             tally.pushes.push(push);
         }
     }
 
-    let mut items = Vec::new();
-    for ((tenant, meter_name), list) in by_key {
-        let Some(meter) = meters.get(&meter_name) else {
-            continue;
-        };
-        for (unit, tally) in list {
-            let vendor = vendor_usage
-                .get(&(tenant.clone(), meter_name.clone(), unit.start))
-                .copied();
-            if let Some(item) = compare(meter, &unit, &tally, vendor) {
-                items.push(item);
+    /// The items, with the vendor's totals by (tenant, meter, unit start) where known.
+    pub fn finish(self, vendor_usage: &HashMap<(String, String, i64), Decimal>) -> Vec<Item> {
+        let mut items = Vec::new();
+        for list in self.units.into_values().flat_map(|m| m.into_values()) {
+            for (unit, tally) in list {
+                let Some(meter) = self.meters.get(&unit.meter) else {
+                    continue;
+                };
+                let vendor = vendor_usage
+                    .get(&(unit.tenant_id.clone(), unit.meter.clone(), unit.start))
+                    .copied();
+                items.extend(compare(meter, &unit, &tally, vendor));
             }
         }
-    }
-    for ((tenant, meter_name), tally) in uncovered {
-        let Some(meter) = meters.get(&meter_name) else {
-            continue;
-        };
-        let accepted = aggregate(meter, &tally.events);
-        if accepted.is_none_or(|a| a.is_zero()) {
-            continue;
+        for ((tenant, meter_name), tally) in self.uncovered {
+            let Some(meter) = self.meters.get(&meter_name) else {
+                continue;
+            };
+            let accepted = aggregate(meter, &tally);
+            if accepted.is_none_or(|a| a.is_zero()) {
+                continue;
+            }
+            let unit = Unit {
+                tenant_id: tenant,
+                customer_id: String::new(),
+                meter: meter_name,
+                start: tally.first_at.unwrap_or(0),
+                end: tally.last_at.unwrap_or(0) + 1,
+                invoice: None,
+            };
+            items.push(item(
+                Finding::InvoiceMissing,
+                &unit,
+                &tally,
+                accepted,
+                pushed(meter, &tally.pushes),
+                None,
+                "no invoice line bills this usage, though its period has closed",
+            ));
         }
-        let start = tally
-            .events
-            .iter()
-            .map(|e| e.occurred_at)
-            .min()
-            .unwrap_or(0);
-        let end = tally
-            .events
-            .iter()
-            .map(|e| e.occurred_at)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let unit = Unit {
-            tenant_id: tenant,
-            customer_id: String::new(),
-            meter: meter_name,
-            start,
-            end,
-            invoice: None,
-        };
-        items.push(item(
-            Finding::InvoiceMissing,
-            &unit,
-            &tally,
-            accepted,
-            pushed(meter, &tally.pushes),
-            None,
-            "no invoice line bills this usage, though its period has closed",
-        ));
+        items
     }
-    items
+}
+
+/// The meter's figure for the events, as its aggregation folds them; `None` without events.
+fn aggregate(meter: &Meter, tally: &Tally) -> Option<Decimal> {
+    if tally.events == 0 {
+        return None;
+    }
+    Some(match meter.aggregation {
+        Aggregation::Sum => tally.sum,
+        Aggregation::Count => Decimal::from(tally.events),
+        Aggregation::Max => tally.max.unwrap_or_default(),
+        Aggregation::Last => tally.last.as_ref().map(|(_, q)| *q).unwrap_or_default(),
+        Aggregation::UniqueCount => Decimal::from(tally.uniques.len()),
+    })
 }
 
 /// The item for one unit, or `None` when its four figures agree.
 fn compare(meter: &Meter, unit: &Unit, tally: &Tally, vendor: Option<Decimal>) -> Option<Item> {
-    let accepted = aggregate(meter, &tally.events);
+    let accepted = aggregate(meter, tally);
     let pushed = pushed(meter, &tally.pushes);
     let invoiced = unit.invoice.as_ref().and_then(|line| line.quantity);
     let zero = Decimal::ZERO;
     let (a, p) = (accepted.unwrap_or(zero), pushed.unwrap_or(zero));
     if a != p {
-        let waiting = tally.events.iter().any(|e| e.push_id.is_none())
-            || tally.pushes.iter().any(|p| p.status == "pending");
+        let waiting = tally.unpushed > 0 || tally.pushes.iter().any(|p| p.status == "pending");
         let (finding, cause) = if waiting {
             (
                 Finding::NotYetPushed,
@@ -241,12 +312,6 @@ fn item(
     cause: &str,
 ) -> Item {
     let fig = |d: Option<Decimal>| d.map(|d| d.normalize().to_string());
-    let unpushed: Vec<&str> = tally
-        .events
-        .iter()
-        .filter(|e| e.push_id.is_none())
-        .map(|e| e.event_id.as_str())
-        .collect();
     let push_ids: BTreeSet<&str> = tally.pushes.iter().map(|p| p.push_id.as_str()).collect();
     let not_sent: Vec<Value> = tally
         .pushes
@@ -268,9 +333,9 @@ fn item(
             "invoiced": fig(unit.invoice.as_ref().and_then(|l| l.quantity)),
             "cause": cause,
             "evidence": {
-                "events": tally.events.len(),
-                "unpushed_event_ids": unpushed.iter().take(MAX_EVENT_IDS).collect::<Vec<_>>(),
-                "unpushed_events": unpushed.len(),
+                "events": tally.events,
+                "unpushed_event_ids": tally.unpushed_ids,
+                "unpushed_events": tally.unpushed,
                 "push_ids": push_ids,
                 "pushes_not_sent": not_sent,
                 "invoice": unit.invoice.as_ref().map(|l| l.invoice_id.clone()),
@@ -278,31 +343,6 @@ fn item(
             },
         }),
     }
-}
-
-/// The meter's figure for the events, as its aggregation folds them; `None` without events.
-pub fn aggregate(meter: &Meter, events: &[UsageFact]) -> Option<Decimal> {
-    if events.is_empty() {
-        return None;
-    }
-    let quantity = |e: &UsageFact| Decimal::from_str(&e.quantity).unwrap_or_default();
-    Some(match meter.aggregation {
-        Aggregation::Sum => events.iter().map(quantity).sum(),
-        Aggregation::Count => Decimal::from(events.len()),
-        Aggregation::Max => events.iter().map(quantity).max().unwrap_or_default(),
-        Aggregation::Last => events
-            .iter()
-            .max_by_key(|e| (e.occurred_at, e.received_at, e.event_id.as_str()))
-            .map(quantity)
-            .unwrap_or_default(),
-        Aggregation::UniqueCount => Decimal::from(
-            events
-                .iter()
-                .filter_map(|e| e.unique_value.as_deref())
-                .collect::<BTreeSet<_>>()
-                .len(),
-        ),
-    })
 }
 
 /// What Stripe acknowledged: the sum of sent deltas, or for period-value meters the latest

@@ -200,26 +200,32 @@ impl<'a> Reconciliations<'a> {
         Ok(rows)
     }
 
-    /// Usage events that occurred in `[from_ms, to_ms)`, of one tenant or all.
-    pub async fn usage(
+    /// Calls `each` with every usage event that occurred in `[from_ms, to_ms)`, of one tenant
+    /// or all, streamed (in no particular order) rather than loaded at once.
+    pub async fn each_usage(
         &self,
         from_ms: i64,
         to_ms: i64,
         tenant: Option<&str>,
-    ) -> Result<Vec<UsageFact>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, UsageFact>(
+        mut each: impl FnMut(UsageFact),
+    ) -> Result<(), StoreError> {
+        use futures_util::TryStreamExt;
+        on_pool!(self.db, |pool| {
+            let mut rows = sqlx::query_as::<_, UsageFact>(
                 "SELECT tenant_id, event_id, meter, quantity, occurred_at, unique_value, received_at, \
                  push_id FROM usage_events WHERE occurred_at >= $1 AND occurred_at < $2 \
-                 AND ($3 IS NULL OR tenant_id = $3) ORDER BY tenant_id, meter, occurred_at, event_id",
+                 AND ($3 IS NULL OR tenant_id = $3)",
             )
             .bind(from_ms)
             .bind(to_ms)
             .bind(tenant)
-            .fetch_all(pool)
-            .await
+            .fetch(pool);
+            while let Some(fact) = rows.try_next().await? {
+                each(fact);
+            }
+            Ok::<_, sqlx::Error>(())
         })?;
-        Ok(rows)
+        Ok(())
     }
 
     /// Pushes of windows starting in `[from_ms, to_ms)`, and every push an event of that window
