@@ -259,6 +259,17 @@ pub async fn run(
     let settings = state.settings.clone();
     let db = state.db.clone();
 
+    let interrupted = db
+        .reconciliations()
+        .fail_interrupted(crate::store::now_ms())
+        .await?;
+    if interrupted > 0 {
+        tracing::warn!(
+            interrupted,
+            "reconciliation runs left running by an earlier process marked failed"
+        );
+    }
+
     let replayed = state.metering.rebuild().await?;
     tracing::info!(
         replayed,

@@ -389,10 +389,20 @@ impl Reconciler {
                 )
             })
             .collect();
-        self.db
+        if let Err(error) = self
+            .db
             .reconciliations()
             .finish(run_id, &report.summary.to_string(), &rows, now_ms())
-            .await?;
+            .await
+        {
+            let message = format!("the report could not be stored: {error}");
+            let _ = self
+                .db
+                .reconciliations()
+                .fail(run_id, &message, now_ms())
+                .await;
+            return Err(error.into());
+        }
         self.metrics.set(
             "billsync_reconciliation_open_findings",
             "Findings of the latest reconciliation run.",

@@ -90,7 +90,25 @@ fn findings(
         .iter()
         .filter(|c| c.status.as_deref() == Some("succeeded"))
         .collect();
-    let received: i64 = succeeded.iter().filter_map(|c| c.amount).sum();
+    // A payment intent whose charges the mirror does not hold (some sources send only the
+    // intent's events) counts by its `amount_received`.
+    let intents_alone: Vec<&Payment> = payments
+        .iter()
+        .filter(|p| {
+            p.kind == "payment_intent"
+                && p.status.as_deref() == Some("succeeded")
+                && (p.invoice.as_deref() == Some(invoice.id.as_str())
+                    || named.contains(&p.id))
+                && !charges
+                    .iter()
+                    .any(|c| c.payment_intent.as_deref() == Some(p.id.as_str()))
+        })
+        .collect();
+    let received: i64 = succeeded.iter().filter_map(|c| c.amount).sum::<i64>()
+        + intents_alone
+            .iter()
+            .filter_map(|p| p.amount_received.or(p.amount))
+            .sum::<i64>();
     let refunded: i64 = succeeded.iter().filter_map(|c| c.amount_refunded).sum();
     let credited: i64 = credit_notes
         .iter()
@@ -105,6 +123,7 @@ fn findings(
     let evidence = json!({
         "invoice": invoice.id,
         "charges": charges.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        "payment_intents": intents_alone.iter().map(|p| &p.id).collect::<Vec<_>>(),
         "credit_notes": credit_notes.iter().map(|c| &c.id).collect::<Vec<_>>(),
     });
     let make = |finding: Finding, cause: String| Item {
@@ -295,6 +314,19 @@ mod tests {
             let status = invoice.invoice.status.clone();
             assert_eq!(findings_of(invoice, payments), expected, "{status:?}");
         }
+    }
+
+    #[test]
+    fn an_intent_without_mirrored_charges_counts_by_what_it_received() {
+        let intent = objects::payment(
+            "payment_intent",
+            &json!({"id": "pi_9", "invoice": "in_1", "amount": 1000, "amount_received": 1000,
+                "currency": "eur", "status": "succeeded"}),
+        );
+        assert!(findings_of(billed("paid", 1000, None), vec![intent.clone()]).is_empty());
+        // With its charge mirrored, the charge counts (once).
+        let charge = charge(1000, json!({"payment_intent": "pi_9"}));
+        assert!(findings_of(billed("paid", 1000, None), vec![intent, charge]).is_empty());
     }
 
     #[test]

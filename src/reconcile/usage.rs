@@ -50,8 +50,9 @@ struct Tally {
     first_at: Option<i64>,
     last_at: Option<i64>,
     unpushed: usize,
-    /// The first unpushed event ids, as evidence.
-    unpushed_ids: Vec<String>,
+    /// The smallest unpushed event ids (in id order, whatever order they were read in), as
+    /// evidence.
+    unpushed_ids: BTreeSet<String>,
     pushes: Vec<PushRow>,
 }
 
@@ -74,8 +75,9 @@ impl Tally {
         }
         if event.push_id.is_none() {
             self.unpushed += 1;
-            if self.unpushed_ids.len() < MAX_EVENT_IDS {
-                self.unpushed_ids.push(event.event_id.clone());
+            self.unpushed_ids.insert(event.event_id.clone());
+            if self.unpushed_ids.len() > MAX_EVENT_IDS {
+                self.unpushed_ids.pop_last();
             }
         }
         let key = (event.occurred_at, event.received_at, event.event_id);
@@ -205,18 +207,59 @@ impl<'a> Ledger<'a> {
                 end: tally.last_at.unwrap_or(0) + 1,
                 invoice: None,
             };
-            items.push(item(
-                Finding::InvoiceMissing,
-                &unit,
-                &tally,
-                accepted,
-                pushed(meter, &tally.pushes),
-                None,
-                "no invoice line bills this usage, though its period has closed",
-            ));
+            let pushed = pushed(meter, &tally.pushes);
+            // Usage that never reached Stripe says so first; pushed usage lacks its invoice.
+            let item = match not_pushed(&tally, accepted, pushed) {
+                Some((finding, cause)) => {
+                    item(finding, &unit, &tally, accepted, pushed, None, cause)
+                }
+                None => item(
+                    Finding::InvoiceMissing,
+                    &unit,
+                    &tally,
+                    accepted,
+                    pushed,
+                    None,
+                    "no invoice line bills this usage, though its period has closed",
+                ),
+            };
+            items.push(item);
         }
         items
     }
+}
+
+/// Why accepted and pushed differ, when they do.
+fn not_pushed(
+    tally: &Tally,
+    accepted: Option<Decimal>,
+    pushed: Option<Decimal>,
+) -> Option<(Finding, &'static str)> {
+    if accepted.unwrap_or_default() == pushed.unwrap_or_default() {
+        return None;
+    }
+    let waiting = tally.unpushed > 0 || tally.pushes.iter().any(|p| p.status == "pending");
+    Some(if waiting {
+        (
+            Finding::NotYetPushed,
+            "accepted usage has not reached Stripe yet (a tenant without a Stripe customer waits)",
+        )
+    } else if tally.pushes.iter().any(|p| p.status == "rejected") {
+        (
+            Finding::RejectedByVendor,
+            "Stripe refused a push of this usage",
+        )
+    } else if tally.pushes.iter().any(|p| p.status == "expired") {
+        (
+            Finding::OutsideVendorWindow,
+            "the usage arrived more than 35 days late, outside what Stripe's meters take",
+        )
+    } else {
+        (
+            Finding::Unexplained,
+            "accepted and pushed differ with every push sent",
+        )
+    })
 }
 
 /// The meter's figure for the events, as its aggregation folds them; `None` without events.
@@ -239,30 +282,8 @@ fn compare(meter: &Meter, unit: &Unit, tally: &Tally, vendor: Option<Decimal>) -
     let pushed = pushed(meter, &tally.pushes);
     let invoiced = unit.invoice.as_ref().and_then(|line| line.quantity);
     let zero = Decimal::ZERO;
-    let (a, p) = (accepted.unwrap_or(zero), pushed.unwrap_or(zero));
-    if a != p {
-        let waiting = tally.unpushed > 0 || tally.pushes.iter().any(|p| p.status == "pending");
-        let (finding, cause) = if waiting {
-            (
-                Finding::NotYetPushed,
-                "accepted usage has not reached Stripe yet",
-            )
-        } else if tally.pushes.iter().any(|p| p.status == "rejected") {
-            (
-                Finding::RejectedByVendor,
-                "Stripe refused a push of this usage",
-            )
-        } else if tally.pushes.iter().any(|p| p.status == "expired") {
-            (
-                Finding::OutsideVendorWindow,
-                "the usage arrived more than 35 days late, outside what Stripe's meters take",
-            )
-        } else {
-            (
-                Finding::Unexplained,
-                "accepted and pushed differ with every push sent",
-            )
-        };
+    let p = pushed.unwrap_or(zero);
+    if let Some((finding, cause)) = not_pushed(tally, accepted, pushed) {
         return Some(item(finding, unit, tally, accepted, pushed, vendor, cause));
     }
     if let Some(v) = vendor

@@ -164,19 +164,20 @@ impl<'a> Reconciliations<'a> {
         Ok(row)
     }
 
-    /// The newest finished run, if any.
-    pub async fn latest_done(&self) -> Result<Option<RunRow>, StoreError> {
-        let row = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, RunRow>(concat!(
-                "SELECT ",
-                run_columns!(),
-                " FROM reconciliation_runs WHERE status = 'done' \
-                 ORDER BY finished_at DESC LIMIT 1"
-            ))
-            .fetch_optional(pool)
+    /// Marks runs left `running` by a process that stopped as failed; returns how many.
+    pub async fn fail_interrupted(&self, now_ms: i64) -> Result<u64, StoreError> {
+        let done = on_pool!(self.db, |pool| {
+            sqlx::query(
+                "UPDATE reconciliation_runs SET status = 'failed', \
+                 error = 'interrupted: the process stopped before the report was stored', \
+                 finished_at = $1 WHERE status = 'running'",
+            )
+            .bind(now_ms)
+            .execute(pool)
             .await
+            .map(|done| done.rows_affected())
         })?;
-        Ok(row)
+        Ok(done)
     }
 
     /// A page of a run's items after `after_seq`, in report order.

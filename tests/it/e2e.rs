@@ -175,6 +175,7 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
     );
     let status = app.get_json("/v1/sync/status").await;
     assert_eq!(status["inbox"]["failed"], 0, "{status}");
+
     app.stop().await;
 }
 
@@ -306,5 +307,43 @@ async fn e2e_self_serve_changes_reach_localstripe_once_and_come_back(backend: Ba
     assert_eq!(seen["subscription"]["cancel_at_period_end"], false);
     let status = app.get_json("/v1/sync/status").await;
     assert_eq!(status["inbox"]["failed"], 0, "{status}");
+    // Finance: the invoices localstripe issued are matched by their payments, and the mirror
+    // agrees with localstripe's subscription.
+    wait_for("the tenant's invoices and payments", || async {
+        let invoices = app.get_json("/v1/tenants/self-serve/invoices").await;
+        let payments = app.get_json("/v1/tenants/self-serve/payments").await;
+        !invoices["data"].as_array().unwrap().is_empty()
+            && !payments["data"].as_array().unwrap().is_empty()
+    })
+    .await;
+    let day = chrono::Duration::days(1);
+    let response = app
+        .v1(reqwest::Method::POST, "/v1/reconciliations")
+        .json(&serde_json::json!({
+            "from": (chrono::Utc::now() - day).to_rfc3339(),
+            "to": (chrono::Utc::now() + day).to_rfc3339(),
+            "tenant": "self-serve",
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v1/reconciliations/{id}");
+    wait_for("the reconciliation", || async {
+        app.get_json(&path).await["status"] != "running"
+    })
+    .await;
+    let run = app.get_json(&path).await;
+    assert_eq!(run["status"], "done", "{run}");
+    assert_eq!(run["items"], serde_json::json!([]), "{run:#}");
+    assert!(
+        run["summary"]["matched_invoices"].as_i64().unwrap() >= 1,
+        "{run}"
+    );
+    assert_eq!(run["summary"]["drift_checked_tenants"], 1);
     app.stop().await;
 }
