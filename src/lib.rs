@@ -12,6 +12,7 @@ pub mod entitlements;
 pub mod metering;
 pub mod metrics;
 pub mod reconcile;
+pub mod revenue;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

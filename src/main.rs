@@ -41,6 +41,25 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Print recognised and deferred revenue per day or month, from the mirrored invoices.
+    Revenue {
+        /// First day (YYYY-MM-DD or RFC 3339, UTC), included.
+        #[arg(long)]
+        from: String,
+        /// Last day, excluded.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value = "month")]
+        group_by: String,
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this currency (ISO code).
+        #[arg(long)]
+        currency: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
     /// Rebuild the mirror from the stored events alone (no vendor calls) and report what differs.
     Replay {
         /// Only report; leave the mirror as it is.
@@ -87,6 +106,22 @@ fn main() -> ExitCode {
                 format,
                 dry_run,
             } => reconcile(settings, &from, &to, tenant, format, dry_run).await,
+            Command::Revenue {
+                from,
+                to,
+                group_by,
+                tenant,
+                currency,
+                format,
+            } => {
+                let mut query = std::collections::HashMap::from([
+                    ("from".to_owned(), from),
+                    ("to".to_owned(), to),
+                    ("group_by".to_owned(), group_by),
+                ]);
+                query.extend(currency.map(|c| ("currency".to_owned(), c)));
+                revenue(settings, query, tenant, format).await
+            }
             Command::Serve => serve(settings).await,
             Command::Migrate => migrate(settings).await,
             Command::Backfill => backfill(settings).await,
@@ -252,6 +287,83 @@ fn csv(value: &serde_json::Value) -> String {
     } else {
         text
     }
+}
+
+async fn revenue(
+    settings: Settings,
+    query: std::collections::HashMap<String, String>,
+    tenant: Option<String>,
+    format: Format,
+) -> Result<(), String> {
+    use billsync::api::revenue::{Window, render};
+    let window = Window::from_query(&query).map_err(|e| {
+        format!(
+            "--{}: {}",
+            e.field.unwrap_or_default().replace('_', "-"),
+            e.message
+        )
+    })?;
+    let state = app::AppState::build(settings)
+        .await
+        .map_err(|e| e.to_string())?;
+    let schedule = billsync::revenue::load(&state.db, &state.metering.catalog, tenant.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    state.db.close().await;
+    let out = render(&schedule, &window, tenant.as_deref());
+    let periods = out["periods"].as_array().cloned().unwrap_or_default();
+    let kinds = ["subscription", "usage", "one_off", "reversal", "total"];
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default()),
+        Format::Csv => {
+            println!(
+                "currency,start,end,subscription,usage,one_off,reversal,recognised,billed,deferred,uncollectible"
+            );
+            for p in &periods {
+                let recognised: Vec<String> = kinds
+                    .iter()
+                    .map(|k| p["recognised"][k].to_string())
+                    .collect();
+                println!(
+                    "{},{},{},{},{},{},{}",
+                    p["currency"].as_str().unwrap_or_default(),
+                    p["start"].as_str().unwrap_or_default(),
+                    p["end"].as_str().unwrap_or_default(),
+                    recognised.join(","),
+                    p["billed"],
+                    p["deferred"],
+                    p["uncollectible"]
+                );
+            }
+        }
+        Format::Table => {
+            println!(
+                "{:<4} {:<10} {:<10} {:>14} {:>14} {:>14} {:>14} {:>14}",
+                "cur",
+                "start",
+                "end",
+                "recognised",
+                "of which usage",
+                "billed",
+                "deferred",
+                "uncollectible"
+            );
+            for p in &periods {
+                println!(
+                    "{:<4} {:<10} {:<10} {:>14} {:>14} {:>14} {:>14} {:>14}",
+                    p["currency"].as_str().unwrap_or_default(),
+                    p["start"].as_str().unwrap_or_default(),
+                    p["end"].as_str().unwrap_or_default(),
+                    p["recognised"]["total"],
+                    p["recognised"]["usage"],
+                    p["billed"],
+                    p["deferred"],
+                    p["uncollectible"]
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn replay(settings: Settings, dry_run: bool) -> Result<(), String> {

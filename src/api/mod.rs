@@ -10,6 +10,7 @@ pub mod json;
 pub mod metrics;
 pub mod pagination;
 pub mod reconcile;
+pub mod revenue;
 pub mod sync;
 pub mod tenants;
 pub mod usage;
@@ -104,6 +105,12 @@ pub fn routes() -> Vec<Route> {
             get(commands::get_command),
         ),
         route(Method::GET, "/v1/sync/status", get(sync::sync_status)),
+        route(Method::GET, "/v1/revenue", get(revenue::revenue)),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/revenue",
+            get(revenue::tenant_revenue),
+        ),
         route(Method::POST, "/v1/reconciliations", post(reconcile::start)),
         route(
             Method::GET,

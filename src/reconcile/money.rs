@@ -97,8 +97,7 @@ fn findings(
         .filter(|p| {
             p.kind == "payment_intent"
                 && p.status.as_deref() == Some("succeeded")
-                && (p.invoice.as_deref() == Some(invoice.id.as_str())
-                    || named.contains(&p.id))
+                && (p.invoice.as_deref() == Some(invoice.id.as_str()) || named.contains(&p.id))
                 && !charges
                     .iter()
                     .any(|c| c.payment_intent.as_deref() == Some(p.id.as_str()))

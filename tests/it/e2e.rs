@@ -345,5 +345,40 @@ async fn e2e_self_serve_changes_reach_localstripe_once_and_come_back(backend: Ba
         "{run}"
     );
     assert_eq!(run["summary"]["drift_checked_tenants"], 1);
+
+    // Revenue: what localstripe invoiced is billed, and earned day by day from its period.
+    let invoiced: i64 = app.get_json("/v1/tenants/self-serve/invoices").await["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| matches!(i["status"].as_str(), Some("paid" | "open")))
+        .filter_map(|i| i["total"].as_i64())
+        .sum();
+    assert!(invoiced > 0);
+    let today = chrono::Utc::now().date_naive();
+    let revenue = app
+        .get_json(&format!(
+            "/v1/tenants/self-serve/revenue?from={}&to={}&group_by=day",
+            today - chrono::Days::new(1),
+            today + chrono::Days::new(40)
+        ))
+        .await;
+    let periods = revenue["periods"].as_array().unwrap();
+    let billed: i64 = periods.iter().filter_map(|p| p["billed"].as_i64()).sum();
+    let recognised: i64 = periods
+        .iter()
+        .filter_map(|p| p["recognised"]["total"].as_i64())
+        .sum();
+    assert_eq!(billed, invoiced, "{revenue:#}");
+    assert_eq!(recognised, invoiced, "all earned within the 40 days: {revenue:#}");
+    assert_eq!(periods.last().unwrap()["deferred"], 0);
+    assert!(
+        revenue["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["kind"] == "subscription"),
+        "{revenue:#}"
+    );
     app.stop().await;
 }

@@ -10,6 +10,7 @@ mod entitlements;
 mod health;
 mod openapi;
 mod reconcile;
+mod revenue;
 mod sync;
 mod tenants;
 mod usage;

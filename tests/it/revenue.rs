@@ -1,0 +1,220 @@
+//! Revenue over HTTP and from the command line: invoices, a credit note and a refund reach the
+//! mirror through webhooks, and the report follows them.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    Backend, TestApp, customer, error_of, event, on_both_backends, take_webhooks, wait_for,
+};
+
+on_both_backends!(the_report_follows_invoices_credit_notes_and_refunds);
+
+/// 2024-01-01T00:00:00Z.
+const JAN_1: i64 = 1_704_067_200;
+const DAY: i64 = 86_400;
+
+fn invoice(id: &str, customer: &str, amount: i64, start: i64, end: i64, currency: &str) -> Value {
+    json!({"id": id, "object": "invoice", "customer": customer, "status": "paid", "currency": currency,
+        "total": amount, "amount_due": amount, "amount_paid": amount, "created": start,
+        "status_transitions": {"finalized_at": start},
+        "lines": {"object": "list", "data": [{"id": format!("il_{id}"), "object": "line_item",
+            "amount": amount, "currency": currency, "type": "subscription",
+            "price": {"id": "price_pro", "recurring": {"interval": "month"}},
+            "period": {"start": start, "end": end}}]}})
+}
+
+async fn applied(app: &TestApp, n: &mut usize, kind: &str, object: Value) {
+    *n += 1;
+    app.deliver(&event(
+        &format!("evt_r{n}"),
+        kind,
+        JAN_1 + *n as i64,
+        object,
+    ))
+    .await;
+    let id = format!("evt_r{n}");
+    wait_for(&format!("{id} applied"), || async {
+        let status = app.get_json("/v1/sync/status").await;
+        status["inbox"]["pending"] == 0 && status["inbox"]["failed"] == 0
+    })
+    .await;
+    let _ = id;
+}
+
+async fn the_report_follows_invoices_credit_notes_and_refunds(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        take_webhooks(s);
+        s.stripe.refetch = false;
+        s.api.tenant_keys = vec![(
+            billsync::config::key_digest("scoped-revenue-key-000").unwrap(),
+            vec!["acme".to_owned()],
+        )];
+    })
+    .await;
+    let mut n = 0;
+    applied(
+        &app,
+        &mut n,
+        "customer.created",
+        customer("cus_acme", "acme"),
+    )
+    .await;
+    let feb_1 = JAN_1 + 31 * DAY;
+    let mar_1 = feb_1 + 29 * DAY;
+    applied(
+        &app,
+        &mut n,
+        "invoice.finalized",
+        invoice("in_jan", "cus_acme", 3100, JAN_1, feb_1, "eur"),
+    )
+    .await;
+    applied(
+        &app,
+        &mut n,
+        "invoice.finalized",
+        invoice("in_feb", "cus_acme", 2900, feb_1, mar_1, "eur"),
+    )
+    .await;
+
+    let path = "/v1/revenue?from=2024-01-01&to=2024-03-01&group_by=month";
+    let report = app.get_json(path).await;
+    let periods = report["periods"].as_array().unwrap();
+    assert_eq!(periods.len(), 2, "{report}");
+    assert_eq!(periods[0]["start"], "2024-01-01");
+    assert_eq!(periods[0]["recognised"]["subscription"], 3100);
+    assert_eq!(periods[0]["billed"], 3100);
+    assert_eq!(periods[0]["deferred"], 0);
+    assert_eq!(
+        periods[1]["recognised"]["total"], 2900,
+        "a leap February: 29 days"
+    );
+
+    // A credit note on the 11th of February takes back from that day on; January is closed.
+    applied(&app, &mut n, "credit_note.created", json!({"id": "cn_1", "object": "credit_note",
+        "customer": "cus_acme", "invoice": "in_feb", "status": "issued", "created": feb_1 + 10 * DAY,
+        "currency": "eur", "total": 580, "amount": 580,
+        "lines": {"data": [{"invoice_line_item": "il_in_feb", "amount": 580}]}})).await;
+    let report = app.get_json(path).await;
+    assert_eq!(report["periods"][0]["recognised"]["total"], 3100);
+    assert_eq!(report["periods"][1]["recognised"]["reversal"], -580);
+    assert_eq!(report["periods"][1]["billed"], 2900 - 580);
+    assert_eq!(report["periods"][1]["deferred"], 0);
+
+    // By day: the 10th of February is as it was; the 11th carries the catch-up.
+    let days = app
+        .get_json("/v1/revenue?from=2024-02-10&to=2024-02-12&group_by=day&currency=EUR")
+        .await;
+    assert_eq!(days["periods"][0]["recognised"]["total"], 100);
+    assert_eq!(days["periods"][1]["recognised"]["reversal"], -200 - 20);
+
+    // A refund no credit note covers, and the tenant view with the lines behind the figures.
+    applied(&app, &mut n, "charge.refunded", json!({"id": "ch_1", "object": "charge", "customer": "cus_acme",
+        "invoice": "in_jan", "amount": 3100, "amount_refunded": 310, "currency": "eur", "status": "succeeded",
+        "created": JAN_1, "refunds": {"data": [{"id": "re_1", "amount": 310, "created": mar_1}]}})).await;
+    let tenant = app
+        .get_json("/v1/tenants/acme/revenue?from=2024-01-01&to=2024-04-01")
+        .await;
+    let lines = tenant["lines"].as_array().unwrap();
+    assert_eq!(lines.len(), 2);
+    let jan = lines.iter().find(|l| l["invoice"] == "in_jan").unwrap();
+    assert_eq!(jan["kind"], "subscription");
+    assert_eq!(jan["service_end"], "2024-01-31");
+    assert_eq!(jan["adjustments"][0]["cause"], "refund");
+    assert_eq!(jan["adjustments"][0]["amount"], 310);
+    assert_eq!(tenant["periods"][2]["recognised"]["reversal"], -310);
+    assert_eq!(tenant["periods"][2]["billed"], -310);
+
+    // Bad input, and tenant-scoped keys.
+    let bad = app
+        .v1(Method::GET, "/v1/revenue?from=2024-02-01&to=2024-01-01")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(bad).await.2.as_deref(), Some("to"));
+    let bad = app
+        .v1(
+            Method::GET,
+            "/v1/revenue?from=2024-01-01&to=2024-02-01&group_by=week",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(bad).await.2.as_deref(), Some("group_by"));
+    let scoped = |path: &str| {
+        app.client
+            .get(app.url(path))
+            .bearer_auth("scoped-revenue-key-000")
+            .send()
+    };
+    assert_eq!(
+        scoped("/v1/revenue?from=2024-01-01&to=2024-02-01")
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        scoped("/v1/revenue?from=2024-01-01&to=2024-02-01&tenant=other")
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        scoped("/v1/revenue?from=2024-01-01&to=2024-02-01&tenant=acme")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        scoped("/v1/tenants/other/revenue?from=2024-01-01&to=2024-02-01")
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // The command line prints the same figures.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .args([
+            "revenue",
+            "--from",
+            "2024-01-01",
+            "--to",
+            "2024-03-01",
+            "--format",
+            "json",
+        ])
+        .env("BILLSYNC_DATABASE__URL", app.settings.database.url.expose())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed["periods"], app.get_json(path).await["periods"]);
+    let csv = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .args([
+            "revenue",
+            "--from",
+            "2024-01-01",
+            "--to",
+            "2024-03-01",
+            "--format",
+            "csv",
+        ])
+        .env("BILLSYNC_DATABASE__URL", app.settings.database.url.expose())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&csv.stdout);
+    assert_eq!(
+        text.lines().nth(1),
+        Some("eur,2024-01-01,2024-02-01,3100,0,0,0,3100,3100,0,0"),
+        "{text}"
+    );
+    app.stop().await;
+}
