@@ -149,13 +149,28 @@ pub fn split(total: i64, weights: &[i128]) -> Vec<i64> {
 /// Builds the schedule. Lines of draft invoices are left out; a void invoice's lines are taken
 /// back in full on the day it was voided.
 pub fn build(inputs: &Inputs) -> Schedule {
-    let mut schedule = Schedule::default();
-    // Lines by invoice, for credit notes and refunds.
-    let mut by_invoice: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut builder = Builder::default();
     for (tenant, raw) in &inputs.invoices {
+        builder.invoice(inputs, tenant, raw);
+    }
+    builder.finish(&inputs.credit_notes, &inputs.charges)
+}
+
+/// Builds a schedule an invoice at a time (so that invoices can stream past), then applies the
+/// credit notes and refunds.
+#[derive(Default)]
+pub struct Builder {
+    schedule: Schedule,
+    /// Lines by invoice, for credit notes and refunds.
+    by_invoice: HashMap<String, Vec<usize>>,
+}
+
+impl Builder {
+    /// Adds an invoice's lines (`inputs` gives the meters and usage; its lists are not read).
+    pub fn invoice(&mut self, inputs: &Inputs, tenant: &str, raw: &Value) {
         let status = raw["status"].as_str().unwrap_or("");
         if !matches!(status, "open" | "paid" | "uncollectible" | "void") {
-            continue;
+            return;
         }
         let invoice_id = objects::id_of(&raw["id"]).unwrap_or_default();
         let currency = raw["currency"].as_str().unwrap_or("").to_ascii_lowercase();
@@ -172,141 +187,143 @@ pub fn build(inputs: &Inputs) -> Schedule {
             let revenue = line_revenue(inputs, tenant, &invoice_id, &currency, billed_day, n, line);
             let mut revenue = revenue;
             revenue.uncollectible = status == "uncollectible";
-            by_invoice
+            self.by_invoice
                 .entry(invoice_id.clone())
                 .or_default()
-                .push(schedule.lines.len());
-            schedule.lines.push(revenue);
+                .push(self.schedule.lines.len());
+            self.schedule.lines.push(revenue);
         }
         if status == "void" {
             let voided = raw["status_transitions"]["voided_at"]
                 .as_i64()
                 .map(day_of)
                 .unwrap_or(billed_day);
-            for &i in by_invoice
+            for &i in self
+                .by_invoice
                 .get(&invoice_id)
                 .map(Vec::as_slice)
                 .unwrap_or_default()
             {
-                let line = &schedule.lines[i];
-                schedule.adjustments.push(take_back(
-                    line,
-                    &invoice_id,
-                    "void",
-                    voided,
-                    line.amount,
-                ));
+                let line = &self.schedule.lines[i];
+                let adjustment = take_back(line, &invoice_id, "void", voided, line.amount);
+                self.schedule.adjustments.push(adjustment);
             }
         }
     }
 
-    // Credit notes: per credited line, or spread over the invoice's lines.
-    let mut covered_refunds: HashSet<String> = HashSet::new();
-    for note in &inputs.credit_notes {
-        if note["status"].as_str() == Some("void") {
-            continue;
-        }
-        if let Some(refund) = objects::id_of(&note["refund"]) {
-            covered_refunds.insert(refund);
-        }
-        for refund in note["refunds"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            if let Some(id) = objects::id_of(&refund["refund"]) {
-                covered_refunds.insert(id);
-            }
-        }
-        let Some(invoice_id) = objects::id_of(&note["invoice"]) else {
-            continue;
-        };
-        let Some(lines) = by_invoice.get(&invoice_id) else {
-            continue;
-        };
-        let source = objects::id_of(&note["id"]).unwrap_or_default();
-        let day = day_of(objects::int(&note["created"]).unwrap_or(0));
-        let mut unassigned = 0;
-        for credit in note["lines"]["data"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-        {
-            let amount = objects::int(&credit["amount"]).unwrap_or(0)
-                - sum_of(&credit["discount_amounts"], "amount");
-            let target = objects::id_of(&credit["invoice_line_item"])
-                .and_then(|id| lines.iter().find(|&&i| schedule.lines[i].line_id == id));
-            match target {
-                Some(&i) => {
-                    let adjustment =
-                        take_back(&schedule.lines[i], &source, "credit_note", day, amount);
-                    schedule.adjustments.push(adjustment);
-                }
-                None => unassigned += amount,
-            }
-        }
-        if note["lines"]["data"]
-            .as_array()
-            .is_none_or(|l| l.is_empty())
-        {
-            unassigned = objects::int(&note["subtotal"])
-                .or_else(|| objects::int(&note["amount"]))
-                .unwrap_or(0);
-        }
-        spread(
-            &mut schedule,
-            lines,
-            &source,
-            "credit_note",
-            day,
-            unassigned,
-        );
-    }
-
-    // Refunds no credit note accounts for: spread over the invoice's lines.
-    for charge in &inputs.charges {
-        let Some(invoice_id) = objects::id_of(&charge["invoice"]) else {
-            continue;
-        };
-        let Some(lines) = by_invoice.get(&invoice_id).cloned() else {
-            continue;
-        };
-        let refunds: Vec<(String, i64, i64)> = match charge["refunds"]["data"].as_array() {
-            Some(list) if !list.is_empty() => list
-                .iter()
-                .filter(|r| r["status"].as_str() != Some("failed"))
-                .map(|r| {
-                    (
-                        objects::id_of(&r["id"]).unwrap_or_default(),
-                        objects::int(&r["amount"]).unwrap_or(0),
-                        objects::int(&r["created"]).unwrap_or(0),
-                    )
-                })
-                .collect(),
-            _ => match objects::int(&charge["amount_refunded"]).filter(|a| *a > 0) {
-                Some(amount) => vec![(
-                    objects::id_of(&charge["id"]).unwrap_or_default(),
-                    amount,
-                    objects::int(&charge["created"]).unwrap_or(0),
-                )],
-                None => Vec::new(),
-            },
-        };
-        for (id, amount, created) in refunds {
-            if covered_refunds.contains(&id) {
+    /// Applies credit notes and refunds, and returns the schedule.
+    pub fn finish(mut self, credit_notes: &[Value], charges: &[Value]) -> Schedule {
+        // Credit notes: per credited line, or spread over the invoice's lines.
+        let mut covered_refunds: HashSet<String> = HashSet::new();
+        for note in credit_notes {
+            if note["status"].as_str() == Some("void") {
                 continue;
             }
+            if let Some(refund) = objects::id_of(&note["refund"]) {
+                covered_refunds.insert(refund);
+            }
+            for refund in note["refunds"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                if let Some(id) = objects::id_of(&refund["refund"]) {
+                    covered_refunds.insert(id);
+                }
+            }
+            let Some(invoice_id) = objects::id_of(&note["invoice"]) else {
+                continue;
+            };
+            let Some(lines) = self.by_invoice.get(&invoice_id) else {
+                continue;
+            };
+            let source = objects::id_of(&note["id"]).unwrap_or_default();
+            let day = day_of(objects::int(&note["created"]).unwrap_or(0));
+            let mut unassigned = 0;
+            for credit in note["lines"]["data"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                let amount = objects::int(&credit["amount"]).unwrap_or(0)
+                    - sum_of(&credit["discount_amounts"], "amount");
+                let target = objects::id_of(&credit["invoice_line_item"]).and_then(|id| {
+                    lines
+                        .iter()
+                        .find(|&&i| self.schedule.lines[i].line_id == id)
+                });
+                match target {
+                    Some(&i) => {
+                        let adjustment =
+                            take_back(&self.schedule.lines[i], &source, "credit_note", day, amount);
+                        self.schedule.adjustments.push(adjustment);
+                    }
+                    None => unassigned += amount,
+                }
+            }
+            if note["lines"]["data"]
+                .as_array()
+                .is_none_or(|l| l.is_empty())
+            {
+                unassigned = objects::int(&note["subtotal"])
+                    .or_else(|| objects::int(&note["amount"]))
+                    .unwrap_or(0);
+            }
             spread(
-                &mut schedule,
-                &lines,
-                &id,
-                "refund",
-                day_of(created),
-                amount,
+                &mut self.schedule,
+                lines,
+                &source,
+                "credit_note",
+                day,
+                unassigned,
             );
         }
+
+        // Refunds no credit note accounts for: spread over the invoice's lines.
+        for charge in charges {
+            let Some(invoice_id) = objects::id_of(&charge["invoice"]) else {
+                continue;
+            };
+            let Some(lines) = self.by_invoice.get(&invoice_id).cloned() else {
+                continue;
+            };
+            let refunds: Vec<(String, i64, i64)> = match charge["refunds"]["data"].as_array() {
+                Some(list) if !list.is_empty() => list
+                    .iter()
+                    .filter(|r| r["status"].as_str() != Some("failed"))
+                    .map(|r| {
+                        (
+                            objects::id_of(&r["id"]).unwrap_or_default(),
+                            objects::int(&r["amount"]).unwrap_or(0),
+                            objects::int(&r["created"]).unwrap_or(0),
+                        )
+                    })
+                    .collect(),
+                _ => match objects::int(&charge["amount_refunded"]).filter(|a| *a > 0) {
+                    Some(amount) => vec![(
+                        objects::id_of(&charge["id"]).unwrap_or_default(),
+                        amount,
+                        objects::int(&charge["created"]).unwrap_or(0),
+                    )],
+                    None => Vec::new(),
+                },
+            };
+            for (id, amount, created) in refunds {
+                if covered_refunds.contains(&id) {
+                    continue;
+                }
+                spread(
+                    &mut self.schedule,
+                    &lines,
+                    &id,
+                    "refund",
+                    day_of(created),
+                    amount,
+                );
+            }
+        }
+        self.schedule
     }
-    schedule
 }
 
 /// Takes `amount` back from the invoice's lines in proportion to their amounts.
@@ -532,46 +549,16 @@ pub async fn load(
             .collect(),
         ..Inputs::default()
     };
-    for row in reads
-        .mirrored(&["invoice", "credit_note", "charge"], i64::MIN, customer)
-        .await?
-    {
-        let Some(owner) = row.customer_id.as_deref().and_then(|c| tenant_of.get(c)) else {
-            continue;
-        };
-        let Ok(raw) = serde_json::from_str::<Value>(&row.payload) else {
-            continue;
-        };
-        match row.object_type.as_str() {
-            "invoice" => inputs.invoices.push((owner.to_string(), raw)),
-            "credit_note" => inputs.credit_notes.push(raw),
-            _ => inputs.charges.push(raw),
-        }
-    }
-    // Daily usage, for the metered lines' periods only.
-    let span = inputs
-        .invoices
-        .iter()
-        .flat_map(|(_, raw)| raw["lines"]["data"].as_array().cloned().unwrap_or_default())
-        .filter(|line| {
-            objects::id_of(&line["price"])
-                .or_else(|| objects::id_of(&line["pricing"]["price_details"]["price"]))
-                .or_else(|| objects::id_of(&line["plan"]))
-                .is_some_and(|p| inputs.price_meter.contains_key(&p))
-        })
-        .filter_map(|line| {
-            Some((
-                objects::int(&line["period"]["start"])?,
-                objects::int(&line["period"]["end"])?,
-            ))
-        })
-        .fold(None, |acc: Option<(i64, i64)>, (s, e)| {
-            Some(acc.map_or((s, e), |(a, b)| (a.min(s), b.max(e))))
-        });
-    if let Some((start, end)) = span {
+    // Daily usage of the meters that invoice lines bill (their whole log: a day's figure is
+    // small, whatever the number of events).
+    if !inputs.price_meter.is_empty() {
+        let meters: HashSet<&str> = inputs.price_meter.values().map(String::as_str).collect();
         let usage = &mut inputs.usage;
         reads
-            .each_usage(start * 1000, end * 1000, tenant, |event| {
+            .each_usage(i64::MIN, i64::MAX, tenant, |event| {
+                if !meters.contains(event.meter.as_str()) {
+                    return;
+                }
                 let quantity: Decimal = event.quantity.parse().unwrap_or_default();
                 *usage
                     .entry((event.tenant_id, event.meter))
@@ -581,7 +568,29 @@ pub async fn load(
             })
             .await?;
     }
-    Ok(build(&inputs))
+    // Invoices stream past and become lines at once; credit notes and charges (fewer) are
+    // kept for the end.
+    let mut builder = Builder::default();
+    let (mut notes, mut charges) = (Vec::new(), Vec::new());
+    reads
+        .each_mirrored(&["invoice", "credit_note", "charge"], customer, |row| {
+            let Some(owner) = row.customer_id.as_deref().and_then(|c| tenant_of.get(c)) else {
+                return;
+            };
+            let Ok(raw) = serde_json::from_str::<Value>(&row.payload) else {
+                return;
+            };
+            match row.object_type.as_str() {
+                "invoice" => builder.invoice(&inputs, owner, &raw),
+                "credit_note" => notes.push(raw),
+                _ if objects::int(&raw["amount_refunded"]).is_some_and(|a| a > 0) => {
+                    charges.push(raw)
+                }
+                _ => {}
+            }
+        })
+        .await?;
+    Ok(builder.finish(&notes, &charges))
 }
 
 #[cfg(test)]

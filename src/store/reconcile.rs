@@ -253,6 +253,40 @@ impl<'a> Reconciliations<'a> {
         Ok(rows)
     }
 
+    /// Calls `each` with every mirrored object of the kinds named (not deleted), of one customer
+    /// or all, streamed rather than loaded at once.
+    pub async fn each_mirrored(
+        &self,
+        kinds: &[&str],
+        customer: Option<&str>,
+        mut each: impl FnMut(MirrorRow),
+    ) -> Result<(), StoreError> {
+        use futures_util::TryStreamExt;
+        on_pool!(self.db, |pool| {
+            let mut query = sqlx::QueryBuilder::new(concat!(
+                "SELECT ",
+                mirror_columns!(),
+                " FROM mirror_objects WHERE deleted = FALSE"
+            ));
+            if let Some(customer) = customer {
+                query.push(" AND customer_id = ");
+                query.push_bind(customer);
+            }
+            query.push(" AND object_type IN (");
+            let mut list = query.separated(", ");
+            for kind in kinds {
+                list.push_bind(*kind);
+            }
+            query.push(") ORDER BY object_type, object_id");
+            let mut rows = query.build_query_as::<MirrorRow>().fetch(pool);
+            while let Some(row) = rows.try_next().await? {
+                each(row);
+            }
+            Ok::<_, sqlx::Error>(())
+        })?;
+        Ok(())
+    }
+
     /// Mirrored objects of the kinds named, created (vendor time, seconds) from `from_s` on,
     /// of one customer or all.
     pub async fn mirrored(

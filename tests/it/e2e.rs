@@ -370,7 +370,10 @@ async fn e2e_self_serve_changes_reach_localstripe_once_and_come_back(backend: Ba
         .filter_map(|p| p["recognised"]["total"].as_i64())
         .sum();
     assert_eq!(billed, invoiced, "{revenue:#}");
-    assert_eq!(recognised, invoiced, "all earned within the 40 days: {revenue:#}");
+    assert_eq!(
+        recognised, invoiced,
+        "all earned within the 40 days: {revenue:#}"
+    );
     assert_eq!(periods.last().unwrap()["deferred"], 0);
     assert!(
         revenue["lines"]
