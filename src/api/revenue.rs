@@ -152,10 +152,23 @@ pub async fn tenant_revenue(
             .sum()
     };
     let wanted = |c: &str| window.currency.as_deref().is_none_or(|w| w == c);
+    // The lines behind the window's figures: billed in it, or earning (or taken back) in it.
+    let touches = |entries: &[(Day, i64)], billed: Day| {
+        (billed >= window.from && billed < window.to)
+            || entries
+                .iter()
+                .any(|(d, _)| *d >= window.from && *d < window.to)
+    };
     let lines: Vec<Value> = schedule
         .lines
         .iter()
         .filter(|l| wanted(&l.currency))
+        .filter(|l| {
+            touches(&l.entries, l.billed_day)
+                || schedule.adjustments.iter().any(|a| {
+                    a.invoice_id == l.invoice_id && a.line_id == l.line_id && touches(&a.entries, a.day)
+                })
+        })
         .map(|l| {
             let adjustments: Vec<Value> = schedule
                 .adjustments

@@ -163,6 +163,11 @@ pub struct Builder {
     schedule: Schedule,
     /// Lines by invoice, for credit notes and refunds.
     by_invoice: HashMap<String, Vec<usize>>,
+    /// Each invoice's total (tax included): refunds are of money, and only the revenue share of
+    /// them comes off the lines.
+    totals: HashMap<String, i64>,
+    /// Payment intent → invoice, for charges that do not name their invoice (newer versions).
+    intents: HashMap<String, String>,
 }
 
 impl Builder {
@@ -179,6 +184,21 @@ impl Builder {
             .or_else(|| objects::int(&raw["created"]))
             .unwrap_or(0);
         let billed_day = day_of(finalized);
+        self.totals
+            .insert(invoice_id.clone(), objects::int(&raw["total"]).unwrap_or(0));
+        let named = raw["payment_intent"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| objects::id_of(&raw["payment_intent"]));
+        let listed = raw["payments"]["data"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| objects::id_of(&p["payment"]["payment_intent"]));
+        for intent in named.into_iter().chain(listed) {
+            self.intents.insert(intent, invoice_id.clone());
+        }
         let lines = raw["lines"]["data"]
             .as_array()
             .map(Vec::as_slice)
@@ -215,9 +235,18 @@ impl Builder {
     pub fn finish(mut self, credit_notes: &[Value], charges: &[Value]) -> Schedule {
         // Credit notes: per credited line, or spread over the invoice's lines.
         let mut covered_refunds: HashSet<String> = HashSet::new();
+        // Per invoice, money its credit notes refunded: a charge whose refunds are not listed
+        // (Stripe leaves them out unless asked) is not counted for it a second time.
+        let mut refunded_by_notes: HashMap<String, i64> = HashMap::new();
         for note in credit_notes {
             if note["status"].as_str() == Some("void") {
                 continue;
+            }
+            let refunds_money = !note["refund"].is_null()
+                || note["refunds"].as_array().is_some_and(|r| !r.is_empty());
+            if refunds_money && let Some(invoice) = objects::id_of(&note["invoice"]) {
+                *refunded_by_notes.entry(invoice).or_default() +=
+                    objects::int(&note["total"]).unwrap_or(0);
             }
             if let Some(refund) = objects::id_of(&note["refund"]) {
                 covered_refunds.insert(refund);
@@ -245,8 +274,10 @@ impl Builder {
                 .map(Vec::as_slice)
                 .unwrap_or_default()
             {
-                let amount = objects::int(&credit["amount"]).unwrap_or(0)
-                    - sum_of(&credit["discount_amounts"], "amount");
+                // Net of tax included in the price, like the invoice lines.
+                let amount = objects::int(&credit["amount_excluding_tax"]).unwrap_or_else(|| {
+                    objects::int(&credit["amount"]).unwrap_or(0) - inclusive_tax(credit)
+                }) - sum_of(&credit["discount_amounts"], "amount");
                 let target = objects::id_of(&credit["invoice_line_item"]).and_then(|id| {
                     lines
                         .iter()
@@ -265,7 +296,8 @@ impl Builder {
                 .as_array()
                 .is_none_or(|l| l.is_empty())
             {
-                unassigned = objects::int(&note["subtotal"])
+                unassigned = objects::int(&note["subtotal_excluding_tax"])
+                    .or_else(|| objects::int(&note["subtotal"]))
                     .or_else(|| objects::int(&note["amount"]))
                     .unwrap_or(0);
             }
@@ -281,7 +313,10 @@ impl Builder {
 
         // Refunds no credit note accounts for: spread over the invoice's lines.
         for charge in charges {
-            let Some(invoice_id) = objects::id_of(&charge["invoice"]) else {
+            let Some(invoice_id) = objects::id_of(&charge["invoice"]).or_else(|| {
+                objects::id_of(&charge["payment_intent"])
+                    .and_then(|pi| self.intents.get(&pi).cloned())
+            }) else {
                 continue;
             };
             let Some(lines) = self.by_invoice.get(&invoice_id).cloned() else {
@@ -299,7 +334,12 @@ impl Builder {
                         )
                     })
                     .collect(),
-                _ => match objects::int(&charge["amount_refunded"]).filter(|a| *a > 0) {
+                // Refunds not listed: their total, less what credit notes refunded; dated on
+                // the charge's day, the only date there is.
+                _ => match objects::int(&charge["amount_refunded"])
+                    .map(|a| a - refunded_by_notes.get(&invoice_id).copied().unwrap_or(0))
+                    .filter(|a| *a > 0)
+                {
                     Some(amount) => vec![(
                         objects::id_of(&charge["id"]).unwrap_or_default(),
                         amount,
@@ -308,10 +348,18 @@ impl Builder {
                     None => Vec::new(),
                 },
             };
+            let total = self.totals.get(&invoice_id).copied().unwrap_or(0);
+            let revenue: i64 = lines.iter().map(|&i| self.schedule.lines[i].amount).sum();
             for (id, amount, created) in refunds {
                 if covered_refunds.contains(&id) {
                     continue;
                 }
+                // The revenue share of the money refunded (tax is not revenue).
+                let amount = if total > 0 && revenue != total {
+                    (i128::from(amount) * i128::from(revenue) / i128::from(total)) as i64
+                } else {
+                    amount
+                };
                 spread(
                     &mut self.schedule,
                     &lines,
@@ -549,29 +597,11 @@ pub async fn load(
             .collect(),
         ..Inputs::default()
     };
-    // Daily usage of the meters that invoice lines bill (their whole log: a day's figure is
-    // small, whatever the number of events).
-    if !inputs.price_meter.is_empty() {
-        let meters: HashSet<&str> = inputs.price_meter.values().map(String::as_str).collect();
-        let usage = &mut inputs.usage;
-        reads
-            .each_usage(i64::MIN, i64::MAX, tenant, |event| {
-                if !meters.contains(event.meter.as_str()) {
-                    return;
-                }
-                let quantity: Decimal = event.quantity.parse().unwrap_or_default();
-                *usage
-                    .entry((event.tenant_id, event.meter))
-                    .or_default()
-                    .entry(day_of(event.occurred_at.div_euclid(1000)))
-                    .or_default() += quantity;
-            })
-            .await?;
-    }
-    // Invoices stream past and become lines at once; credit notes and charges (fewer) are
+    // Invoices stream past and become lines at once, except those with metered lines, kept
+    // until the usage of their periods is read; credit notes and refunded charges (fewer) are
     // kept for the end.
     let mut builder = Builder::default();
-    let (mut notes, mut charges) = (Vec::new(), Vec::new());
+    let (mut notes, mut charges, mut metered) = (Vec::new(), Vec::new(), Vec::new());
     reads
         .each_mirrored(&["invoice", "credit_note", "charge"], customer, |row| {
             let Some(owner) = row.customer_id.as_deref().and_then(|c| tenant_of.get(c)) else {
@@ -581,16 +611,82 @@ pub async fn load(
                 return;
             };
             match row.object_type.as_str() {
+                "invoice" if metered_span(&inputs, &raw).is_some() => {
+                    metered.push((owner.to_string(), raw))
+                }
                 "invoice" => builder.invoice(&inputs, owner, &raw),
                 "credit_note" => notes.push(raw),
-                _ if objects::int(&raw["amount_refunded"]).is_some_and(|a| a > 0) => {
+                _ if objects::int(&raw["amount_refunded"]).is_some_and(|a| a > 0)
+                    || raw["refunds"]["data"]
+                        .as_array()
+                        .is_some_and(|r| !r.is_empty()) =>
+                {
                     charges.push(raw)
                 }
                 _ => {}
             }
         })
         .await?;
+    // Daily usage of the metered lines' meters over their periods: a `sum` meter's days are
+    // weighted by quantity, other meters' by their number of events.
+    let span = metered
+        .iter()
+        .filter_map(|(_, raw)| metered_span(&inputs, raw))
+        .reduce(|(a, b), (s, e)| (a.min(s), b.max(e)));
+    if let Some((start, end)) = span {
+        let by_quantity: HashMap<&str, bool> = catalog
+            .meters
+            .values()
+            .map(|m| {
+                (
+                    m.name.as_str(),
+                    m.aggregation == crate::catalog::Aggregation::Sum,
+                )
+            })
+            .collect();
+        let usage = &mut inputs.usage;
+        reads
+            .each_usage(start * 1000, end * 1000, tenant, |event| {
+                let Some(&sum) = by_quantity.get(event.meter.as_str()) else {
+                    return;
+                };
+                let weight = if sum {
+                    event.quantity.parse().unwrap_or_default()
+                } else {
+                    Decimal::ONE
+                };
+                *usage
+                    .entry((event.tenant_id, event.meter))
+                    .or_default()
+                    .entry(day_of(event.occurred_at.div_euclid(1000)))
+                    .or_default() += weight;
+            })
+            .await?;
+    }
+    for (owner, raw) in &metered {
+        builder.invoice(&inputs, owner, raw);
+    }
     Ok(builder.finish(&notes, &charges))
+}
+
+/// The span (Unix seconds) of an invoice's lines whose price a catalog meter bills, if any.
+fn metered_span(inputs: &Inputs, invoice: &Value) -> Option<(i64, i64)> {
+    invoice["lines"]["data"]
+        .as_array()?
+        .iter()
+        .filter(|line| {
+            objects::id_of(&line["price"])
+                .or_else(|| objects::id_of(&line["pricing"]["price_details"]["price"]))
+                .or_else(|| objects::id_of(&line["plan"]))
+                .is_some_and(|p| inputs.price_meter.contains_key(&p))
+        })
+        .filter_map(|line| {
+            Some((
+                objects::int(&line["period"]["start"])?,
+                objects::int(&line["period"]["end"])?,
+            ))
+        })
+        .reduce(|(a, b), (s, e)| (a.min(s), b.max(e)))
 }
 
 #[cfg(test)]
@@ -814,6 +910,48 @@ mod tests {
                 .iter()
                 .all(|a| a.entries == vec![(day_of(JAN_1 + 40 * DAY), -a.amount)])
         );
+    }
+
+    #[test]
+    fn refunds_come_off_net_of_tax_found_through_the_intent_and_never_twice() {
+        let feb_1 = JAN_1 + 31 * DAY;
+        let mut inv = invoice(
+            "in_t",
+            "paid",
+            "eur",
+            JAN_1,
+            vec![line("il_t", 1000, JAN_1, feb_1)],
+        );
+        inv.1["total"] = json!(1200);
+        inv.1["payments"] = json!({"data": [{"payment": {"payment_intent": "pi_t"}}]});
+        // Newer versions: the charge names its intent, not the invoice; its refunds unlisted.
+        let charge = json!({"id": "ch_t", "payment_intent": "pi_t", "amount": 1200,
+            "amount_refunded": 600, "created": feb_1 + DAY});
+        let schedule = build(&Inputs {
+            invoices: vec![inv.clone()],
+            charges: vec![charge.clone()],
+            ..Inputs::default()
+        });
+        assert_eq!(schedule.adjustments.len(), 1);
+        assert_eq!(
+            schedule.adjustments[0].amount, 500,
+            "600 refunded, 100 of it tax"
+        );
+        // A credit note that refunded the money already takes it back: the charge adds nothing.
+        let note = json!({"id": "cn_t", "invoice": "in_t", "created": feb_1 + DAY, "total": 600,
+            "refund": "re_unlisted", "subtotal_excluding_tax": 500, "lines": {"data": []}});
+        let schedule = build(&Inputs {
+            invoices: vec![inv],
+            charges: vec![charge],
+            credit_notes: vec![note],
+            ..Inputs::default()
+        });
+        let taken: Vec<(&str, i64)> = schedule
+            .adjustments
+            .iter()
+            .map(|a| (a.cause, a.amount))
+            .collect();
+        assert_eq!(taken, [("credit_note", 500)]);
     }
 
     #[test]
