@@ -51,6 +51,8 @@ pub struct Services {
     pub outbox_wake: Arc<Notify>,
     pub metering: Metering,
     pub entitlements: Entitlements,
+    /// Per-key request budgets (`api.rate_limit`).
+    pub key_limiter: crate::api::auth::KeyLimiter,
 }
 
 /// Why the service could not start or stopped with an error.
@@ -122,6 +124,7 @@ impl AppState {
             outbox_wake: Arc::new(Notify::new()),
             metering,
             entitlements,
+            key_limiter: Default::default(),
         })))
     }
 
@@ -255,6 +258,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    // Held until `run` returns.
+    let _serving = crate::store::lock_sqlite_for_serving(&settings.database)?;
     let state = AppState::build(settings).await?;
     let settings = state.settings.clone();
     let db = state.db.clone();

@@ -103,6 +103,9 @@ pub struct ApiSettings {
     /// Keys limited to some tenants: digest and the tenants it may ask about.
     pub tenant_keys: Vec<([u8; 32], Vec<String>)>,
     pub max_body_bytes: usize,
+    /// Requests per second each key may make on `/v1` (a token bucket of one second's worth);
+    /// 0: no limit.
+    pub rate_limit: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -223,6 +226,7 @@ struct RawApi {
     #[serde(deserialize_with = "list_or_csv")]
     tenant_keys: Vec<String>,
     max_body_bytes: usize,
+    rate_limit: u32,
 }
 
 #[derive(Deserialize)]
@@ -538,6 +542,7 @@ impl Settings {
                 key_digests,
                 tenant_keys,
                 max_body_bytes: raw.api.max_body_bytes,
+                rate_limit: raw.api.rate_limit,
             },
             stripe: StripeSettings {
                 api_key,

@@ -70,8 +70,50 @@ pub async fn require_api_key(
     } else {
         return ApiError::unauthorized("the bearer key is not valid").into_response();
     };
+    if api.rate_limit > 0
+        && let Err(wait_secs) = state.key_limiter.take(&digest, api.rate_limit)
+    {
+        let mut response = ApiError::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!(
+                "this key may make {} requests a second (api.rate_limit); retry after {wait_secs} s",
+                api.rate_limit
+            ),
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            axum::http::HeaderValue::from(wait_secs),
+        );
+        return response;
+    }
     request.extensions_mut().insert(scope);
     next.run(request).await
+}
+
+/// A token bucket per API key: `rate` tokens a second, at most `rate` saved up.
+#[derive(Debug, Default)]
+pub struct KeyLimiter {
+    buckets: std::sync::Mutex<std::collections::HashMap<[u8; 32], (f64, std::time::Instant)>>,
+}
+
+impl KeyLimiter {
+    /// Takes a token for the key, or says how many whole seconds until there is one.
+    pub fn take(&self, key: &[u8; 32], rate: u32) -> Result<(), u64> {
+        let rate = f64::from(rate);
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let (tokens, last) = buckets.entry(*key).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * rate).min(rate);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
 }
 
 /// Compares the digest with every given digest, in constant time, without stopping early.

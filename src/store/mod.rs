@@ -103,6 +103,52 @@ fn is_transient(code: Option<&str>) -> bool {
     })
 }
 
+/// SQLite is for one serving process: `serve` holds an exclusive lock on `<database>.serve.lock`
+/// for as long as it runs, and a second `serve` on the same file is refused with a message.
+/// `None` for PostgreSQL (several replicas share it) and in-memory SQLite.
+pub fn lock_sqlite_for_serving(
+    settings: &DatabaseSettings,
+) -> Result<Option<std::fs::File>, StoreError> {
+    let url = settings.url.expose();
+    if !url.starts_with("sqlite:") {
+        return Ok(None);
+    }
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Setup(format!("database.url is not a valid SQLite URL: {e}")))?;
+    let file = options.get_filename();
+    if file == Path::new(":memory:") {
+        return Ok(None);
+    }
+    let path = std::path::PathBuf::from(format!("{}.serve.lock", file.display()));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError::Setup(format!(
+                "cannot create database directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Setup(format!("cannot open {}: {e}", path.display())))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(Some(lock)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Setup(format!(
+            "another billsync serve is using the SQLite database {} (it holds {}); SQLite is for \
+             one serving process: stop the other one, or use PostgreSQL for several replicas",
+            file.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Setup(format!(
+            "cannot lock {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
 impl Db {
     /// Opens the pool; for SQLite, creates the file and its directory and turns on WAL.
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {

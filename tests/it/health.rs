@@ -219,3 +219,76 @@ async fn readiness_fails_and_writes_get_503_when_postgres_goes_away() {
     assert_eq!((status, code.as_str()), (503, "database_unavailable"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_second_serve_on_one_sqlite_file_is_refused_with_a_message() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let second = billsync::app::run(
+        app.settings.clone(),
+        listener,
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    let message = second.expect_err("a second serve is refused").to_string();
+    assert!(
+        message.contains("another billsync serve") && message.contains("PostgreSQL"),
+        "{message}"
+    );
+    // Once the first has stopped, the file is free again.
+    let app = app.restart().await;
+    assert_eq!(app.get_tenant("nobody").await.status(), 404);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn each_key_is_held_to_its_rate_limit() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        s.api.rate_limit = 1;
+        s.api
+            .key_digests
+            .push(billsync::config::key_digest("another-key-0123456789").unwrap());
+    })
+    .await;
+    // One request a second: of twenty in a row, the first goes through and most do not.
+    let mut limited = None;
+    for i in 0..20 {
+        let response = app.get_tenant("nobody").await;
+        if i == 0 {
+            assert_eq!(response.status(), 404);
+        } else if response.status() == 429 {
+            limited = Some(response);
+            break;
+        }
+    }
+    let limited = limited.expect("a request over the limit is refused");
+    assert!(
+        limited.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            >= 1
+    );
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    // Another key has its own budget; unauthenticated routes none.
+    let other = app
+        .client
+        .get(app.url("/v1/tenants/nobody"))
+        .bearer_auth("another-key-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    assert_eq!(
+        app.client
+            .get(app.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    app.stop().await;
+}
