@@ -316,6 +316,10 @@ async fn e2e_self_serve_changes_reach_localstripe_once_and_come_back(backend: Ba
             && !payments["data"].as_array().unwrap().is_empty()
     })
     .await;
+    wait_for("every delivered event to be applied", || async {
+        app.get_json("/v1/sync/status").await["inbox"]["pending"] == 0
+    })
+    .await;
     let day = chrono::Duration::days(1);
     let response = app
         .v1(reqwest::Method::POST, "/v1/reconciliations")

@@ -219,6 +219,11 @@ impl Seed<'_> {
 }
 
 async fn reconcile(app: &TestApp, body: Value) -> Value {
+    // Every delivered webhook applied first: a webhook is acknowledged before it is applied.
+    wait_for("the inbox to be applied", || async {
+        app.get_json("/v1/sync/status").await["inbox"]["pending"] == 0
+    })
+    .await;
     let response = app
         .v1(Method::POST, "/v1/reconciliations")
         .json(&body)
