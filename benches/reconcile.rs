@@ -153,18 +153,6 @@ async fn seed(db: &Db, tenants: usize, per_tenant: usize) -> usize {
     2 * planted
 }
 
-/// Peak resident memory since the last reset, in MiB.
-fn peak_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 async fn run(backend: Backend, tenants: usize, per_tenant: usize) -> (f64, f64, f64, usize, usize) {
     let db = Database::create(backend).await;
     let dir = tempfile::tempdir().unwrap();
@@ -188,7 +176,7 @@ async fn run(backend: Backend, tenants: usize, per_tenant: usize) -> (f64, f64, 
     let started = Instant::now();
     let (_, report) = state.reconciler().run(&params, "bench").await.unwrap();
     let seconds = started.elapsed().as_secs_f64();
-    let peak = peak_mib();
+    let peak = tenants::peak_mib();
     assert_eq!(report.items.len(), planted, "{:?}", report.summary);
     state.db.close().await;
     db.drop_now().await;

@@ -70,17 +70,6 @@ async fn seed(state: &AppState, tenants: usize) {
     state.db.mirror().apply(&batch, 0).await.unwrap();
 }
 
-fn peak_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 async fn run(backend: Backend, tenants: usize) -> (f64, f64, usize, i64) {
     let db = Database::create(backend).await;
     let dir = tempfile::tempdir().unwrap();
@@ -98,7 +87,7 @@ async fn run(backend: Backend, tenants: usize) -> (f64, f64, usize, i64) {
     let from = day_of(YEAR_START);
     let r = report(&schedule, from, from + 365, Group::Month, None);
     let seconds = started.elapsed().as_secs_f64();
-    let peak = peak_mib();
+    let peak = tenants::peak_mib();
     let lines = schedule.lines.len();
     let recognised: i64 = r.rows.iter().map(|row| row.recognised_total()).sum();
     assert_eq!(r.rows.len(), 12);

@@ -62,10 +62,19 @@ pub async fn warm_state(dir: &std::path::Path, count: usize) -> AppState {
 
 /// This process's resident memory, in MiB (Linux).
 pub fn resident_mib() -> f64 {
+    status_mib("VmRSS:")
+}
+
+/// Peak resident memory since the last reset (write "5" to /proc/self/clear_refs), in MiB.
+pub fn peak_mib() -> f64 {
+    status_mib("VmHWM:")
+}
+
+fn status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }

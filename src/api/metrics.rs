@@ -15,13 +15,13 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
     let started = Instant::now();
     let method = request.method().clone();
     let route = request.extensions().get::<MatchedPath>().cloned();
-    let request_id = request.headers().get("x-request-id").cloned();
     let response = super::json_error_body(next.run(request).await);
     let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let status = response.status().as_u16();
     if status >= 400 {
-        let request_id = request_id
-            .as_ref()
+        let request_id = response
+            .headers()
+            .get(&super::REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-");
         tracing::info!(

@@ -182,6 +182,8 @@ pub fn router(state: AppState) -> Router {
     let max_body = state.settings.api.max_body_bytes;
     router
         .fallback(|| async { ApiError::from_status(axum::http::StatusCode::NOT_FOUND) })
+        // Inside the metrics middleware, so that it finds the id on the response it logs.
+        .layer(PropagateRequestIdLayer::x_request_id())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
@@ -215,10 +217,12 @@ pub fn router(state: AppState) -> Router {
                     },
                 ),
         )
-        .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
+
+/// The request id header, set on the request when absent and copied onto the response.
+pub(crate) static REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
 
 /// Gives every error response the JSON error shape, including those made by the router (405)
 /// and by layers (413) that know nothing of it. Called by the outermost middleware
@@ -232,10 +236,11 @@ pub(crate) fn json_error_body(response: Response) -> Response {
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
-    let allow = response.headers().get(header::ALLOW).cloned();
     let mut replaced = ApiError::from_status(status).into_response();
-    if let Some(allow) = allow {
-        replaced.headers_mut().insert(header::ALLOW, allow);
+    for name in [header::ALLOW, REQUEST_ID.clone()] {
+        if let Some(value) = response.headers().get(&name) {
+            replaced.headers_mut().insert(name, value.clone());
+        }
     }
     replaced
 }

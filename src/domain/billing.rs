@@ -36,6 +36,12 @@ impl Subscription {
             _ => 1,
         }
     }
+
+    /// Orders subscriptions for picking "the" tenant's one: the liveliest, newest among equals
+    /// (the id breaks ties, so the pick is the same every time).
+    pub fn precedence(&self) -> (u8, Option<i64>, &str) {
+        (self.liveness(), self.created, &self.id)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

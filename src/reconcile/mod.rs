@@ -141,30 +141,22 @@ impl Reconciler {
     /// Computes the report. Drift repairs are queued unless `params.dry_run`.
     pub async fn report(&self, params: &Params) -> Result<Report, SyncError> {
         let db = &self.db;
-        let linked: Vec<(String, String)> = db
-            .tenants()
-            .linked()
-            .await?
-            .into_iter()
-            .filter(|(t, _)| params.tenant.as_ref().is_none_or(|only| only == t))
-            .collect();
+        let linked = db.tenants().linked(params.tenant.as_deref()).await?;
         let tenant_of: HashMap<&str, &str> = linked
             .iter()
             .map(|(t, c)| (c.as_str(), t.as_str()))
             .collect();
-        let customer_filter = match &params.tenant {
-            Some(_) => match linked.first() {
-                Some((_, c)) => Some(c.as_str()),
-                None => Some(""),
-            },
-            None => None,
-        };
-        let reads = db.reconciliations();
+        // One tenant: its customer only ("" when it has none, which matches nothing).
+        let customer_filter = params
+            .tenant
+            .as_ref()
+            .map(|_| linked.first().map_or("", |(_, c)| c.as_str()));
         // Invoices created in the window, and the payments of the same customers since then.
         let from_s = params.from_ms.div_euclid(1000);
         let to_s = params.to_ms.div_euclid(1000);
-        let invoices: Vec<money::Billed> = reads
-            .mirrored(&[ObjectKind::Invoice.as_str()], from_s, customer_filter)
+        let invoices: Vec<money::Billed> = db
+            .mirror()
+            .created_since(&[ObjectKind::Invoice.as_str()], from_s, customer_filter)
             .await?
             .into_iter()
             .filter(|row| row.created.is_some_and(|c| c < to_s))
@@ -178,8 +170,9 @@ impl Reconciler {
                 })
             })
             .collect();
-        let payments: Vec<crate::domain::Payment> = reads
-            .mirrored(
+        let payments: Vec<crate::domain::Payment> = db
+            .mirror()
+            .created_since(
                 &["charge", "payment_intent", "credit_note"],
                 from_s,
                 customer_filter,
@@ -246,8 +239,9 @@ impl Reconciler {
         // Usage after the start of a tenant's current period is not billed yet: per customer,
         // the liveliest subscription (newest among equals), as the tenant view picks it.
         let mut current: HashMap<&str, crate::domain::Subscription> = HashMap::new();
-        for row in reads
-            .mirrored(
+        for row in db
+            .mirror()
+            .created_since(
                 &[ObjectKind::Subscription.as_str()],
                 i64::MIN,
                 customer_filter,
@@ -266,8 +260,10 @@ impl Reconciler {
                 continue;
             };
             let s = objects::subscription(&raw);
-            let rank = |s: &crate::domain::Subscription| (s.liveness(), s.created, s.id.clone());
-            if current.get(customer).is_none_or(|c| rank(&s) > rank(c)) {
+            if current
+                .get(customer)
+                .is_none_or(|c| s.precedence() > c.precedence())
+            {
                 current.insert(customer, s);
             }
         }
@@ -284,12 +280,16 @@ impl Reconciler {
         let tenant = params.tenant.as_deref();
         let vendor_usage = self.vendor_usage_of(&units).await?;
         let mut ledger = usage::Ledger::new(meters, units, &open_from);
-        reads
-            .each_usage(params.from_ms, params.to_ms, tenant, |event| {
+        db.usage()
+            .each_between(params.from_ms, params.to_ms, tenant, |event| {
                 ledger.add_event(event)
             })
             .await?;
-        for push in reads.pushes(params.from_ms, params.to_ms, tenant).await? {
+        for push in db
+            .usage()
+            .pushes_between(params.from_ms, params.to_ms, tenant)
+            .await?
+        {
             ledger.add_push(push);
         }
         let mut items = ledger.finish(&vendor_usage);

@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use super::{Finding, Item};
 use crate::domain::{Invoice, Payment, rfc3339_secs};
+use crate::vendor::stripe::objects;
 
 /// An invoice with the tenant it bills and its raw object (for the newer `payments` list).
 pub struct Billed {
@@ -52,23 +53,7 @@ fn findings(
     if status == "draft" || status.is_empty() {
         return Vec::new();
     }
-    // Payment intents the invoice names itself (older versions: `payment_intent`; newer: the
-    // `payments` list).
-    let mut named: Vec<String> = billed.raw["payment_intent"]
-        .as_str()
-        .map(|s| vec![s.to_owned()])
-        .or_else(|| {
-            billed.raw["payment_intent"]["id"]
-                .as_str()
-                .map(|s| vec![s.to_owned()])
-        })
-        .unwrap_or_default();
-    if let Some(list) = billed.raw["payments"]["data"].as_array() {
-        named.extend(list.iter().filter_map(|p| {
-            let pi = &p["payment"]["payment_intent"];
-            pi.as_str().or_else(|| pi["id"].as_str()).map(str::to_owned)
-        }));
-    }
+    let named = objects::invoice_payment_intents(&billed.raw);
     let belongs = |p: &Payment| {
         p.invoice.as_deref() == Some(invoice.id.as_str())
             || p.payment_intent.as_deref().is_some_and(|pi| {

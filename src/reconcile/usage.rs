@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::{Finding, Item};
 use crate::catalog::{Aggregation, Meter};
 use crate::domain::rfc3339;
-use crate::store::{PushRow, UsageFact};
+use crate::store::{PushRow, UsageRow};
 
 /// Most event ids an item lists as evidence (the count is always given).
 const MAX_EVENT_IDS: usize = 100;
@@ -57,7 +57,7 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, event: UsageFact) {
+    fn add(&mut self, event: UsageRow) {
         let quantity = Decimal::from_str(&event.quantity).unwrap_or_default();
         self.events += 1;
         self.sum += quantity;
@@ -126,7 +126,7 @@ impl<'a> Ledger<'a> {
         }
     }
 
-    pub fn add_event(&mut self, event: UsageFact) {
+    pub fn add_event(&mut self, event: UsageRow) {
         if self
             .meters
             .get(&event.meter)
@@ -419,14 +419,15 @@ mod tests {
         }]
     }
 
-    fn event(id: &str, quantity: i64, push: Option<&str>) -> UsageFact {
-        UsageFact {
+    fn event(id: &str, quantity: i64, push: Option<&str>) -> UsageRow {
+        UsageRow {
             tenant_id: "t".into(),
             event_id: id.into(),
             meter: "calls".into(),
             quantity: quantity.to_string(),
             occurred_at: START + 1000,
             unique_value: None,
+            properties: None,
             received_at: START + 2000,
             push_id: push.map(str::to_owned),
         }
@@ -455,7 +456,7 @@ mod tests {
     /// The findings of one tenant's period.
     fn run(
         invoiced: Option<i64>,
-        events: Vec<UsageFact>,
+        events: Vec<UsageRow>,
         pushes: Vec<PushRow>,
         vendor: Option<i64>,
     ) -> Vec<&'static str> {

@@ -186,17 +186,7 @@ impl Builder {
         let billed_day = day_of(finalized);
         self.totals
             .insert(invoice_id.clone(), objects::int(&raw["total"]).unwrap_or(0));
-        let named = raw["payment_intent"]
-            .as_str()
-            .map(str::to_owned)
-            .or_else(|| objects::id_of(&raw["payment_intent"]));
-        let listed = raw["payments"]["data"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|p| objects::id_of(&p["payment"]["payment_intent"]));
-        for intent in named.into_iter().chain(listed) {
+        for intent in objects::invoice_payment_intents(raw) {
             self.intents.insert(intent, invoice_id.clone());
         }
         let lines = raw["lines"]["data"]
@@ -491,9 +481,7 @@ fn line_revenue(
     let amount = objects::int(&line["amount"]).unwrap_or(0)
         - sum_of(&line["discount_amounts"], "amount")
         - inclusive_tax(line);
-    let price = objects::id_of(&line["price"])
-        .or_else(|| objects::id_of(&line["pricing"]["price_details"]["price"]))
-        .or_else(|| objects::id_of(&line["plan"]));
+    let price = objects::price_of(line);
     let period = (
         objects::int(&line["period"]["start"]),
         objects::int(&line["period"]["end"]),
@@ -575,20 +563,13 @@ pub async fn load(
     catalog: &crate::catalog::Catalog,
     tenant: Option<&str>,
 ) -> Result<Schedule, crate::store::StoreError> {
-    let linked: Vec<(String, String)> = db
-        .tenants()
-        .linked()
-        .await?
-        .into_iter()
-        .filter(|(t, _)| tenant.is_none_or(|only| only == t))
-        .collect();
+    let linked = db.tenants().linked(tenant).await?;
     let tenant_of: HashMap<&str, &str> = linked
         .iter()
         .map(|(t, c)| (c.as_str(), t.as_str()))
         .collect();
     // One tenant: its customer only ("" when it has none, which matches nothing).
     let customer = tenant.map(|_| linked.first().map_or("", |(_, c)| c.as_str()));
-    let reads = db.reconciliations();
     let mut inputs = Inputs {
         price_meter: catalog
             .meters
@@ -602,8 +583,8 @@ pub async fn load(
     // kept for the end.
     let mut builder = Builder::default();
     let (mut notes, mut charges, mut metered) = (Vec::new(), Vec::new(), Vec::new());
-    reads
-        .each_mirrored(&["invoice", "credit_note", "charge"], customer, |row| {
+    db.mirror()
+        .each(&["invoice", "credit_note", "charge"], customer, |row| {
             let Some(owner) = row.customer_id.as_deref().and_then(|c| tenant_of.get(c)) else {
                 return;
             };
@@ -611,10 +592,10 @@ pub async fn load(
                 return;
             };
             match row.object_type.as_str() {
-                "invoice" if metered_span(&inputs, &raw).is_some() => {
-                    metered.push((owner.to_string(), raw))
-                }
-                "invoice" => builder.invoice(&inputs, owner, &raw),
+                "invoice" => match metered_span(&inputs, &raw) {
+                    Some(span) => metered.push((owner.to_string(), raw, span)),
+                    None => builder.invoice(&inputs, owner, &raw),
+                },
                 "credit_note" => notes.push(raw),
                 _ if objects::int(&raw["amount_refunded"]).is_some_and(|a| a > 0)
                     || raw["refunds"]["data"]
@@ -631,7 +612,7 @@ pub async fn load(
     // weighted by quantity, other meters' by their number of events.
     let span = metered
         .iter()
-        .filter_map(|(_, raw)| metered_span(&inputs, raw))
+        .map(|(_, _, span)| *span)
         .reduce(|(a, b), (s, e)| (a.min(s), b.max(e)));
     if let Some((start, end)) = span {
         let by_quantity: HashMap<&str, bool> = catalog
@@ -645,8 +626,8 @@ pub async fn load(
             })
             .collect();
         let usage = &mut inputs.usage;
-        reads
-            .each_usage(start * 1000, end * 1000, tenant, |event| {
+        db.usage()
+            .each_between(start * 1000, end * 1000, tenant, |event| {
                 let Some(&sum) = by_quantity.get(event.meter.as_str()) else {
                     return;
                 };
@@ -663,7 +644,7 @@ pub async fn load(
             })
             .await?;
     }
-    for (owner, raw) in &metered {
+    for (owner, raw, _) in &metered {
         builder.invoice(&inputs, owner, raw);
     }
     Ok(builder.finish(&notes, &charges))
@@ -674,12 +655,7 @@ fn metered_span(inputs: &Inputs, invoice: &Value) -> Option<(i64, i64)> {
     invoice["lines"]["data"]
         .as_array()?
         .iter()
-        .filter(|line| {
-            objects::id_of(&line["price"])
-                .or_else(|| objects::id_of(&line["pricing"]["price_details"]["price"]))
-                .or_else(|| objects::id_of(&line["plan"]))
-                .is_some_and(|p| inputs.price_meter.contains_key(&p))
-        })
+        .filter(|line| objects::price_of(line).is_some_and(|p| inputs.price_meter.contains_key(&p)))
         .filter_map(|line| {
             Some((
                 objects::int(&line["period"]["start"])?,

@@ -348,6 +348,70 @@ impl<'a> Mirror<'a> {
         Ok(rows)
     }
 
+    /// Calls `each` with every mirrored object of the kinds named (not deleted), of one customer
+    /// or all, streamed rather than loaded at once.
+    pub async fn each(
+        &self,
+        kinds: &[&str],
+        customer: Option<&str>,
+        mut each: impl FnMut(MirrorRow),
+    ) -> Result<(), StoreError> {
+        use futures_util::TryStreamExt;
+        on_pool!(self.db, |pool| {
+            let mut query = sqlx::QueryBuilder::new(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM mirror_objects WHERE deleted = FALSE"
+            ));
+            if let Some(customer) = customer {
+                query.push(" AND customer_id = ");
+                query.push_bind(customer);
+            }
+            query.push(" AND object_type IN (");
+            let mut list = query.separated(", ");
+            for kind in kinds {
+                list.push_bind(*kind);
+            }
+            query.push(") ORDER BY object_type, object_id");
+            let mut rows = query.build_query_as::<MirrorRow>().fetch(pool);
+            while let Some(row) = rows.try_next().await? {
+                each(row);
+            }
+            Ok::<_, sqlx::Error>(())
+        })?;
+        Ok(())
+    }
+
+    /// Mirrored objects of the kinds named, created (vendor time, seconds) from `from_s` on,
+    /// of one customer or all.
+    pub async fn created_since(
+        &self,
+        kinds: &[&str],
+        from_s: i64,
+        customer: Option<&str>,
+    ) -> Result<Vec<MirrorRow>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            let mut query = sqlx::QueryBuilder::new(concat!(
+                "SELECT ",
+                columns!(),
+                " FROM mirror_objects WHERE deleted = FALSE AND created >= "
+            ));
+            query.push_bind(from_s);
+            if let Some(customer) = customer {
+                query.push(" AND customer_id = ");
+                query.push_bind(customer);
+            }
+            query.push(" AND object_type IN (");
+            let mut list = query.separated(", ");
+            for kind in kinds {
+                list.push_bind(*kind);
+            }
+            query.push(") ORDER BY object_type, object_id");
+            query.build_query_as::<MirrorRow>().fetch_all(pool).await
+        })?;
+        Ok(rows)
+    }
+
     /// A page of every mirror row in key order (for replay's comparison).
     pub async fn all_after(
         &self,

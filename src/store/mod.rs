@@ -29,7 +29,7 @@ pub use mirror::{
     Apply, ApplyOutcome, Confirmed, Mirror, MirrorRow, ObjectState, PageKinds, SyncState,
     TenantClaim,
 };
-pub use reconcile::{ItemRow, Reconciliations, RunRow, UsageFact};
+pub use reconcile::{ItemRow, Reconciliations, RunRow};
 pub use tenants::{TenantRecord, Tenants, Upserted};
 pub use usage::{PushRow, Usage, UsageRow};
 

@@ -1,7 +1,6 @@
-//! Reconciliation: the runs and their findings, and the reads a run makes (usage in a window,
-//! the pushes of that window, the mirrored invoices and payments).
+//! Reconciliation runs and the findings they report.
 
-use super::{Db, MirrorRow, PushRow, StoreError, on_pool};
+use super::{Db, StoreError, on_pool};
 
 /// A run as stored.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -29,36 +28,10 @@ pub struct ItemRow {
     pub item: String,
 }
 
-/// A usage event as a reconciliation reads it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct UsageFact {
-    pub tenant_id: String,
-    pub event_id: String,
-    pub meter: String,
-    pub quantity: String,
-    pub occurred_at: i64,
-    pub unique_value: Option<String>,
-    pub received_at: i64,
-    pub push_id: Option<String>,
-}
-
 macro_rules! run_columns {
     () => {
         "run_id, period_from, period_to, tenant_id, dry_run, trigger, status, summary, error, \
          started_at, finished_at"
-    };
-}
-
-macro_rules! push_columns {
-    () => {
-        "push_id, tenant_id, meter, customer_id, event_name, window_start, value, timestamp, \
-         event_count, status, attempts, last_error, next_attempt_at, created_at, sent_at"
-    };
-}
-
-macro_rules! mirror_columns {
-    () => {
-        "object_type, object_id, customer_id, status, created, version, deleted, payload, synced_at"
     };
 }
 
@@ -197,122 +170,6 @@ impl<'a> Reconciliations<'a> {
             .bind(i64::from(limit))
             .fetch_all(pool)
             .await
-        })?;
-        Ok(rows)
-    }
-
-    /// Calls `each` with every usage event that occurred in `[from_ms, to_ms)`, of one tenant
-    /// or all, streamed (in no particular order) rather than loaded at once.
-    pub async fn each_usage(
-        &self,
-        from_ms: i64,
-        to_ms: i64,
-        tenant: Option<&str>,
-        mut each: impl FnMut(UsageFact),
-    ) -> Result<(), StoreError> {
-        use futures_util::TryStreamExt;
-        on_pool!(self.db, |pool| {
-            let mut rows = sqlx::query_as::<_, UsageFact>(
-                "SELECT tenant_id, event_id, meter, quantity, occurred_at, unique_value, received_at, \
-                 push_id FROM usage_events WHERE occurred_at >= $1 AND occurred_at < $2 \
-                 AND ($3 IS NULL OR tenant_id = $3)",
-            )
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(tenant)
-            .fetch(pool);
-            while let Some(fact) = rows.try_next().await? {
-                each(fact);
-            }
-            Ok::<_, sqlx::Error>(())
-        })?;
-        Ok(())
-    }
-
-    /// Pushes of windows starting in `[from_ms, to_ms)`, and every push an event of that window
-    /// names (a late push of a period-value meter starts in an earlier window).
-    pub async fn pushes(
-        &self,
-        from_ms: i64,
-        to_ms: i64,
-        tenant: Option<&str>,
-    ) -> Result<Vec<PushRow>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, PushRow>(concat!(
-                "SELECT ",
-                push_columns!(),
-                " FROM usage_pushes WHERE window_start >= $1 AND window_start < $2 \
-                 AND ($3 IS NULL OR tenant_id = $3) ORDER BY tenant_id, meter, window_start, push_id"
-            ))
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(tenant)
-            .fetch_all(pool)
-            .await
-        })?;
-        Ok(rows)
-    }
-
-    /// Calls `each` with every mirrored object of the kinds named (not deleted), of one customer
-    /// or all, streamed rather than loaded at once.
-    pub async fn each_mirrored(
-        &self,
-        kinds: &[&str],
-        customer: Option<&str>,
-        mut each: impl FnMut(MirrorRow),
-    ) -> Result<(), StoreError> {
-        use futures_util::TryStreamExt;
-        on_pool!(self.db, |pool| {
-            let mut query = sqlx::QueryBuilder::new(concat!(
-                "SELECT ",
-                mirror_columns!(),
-                " FROM mirror_objects WHERE deleted = FALSE"
-            ));
-            if let Some(customer) = customer {
-                query.push(" AND customer_id = ");
-                query.push_bind(customer);
-            }
-            query.push(" AND object_type IN (");
-            let mut list = query.separated(", ");
-            for kind in kinds {
-                list.push_bind(*kind);
-            }
-            query.push(") ORDER BY object_type, object_id");
-            let mut rows = query.build_query_as::<MirrorRow>().fetch(pool);
-            while let Some(row) = rows.try_next().await? {
-                each(row);
-            }
-            Ok::<_, sqlx::Error>(())
-        })?;
-        Ok(())
-    }
-
-    /// Mirrored objects of the kinds named, created (vendor time, seconds) from `from_s` on,
-    /// of one customer or all.
-    pub async fn mirrored(
-        &self,
-        kinds: &[&str],
-        from_s: i64,
-        customer: Option<&str>,
-    ) -> Result<Vec<MirrorRow>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            let mut query = sqlx::QueryBuilder::new(concat!(
-                "SELECT ",
-                mirror_columns!(),
-                " FROM mirror_objects WHERE deleted = FALSE AND created >= "
-            ));
-            query.push_bind(from_s);
-            if let Some(customer) = customer {
-                query.push(" AND customer_id = ");
-                query.push_bind(customer);
-            }
-            query.push(" AND object_type IN (");
-            let mut list = query.separated(", ");
-            for kind in kinds {
-                list.push_bind(*kind);
-            }
-            query.push(") ORDER BY object_type, object_id");
-            query.build_query_as::<MirrorRow>().fetch_all(pool).await
         })?;
         Ok(rows)
     }

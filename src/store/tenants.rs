@@ -133,13 +133,15 @@ impl<'a> Tenants<'a> {
         Ok(upserted)
     }
 
-    /// Every tenant linked to a customer, as (tenant, customer), in tenant order.
-    pub async fn linked(&self) -> Result<Vec<(String, String)>, StoreError> {
+    /// Every tenant linked to a customer (or only `only`), as (tenant, customer), in tenant
+    /// order.
+    pub async fn linked(&self, only: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
         let rows = on_pool!(self.db, |pool| {
             sqlx::query_as::<_, (String, String)>(
                 "SELECT tenant_id, customer_id FROM tenants WHERE customer_id IS NOT NULL \
-                 ORDER BY tenant_id",
+                 AND ($1 IS NULL OR tenant_id = $1) ORDER BY tenant_id",
             )
+            .bind(only)
             .fetch_all(pool)
             .await
         })?;

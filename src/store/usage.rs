@@ -402,4 +402,57 @@ impl<'a> Usage<'a> {
         })?;
         Ok(row.0 > 0)
     }
+
+    /// Calls `each` with every usage event that occurred in `[from_ms, to_ms)`, of one tenant
+    /// or all, streamed (in no particular order) rather than loaded at once.
+    pub async fn each_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        tenant: Option<&str>,
+        mut each: impl FnMut(UsageRow),
+    ) -> Result<(), StoreError> {
+        use futures_util::TryStreamExt;
+        on_pool!(self.db, |pool| {
+            let mut rows = sqlx::query_as::<_, UsageRow>(concat!(
+                "SELECT ",
+                usage_columns!(),
+                " FROM usage_events WHERE occurred_at >= $1 AND occurred_at < $2 \
+                 AND ($3 IS NULL OR tenant_id = $3)"
+            ))
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(tenant)
+            .fetch(pool);
+            while let Some(fact) = rows.try_next().await? {
+                each(fact);
+            }
+            Ok::<_, sqlx::Error>(())
+        })?;
+        Ok(())
+    }
+
+    /// Pushes of windows starting in `[from_ms, to_ms)`, and every push an event of that window
+    /// names (a late push of a period-value meter starts in an earlier window).
+    pub async fn pushes_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        tenant: Option<&str>,
+    ) -> Result<Vec<PushRow>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, PushRow>(concat!(
+                "SELECT ",
+                push_columns!(),
+                " FROM usage_pushes WHERE window_start >= $1 AND window_start < $2 \
+                 AND ($3 IS NULL OR tenant_id = $3) ORDER BY tenant_id, meter, window_start, push_id"
+            ))
+            .bind(from_ms)
+            .bind(to_ms)
+            .bind(tenant)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
 }

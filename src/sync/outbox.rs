@@ -629,7 +629,7 @@ impl Outbox {
                 (object, parsed)
             })
             .filter(|(_, s)| s.liveness() > 0)
-            .max_by_key(|(_, s)| (s.liveness(), s.created, s.id.clone())))
+            .max_by(|(_, a), (_, b)| a.precedence().cmp(&b.precedence())))
     }
 
     /// The subscription named by the command's base, as the vendor has it now.

@@ -245,6 +245,19 @@ async fn reconcile(app: &TestApp, body: Value) -> Value {
     run
 }
 
+/// `billsync reconcile` over [`window`] on the service's database and catalog, with `args`.
+fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    let w = window();
+    std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
+        .args(["reconcile", "--from", w["from"].as_str().unwrap()])
+        .args(["--to", w["to"].as_str().unwrap()])
+        .args(args)
+        .env("BILLSYNC_DATABASE__URL", app.settings.database.url.expose())
+        .env("BILLSYNC_CATALOG__PATH", &app.settings.catalog.path)
+        .output()
+        .unwrap()
+}
+
 fn window() -> Value {
     let at = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap().to_rfc3339();
     json!({"from": at(now() - 60 * DAY), "to": at(now())})
@@ -418,8 +431,6 @@ async fn every_kind_of_finding_is_listed_once_and_nothing_else(backend: Backend)
         }
     }
     wait_for("every push to settle", || async {
-        let status = app.get_json("/v1/sync/status").await;
-        let _ = status;
         let requests = vendor.received_requests().await.unwrap_or_default();
         let sent: std::collections::BTreeSet<String> = requests
             .iter()
@@ -571,24 +582,7 @@ async fn every_kind_of_finding_is_listed_once_and_nothing_else(backend: Backend)
     assert_eq!(error_of(missing).await.1, "reconciliation_not_found");
 
     // The command line prints the same report and exits 1.
-    let settings_db = app.settings.database.url.expose().to_owned();
-    let catalog = app.settings.catalog.path.clone();
-    let w = window();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
-        .args([
-            "reconcile",
-            "--from",
-            w["from"].as_str().unwrap(),
-            "--to",
-            w["to"].as_str().unwrap(),
-            "--format",
-            "json",
-            "--dry-run",
-        ])
-        .env("BILLSYNC_DATABASE__URL", &settings_db)
-        .env("BILLSYNC_CATALOG__PATH", &catalog)
-        .output()
-        .unwrap();
+    let output = cli(&app, &["--format", "json", "--dry-run"]);
     assert_eq!(
         output.status.code(),
         Some(1),
@@ -597,20 +591,7 @@ async fn every_kind_of_finding_is_listed_once_and_nothing_else(backend: Backend)
     );
     let printed: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(found(&printed), expected);
-    let csv = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
-        .args([
-            "reconcile",
-            "--from",
-            w["from"].as_str().unwrap(),
-            "--to",
-            w["to"].as_str().unwrap(),
-            "--format",
-            "csv",
-        ])
-        .env("BILLSYNC_DATABASE__URL", &settings_db)
-        .env("BILLSYNC_CATALOG__PATH", &catalog)
-        .output()
-        .unwrap();
+    let csv = cli(&app, &["--format", "csv"]);
     let text = String::from_utf8_lossy(&csv.stdout);
     assert_eq!(text.lines().count(), 16, "{text}");
     assert!(
@@ -676,21 +657,7 @@ async fn a_clean_period_gives_an_empty_report(backend: Backend) {
     let run = reconcile(&app, window()).await;
     assert_eq!(run["items"], json!([]), "{run:#}");
     assert_eq!(run["summary"]["matched_invoices"], 1);
-    let settings_db = app.settings.database.url.expose().to_owned();
-    let catalog = app.settings.catalog.path.clone();
-    let w = window();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_billsync"))
-        .args([
-            "reconcile",
-            "--from",
-            w["from"].as_str().unwrap(),
-            "--to",
-            w["to"].as_str().unwrap(),
-        ])
-        .env("BILLSYNC_DATABASE__URL", &settings_db)
-        .env("BILLSYNC_CATALOG__PATH", &catalog)
-        .output()
-        .unwrap();
+    let output = cli(&app, &[]);
     assert_eq!(
         output.status.code(),
         Some(0),

@@ -33,13 +33,11 @@ async fn applied(app: &TestApp, n: &mut usize, kind: &str, object: Value) {
         object,
     ))
     .await;
-    let id = format!("evt_r{n}");
-    wait_for(&format!("{id} applied"), || async {
+    wait_for(&format!("evt_r{n} applied"), || async {
         let status = app.get_json("/v1/sync/status").await;
         status["inbox"]["pending"] == 0 && status["inbox"]["failed"] == 0
     })
     .await;
-    let _ = id;
 }
 
 async fn the_report_follows_invoices_credit_notes_and_refunds(backend: Backend) {

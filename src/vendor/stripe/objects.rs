@@ -125,8 +125,23 @@ fn string(value: &Value) -> Option<String> {
     value.as_str().map(str::to_owned)
 }
 
+/// The payment intents an invoice names: `payment_intent` in older versions, the `payments`
+/// list in newer ones.
+pub fn invoice_payment_intents(invoice: &Value) -> Vec<String> {
+    let listed = invoice["payments"]["data"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| id_of(&p["payment"]["payment_intent"]));
+    id_of(&invoice["payment_intent"])
+        .into_iter()
+        .chain(listed)
+        .collect()
+}
+
 /// The price (or legacy plan) an item or line is for, wherever this API version put it.
-fn price_of(item: &Value) -> Option<String> {
+pub fn price_of(item: &Value) -> Option<String> {
     id_of(&item["price"])
         .or_else(|| id_of(&item["pricing"]["price_details"]["price"]))
         .or_else(|| id_of(&item["plan"]))
