@@ -96,6 +96,8 @@ impl AppState {
             counters: Arc::new(Counters::default()),
             metrics: metrics.clone(),
             writer: Arc::default(),
+            gate: Arc::default(),
+            origin: crate::cluster::replica_id().into(),
         };
         let plans =
             PlanCatalog::from_catalog(&metering.catalog).map_err(|message| CatalogError {
@@ -204,6 +206,68 @@ impl AppState {
     }
 }
 
+/// Sets the gauges that describe the shared database rather than this process (backlogs, sync
+/// lag, findings), so that every replica's `/metrics` tells the same; called on each scrape.
+/// A database that does not answer within a second leaves the previous values.
+pub async fn refresh_gauges(state: &AppState) {
+    let refresh = async {
+        let metrics = &state.metrics;
+        let now = crate::store::now_ms();
+        let age = |at: Option<i64>| at.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+        let inbox = state.db.inbox().stats().await?;
+        metrics.set(
+            "billsync_inbox_backlog",
+            "Vendor events stored and not applied yet (pending or failed, to be retried).",
+            &[],
+            (inbox.pending + inbox.failed) as f64,
+        );
+        metrics.set(
+            "billsync_inbox_oldest_waiting_seconds",
+            "Age (by vendor creation time) of the oldest vendor event not applied yet.",
+            &[],
+            age(inbox.oldest_waiting),
+        );
+        if let Some(newest) = inbox.newest_applied_event {
+            metrics.set(
+                "billsync_sync_lag_seconds",
+                "Now minus the creation time of the newest applied vendor event.",
+                &[],
+                age(Some(newest)),
+            );
+        }
+        let (commands, oldest) = state.db.commands().backlog().await?;
+        metrics.set(
+            "billsync_outbox_backlog",
+            "Self-serve commands accepted and not finished yet.",
+            &[],
+            commands as f64,
+        );
+        metrics.set(
+            "billsync_outbox_oldest_seconds",
+            "Age of the oldest unfinished self-serve command.",
+            &[],
+            age(oldest),
+        );
+        if let Some(vendor) = &state.vendor {
+            state.pusher(vendor.clone()).record_backlog().await?;
+        }
+        if let Some(findings) = state.db.reconciliations().latest_findings().await? {
+            metrics.set(
+                "billsync_reconciliation_open_findings",
+                "Findings of the latest reconciliation run.",
+                &[],
+                findings as f64,
+            );
+        }
+        Ok::<_, StoreError>(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(1), refresh).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(error = %error, "gauges not refreshed"),
+        Err(_) => tracing::debug!("gauges not refreshed: the database is slow"),
+    }
+}
+
 /// On SIGHUP, reads the catalog file again: features and plans take effect at once (every
 /// read model is recomputed); meter changes need a restart.
 #[cfg(unix)]
@@ -264,9 +328,16 @@ pub async fn run(
     let settings = state.settings.clone();
     let db = state.db.clone();
 
+    let now = crate::store::now_ms();
+    // SQLite has one process: whatever is running was this file's last process. On PostgreSQL
+    // a run is another replica's until it stops beating.
+    let silent_since = match db.backend() {
+        crate::store::Backend::Sqlite => now,
+        crate::store::Backend::Postgres => now - 30_000,
+    };
     let interrupted = db
         .reconciliations()
-        .fail_interrupted(crate::store::now_ms())
+        .fail_interrupted(now, silent_since)
         .await?;
     if interrupted > 0 {
         tracing::warn!(
@@ -275,27 +346,71 @@ pub async fn run(
         );
     }
 
-    let replayed = state.metering.rebuild().await?;
+    // Listen first, then read: no other replica's change falls between the two.
+    let feed = crate::cluster::ChangeFeed::open(&db).await?;
+    let (replayed, seen) = state.metering.rebuild().await?;
     tracing::info!(
+        replica = %state.metering.origin,
         replayed,
         "usage counters rebuilt from the snapshot and the events after it"
     );
 
     let mut workers = JoinSet::new();
+    if let Some(feed) = feed {
+        workers.spawn(crate::cluster::follow_changes(
+            feed,
+            seen,
+            state.entitlements.clone(),
+            state.metering.clone(),
+            state.metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // Inbox rows and commands are claimed row by row: every replica works on them.
     workers.spawn(state.applier().run(shutdown.clone()));
     workers.spawn(checkpoints(db.clone(), shutdown.clone()));
-    workers.spawn(
-        state
-            .metering
-            .clone()
-            .run_snapshots(settings.metering.snapshot_interval, shutdown.clone()),
-    );
+    let singleton =
+        |name: &'static str| (db.clone(), name, state.metrics.clone(), shutdown.clone());
+    let (lease_db, name, metrics, token) = singleton("snapshot");
+    let metering = state.metering.clone();
+    let snapshot_interval = settings.metering.snapshot_interval;
+    workers.spawn(crate::cluster::with_lease(
+        lease_db,
+        name,
+        metrics,
+        token,
+        move |token| metering.clone().run_snapshots(snapshot_interval, token),
+    ));
     match &state.vendor {
         Some(vendor) => {
             tracing::info!(api_base = %settings.stripe.api_base, "Stripe API key configured: vendor sync is on");
-            workers.spawn(state.poller(vendor.clone()).run(shutdown.clone()));
-            workers.spawn(state.sweep(vendor.clone()).run(shutdown.clone()));
-            workers.spawn(state.pusher(vendor.clone()).run(shutdown.clone()));
+            let (lease_db, name, metrics, token) = singleton("poller");
+            let (job_state, job_vendor) = (state.clone(), vendor.clone());
+            workers.spawn(crate::cluster::with_lease(
+                lease_db,
+                name,
+                metrics,
+                token,
+                move |token| job_state.poller(job_vendor.clone()).run(token),
+            ));
+            let (lease_db, name, metrics, token) = singleton("sweep");
+            let (job_state, job_vendor) = (state.clone(), vendor.clone());
+            workers.spawn(crate::cluster::with_lease(
+                lease_db,
+                name,
+                metrics,
+                token,
+                move |token| job_state.sweep(job_vendor.clone()).run(token),
+            ));
+            let (lease_db, name, metrics, token) = singleton("pusher");
+            let (job_state, job_vendor) = (state.clone(), vendor.clone());
+            workers.spawn(crate::cluster::with_lease(
+                lease_db,
+                name,
+                metrics,
+                token,
+                move |token| job_state.pusher(job_vendor.clone()).run(token),
+            ));
             workers.spawn(state.outbox(vendor.clone()).run(shutdown.clone()));
         }
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
@@ -310,10 +425,18 @@ pub async fn run(
     }
 
     if let Some(interval) = settings.reconcile.interval {
-        workers.spawn(state.reconciler().run_scheduled(
-            interval,
-            settings.reconcile.window,
-            shutdown.clone(),
+        let (lease_db, name, metrics, token) = singleton("reconcile");
+        let (job_state, window) = (state.clone(), settings.reconcile.window);
+        workers.spawn(crate::cluster::with_lease(
+            lease_db,
+            name,
+            metrics,
+            token,
+            move |token| {
+                job_state
+                    .reconciler()
+                    .run_scheduled(interval, window, token)
+            },
         ));
     }
 

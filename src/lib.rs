@@ -6,6 +6,7 @@
 pub mod api;
 pub mod app;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod entitlements;

@@ -126,45 +126,96 @@ async fn check_one(
             recorded: Some(false),
         });
     };
-    // Check and record under one lock per tenant and meter: the last unit goes once.
+    // Check and record under one lock per tenant and meter: the last unit goes once. Run to
+    // the end even if the caller goes away, so that the database lock is always released.
+    let (state, tenant, feature, meter) = (
+        state.clone(),
+        tenant.to_owned(),
+        feature.to_owned(),
+        meter.clone(),
+    );
+    let record = RecordIn {
+        id: record.id.clone(),
+        timestamp: record.timestamp.clone(),
+    };
+    tokio::spawn(async move {
+        record_within_limit(&state, &tenant, &feature, &meter, quantity, &record, &model).await
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?
+}
+
+/// The recording half of check-and-record, under a lock per tenant and meter: this process's
+/// and, on PostgreSQL (several replicas may record), the database's, with `used` read from the
+/// usage log so that what other replicas recorded counts too.
+async fn record_within_limit(
+    state: &AppState,
+    tenant: &str,
+    feature: &str,
+    meter: &str,
+    quantity: Decimal,
+    record: &RecordIn,
+    model: &TenantModel,
+) -> Result<CheckOut, ApiError> {
+    let entitlements = &state.entitlements;
     let lock = entitlements.record_lock(tenant, meter);
     let _turn = lock.lock().await;
-    if state.db.usage().exists(tenant, &record.id).await? {
-        let mut decision = entitlements.decide(&model, feature, Decimal::ZERO, now_ms());
+    let shared = state
+        .db
+        .xact_lock(&format!("record:{tenant}/{meter}"))
+        .await?;
+    let used = state
+        .metering
+        .exact_usage(tenant, meter, model.period)
+        .await?;
+    let decide =
+        |quantity, used| entitlements.decide_with_used(model, feature, quantity, now_ms(), used);
+    let out = if state.db.usage().exists(tenant, &record.id).await? {
+        let mut decision = decide(Decimal::ZERO, used);
         decision.allowed = true;
         decision.reason = "ok";
-        return Ok(CheckOut {
+        CheckOut {
             decision,
             recorded: Some(true),
-        });
+        }
+    } else {
+        let decision = decide(quantity, used);
+        if !decision.allowed {
+            CheckOut {
+                decision,
+                recorded: Some(false),
+            }
+        } else {
+            let mut event = json!({"id": record.id, "tenant_id": tenant, "meter": meter, "quantity": quantity.to_string()});
+            if let Some(timestamp) = &record.timestamp {
+                event["timestamp"] = json!(timestamp);
+            }
+            let outcome = state.metering.ingest(&[event], now_ms()).await?;
+            if let Some(rejection) = outcome.rejected.first() {
+                return Err(
+                    ApiError::bad_request("invalid_record", rejection.message.clone())
+                        .with_field("record"),
+                );
+            }
+            // `used` as it stands after this record.
+            let used = state
+                .metering
+                .exact_usage(tenant, meter, model.period)
+                .await?;
+            CheckOut {
+                decision: Decision {
+                    allowed: true,
+                    reason: "ok",
+                    ..decide(Decimal::ZERO, used)
+                },
+                recorded: Some(true),
+            }
+        }
+    };
+    if let Some(shared) = shared {
+        shared.release().await?;
     }
-    let decision = entitlements.decide(&model, feature, quantity, now_ms());
-    if !decision.allowed {
-        return Ok(CheckOut {
-            decision,
-            recorded: Some(false),
-        });
-    }
-    let mut event = json!({"id": record.id, "tenant_id": tenant, "meter": meter, "quantity": quantity.to_string()});
-    if let Some(timestamp) = &record.timestamp {
-        event["timestamp"] = json!(timestamp);
-    }
-    let outcome = state.metering.ingest(&[event], now_ms()).await?;
-    if let Some(rejection) = outcome.rejected.first() {
-        return Err(
-            ApiError::bad_request("invalid_record", rejection.message.clone()).with_field("record"),
-        );
-    }
-    // `used` as it stands after this record.
-    let after = entitlements.decide(&model, feature, Decimal::ZERO, now_ms());
-    Ok(CheckOut {
-        decision: Decision {
-            allowed: true,
-            reason: "ok",
-            ..after
-        },
-        recorded: Some(true),
-    })
+    Ok(out)
 }
 
 pub async fn check(

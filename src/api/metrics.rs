@@ -43,6 +43,7 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
 }
 
 pub async fn render(State(state): State<AppState>) -> Response {
+    crate::app::refresh_gauges(&state).await;
     (
         [(
             header::CONTENT_TYPE,

@@ -194,6 +194,9 @@ pub struct Entitlements {
     invalid: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
     /// Serialises check-and-record per tenant and meter, so the last unit goes once.
     record_locks: Arc<Mutex<HashMap<(String, String), RecordLock>>>,
+    /// Counts invalidations: a model computed while one happened may predate it and is not
+    /// kept.
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Entitlements {
@@ -215,6 +218,7 @@ impl Entitlements {
             models: Arc::default(),
             invalid: Arc::default(),
             record_locks: Arc::default(),
+            generation: Arc::default(),
         }
     }
 
@@ -237,12 +241,16 @@ impl Entitlements {
 
     /// Forgets one tenant's model; the next check recomputes it.
     pub fn invalidate(&self, tenant_id: &str) {
-        self.models.write().expect("models lock").remove(tenant_id);
+        let mut models = self.models.write().expect("models lock");
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        models.remove(tenant_id);
     }
 
     /// Forgets every model (a product or price changed, or the catalog was reloaded).
     pub fn invalidate_all(&self) {
-        self.models.write().expect("models lock").clear();
+        let mut models = self.models.write().expect("models lock");
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        models.clear();
     }
 
     /// The tenant's model from memory, or computed from the database (a cold tenant).
@@ -258,14 +266,17 @@ impl Entitlements {
         if warm.is_some() {
             return Ok(warm);
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let Some(model) = self.compute(tenant_id).await? else {
             return Ok(None);
         };
         let model = Arc::new(model);
-        self.models
-            .write()
-            .expect("models lock")
-            .insert(tenant_id.to_owned(), model.clone());
+        let mut models = self.models.write().expect("models lock");
+        // A change announced while it was computed may be missing from it: answer with it,
+        // but compute again next time.
+        if self.generation.load(Ordering::Acquire) == generation {
+            models.insert(tenant_id.to_owned(), model.clone());
+        }
         Ok(Some(model))
     }
 
@@ -471,6 +482,20 @@ impl Entitlements {
         quantity: Decimal,
         now: i64,
     ) -> Decision {
+        self.decide_with_used(model, feature, quantity, now, None)
+    }
+
+    /// [`Self::decide`] with the quota's `used` given (read from the database when several
+    /// replicas record usage) instead of taken from this process's counters.
+    pub fn decide_with_used(
+        &self,
+        model: &TenantModel,
+        feature: &str,
+        quantity: Decimal,
+        now: i64,
+        used: Option<Decimal>,
+    ) -> Decision {
+        let given = used;
         let (as_of, stale) = self.freshness(model, now);
         let answer =
             |allowed, reason, limit, used: Option<Decimal>, remaining: Option<Decimal>| Decision {
@@ -503,7 +528,7 @@ impl Entitlements {
             }
             Some(Grant::Boolean { enabled: true }) => answer(true, "ok", None, None, None),
             Some(Grant::Quota { limit, meter }) => {
-                let used = self.used(model, meter);
+                let used = given.unwrap_or_else(|| self.used(model, meter));
                 match limit {
                     None => answer(true, "ok", None, Some(used), None),
                     Some(limit) => {

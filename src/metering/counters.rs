@@ -216,6 +216,12 @@ impl Counters {
         value
     }
 
+    /// Takes `other`'s buckets in place of these, at once.
+    pub fn replace_with(&self, other: Counters) {
+        let fresh = other.series.into_inner().expect("counters lock");
+        *self.series.write().expect("counters lock") = fresh;
+    }
+
     pub fn clear(&self) {
         self.series.write().expect("counters lock").clear();
     }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::catalog::{Aggregation, Catalog, Meter};
 use crate::domain::TenantId;
 use crate::metrics::Metrics;
-use crate::store::{Backend, Db, StoreError, UsageRow, now_ms};
+use crate::store::{Backend, Db, StoreError, TxSnapshot, UsageRow, now_ms};
 use counters::{Bucket, Counters, Sample, hour_of};
 
 /// How far ahead of now an event's timestamp may be.
@@ -54,6 +54,25 @@ pub struct Metering {
     /// SQLite takes one writer at a time and makes the others sleep and poll; queueing batches
     /// here instead keeps the tail latency down.
     pub writer: Arc<tokio::sync::Mutex<()>>,
+    /// Held shared by every ingest and exclusively by a rebuild, so that a rebuild's read of
+    /// the database and the swap of the counters see no local ingest in between.
+    pub gate: Arc<tokio::sync::RwLock<()>>,
+    /// This replica's id: the usage notifications it sends carry it, and it skips its own.
+    pub origin: Arc<str>,
+}
+
+/// Largest `billsync_usage` notification payload (PostgreSQL's limit is 8000 bytes).
+const NOTIFY_MAX_BYTES: usize = 7000;
+
+/// What a usage notification from another replica did to the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// Counted.
+    Counted,
+    /// Sent by this replica (already counted) or by a transaction the last rebuild read.
+    Known,
+    /// Too large to carry its usage, or unreadable: the counters must be rebuilt.
+    Resync,
 }
 
 impl Metering {
@@ -110,12 +129,16 @@ impl Metering {
             meters.push(*meter);
         }
 
+        let _gate = self.gate.read().await;
         let inserted = match self.db.backend() {
             Backend::Sqlite => {
                 let _turn = self.writer.lock().await;
                 self.db.usage().insert(&rows).await?
             }
-            Backend::Postgres => self.db.usage().insert(&rows).await?,
+            Backend::Postgres => {
+                let payloads = |new: &[&UsageRow]| self.notifications(new);
+                self.db.usage().insert_notifying(&rows, &payloads).await?
+            }
         };
         for ((row, meter), new) in rows.iter().zip(&meters).zip(&inserted) {
             if !new {
@@ -123,15 +146,12 @@ impl Metering {
                 continue;
             }
             outcome.accepted += 1;
-            let quantity = Decimal::from_str(&row.quantity).unwrap_or_default();
-            let sample = Sample {
-                quantity,
-                at_ms: row.occurred_at,
-                event_id: &row.event_id,
-                unique_value: row.unique_value.as_deref(),
-            };
-            self.counters
-                .record(&row.tenant_id, &meter.name, meter.aggregation, sample);
+            self.counters.record(
+                &row.tenant_id,
+                &meter.name,
+                meter.aggregation,
+                sample_of(row),
+            );
         }
         outcome.rejected.sort_by_key(|r| r.index);
         let count = |name, help, n: usize| self.metrics.add(name, help, &[], n as u64);
@@ -272,42 +292,96 @@ impl Metering {
         ))
     }
 
-    /// Rebuilds the counters: the stored snapshot, then every event received after it.
-    pub async fn rebuild(&self) -> Result<usize, StoreError> {
-        self.counters.clear();
-        for (tenant, meter, hour, state) in self.db.usage().snapshot().await? {
-            match serde_json::from_str::<Bucket>(&state) {
-                Ok(bucket) => self.counters.merge(&tenant, &meter, hour, &bucket),
+    /// Rebuilds the counters: the stored snapshot, then every event received after it, read at
+    /// one instant and swapped in whole. Returns how many events it replayed and, on
+    /// PostgreSQL, which transactions the read saw (their notifications are not counted again).
+    pub async fn rebuild(&self) -> Result<(usize, Option<TxSnapshot>), StoreError> {
+        let _gate = self.gate.write().await;
+        let state = self.db.usage().counter_state(WATERMARK).await?;
+        let fresh = Counters::default();
+        for (tenant, meter, hour, bucket) in &state.buckets {
+            match serde_json::from_str::<Bucket>(bucket) {
+                Ok(bucket) => fresh.merge(tenant, meter, *hour, &bucket),
                 Err(error) => {
                     tracing::error!(tenant, meter, hour, error = %error, "unreadable usage snapshot bucket")
                 }
             }
         }
-        let watermark = self.watermark().await?;
-        let rows = self
-            .db
-            .usage()
-            .received_between(watermark, i64::MAX)
-            .await?;
-        let replayed = rows.len();
-        for row in &rows {
-            self.count_row(row);
+        for row in &state.rows {
+            if let Some(meter) = self.catalog.meters.get(&row.meter) {
+                fresh.record(
+                    &row.tenant_id,
+                    &meter.name,
+                    meter.aggregation,
+                    sample_of(row),
+                );
+            }
         }
-        Ok(replayed)
+        self.counters.replace_with(fresh);
+        Ok((state.rows.len(), state.seen))
     }
 
-    fn count_row(&self, row: &UsageRow) {
-        let Some(meter) = self.catalog.meters.get(&row.meter) else {
-            return;
+    /// The `billsync_usage` notifications announcing `rows` to the other replicas: their
+    /// buckets per tenant, meter and hour, as `<origin> <JSON>` payloads small enough to send.
+    fn notifications(&self, rows: &[&UsageRow]) -> Vec<String> {
+        let mut buckets: HashMap<(&str, &str, i64), Bucket> = HashMap::new();
+        for row in rows {
+            let Some(meter) = self.catalog.meters.get(&row.meter) else {
+                continue;
+            };
+            let bucket = Bucket::of(meter.aggregation, sample_of(row));
+            buckets
+                .entry((&row.tenant_id, &row.meter, hour_of(row.occurred_at)))
+                .and_modify(|b| b.merge(&bucket))
+                .or_insert(bucket);
+        }
+        let mut payloads = Vec::new();
+        let mut entries: Vec<String> = Vec::new();
+        let mut size = 0;
+        for ((tenant, meter, hour), bucket) in &buckets {
+            let entry = serde_json::to_string(&(tenant, meter, hour, bucket)).expect("serialises");
+            if entry.len() > NOTIFY_MAX_BYTES {
+                // One bucket too large to announce (many distinct values): ask for a rebuild.
+                payloads.push(format!("{} resync", self.origin));
+                continue;
+            }
+            if size + entry.len() > NOTIFY_MAX_BYTES {
+                payloads.push(format!("{} [{}]", self.origin, entries.join(",")));
+                entries.clear();
+                size = 0;
+            }
+            size += entry.len() + 1;
+            entries.push(entry);
+        }
+        if !entries.is_empty() {
+            payloads.push(format!("{} [{}]", self.origin, entries.join(",")));
+        }
+        payloads
+    }
+
+    /// Counts the usage another replica announced (`<xid> <origin> <JSON>`), unless this
+    /// replica sent it or its transaction was read by the last rebuild (`seen`).
+    pub fn hear(&self, payload: &str, seen: Option<&TxSnapshot>) -> Heard {
+        let mut parts = payload.splitn(3, ' ');
+        let (Some(xid), Some(origin), Some(body)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Heard::Resync;
         };
-        let sample = Sample {
-            quantity: Decimal::from_str(&row.quantity).unwrap_or_default(),
-            at_ms: row.occurred_at,
-            event_id: &row.event_id,
-            unique_value: row.unique_value.as_deref(),
+        if origin == &*self.origin {
+            return Heard::Known;
+        }
+        if let (Some(seen), Ok(xid)) = (seen, xid.parse::<u64>())
+            && seen.saw(xid)
+        {
+            return Heard::Known;
+        }
+        let Ok(entries) = serde_json::from_str::<Vec<(String, String, i64, Bucket)>>(body) else {
+            return Heard::Resync;
         };
-        self.counters
-            .record(&row.tenant_id, &meter.name, meter.aggregation, sample);
+        for (tenant, meter, hour, bucket) in &entries {
+            self.counters.merge(tenant, meter, *hour, bucket);
+        }
+        Heard::Counted
     }
 
     async fn watermark(&self) -> Result<i64, StoreError> {
@@ -334,13 +408,7 @@ impl Metering {
             let Some(meter) = self.catalog.meters.get(&row.meter) else {
                 continue;
             };
-            let sample = Sample {
-                quantity: Decimal::from_str(&row.quantity).unwrap_or_default(),
-                at_ms: row.occurred_at,
-                event_id: &row.event_id,
-                unique_value: row.unique_value.as_deref(),
-            };
-            let bucket = Bucket::of(meter.aggregation, sample);
+            let bucket = Bucket::of(meter.aggregation, sample_of(row));
             folded
                 .entry((
                     row.tenant_id.clone(),
@@ -377,6 +445,34 @@ impl Metering {
         }
     }
 
+    /// The meter's figure for the tenant over `[from_ms, to_ms)` from the usage log itself
+    /// (PostgreSQL), whatever replica recorded it; `None` on SQLite, whose one process's
+    /// counters are exact.
+    pub async fn exact_usage(
+        &self,
+        tenant: &str,
+        meter: &str,
+        (from_ms, to_ms): (i64, i64),
+    ) -> Result<Option<Decimal>, StoreError> {
+        let Some(aggregation) = self.catalog.meters.get(meter).map(|m| m.aggregation) else {
+            return Ok(None);
+        };
+        if self.db.backend() == Backend::Sqlite {
+            return Ok(None);
+        }
+        let figure = self
+            .db
+            .usage()
+            .period_figure(tenant, meter, aggregation, from_ms, to_ms)
+            .await?;
+        Ok(Some(
+            figure
+                .and_then(|f| Decimal::from_str(&f).ok())
+                .unwrap_or(Decimal::ZERO)
+                .normalize(),
+        ))
+    }
+
     /// The meter's usage for the tenant in the billing period holding `at_ms`.
     pub async fn period_usage(
         &self,
@@ -389,6 +485,16 @@ impl Metering {
             .counters
             .fold(tenant, meter, from, to)
             .map(|b| b.value()))
+    }
+}
+
+/// A stored event as the counters take it.
+fn sample_of(row: &UsageRow) -> Sample<'_> {
+    Sample {
+        quantity: Decimal::from_str(&row.quantity).unwrap_or_default(),
+        at_ms: row.occurred_at,
+        event_id: &row.event_id,
+        unique_value: row.unique_value.as_deref(),
     }
 }
 

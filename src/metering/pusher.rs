@@ -179,7 +179,11 @@ impl Pusher {
 
     async fn send(&self, report: &mut PushReport) -> Result<(), StoreError> {
         let db = &self.metering.db;
-        for push in db.usage().due_pushes(now_ms(), SEND_LIMIT).await? {
+        for push in db
+            .usage()
+            .due_pushes(now_ms(), SEND_LIMIT, crate::store::CLAIM_MS)
+            .await?
+        {
             let event = MeterEvent {
                 event_name: push.event_name.clone(),
                 customer_id: push.customer_id.clone(),
@@ -223,7 +227,7 @@ impl Pusher {
         Ok(())
     }
 
-    async fn record_backlog(&self) -> Result<(), StoreError> {
+    pub async fn record_backlog(&self) -> Result<(), StoreError> {
         let (count, oldest) = self
             .metering
             .db

@@ -28,6 +28,11 @@ use crate::sync::SyncError;
 use crate::vendor::stripe::objects;
 use crate::vendor::{BillingVendor, ObjectKind};
 
+/// How often a running reconciliation records that it is still at work.
+const RUN_BEAT: Duration = Duration::from_secs(5);
+/// A run silent for this long was interrupted (its process stopped).
+const RUN_SILENCE: Duration = Duration::from_secs(30);
+
 /// What a reconciliation can find.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -367,7 +372,21 @@ impl Reconciler {
     /// Computes the report of a begun run and stores it (or the failure).
     pub async fn finish(&self, run_id: &str, params: &Params) -> Result<Report, SyncError> {
         let started = std::time::Instant::now();
-        let report = match self.report(params).await {
+        // The run beats while it works: a run that stops beating was interrupted, whichever
+        // replica or command ran it.
+        let work = self.report(params);
+        tokio::pin!(work);
+        let computed = loop {
+            tokio::select! {
+                computed = &mut work => break computed,
+                () = tokio::time::sleep(RUN_BEAT) => {
+                    if let Err(error) = self.db.reconciliations().beat(run_id, now_ms()).await {
+                        tracing::warn!(run_id, error = %error, "reconciliation heartbeat failed");
+                    }
+                }
+            }
+        };
+        let report = match computed {
             Ok(report) => report,
             Err(error) => {
                 self.db
@@ -419,17 +438,48 @@ impl Reconciler {
         Ok(report)
     }
 
-    /// Every `interval`, reconciles the last `window` for every tenant.
+    /// Every `interval` (counted from the last scheduled run's start, whichever replica ran
+    /// it), reconciles the last `window` for every tenant; meanwhile, marks runs whose runner
+    /// stopped beating as failed. Runs on the replica holding the `reconcile` lease.
     pub async fn run_scheduled(
         self,
         interval: Duration,
         window: Duration,
         shutdown: CancellationToken,
     ) {
+        let mut first_due = None;
         loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                () = tokio::time::sleep(interval) => {}
+            let now = now_ms();
+            match self
+                .db
+                .reconciliations()
+                .fail_interrupted(now, now - RUN_SILENCE.as_millis() as i64)
+                .await
+            {
+                Ok(0) => {}
+                Ok(failed) => tracing::warn!(
+                    failed,
+                    "reconciliation runs whose runner stopped marked failed"
+                ),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot check for interrupted reconciliation runs")
+                }
+            }
+            let due_at = match self.db.reconciliations().last_started("schedule").await {
+                Ok(Some(last)) => last + interval.as_millis() as i64,
+                Ok(None) => *first_due.get_or_insert(now + interval.as_millis() as i64),
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot read the last scheduled reconciliation");
+                    now + RUN_SILENCE.as_millis() as i64
+                }
+            };
+            if due_at > now {
+                let wait = Duration::from_millis((due_at - now) as u64).min(RUN_SILENCE);
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+                continue;
             }
             let to_ms = now_ms();
             let params = Params {

@@ -210,25 +210,53 @@ impl<'a> Commands<'a> {
         Ok(rows)
     }
 
-    /// The next command of each tenant, when it is due: a tenant's commands run one at a time,
-    /// in the order they were accepted.
-    pub async fn due(&self, now_ms: i64, limit: u32) -> Result<Vec<CommandRow>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, CommandRow>(concat!(
-                "SELECT ",
-                columns!(),
-                " FROM commands c WHERE status = 'pending' AND next_attempt_at <= $1 \
-                 AND NOT EXISTS (SELECT 1 FROM commands p WHERE p.tenant_id = c.tenant_id \
-                 AND p.status = 'pending' AND (p.created_at < c.created_at \
-                 OR (p.created_at = c.created_at AND p.command_id < c.command_id))) \
-                 ORDER BY created_at, command_id LIMIT $2"
-            ))
-            .bind(now_ms)
-            .bind(i64::from(limit))
-            .fetch_all(pool)
-            .await
+    /// Claims the next command of each tenant, when it is due: a tenant's commands run one at a
+    /// time, in the order they were accepted. A claimed command is put off for `claim_ms`, so
+    /// no other replica takes it (PostgreSQL: `FOR UPDATE SKIP LOCKED`) nor the tenant's later
+    /// ones, and comes back by itself if this process dies before settling it.
+    pub async fn due(
+        &self,
+        now_ms: i64,
+        limit: u32,
+        claim_ms: i64,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let sql = format!(
+            "UPDATE commands SET next_attempt_at = $3 WHERE command_id IN (SELECT command_id \
+             FROM commands c WHERE status = 'pending' AND next_attempt_at <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM commands p WHERE p.tenant_id = c.tenant_id \
+             AND p.status = 'pending' AND (p.created_at < c.created_at \
+             OR (p.created_at = c.created_at AND p.command_id < c.command_id))) \
+             ORDER BY created_at, command_id LIMIT $2{}) RETURNING {}",
+            self.db.skip_locked(),
+            columns!()
+        );
+        let mut rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, CommandRow>(sqlx::AssertSqlSafe(sql))
+                .bind(now_ms)
+                .bind(i64::from(limit))
+                .bind(now_ms + claim_ms)
+                .fetch_all(pool)
+                .await
         })?;
+        rows.sort_by(|a, b| (a.created_at, &a.command_id).cmp(&(b.created_at, &b.command_id)));
         Ok(rows)
+    }
+
+    /// Gives back claims this process will not work on now: the commands are due at `at`.
+    pub async fn release(&self, command_ids: &[String], at: i64) -> Result<(), StoreError> {
+        for command_id in command_ids {
+            on_pool!(self.db, |pool| {
+                sqlx::query(
+                    "UPDATE commands SET next_attempt_at = $2 WHERE command_id = $1 AND status = 'pending'",
+                )
+                .bind(command_id)
+                .bind(at)
+                .execute(pool)
+                .await
+                .map(drop)
+            })?;
+        }
+        Ok(())
     }
 
     /// The results of the tenant's commands that succeeded at or after `since_ms`.

@@ -151,20 +151,31 @@ impl<'a> Inbox<'a> {
         Ok(inserted)
     }
 
-    /// Rows due for (another) apply, oldest event first.
-    pub async fn due(&self, now_ms: i64, limit: u32) -> Result<Vec<InboxRow>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, InboxRow>(concat!(
-                "SELECT ",
-                columns!(),
-                " FROM inbox_events WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1 \
-                 ORDER BY event_created, event_id LIMIT $2"
-            ))
-            .bind(now_ms)
-            .bind(i64::from(limit))
-            .fetch_all(pool)
-            .await
+    /// Claims the rows due for (another) apply, oldest event first: each claimed row is put off
+    /// for `claim_ms`, so another replica skips it (PostgreSQL: `FOR UPDATE SKIP LOCKED`), and
+    /// comes back by itself if this process dies before it settles the row.
+    pub async fn due(
+        &self,
+        now_ms: i64,
+        limit: u32,
+        claim_ms: i64,
+    ) -> Result<Vec<InboxRow>, StoreError> {
+        let sql = format!(
+            "UPDATE inbox_events SET next_attempt_at = $3 WHERE event_id IN (SELECT event_id \
+             FROM inbox_events WHERE status IN ('pending', 'failed') AND next_attempt_at <= $1 \
+             ORDER BY event_created, event_id LIMIT $2{}) RETURNING {}",
+            self.db.skip_locked(),
+            columns!()
+        );
+        let mut rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, InboxRow>(sqlx::AssertSqlSafe(sql))
+                .bind(now_ms)
+                .bind(i64::from(limit))
+                .bind(now_ms + claim_ms)
+                .fetch_all(pool)
+                .await
         })?;
+        rows.sort_by(|a, b| (a.event_created, &a.event_id).cmp(&(b.event_created, &b.event_id)));
         Ok(rows)
     }
 

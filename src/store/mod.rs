@@ -6,6 +6,7 @@
 
 mod commands;
 mod inbox;
+mod lease;
 mod mirror;
 mod reconcile;
 mod tenants;
@@ -25,13 +26,22 @@ use crate::config::DatabaseSettings;
 
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
+pub use lease::{LeaseSeat, XactLock, lease_key};
 pub use mirror::{
     Apply, ApplyOutcome, Confirmed, Mirror, MirrorRow, ObjectState, PageKinds, SyncState,
     TenantClaim,
 };
 pub use reconcile::{ItemRow, Reconciliations, RunRow};
 pub use tenants::{TenantRecord, Tenants, Upserted};
-pub use usage::{PushRow, Usage, UsageRow};
+pub use usage::{CounterState, PushRow, TxSnapshot, Usage, UsageRow};
+
+/// How long a claimed command or push stays with the replica that claimed it before another
+/// may take it (its claimant died, or is still at it: each attempt carries the same
+/// idempotency key or meter event identifier, so a second one changes nothing at the vendor).
+pub const CLAIM_MS: i64 = 10_000;
+/// The same for inbox rows: a batch may refetch many objects, and applying twice is harmless
+/// but costs vendor calls, so an applier gets longer.
+pub const INBOX_CLAIM_MS: i64 = 30_000;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -204,6 +214,16 @@ impl Db {
                 .connect_with(options)
                 .await?;
             Ok(Self::Postgres(pool))
+        }
+    }
+
+    /// What a work-claiming `SELECT` ends with: on PostgreSQL, where several replicas claim
+    /// from the same tables, rows another replica is claiming are skipped, not waited for;
+    /// SQLite has one process and needs nothing.
+    pub(crate) fn skip_locked(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "",
+            Self::Postgres(_) => " FOR UPDATE SKIP LOCKED",
         }
     }
 

@@ -137,20 +137,66 @@ impl<'a> Reconciliations<'a> {
         Ok(row)
     }
 
-    /// Marks runs left `running` by a process that stopped as failed; returns how many.
-    pub async fn fail_interrupted(&self, now_ms: i64) -> Result<u64, StoreError> {
+    /// Marks as failed the runs still `running` whose runner has not beaten since
+    /// `silent_since` (it stopped); returns how many.
+    pub async fn fail_interrupted(
+        &self,
+        now_ms: i64,
+        silent_since: i64,
+    ) -> Result<u64, StoreError> {
         let done = on_pool!(self.db, |pool| {
             sqlx::query(
                 "UPDATE reconciliation_runs SET status = 'failed', \
                  error = 'interrupted: the process stopped before the report was stored', \
-                 finished_at = $1 WHERE status = 'running'",
+                 finished_at = $1 WHERE status = 'running' AND COALESCE(beat_at, started_at) < $2",
             )
             .bind(now_ms)
+            .bind(silent_since)
             .execute(pool)
             .await
             .map(|done| done.rows_affected())
         })?;
         Ok(done)
+    }
+
+    /// A running run's heartbeat.
+    pub async fn beat(&self, run_id: &str, now_ms: i64) -> Result<(), StoreError> {
+        on_pool!(self.db, |pool| {
+            sqlx::query(
+                "UPDATE reconciliation_runs SET beat_at = $2 WHERE run_id = $1 AND status = 'running'",
+            )
+            .bind(run_id)
+            .bind(now_ms)
+            .execute(pool)
+            .await
+            .map(drop)
+        })?;
+        Ok(())
+    }
+
+    /// When the last run of `trigger` started.
+    pub async fn last_started(&self, trigger: &str) -> Result<Option<i64>, StoreError> {
+        let (started,): (Option<i64>,) = on_pool!(self.db, |pool| {
+            sqlx::query_as("SELECT MAX(started_at) FROM reconciliation_runs WHERE trigger = $1")
+                .bind(trigger)
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(started)
+    }
+
+    /// How many findings the latest finished run reported (none yet: `None`).
+    pub async fn latest_findings(&self) -> Result<Option<i64>, StoreError> {
+        let row: Option<(i64,)> = on_pool!(self.db, |pool| {
+            sqlx::query_as(
+                "SELECT (SELECT COUNT(*) FROM reconciliation_items i WHERE i.run_id = r.run_id) \
+                 FROM reconciliation_runs r WHERE r.status = 'done' \
+                 ORDER BY r.finished_at DESC LIMIT 1",
+            )
+            .fetch_optional(pool)
+            .await
+        })?;
+        Ok(row.map(|(n,)| n))
     }
 
     /// A page of a run's items after `after_seq`, in report order.

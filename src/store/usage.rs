@@ -73,6 +73,18 @@ impl<'a> Usage<'a> {
     /// Stores the events not stored before, all in one transaction; returns, for each event,
     /// whether it was new. The call returns only once they are durable.
     pub async fn insert(&self, rows: &[UsageRow]) -> Result<Vec<bool>, StoreError> {
+        self.insert_notifying(rows, &|_| Vec::new()).await
+    }
+
+    /// [`Self::insert`], and on PostgreSQL a `billsync_usage` notification for each payload
+    /// `payloads` makes of the new rows, sent in the same transaction: other replicas hear of
+    /// exactly the usage that was committed (payloads are prefixed with the transaction id).
+    pub async fn insert_notifying(
+        &self,
+        rows: &[UsageRow],
+        payloads: &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
+    ) -> Result<Vec<bool>, StoreError> {
+        let notify = self.db.backend() == super::Backend::Postgres;
         let inserted: std::collections::HashSet<(String, String)> = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
             let mut inserted = std::collections::HashSet::with_capacity(rows.len());
@@ -100,6 +112,24 @@ impl<'a> Usage<'a> {
                     query.build_query_as().fetch_all(&mut *tx).await?;
                 inserted.extend(keys);
             }
+            if notify && !inserted.is_empty() {
+                let new: Vec<&UsageRow> = rows
+                    .iter()
+                    .filter(|r| inserted.contains(&(r.tenant_id.clone(), r.event_id.clone())))
+                    .collect();
+                let payloads = payloads(&new);
+                for chunk in payloads.chunks(CHUNK) {
+                    let mut query = sqlx::QueryBuilder::new(
+                        "SELECT pg_notify('billsync_usage', pg_current_xact_id()::text || ' ' || p) \
+                         FROM (",
+                    );
+                    query.push_values(chunk, |mut b, payload| {
+                        b.push_bind(payload);
+                    });
+                    query.push(") AS v (p)");
+                    query.build().execute(&mut *tx).await?;
+                }
+            }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(inserted)
         })?;
@@ -107,6 +137,95 @@ impl<'a> Usage<'a> {
             .iter()
             .map(|r| inserted.contains(&(r.tenant_id.clone(), r.event_id.clone())))
             .collect())
+    }
+
+    /// Everything the usage counters are rebuilt from, read at one instant: the snapshot
+    /// buckets, the events received since the snapshot's watermark (named by `watermark_key`
+    /// in sync_state) and, on PostgreSQL, the snapshot of transactions the read saw
+    /// (`pg_current_snapshot()`), so that notifications of those same transactions are not
+    /// counted again.
+    pub async fn counter_state(&self, watermark_key: &str) -> Result<CounterState, StoreError> {
+        let state = on_pool!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            let seen = if self.db.backend() == super::Backend::Postgres {
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    .execute(&mut *tx)
+                    .await?;
+                let (snapshot,): (String,) = sqlx::query_as("SELECT pg_current_snapshot()::text")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                TxSnapshot::parse(&snapshot)
+            } else {
+                None
+            };
+            let buckets = sqlx::query_as::<_, (String, String, i64, String)>(
+                "SELECT tenant_id, meter, hour, state FROM usage_buckets",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            let watermark: Option<(String,)> =
+                sqlx::query_as("SELECT value FROM sync_state WHERE name = $1")
+                    .bind(watermark_key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let watermark: i64 = watermark.and_then(|(v,)| v.parse().ok()).unwrap_or(0);
+            let rows = sqlx::query_as::<_, UsageRow>(concat!(
+                "SELECT ",
+                usage_columns!(),
+                " FROM usage_events WHERE received_at >= $1 ORDER BY received_at"
+            ))
+            .bind(watermark)
+            .fetch_all(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(CounterState {
+                buckets,
+                rows,
+                seen,
+            })
+        })?;
+        Ok(state)
+    }
+
+    /// The meter's figure over the tenant's events that happened in `[from_ms, to_ms)`,
+    /// computed by PostgreSQL from the usage log itself: what hard limits are checked against
+    /// when several replicas record usage. `None` on SQLite (one process: its counters are
+    /// exact) and when there is no usage.
+    pub async fn period_figure(
+        &self,
+        tenant_id: &str,
+        meter: &str,
+        aggregation: crate::catalog::Aggregation,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        use crate::catalog::Aggregation;
+        let super::Db::Postgres(pool) = self.db else {
+            return Ok(None);
+        };
+        let sql = match aggregation {
+            Aggregation::Sum => "SELECT SUM(quantity::numeric)::text",
+            Aggregation::Count => "SELECT CASE WHEN COUNT(*) = 0 THEN NULL ELSE COUNT(*)::text END",
+            Aggregation::Max => "SELECT MAX(quantity::numeric)::text",
+            Aggregation::UniqueCount => {
+                "SELECT CASE WHEN COUNT(*) = 0 THEN NULL ELSE COUNT(DISTINCT unique_value)::text END"
+            }
+            Aggregation::Last => {
+                "SELECT (ARRAY_AGG(quantity ORDER BY occurred_at DESC, event_id DESC))[1]"
+            }
+        };
+        let sql = format!(
+            "{sql} FROM usage_events WHERE tenant_id = $1 AND meter = $2 \
+             AND occurred_at >= $3 AND occurred_at < $4"
+        );
+        let (figure,): (Option<String>,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(tenant_id)
+            .bind(meter)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_one(pool)
+            .await?;
+        Ok(figure)
     }
 
     /// Events received in `[from_ms, to_ms)`, oldest first (for snapshots and start-up).
@@ -239,19 +358,31 @@ impl<'a> Usage<'a> {
         Ok(())
     }
 
-    /// Pushes waiting to be sent (first time or again), oldest first.
-    pub async fn due_pushes(&self, now_ms: i64, limit: u32) -> Result<Vec<PushRow>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, PushRow>(concat!(
-                "SELECT ",
-                push_columns!(),
-                " FROM usage_pushes WHERE status = 'pending' AND next_attempt_at <= $1 ORDER BY created_at, push_id LIMIT $2"
-            ))
-            .bind(now_ms)
-            .bind(i64::from(limit))
-            .fetch_all(pool)
-            .await
+    /// Claims the pushes waiting to be sent (first time or again), oldest first; each is put
+    /// off for `claim_ms` (PostgreSQL: `FOR UPDATE SKIP LOCKED`), so no other replica sends it
+    /// meanwhile, and comes back by itself if this process dies before settling it.
+    pub async fn due_pushes(
+        &self,
+        now_ms: i64,
+        limit: u32,
+        claim_ms: i64,
+    ) -> Result<Vec<PushRow>, StoreError> {
+        let sql = format!(
+            "UPDATE usage_pushes SET next_attempt_at = $3 WHERE push_id IN (SELECT push_id \
+             FROM usage_pushes WHERE status = 'pending' AND next_attempt_at <= $1 \
+             ORDER BY created_at, push_id LIMIT $2{}) RETURNING {}",
+            self.db.skip_locked(),
+            push_columns!()
+        );
+        let mut rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, PushRow>(sqlx::AssertSqlSafe(sql))
+                .bind(now_ms)
+                .bind(i64::from(limit))
+                .bind(now_ms + claim_ms)
+                .fetch_all(pool)
+                .await
         })?;
+        rows.sort_by(|a, b| (a.created_at, &a.push_id).cmp(&(b.created_at, &b.push_id)));
         Ok(rows)
     }
 
@@ -454,5 +585,70 @@ impl<'a> Usage<'a> {
             .await
         })?;
         Ok(rows)
+    }
+}
+
+/// What [`Usage::counter_state`] read.
+pub struct CounterState {
+    pub buckets: Vec<(String, String, i64, String)>,
+    pub rows: Vec<UsageRow>,
+    /// PostgreSQL: the transactions the read saw.
+    pub seen: Option<TxSnapshot>,
+}
+
+/// A PostgreSQL transaction snapshot (`xmin:xmax:xip,...`): which transactions had committed
+/// when it was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxSnapshot {
+    xmin: u64,
+    xmax: u64,
+    in_progress: Vec<u64>,
+}
+
+impl TxSnapshot {
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.splitn(3, ':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let in_progress = match parts.next() {
+            Some("") | None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?,
+        };
+        Some(Self {
+            xmin,
+            xmax,
+            in_progress,
+        })
+    }
+
+    /// Whether the committed transaction `xid` was visible to the snapshot.
+    pub fn saw(&self, xid: u64) -> bool {
+        xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TxSnapshot;
+
+    #[test]
+    fn a_snapshot_sees_what_committed_before_it() {
+        let snapshot = TxSnapshot::parse("100:105:101,103").unwrap();
+        assert!(snapshot.saw(99));
+        assert!(snapshot.saw(100));
+        assert!(!snapshot.saw(101));
+        assert!(snapshot.saw(102));
+        assert!(!snapshot.saw(103));
+        assert!(!snapshot.saw(105));
+        assert!(!snapshot.saw(200));
+        assert_eq!(
+            TxSnapshot::parse("7:7:").unwrap().in_progress,
+            Vec::<u64>::new()
+        );
+        assert!(TxSnapshot::parse("x").is_none());
     }
 }

@@ -63,7 +63,11 @@ impl Applier {
     /// Applies every row due now (one batch, one transaction); returns how many rows it settled
     /// or deferred.
     pub async fn step(&self) -> Result<usize, StoreError> {
-        let rows = self.db.inbox().due(now_ms(), self.batch).await?;
+        let rows = self
+            .db
+            .inbox()
+            .due(now_ms(), self.batch, crate::store::INBOX_CLAIM_MS)
+            .await?;
         let count = rows.len();
         let mut ready: Vec<(Vec<InboxRow>, Vec<Apply>)> = Vec::new();
         for group in group_by_object(rows) {

@@ -192,13 +192,25 @@ impl Outbox {
         let mut busy: HashSet<String> = HashSet::new();
         loop {
             if running.len() < self.concurrency {
-                match self.db.commands().due(now_ms(), self.claim_limit()).await {
+                match self
+                    .db
+                    .commands()
+                    .due(
+                        now_ms(),
+                        self.claim_limit(running.len()),
+                        crate::store::CLAIM_MS,
+                    )
+                    .await
+                {
                     Ok(due) => {
+                        let mut unstarted = Vec::new();
                         for command in due {
-                            if running.len() >= self.concurrency {
-                                break;
-                            }
-                            if !busy.insert(command.tenant_id.clone()) {
+                            // The tenant's last attempt settled but its task is still
+                            // returning: give the claim back, the loop comes round again.
+                            if running.len() >= self.concurrency
+                                || !busy.insert(command.tenant_id.clone())
+                            {
+                                unstarted.push(command.command_id);
                                 continue;
                             }
                             let worker = self.clone();
@@ -207,6 +219,9 @@ impl Outbox {
                                 worker.attempt(command).await;
                                 tenant
                             });
+                        }
+                        if let Err(error) = self.db.commands().release(&unstarted, now_ms()).await {
+                            tracing::warn!(error = %error, "outbox: cannot give claims back; they expire by themselves");
                         }
                     }
                     Err(error) => tracing::warn!(error = %error, "outbox: cannot read commands"),
@@ -232,8 +247,9 @@ impl Outbox {
         while running.join_next().await.is_some() {}
     }
 
-    fn claim_limit(&self) -> u32 {
-        u32::try_from(self.concurrency * 2).unwrap_or(u32::MAX)
+    /// As many commands as there are free slots.
+    fn claim_limit(&self, running: usize) -> u32 {
+        u32::try_from(self.concurrency.saturating_sub(running).max(1)).unwrap_or(u32::MAX)
     }
 
     /// Until the next scheduled retry, at most [`IDLE`]. Commands due now but held back (their

@@ -897,3 +897,47 @@ async fn a_key_scoped_to_another_tenant_sees_no_commands() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_several_replicas_send_each_command_once() {
+    let fake = Fake::start().await;
+    let a = start(Backend::Postgres, &fake).await;
+    let b = a.replica().await;
+    let tenants: Vec<String> = (0..6).map(|i| format!("replica{i}")).collect();
+    for (i, tenant) in tenants.iter().enumerate() {
+        let app = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            app.put_tenant(tenant, json!({"name": "Acme"}))
+                .await
+                .status(),
+            201
+        );
+    }
+    let mut accepted = Vec::new();
+    for (i, tenant) in tenants.iter().enumerate() {
+        let app = if i % 2 == 0 { &b } else { &a };
+        accepted.push(subscribe(app, tenant, json!({"price": "price_pro"})).await);
+    }
+    for command in &accepted {
+        let done = ended(&a, command["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+    }
+    // Both replicas' outboxes ran, yet every command reached the vendor once.
+    let creates: Vec<_> = fake
+        .calls("POST", "/v1/customers")
+        .await
+        .into_iter()
+        .filter(|r| r.url.path() == "/v1/customers")
+        .collect();
+    assert_eq!(creates.len(), tenants.len());
+    let keys: std::collections::HashSet<_> = creates
+        .iter()
+        .map(|r| r.headers["idempotency-key"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys.len(), tenants.len());
+    assert_eq!(fake.subscriptions().len(), tenants.len());
+    let subscription_posts = fake.calls("POST", "/v1/subscriptions").await;
+    assert_eq!(subscription_posts.len(), tenants.len());
+    b.stop().await;
+    a.stop().await;
+}

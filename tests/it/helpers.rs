@@ -64,6 +64,8 @@ pub enum TestDatabase {
         admin_url: String,
         name: String,
     },
+    /// Another replica's database: its owner removes it.
+    Shared,
 }
 
 impl TestDatabase {
@@ -149,6 +151,18 @@ impl TestApp {
         settings.api.key_digests = vec![key_digest(API_KEY).unwrap()];
         adjust(&mut settings);
         Self::start(settings, db).await
+    }
+
+    /// A second `serve` on the same (PostgreSQL) database, with the same settings.
+    pub async fn replica(&self) -> Self {
+        Self::start(self.settings.clone(), TestDatabase::Shared).await
+    }
+
+    /// Ends the service's workers without any shutdown, as `kill -9` would (their database
+    /// sessions end, releasing their leases); returns the database to keep it alive.
+    pub fn crash(self) -> TestDatabase {
+        self.server.abort();
+        self.db
     }
 
     /// Stops the service and starts it again on the same database, as after a crash or deploy.

@@ -10,6 +10,7 @@ mod entitlements;
 mod health;
 mod openapi;
 mod reconcile;
+mod replicas;
 mod revenue;
 mod sync;
 mod tenants;

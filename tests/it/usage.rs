@@ -235,7 +235,7 @@ async fn counters_are_rebuilt_from_the_snapshot_and_the_events_after_it(backend:
 
     // A new process: only the snapshot and the 21 later events are read.
     let restarted = AppState::build((*state.settings).clone()).await.unwrap();
-    assert_eq!(restarted.metering.rebuild().await.unwrap(), 21);
+    assert_eq!(restarted.metering.rebuild().await.unwrap().0, 21);
     let after = (
         restarted
             .metering

@@ -1,0 +1,216 @@
+//! Several replicas on one PostgreSQL.
+//!
+//! - Singleton jobs (events poller, drift sweep, pusher, usage snapshot, scheduled
+//!   reconciliation) each run on the one replica holding their lease ([`with_lease`]); when it
+//!   dies, its leases are free at once and another replica takes each at its next try (every
+//!   [`LEASE_RETRY`]).
+//! - Work queues (inbox, outbox, pushes) are claimed row by row with `FOR UPDATE SKIP LOCKED`
+//!   (see the stores).
+//! - Every replica follows the others' changes through `LISTEN/NOTIFY` ([`follow_changes`]):
+//!   `billsync_entitlements` (sent by database triggers whenever a tenant or a mirrored object
+//!   changes) drops entitlement models; `billsync_usage` (sent with every usage insert) carries
+//!   the new usage into the counters.
+//!
+//! On SQLite there is one process: it holds every lease and needs no notifications.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::entitlements::Entitlements;
+use crate::metering::{Heard, Metering};
+use crate::metrics::Metrics;
+use crate::store::{Db, LeaseSeat, StoreError, TxSnapshot};
+
+/// How often a replica without a lease tries to take it, and how often a holder checks that
+/// it still holds it.
+pub const LEASE_RETRY: Duration = Duration::from_secs(2);
+
+/// The channels every replica listens on.
+pub const ENTITLEMENTS_CHANNEL: &str = "billsync_entitlements";
+pub const USAGE_CHANNEL: &str = "billsync_usage";
+
+/// An id for this process, unique among replicas: host, process id and start time.
+pub fn replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        crate::store::now_ms() % 1_000_000
+    )
+}
+
+/// Runs the singleton job `job` whenever this replica holds the lease `name`, until
+/// `shutdown`. A holder that loses its lease (its database connection failed) stops the job
+/// (the token `job` gets is cancelled) and tries again like any other replica.
+pub async fn with_lease<F, Fut>(
+    db: Db,
+    name: &'static str,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    job: F,
+) where
+    F: Fn(CancellationToken) -> Fut + Send,
+    Fut: Future<Output = ()> + Send,
+{
+    let held = |value: f64| {
+        metrics.set(
+            "billsync_lease_held",
+            "1 while this replica holds the lease and runs its singleton job, else 0.",
+            &[("lease", name)],
+            value,
+        )
+    };
+    held(0.0);
+    let mut seat = LeaseSeat::new(&db, name);
+    let mut standing_by = false;
+    while !shutdown.is_cancelled() {
+        match seat.try_take().await {
+            Ok(true) => {
+                tracing::info!(lease = name, "lease taken: this replica runs the job");
+                standing_by = false;
+                held(1.0);
+                let token = shutdown.child_token();
+                let mut running = std::pin::pin!(job(token.clone()));
+                loop {
+                    tokio::select! {
+                        () = &mut running => break,
+                        () = tokio::time::sleep(LEASE_RETRY) => {
+                            if !seat.still_held().await {
+                                tracing::warn!(lease = name, "lease lost (its database connection failed): stopping the job");
+                                token.cancel();
+                                (&mut running).await;
+                                break;
+                            }
+                        }
+                    }
+                }
+                held(0.0);
+                seat.release().await;
+            }
+            Ok(false) => {
+                if !standing_by {
+                    tracing::info!(lease = name, "lease held by another replica: standing by");
+                    standing_by = true;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(lease = name, error = %error, "cannot try the lease; trying again")
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(LEASE_RETRY) => {}
+        }
+    }
+}
+
+/// A `LISTEN` connection on both channels, opened before the counters are first built so
+/// that no change falls between the two.
+pub struct ChangeFeed {
+    listener: PgListener,
+}
+
+impl ChangeFeed {
+    /// `None` on SQLite.
+    pub async fn open(db: &Db) -> Result<Option<Self>, StoreError> {
+        let Db::Postgres(pool) = db else {
+            return Ok(None);
+        };
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener
+            .listen_all([ENTITLEMENTS_CHANNEL, USAGE_CHANNEL])
+            .await?;
+        Ok(Some(Self { listener }))
+    }
+}
+
+/// Applies the other replicas' changes to this one's entitlement models and usage counters,
+/// until `shutdown`. `seen`: the transactions the counters' last rebuild read. After the
+/// connection drops (notifications may have been missed), every model is dropped and the
+/// counters are rebuilt.
+pub async fn follow_changes(
+    mut feed: ChangeFeed,
+    mut seen: Option<TxSnapshot>,
+    entitlements: Entitlements,
+    metering: Metering,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut resync = false;
+    while !shutdown.is_cancelled() {
+        if resync {
+            entitlements.invalidate_all();
+            match metering.rebuild().await {
+                Ok((replayed, snapshot)) => {
+                    tracing::info!(
+                        replayed,
+                        "usage counters rebuilt after a missed notification"
+                    );
+                    seen = snapshot;
+                    resync = false;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "cannot rebuild the usage counters; trying again");
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(LEASE_RETRY) => {}
+                    }
+                    continue;
+                }
+            }
+        }
+        let received = tokio::select! {
+            () = shutdown.cancelled() => break,
+            received = feed.listener.try_recv() => received,
+        };
+        match received {
+            Ok(Some(notification)) => {
+                let payload = notification.payload();
+                match notification.channel() {
+                    ENTITLEMENTS_CHANNEL if payload == "*" => entitlements.invalidate_all(),
+                    ENTITLEMENTS_CHANNEL => entitlements.invalidate(payload),
+                    USAGE_CHANNEL => match metering.hear(payload, seen.as_ref()) {
+                        Heard::Counted => metrics.inc(
+                            "billsync_usage_notifications_total",
+                            "Usage announcements from other replicas counted here.",
+                            &[],
+                        ),
+                        Heard::Known => {}
+                        Heard::Resync => resync = true,
+                    },
+                    _ => {}
+                }
+            }
+            // The connection dropped and was opened again: what was sent meanwhile is lost.
+            Ok(None) => {
+                tracing::warn!("change notifications interrupted: resynchronising");
+                resync = true;
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "change notifications failed; reconnecting");
+                resync = true;
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(LEASE_RETRY) => {}
+                }
+            }
+        }
+    }
+}
