@@ -88,6 +88,20 @@ pub async fn require_api_key(
         );
         return response;
     }
+    // A key scoped to some tenants learns nothing of the others on any tenant route, before
+    // the request's body is even read.
+    if scope.is_limited() {
+        use axum::extract::FromRequestParts;
+        let (mut parts, body) = request.into_parts();
+        if let Ok(params) = axum::extract::RawPathParams::from_request_parts(&mut parts, &()).await
+            && let Some((_, tenant)) = params.iter().find(|(name, _)| *name == "tenant_id")
+            && !scope.allows(tenant)
+        {
+            return ApiError::not_found("tenant_not_found", format!("no tenant `{tenant}`"))
+                .into_response();
+        }
+        request = Request::from_parts(parts, body);
+    }
     request.extensions_mut().insert(scope);
     next.run(request).await
 }

@@ -12,6 +12,7 @@ mod openapi;
 mod reconcile;
 mod replicas;
 mod revenue;
+mod security;
 mod sync;
 mod tenants;
 mod usage;
