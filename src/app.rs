@@ -346,6 +346,15 @@ pub async fn run(
         );
     }
 
+    if let Some(at) = db
+        .sync_state()
+        .get(crate::cluster::CONFIRMED_AT)
+        .await?
+        .and_then(|v| v.parse().ok())
+    {
+        state.entitlements.health.confirmed(at);
+    }
+
     // Listen first, then read: no other replica's change falls between the two.
     let feed = crate::cluster::ChangeFeed::open(&db).await?;
     let (replayed, seen) = state.metering.rebuild().await?;

@@ -31,6 +31,20 @@ pub const LEASE_RETRY: Duration = Duration::from_secs(2);
 /// The channels every replica listens on.
 pub const ENTITLEMENTS_CHANNEL: &str = "billsync_entitlements";
 pub const USAGE_CHANNEL: &str = "billsync_usage";
+/// Vendor sync's health, from the replica running the sweep and the poller: `ok <ms>` (a
+/// sweep confirmed the vendor's state then) or `failed`.
+pub const HEALTH_CHANNEL: &str = "billsync_health";
+/// The sync_state row holding when the last sweep confirmed the vendor's state (for replicas
+/// that start later).
+pub const CONFIRMED_AT: &str = "sweep.confirmed_at";
+
+/// Tells every replica how vendor sync is doing: confirmed at `Some(ms)`, or failing.
+pub async fn tell_health(db: &Db, confirmed_at: Option<i64>) {
+    let payload = confirmed_at.map_or_else(|| "failed".to_owned(), |at| format!("ok {at}"));
+    if let Err(error) = db.notify(HEALTH_CHANNEL, &payload).await {
+        tracing::debug!(error = %error, "cannot tell the other replicas about sync health");
+    }
+}
 
 /// An id for this process, unique among replicas: host, process id and start time.
 pub fn replica_id() -> String {
@@ -135,7 +149,7 @@ impl ChangeFeed {
         };
         let mut listener = PgListener::connect_with(pool).await?;
         listener
-            .listen_all([ENTITLEMENTS_CHANNEL, USAGE_CHANNEL])
+            .listen_all([ENTITLEMENTS_CHANNEL, USAGE_CHANNEL, HEALTH_CHANNEL])
             .await?;
         Ok(Some(Self { listener }))
     }
@@ -186,6 +200,10 @@ pub async fn follow_changes(
                 match notification.channel() {
                     ENTITLEMENTS_CHANNEL if payload == "*" => entitlements.invalidate_all(),
                     ENTITLEMENTS_CHANNEL => entitlements.invalidate(payload),
+                    HEALTH_CHANNEL => match payload.strip_prefix("ok ").map(str::parse::<i64>) {
+                        Some(Ok(at)) => entitlements.health.confirmed(at),
+                        _ => entitlements.health.failed(),
+                    },
                     USAGE_CHANNEL => match metering.hear(payload, seen.as_ref()) {
                         Heard::Counted => metrics.inc(
                             "billsync_usage_notifications_total",

@@ -243,6 +243,19 @@ impl Db {
         Ok(())
     }
 
+    /// Tells every replica listening on `channel` (PostgreSQL `NOTIFY`); nothing on SQLite,
+    /// whose one process has no one to tell.
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        if let Self::Postgres(pool) = self {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(channel)
+                .bind(payload)
+                .execute(pool)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// One round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         on_pool!(self, |pool| sqlx::query("SELECT 1")

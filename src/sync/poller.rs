@@ -36,6 +36,7 @@ impl Poller {
         loop {
             if let Err(error) = self.step().await {
                 self.health.failed();
+                crate::cluster::tell_health(&self.db, None).await;
                 tracing::warn!(error = %error, "events poller failed; retrying next interval");
             }
             tokio::select! {

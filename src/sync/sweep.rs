@@ -41,6 +41,7 @@ impl Sweep {
             }
             if let Err(error) = self.step().await {
                 self.health.failed();
+                crate::cluster::tell_health(&self.db, None).await;
                 tracing::warn!(error = %error, "drift sweep failed; retrying next interval");
             }
         }
@@ -118,6 +119,11 @@ impl Sweep {
         self.health.confirmed(started);
         let changed = queued.len();
         self.db.inbox().insert(&queued, now_ms()).await?;
+        self.db
+            .sync_state()
+            .set(crate::cluster::CONFIRMED_AT, &started.to_string(), now_ms())
+            .await?;
+        crate::cluster::tell_health(&self.db, Some(started)).await;
         self.db
             .sync_state()
             .set(LAST_RUN, &now_ms().to_string(), now_ms())
