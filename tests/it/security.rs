@@ -67,7 +67,12 @@ async fn a_key_scoped_to_one_tenant_gets_404_for_another_on_every_tenant_route(b
 
 async fn every_route_refuses_a_body_over_the_limit(backend: Backend) {
     let app = scoped_service(backend).await;
-    assert!(app.put_tenant("alpha", json!({})).await.status().is_success());
+    assert!(
+        app.put_tenant("alpha", json!({}))
+            .await
+            .status()
+            .is_success()
+    );
     // api.max_body_bytes (4096 here), but larger fixed limits for usage batches and webhooks.
     let limit = |path: &str| match path {
         "/v1/usage" => 32 * 1024 * 1024,
