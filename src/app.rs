@@ -251,6 +251,19 @@ pub async fn refresh_gauges(state: &AppState) {
         if let Some(vendor) = &state.vendor {
             state.pusher(vendor.clone()).record_backlog().await?;
         }
+        let (pushes, oldest) = state.db.usage().pending_pushes().await?;
+        metrics.set(
+            "billsync_usage_pushes_pending",
+            "Meter events planned and not yet taken by the vendor (first send or a retry).",
+            &[],
+            pushes as f64,
+        );
+        metrics.set(
+            "billsync_usage_oldest_pending_push_seconds",
+            "Age of the oldest meter event not yet taken by the vendor.",
+            &[],
+            age(oldest),
+        );
         if let Some(findings) = state.db.reconciliations().latest_findings().await? {
             metrics.set(
                 "billsync_reconciliation_open_findings",

@@ -170,9 +170,11 @@ pub async fn follow_changes(
     let mut resync = false;
     while !shutdown.is_cancelled() {
         if resync {
-            entitlements.invalidate_all();
+            // Models are dropped only once the database answers again: while it is down nothing
+            // can change, and warm tenants keep being answered from memory.
             match metering.rebuild().await {
                 Ok((replayed, snapshot)) => {
+                    entitlements.invalidate_all();
                     tracing::info!(
                         replayed,
                         "usage counters rebuilt after a missed notification"

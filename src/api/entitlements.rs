@@ -100,6 +100,16 @@ async fn check_one(
     record: Option<&RecordIn>,
 ) -> Result<CheckOut, ApiError> {
     let entitlements = &state.entitlements;
+    // A record's timestamp is checked whatever the answer, not only when it is recorded.
+    if let Some(timestamp) = record.and_then(|r| r.timestamp.as_deref())
+        && chrono::DateTime::parse_from_rfc3339(timestamp).is_err()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_record",
+            format!("record.timestamp `{timestamp}` is not an RFC 3339 date-time"),
+        )
+        .with_field("record.timestamp"));
+    }
     if record.is_none() {
         // The hot path: a warm tenant is answered from memory.
         if let Some(decision) = entitlements.check_warm(tenant, feature, quantity, now_ms()) {
@@ -269,8 +279,10 @@ pub async fn check_batch(
             let record = check.record.as_ref();
             check_one(&state, &check.tenant_id, &check.feature, quantity, record)
                 .await
-                .map_err(|e| match e.field.as_deref() {
-                    Some("record") => e.with_field(format!("checks[{i}].record")),
+                .map_err(|e| match e.field.clone() {
+                    Some(field) if field.starts_with("record") => {
+                        e.with_field(format!("checks[{i}].{field}"))
+                    }
                     _ => e,
                 })?
         } else {

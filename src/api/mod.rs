@@ -215,6 +215,11 @@ pub fn router(state: AppState) -> Router {
                             "response"
                         );
                     },
+                )
+                // The metrics middleware already logs every 4xx and 5xx once, with its request
+                // id; tower-http's own error line would repeat it without one.
+                .on_failure(
+                    tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
                 ),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))

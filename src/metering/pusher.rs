@@ -63,8 +63,11 @@ impl Pusher {
                 () = tokio::time::sleep(self.interval) => {}
             }
             match self.step().await {
-                Ok(report) if report != PushReport::default() => {
+                Ok(report) if report.sent + report.rejected + report.expired > 0 => {
                     tracing::info!(?report, "usage pushed")
+                }
+                Ok(report) if report != PushReport::default() => {
+                    tracing::debug!(?report, "usage push pass: nothing taken yet")
                 }
                 Ok(_) => {}
                 Err(error) => {

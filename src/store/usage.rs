@@ -386,6 +386,18 @@ impl<'a> Usage<'a> {
         Ok(rows)
     }
 
+    /// How many pushes wait to be sent (first time or again), and when the oldest was planned.
+    pub async fn pending_pushes(&self) -> Result<(i64, Option<i64>), StoreError> {
+        let row = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (i64, Option<i64>)>(
+                "SELECT COUNT(*), MIN(created_at) FROM usage_pushes WHERE status = 'pending'",
+            )
+            .fetch_one(pool)
+            .await
+        })?;
+        Ok(row)
+    }
+
     /// Settles a push: `sent`, `rejected` (the vendor refused it) or `pending` again (retry).
     pub async fn settle_push(
         &self,

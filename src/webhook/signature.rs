@@ -75,7 +75,8 @@ pub fn verify<'a>(
     if signatures.is_empty() {
         return Err(SignatureError::Malformed);
     }
-    if (now_secs - timestamp).abs() > tolerance_secs {
+    // In i128: `t` is the sender's, and `now - t` can overflow i64.
+    if (i128::from(now_secs) - i128::from(timestamp)).abs() > i128::from(tolerance_secs) {
         return Err(SignatureError::Stale);
     }
     let mut matched = subtle::Choice::from(0);
@@ -175,5 +176,30 @@ mod tests {
             verify(Some(&good), body, &[], 300, NOW).unwrap_err(),
             SignatureError::NoSecrets
         );
+    }
+
+    /// Found by `fuzz/fuzz_targets/stripe_signature.rs`: `now - t` overflowed i64, a panic with
+    /// overflow checks; in release `t = now - 2^63` wrapped to `i64::MIN`, whose `abs()` is
+    /// negative and so passed the tolerance check.
+    #[test]
+    fn extreme_timestamps_are_stale_not_an_overflow() {
+        let body = br#"{"id":"evt_1"}"#;
+        let s = secrets(&["whsec_a"]);
+        for t in [i64::MIN, i64::MIN + NOW, i64::MAX] {
+            let signed = header("whsec_a", t, body);
+            assert_eq!(
+                verify(Some(&signed), body, &s, 300, NOW).unwrap_err(),
+                SignatureError::Stale,
+                "t={t}"
+            );
+        }
+        let good = header("whsec_a", NOW, body);
+        for now in [i64::MIN, i64::MAX] {
+            assert_eq!(
+                verify(Some(&good), body, &s, i64::MAX, now).is_ok(),
+                now == i64::MAX,
+                "now={now}"
+            );
+        }
     }
 }
