@@ -8,6 +8,7 @@ use crate::helpers::{
 };
 
 on_both_backends!(
+    a_bad_record_timestamp_is_refused_whatever_the_answer,
     the_catalog_plan_grants_features_and_quotas_that_usage_uses_up,
     product_metadata_sets_the_quota_and_a_customer_override_wins,
     subscription_statuses_decide_access,
@@ -541,5 +542,30 @@ async fn the_answer_changes_when_a_past_due_grace_runs_out(backend: Backend) {
         check(&app, "grace", json!({"feature": "api_calls"})).await["limit"] == 10
     })
     .await;
+    app.stop().await;
+}
+
+async fn a_bad_record_timestamp_is_refused_whatever_the_answer(backend: Backend) {
+    let app = service(backend).await;
+    for timestamp in ["", "yesterday", "2026-13-01T00:00:00Z"] {
+        let response = app
+            .v1(
+                reqwest::Method::POST,
+                "/v1/tenants/nobody/entitlements/check",
+            )
+            .json(&json!({"feature": "sso", "record": {"id": "r1", "timestamp": timestamp}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_of(response).await,
+            (
+                400,
+                "invalid_record".to_owned(),
+                Some("record.timestamp".to_owned())
+            ),
+            "{timestamp:?}"
+        );
+    }
     app.stop().await;
 }
