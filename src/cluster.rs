@@ -139,6 +139,7 @@ pub async fn with_lease<F, Fut>(
 /// that no change falls between the two.
 pub struct ChangeFeed {
     listener: PgListener,
+    pool: sqlx::PgPool,
 }
 
 impl ChangeFeed {
@@ -147,11 +148,24 @@ impl ChangeFeed {
         let Db::Postgres(pool) = db else {
             return Ok(None);
         };
+        Ok(Some(Self {
+            listener: Self::listen(pool).await?,
+            pool: pool.clone(),
+        }))
+    }
+
+    async fn listen(pool: &sqlx::PgPool) -> Result<PgListener, StoreError> {
         let mut listener = PgListener::connect_with(pool).await?;
         listener
             .listen_all([ENTITLEMENTS_CHANNEL, USAGE_CHANNEL, HEALTH_CHANNEL])
             .await?;
-        Ok(Some(Self { listener }))
+        Ok(listener)
+    }
+
+    /// A new `LISTEN` connection, listening before anything is read again.
+    async fn reopen(&mut self) -> Result<(), StoreError> {
+        self.listener = Self::listen(&self.pool).await?;
+        Ok(())
     }
 }
 
@@ -170,9 +184,14 @@ pub async fn follow_changes(
     let mut resync = false;
     while !shutdown.is_cancelled() {
         if resync {
+            // Listen again first, then read: nothing another replica commits falls in between.
             // Models are dropped only once the database answers again: while it is down nothing
             // can change, and warm tenants keep being answered from memory.
-            match metering.rebuild().await {
+            let rebuilt = match feed.reopen().await {
+                Ok(()) => metering.rebuild().await,
+                Err(error) => Err(error),
+            };
+            match rebuilt {
                 Ok((replayed, snapshot)) => {
                     entitlements.invalidate_all();
                     tracing::info!(

@@ -391,7 +391,7 @@ impl Outbox {
         }
         match ending.status {
             "failed" => {
-                tracing::warn!(command_id = %command.command_id, kind = %command.kind, code = ending.error_code.as_deref().unwrap_or("-"), message = ending.message.as_deref().unwrap_or("-"), "command failed")
+                tracing::warn!(command_id = %command.command_id, kind = %command.kind, code = ending.error_code.as_deref().unwrap_or("-"), reason = ending.message.as_deref().unwrap_or("-"), "command failed")
             }
             "conflict" => {
                 tracing::warn!(command_id = %command.command_id, kind = %command.kind, "command not sent: the subscription changed at the vendor")

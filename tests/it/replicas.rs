@@ -170,3 +170,53 @@ async fn postgres_singleton_jobs_run_once_and_move_when_their_replica_dies() {
     .await;
     other.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_replica_that_lost_its_notifications_catches_up() {
+    let (a, b) = replica_pair().await;
+    onboard(&a, "lost", "cus_lost", "active").await;
+    wait_for("the plan on both", || async {
+        api_calls(&a, "lost").await["limit"] == 1000 && api_calls(&b, "lost").await["limit"] == 1000
+    })
+    .await;
+    let post = |from: usize| {
+        let events: Vec<Value> = (from..from + 10)
+            .map(|i| json!({"id": format!("l{i}"), "tenant_id": "lost", "meter": "calls", "quantity": "1"}))
+            .collect();
+        a.v1(reqwest::Method::POST, "/v1/usage")
+            .json(&json!({"events": events}))
+            .send()
+    };
+    assert_eq!(post(0).await.unwrap().status(), 200);
+    // Every replica's LISTEN connection is cut; usage keeps arriving meanwhile.
+    let TestDatabase::Postgres { name, .. } = &a.db else {
+        unreachable!("a PostgreSQL replica pair")
+    };
+    let mut url = reqwest::Url::parse(&postgres_admin_url()).unwrap();
+    url.set_path(name);
+    let pool = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let cut: Vec<(bool,)> = sqlx::query_as(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(cut.len(), 2, "one listener per replica");
+    for batch in 1..6 {
+        assert_eq!(post(batch * 10).await.unwrap().status(), 200);
+    }
+    wait_for("the other replica to count everything again", || async {
+        api_calls(&b, "lost").await["used"] == "60"
+    })
+    .await;
+    // It hears new usage again, too.
+    assert_eq!(post(60).await.unwrap().status(), 200);
+    wait_for("new usage heard", || async {
+        api_calls(&b, "lost").await["used"] == "70"
+    })
+    .await;
+    pool.close().await;
+    b.stop().await;
+    a.stop().await;
+}
