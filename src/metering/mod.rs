@@ -448,14 +448,16 @@ impl Metering {
     }
 
     /// Snapshots every `interval` until `shutdown`.
+    /// Snapshots at once (a replica that has just taken the lease may follow one that was
+    /// killed before its snapshot), then every `interval`, until `shutdown`.
     pub async fn run_snapshots(self, interval: Duration, shutdown: CancellationToken) {
         loop {
+            if let Err(error) = self.snapshot(now_ms()).await {
+                tracing::warn!(error = %error, "usage snapshot failed; retrying next interval");
+            }
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(interval) => {}
-            }
-            if let Err(error) = self.snapshot(now_ms()).await {
-                tracing::warn!(error = %error, "usage snapshot failed; retrying next interval");
             }
         }
     }

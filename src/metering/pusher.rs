@@ -33,8 +33,17 @@ const VENDOR_WINDOW_MS: i64 = 35 * 24 * 3_600_000;
 const WINDOW_MARGIN_MS: i64 = 3_600_000;
 /// Events planned per pass (a pass groups them all, so one group is one vendor call), pushes
 /// sent per pass.
-const PLAN_LIMIT: u32 = 250_000;
-const SEND_LIMIT: u32 = 1_000;
+/// Events planned per transaction: a pass plans in chunks, so that a pusher killed mid-pass
+/// keeps what it planned before.
+const PLAN_LIMIT: u32 = 20_000;
+/// Chunks planned per pass at most.
+const PLAN_CHUNKS: usize = 25;
+/// Pushes claimed at a time (well inside their claim of `CLAIM_MS`).
+const SEND_LIMIT: u32 = 64;
+/// Pushes sent at once: a slow vendor answer holds up one of them, not the pass.
+const SEND_CONCURRENCY: usize = 8;
+/// Pushes sent per pass at most.
+const SEND_PER_PASS: usize = 5_000;
 
 #[derive(Clone)]
 pub struct Pusher {
@@ -95,12 +104,26 @@ impl Pusher {
             .collect()
     }
 
+    /// Plans the unpushed events, a chunk (one transaction) at a time.
     async fn plan(&self, report: &mut PushReport) -> Result<(), SyncError> {
+        let meters = self.pushable_meters();
+        for _ in 0..PLAN_CHUNKS {
+            if self.plan_chunk(&meters, report).await? < PLAN_LIMIT as usize {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans up to [`PLAN_LIMIT`] events; returns how many it read.
+    async fn plan_chunk(
+        &self,
+        meters: &[String],
+        report: &mut PushReport,
+    ) -> Result<usize, SyncError> {
         let db = &self.metering.db;
-        let rows = db
-            .usage()
-            .unpushed(&self.pushable_meters(), PLAN_LIMIT)
-            .await?;
+        let rows = db.usage().unpushed(meters, PLAN_LIMIT).await?;
+        let read = rows.len();
         let window_ms = self.window.as_millis() as i64;
         let mut groups: BTreeMap<(String, String, i64), (String, Vec<UsageRow>)> = BTreeMap::new();
         for (row, customer) in rows {
@@ -177,57 +200,75 @@ impl Pusher {
         if !pushes.is_empty() {
             db.usage().plan_pushes(&pushes).await?;
         }
+        Ok(read)
+    }
+
+    /// Sends the due pushes, [`SEND_CONCURRENCY`] at a time, claiming [`SEND_LIMIT`] at once.
+    async fn send(&self, report: &mut PushReport) -> Result<(), StoreError> {
+        use futures_util::StreamExt;
+        let db = &self.metering.db;
+        let mut sent = 0;
+        while sent < SEND_PER_PASS {
+            let due = db
+                .usage()
+                .due_pushes(now_ms(), SEND_LIMIT, crate::store::CLAIM_MS)
+                .await?;
+            if due.is_empty() {
+                break;
+            }
+            sent += due.len();
+            let mut outcomes = futures_util::stream::iter(due)
+                .map(|push| self.send_one(push))
+                .buffer_unordered(SEND_CONCURRENCY);
+            while let Some(outcome) = outcomes.next().await {
+                match outcome? {
+                    "sent" => report.sent += 1,
+                    "rejected" => report.rejected += 1,
+                    _ => report.retrying += 1,
+                }
+            }
+        }
         Ok(())
     }
 
-    async fn send(&self, report: &mut PushReport) -> Result<(), StoreError> {
-        let db = &self.metering.db;
-        for push in db
-            .usage()
-            .due_pushes(now_ms(), SEND_LIMIT, crate::store::CLAIM_MS)
-            .await?
-        {
-            let event = MeterEvent {
-                event_name: push.event_name.clone(),
-                customer_id: push.customer_id.clone(),
-                value: push.value.clone(),
-                timestamp: push.timestamp,
-                identifier: push.push_id.clone(),
-            };
-            let (status, error, next) = match self.vendor.report_usage(&event).await {
-                Ok(()) => ("sent", None, now_ms()),
-                // Stripe keeps one event per identifier: a refusal for that reason means it has it.
-                Err(VendorError::Rejected { message, .. }) if is_duplicate_identifier(&message) => {
-                    ("sent", None, now_ms())
-                }
-                Err(error @ VendorError::Rejected { .. }) => {
-                    ("rejected", Some(error.to_string()), now_ms())
-                }
-                Err(error) => {
-                    let delay =
-                        crate::sync::applier::retry_delay(push.attempts, self.max_retry_delay);
-                    (
-                        "pending",
-                        Some(error.to_string()),
-                        now_ms() + delay.as_millis() as i64,
-                    )
-                }
-            };
-            match status {
-                "sent" => report.sent += 1,
-                "rejected" => report.rejected += 1,
-                _ => report.retrying += 1,
+    /// Sends one push and records the outcome: `sent`, `rejected` or `pending` (retry later).
+    async fn send_one(&self, push: PushRow) -> Result<&'static str, StoreError> {
+        let event = MeterEvent {
+            event_name: push.event_name.clone(),
+            customer_id: push.customer_id.clone(),
+            value: push.value.clone(),
+            timestamp: push.timestamp,
+            identifier: push.push_id.clone(),
+        };
+        let (status, error, next) = match self.vendor.report_usage(&event).await {
+            Ok(()) => ("sent", None, now_ms()),
+            // Stripe keeps one event per identifier: a refusal for that reason means it has it.
+            Err(VendorError::Rejected { message, .. }) if is_duplicate_identifier(&message) => {
+                ("sent", None, now_ms())
             }
-            self.metering.metrics.inc(
-                "billsync_usage_pushes_total",
-                "Meter events sent to the vendor, by outcome (pending: to be retried).",
-                &[("outcome", status)],
-            );
-            db.usage()
-                .settle_push(&push.push_id, status, error.as_deref(), next, now_ms())
-                .await?;
-        }
-        Ok(())
+            Err(error @ VendorError::Rejected { .. }) => {
+                ("rejected", Some(error.to_string()), now_ms())
+            }
+            Err(error) => {
+                let delay = crate::sync::applier::retry_delay(push.attempts, self.max_retry_delay);
+                (
+                    "pending",
+                    Some(error.to_string()),
+                    now_ms() + delay.as_millis() as i64,
+                )
+            }
+        };
+        self.metering.metrics.inc(
+            "billsync_usage_pushes_total",
+            "Meter events sent to the vendor, by outcome (pending: to be retried).",
+            &[("outcome", status)],
+        );
+        self.metering
+            .db
+            .usage()
+            .settle_push(&push.push_id, status, error.as_deref(), next, now_ms())
+            .await?;
+        Ok(status)
     }
 
     pub async fn record_backlog(&self) -> Result<(), StoreError> {
