@@ -315,6 +315,26 @@ async fn reload_on_sighup(state: AppState, shutdown: CancellationToken) {
     }
 }
 
+/// Runs the singleton job `job` on whichever replica holds the lease `name`.
+fn spawn_singleton<F, Fut>(
+    workers: &mut JoinSet<()>,
+    state: &AppState,
+    shutdown: &CancellationToken,
+    name: &'static str,
+    job: F,
+) where
+    F: Fn(CancellationToken) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    workers.spawn(crate::cluster::with_lease(
+        state.db.clone(),
+        name,
+        state.metrics.clone(),
+        shutdown.clone(),
+        job,
+    ));
+}
+
 /// Checkpoints the SQLite write-ahead log every second, off the request path.
 async fn checkpoints(db: Db, shutdown: CancellationToken) {
     loop {
@@ -391,48 +411,26 @@ pub async fn run(
     // Inbox rows and commands are claimed row by row: every replica works on them.
     workers.spawn(state.applier().run(shutdown.clone()));
     workers.spawn(checkpoints(db.clone(), shutdown.clone()));
-    let singleton =
-        |name: &'static str| (db.clone(), name, state.metrics.clone(), shutdown.clone());
-    let (lease_db, name, metrics, token) = singleton("snapshot");
     let metering = state.metering.clone();
     let snapshot_interval = settings.metering.snapshot_interval;
-    workers.spawn(crate::cluster::with_lease(
-        lease_db,
-        name,
-        metrics,
-        token,
-        move |token| metering.clone().run_snapshots(snapshot_interval, token),
-    ));
+    spawn_singleton(&mut workers, &state, &shutdown, "snapshot", move |token| {
+        metering.clone().run_snapshots(snapshot_interval, token)
+    });
     match &state.vendor {
         Some(vendor) => {
             tracing::info!(api_base = %settings.stripe.api_base, "Stripe API key configured: vendor sync is on");
-            let (lease_db, name, metrics, token) = singleton("poller");
             let (job_state, job_vendor) = (state.clone(), vendor.clone());
-            workers.spawn(crate::cluster::with_lease(
-                lease_db,
-                name,
-                metrics,
-                token,
-                move |token| job_state.poller(job_vendor.clone()).run(token),
-            ));
-            let (lease_db, name, metrics, token) = singleton("sweep");
+            spawn_singleton(&mut workers, &state, &shutdown, "poller", move |token| {
+                job_state.poller(job_vendor.clone()).run(token)
+            });
             let (job_state, job_vendor) = (state.clone(), vendor.clone());
-            workers.spawn(crate::cluster::with_lease(
-                lease_db,
-                name,
-                metrics,
-                token,
-                move |token| job_state.sweep(job_vendor.clone()).run(token),
-            ));
-            let (lease_db, name, metrics, token) = singleton("pusher");
+            spawn_singleton(&mut workers, &state, &shutdown, "sweep", move |token| {
+                job_state.sweep(job_vendor.clone()).run(token)
+            });
             let (job_state, job_vendor) = (state.clone(), vendor.clone());
-            workers.spawn(crate::cluster::with_lease(
-                lease_db,
-                name,
-                metrics,
-                token,
-                move |token| job_state.pusher(job_vendor.clone()).run(token),
-            ));
+            spawn_singleton(&mut workers, &state, &shutdown, "pusher", move |token| {
+                job_state.pusher(job_vendor.clone()).run(token)
+            });
             workers.spawn(state.outbox(vendor.clone()).run(shutdown.clone()));
         }
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
@@ -447,19 +445,12 @@ pub async fn run(
     }
 
     if let Some(interval) = settings.reconcile.interval {
-        let (lease_db, name, metrics, token) = singleton("reconcile");
         let (job_state, window) = (state.clone(), settings.reconcile.window);
-        workers.spawn(crate::cluster::with_lease(
-            lease_db,
-            name,
-            metrics,
-            token,
-            move |token| {
-                job_state
-                    .reconciler()
-                    .run_scheduled(interval, window, token)
-            },
-        ));
+        spawn_singleton(&mut workers, &state, &shutdown, "reconcile", move |token| {
+            job_state
+                .reconciler()
+                .run_scheduled(interval, window, token)
+        });
     }
 
     #[cfg(unix)]

@@ -156,15 +156,7 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
         "the plan change came through the sweep: {sources:?}"
     );
     // Webhooks and the poller race for the same events; whichever stores one first wins.
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("billsync_webhooks_received_total{outcome="),
         "localstripe's webhooks arrived: {metrics}"

@@ -153,6 +153,18 @@ impl TestApp {
         Self::start(settings, db).await
     }
 
+    /// The Prometheus text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// A second `serve` on the same (PostgreSQL) database, with the same settings.
     pub async fn replica(&self) -> Self {
         Self::start(self.settings.clone(), TestDatabase::Shared).await

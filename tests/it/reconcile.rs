@@ -553,15 +553,7 @@ async fn every_kind_of_finding_is_listed_once_and_nothing_else(backend: Backend)
     assert_eq!(rest["items"].as_array().unwrap().len(), 5);
     assert_eq!(rest["next_cursor"], Value::Null);
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("billsync_reconciliation_open_findings"),
         "{metrics}"

@@ -124,16 +124,8 @@ async fn postgres_hard_limits_hold_across_replicas() {
 
 /// The replicas' `billsync_lease_held` for `lease`.
 async fn holds(app: &TestApp, lease: &str) -> bool {
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
+    app.metrics()
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
         .lines()
         .any(|l| l == format!("billsync_lease_held{{lease=\"{lease}\"}} 1"))
 }

@@ -121,15 +121,7 @@ async fn bad_signatures_are_refused_and_store_nothing(backend: Backend) {
         counts,
         json!({"pending": 0, "failed": 0, "applied": 0, "skipped": 0, "oldest_waiting_at": null})
     );
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains(r#"billsync_webhooks_rejected_total{reason="bad_signature"} 2"#),
         "{metrics}"
