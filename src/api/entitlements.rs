@@ -35,7 +35,7 @@ pub struct CheckIn {
     pub record: Option<RecordIn>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecordIn {
     /// The usage event id: a repeated id is recorded once.
@@ -144,10 +144,7 @@ async fn check_one(
         feature.to_owned(),
         meter.clone(),
     );
-    let record = RecordIn {
-        id: record.id.clone(),
-        timestamp: record.timestamp.clone(),
-    };
+    let record = record.clone();
     tokio::spawn(async move {
         record_within_limit(&state, &tenant, &feature, &meter, quantity, &record, &model).await
     })

@@ -477,6 +477,7 @@ impl Metering {
         if self.db.backend() == Backend::Sqlite {
             return Ok(None);
         }
+        // On PostgreSQL `None` only means no usage yet.
         let figure = self
             .db
             .usage()

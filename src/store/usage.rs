@@ -85,7 +85,7 @@ impl<'a> Usage<'a> {
         payloads: &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
     ) -> Result<Vec<bool>, StoreError> {
         let notify = self.db.backend() == super::Backend::Postgres;
-        let inserted: std::collections::HashSet<(String, String)> = on_pool!(self.db, |pool| {
+        let new: Vec<bool> = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
             let mut inserted = std::collections::HashSet::with_capacity(rows.len());
             for chunk in rows.chunks(CHUNK) {
@@ -112,12 +112,17 @@ impl<'a> Usage<'a> {
                     query.build_query_as().fetch_all(&mut *tx).await?;
                 inserted.extend(keys);
             }
+            let new: Vec<bool> = rows
+                .iter()
+                .map(|r| inserted.contains(&(r.tenant_id.clone(), r.event_id.clone())))
+                .collect();
             if notify && !inserted.is_empty() {
-                let new: Vec<&UsageRow> = rows
+                let stored: Vec<&UsageRow> = rows
                     .iter()
-                    .filter(|r| inserted.contains(&(r.tenant_id.clone(), r.event_id.clone())))
+                    .zip(&new)
+                    .filter_map(|(row, new)| new.then_some(row))
                     .collect();
-                let payloads = payloads(&new);
+                let payloads = payloads(&stored);
                 for chunk in payloads.chunks(CHUNK) {
                     let mut query = sqlx::QueryBuilder::new(
                         "SELECT pg_notify('billsync_usage', pg_current_xact_id()::text || ' ' || p) \
@@ -131,12 +136,9 @@ impl<'a> Usage<'a> {
                 }
             }
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(inserted)
+            Ok::<_, sqlx::Error>(new)
         })?;
-        Ok(rows
-            .iter()
-            .map(|r| inserted.contains(&(r.tenant_id.clone(), r.event_id.clone())))
-            .collect())
+        Ok(new)
     }
 
     /// Everything the usage counters are rebuilt from, read at one instant: the snapshot

@@ -16,6 +16,7 @@ use crate::helpers::{
 };
 
 on_both_backends!(
+    a_run_whose_runner_stopped_is_marked_failed,
     every_kind_of_finding_is_listed_once_and_nothing_else,
     a_clean_period_gives_an_empty_report,
     drift_is_reported_and_repaired_unless_dry_run,
@@ -801,5 +802,52 @@ async fn the_vendors_meter_totals_are_compared(backend: Backend) {
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     assert_eq!(query["customer"], customer);
+    app.stop().await;
+}
+
+/// A run left `running` by a process that stopped: SQLite's next `serve` fails it at start; on
+/// PostgreSQL, where another replica may still be running it, only once it has been silent for
+/// 30 s. A run that is still beating is left alone.
+async fn a_run_whose_runner_stopped_is_marked_failed(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let db = billsync::store::Db::connect(&app.settings.database)
+        .await
+        .unwrap();
+    let now = billsync::store::now_ms();
+    let run = |id: &str, started_at: i64| billsync::store::RunRow {
+        run_id: id.to_owned(),
+        period_from: 0,
+        period_to: now,
+        tenant_id: None,
+        dry_run: true,
+        trigger: "api".to_owned(),
+        status: "running".to_owned(),
+        summary: None,
+        error: None,
+        started_at,
+        finished_at: None,
+    };
+    let runs = db.reconciliations();
+    runs.start(&run("rec_silent", now - 60_000)).await.unwrap();
+    runs.start(&run("rec_beating", now - 60_000)).await.unwrap();
+    runs.beat("rec_beating", now).await.unwrap();
+    db.close().await;
+
+    let app = app.restart().await;
+    let status = |id: &'static str| {
+        let app = &app;
+        async move {
+            app.get_json(&format!("/v1/reconciliations/{id}")).await["status"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    assert_eq!(status("rec_silent").await, "failed");
+    let beating = match backend {
+        Backend::Sqlite => "failed",
+        Backend::Postgres => "running",
+    };
+    assert_eq!(status("rec_beating").await, beating);
     app.stop().await;
 }
