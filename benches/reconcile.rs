@@ -55,6 +55,7 @@ fn object(kind: &str, id: &str, customer: &str, created: i64, payload: serde_jso
             version: 1,
             deleted: false,
             payload: payload.to_string(),
+            periods: Vec::new(),
         },
         claim: None,
         event_ids: Vec::new(),

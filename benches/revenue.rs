@@ -55,6 +55,7 @@ async fn seed(state: &AppState, tenants: usize) {
                     version: 1,
                     deleted: false,
                     payload: payload.to_string(),
+                    periods: Vec::new(),
                 },
                 claim: None,
                 event_ids: Vec::new(),

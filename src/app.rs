@@ -98,6 +98,7 @@ impl AppState {
             writer: Arc::default(),
             gate: Arc::default(),
             origin: crate::cluster::replica_id().into(),
+            record_locks: Arc::default(),
         };
         let plans =
             PlanCatalog::from_catalog(&metering.catalog).map_err(|message| CatalogError {
@@ -387,6 +388,8 @@ pub async fn run(
     {
         state.entitlements.health.confirmed(at);
     }
+
+    crate::sync::seed_billing_periods(&db).await?;
 
     // Listen first, then read: no other replica's change falls between the two.
     let feed = crate::cluster::ChangeFeed::open(&db).await?;

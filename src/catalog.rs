@@ -22,6 +22,14 @@ pub enum Aggregation {
     Last,
 }
 
+impl Aggregation {
+    /// Whether the meter's figure for a period is one value over the whole period (pushed as
+    /// the period's running value), rather than a sum of its events' parts (pushed as deltas).
+    pub fn is_period_value(self) -> bool {
+        matches!(self, Self::Max | Self::UniqueCount | Self::Last)
+    }
+}
+
 /// A meter: what usage events name in `meter`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meter {

@@ -94,6 +94,7 @@ pub async fn link_customers(db: &Db, count: usize) {
                 payload: serde_json::json!({"id": format!("cus_{t}"), "object": "customer",
                     "metadata": {"tenant_id": format!("t{t}")}})
                 .to_string(),
+                periods: Vec::new(),
             },
             claim: Some(billsync::store::TenantClaim {
                 tenant_id: format!("t{t}"),

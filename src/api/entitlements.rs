@@ -20,6 +20,7 @@ use crate::domain::TenantId;
 use crate::domain::rfc3339;
 use crate::entitlements::model::Grant;
 use crate::entitlements::{Decision, TenantModel};
+use crate::metering::Recorded;
 use crate::store::now_ms;
 
 /// Most checks in one batch call.
@@ -152,9 +153,9 @@ async fn check_one(
     .map_err(|e| ApiError::internal(&e))?
 }
 
-/// The recording half of check-and-record, under a lock per tenant and meter: this process's
-/// and, on PostgreSQL (several replicas may record), the database's, with `used` read from the
-/// usage log so that what other replicas recorded counts too.
+/// The recording half of check-and-record: the record is stored only when the quota allows
+/// it, with `used` read from the usage log under one lock per tenant and meter, so that what
+/// other requests and replicas recorded counts too and the last unit goes once.
 async fn record_within_limit(
     state: &AppState,
     tenant: &str,
@@ -165,64 +166,50 @@ async fn record_within_limit(
     model: &TenantModel,
 ) -> Result<CheckOut, ApiError> {
     let entitlements = &state.entitlements;
-    let lock = entitlements.record_lock(tenant, meter);
-    let _turn = lock.lock().await;
-    let shared = state
-        .db
-        .xact_lock(&format!("record:{tenant}/{meter}"))
-        .await?;
-    let used = state
+    let mut event = json!({"id": record.id, "tenant_id": tenant, "meter": meter, "quantity": quantity.to_string()});
+    if let Some(timestamp) = &record.timestamp {
+        event["timestamp"] = json!(timestamp);
+    }
+    // `None` from the log is no usage yet.
+    let decide = |quantity, used: Option<Decimal>| {
+        let used = Some(used.unwrap_or_default());
+        entitlements.decide_with_used(model, feature, quantity, now_ms(), used)
+    };
+    let recorded = state
         .metering
-        .exact_usage(tenant, meter, model.period)
+        .record_checked(&event, now_ms(), model.period, |used| {
+            decide(quantity, used).allowed
+        })
         .await?;
-    let decide =
-        |quantity, used| entitlements.decide_with_used(model, feature, quantity, now_ms(), used);
-    let out = if state.db.usage().exists(tenant, &record.id).await? {
-        let mut decision = decide(Decimal::ZERO, used);
-        decision.allowed = true;
-        decision.reason = "ok";
-        CheckOut {
-            decision,
-            recorded: Some(true),
+    let (decision, recorded) = match recorded {
+        Recorded::Invalid(rejection) => {
+            return Err(
+                ApiError::bad_request("invalid_record", rejection.message).with_field("record")
+            );
         }
-    } else {
-        let decision = decide(quantity, used);
-        if !decision.allowed {
-            CheckOut {
-                decision,
-                recorded: Some(false),
-            }
-        } else {
-            let mut event = json!({"id": record.id, "tenant_id": tenant, "meter": meter, "quantity": quantity.to_string()});
-            if let Some(timestamp) = &record.timestamp {
-                event["timestamp"] = json!(timestamp);
-            }
-            let outcome = state.metering.ingest(&[event], now_ms()).await?;
-            if let Some(rejection) = outcome.rejected.first() {
-                return Err(
-                    ApiError::bad_request("invalid_record", rejection.message.clone())
-                        .with_field("record"),
-                );
-            }
-            // `used` as it stands after this record.
-            let used = state
-                .metering
-                .exact_usage(tenant, meter, model.period)
-                .await?;
-            CheckOut {
-                decision: Decision {
-                    allowed: true,
-                    reason: "ok",
-                    ..decide(Decimal::ZERO, used)
-                },
-                recorded: Some(true),
-            }
+        Recorded::Existing { used } => {
+            let decision = Decision {
+                allowed: true,
+                reason: "ok",
+                ..decide(Decimal::ZERO, used)
+            };
+            (decision, true)
+        }
+        Recorded::Refused { used } => (decide(quantity, used), false),
+        // `used` as it stands after this record.
+        Recorded::Stored { after, .. } => {
+            let decision = Decision {
+                allowed: true,
+                reason: "ok",
+                ..decide(Decimal::ZERO, after)
+            };
+            (decision, true)
         }
     };
-    if let Some(shared) = shared {
-        shared.release().await?;
-    }
-    Ok(out)
+    Ok(CheckOut {
+        decision,
+        recorded: Some(recorded),
+    })
 }
 
 pub async fn check(

@@ -26,15 +26,21 @@ pub struct SubscriptionItem {
     pub quantity: Option<Decimal>,
 }
 
+/// How strongly a subscription status says "this is the tenant's subscription now": 0 for one
+/// that has ended.
+pub fn liveness_of(status: &str) -> u8 {
+    match status {
+        "active" | "trialing" | "past_due" => 3,
+        "paused" | "unpaid" | "incomplete" => 2,
+        "canceled" | "incomplete_expired" => 0,
+        _ => 1,
+    }
+}
+
 impl Subscription {
-    /// How strongly a status says "this is the tenant's subscription now", for picking one.
+    /// How strongly its status says "this is the tenant's subscription now", for picking one.
     pub fn liveness(&self) -> u8 {
-        match self.status.as_str() {
-            "active" | "trialing" | "past_due" => 3,
-            "paused" | "unpaid" | "incomplete" => 2,
-            "canceled" | "incomplete_expired" => 0,
-            _ => 1,
-        }
+        liveness_of(&self.status)
     }
 
     /// Orders subscriptions for picking "the" tenant's one: the liveliest, newest among equals
@@ -93,4 +99,23 @@ pub struct Payment {
     pub invoice: Option<String>,
     pub payment_intent: Option<String>,
     pub created: Option<i64>,
+}
+
+/// A billing period as the vendor stated it: a subscription's current period, or the usage
+/// period an invoice bills. Kept after the period ends, so that late usage finds its period.
+/// Times are Unix seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BillingPeriod {
+    pub subscription_id: String,
+    pub start: i64,
+    pub end: i64,
+    /// The subscription's status, when the period comes from the subscription.
+    pub subscription_status: Option<String>,
+    /// The invoice billing the period's usage and its status, when it comes from an invoice.
+    pub invoice: Option<(String, String)>,
+}
+
+/// Whether an invoice in this status can no longer take usage (Stripe finalized it).
+pub fn invoice_is_final(status: &str) -> bool {
+    matches!(status, "open" | "paid" | "uncollectible" | "void")
 }

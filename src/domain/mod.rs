@@ -4,7 +4,10 @@ pub mod billing;
 mod tenant;
 mod time;
 
-pub use billing::{Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem};
+pub use billing::{
+    BillingPeriod, Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem, invoice_is_final,
+    liveness_of,
+};
 pub use tenant::{Email, TenantId, TenantName};
 pub use time::{parse_time, rfc3339, rfc3339_secs};
 

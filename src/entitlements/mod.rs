@@ -177,8 +177,6 @@ impl Decision {
     };
 }
 
-type RecordLock = Arc<tokio::sync::Mutex<()>>;
-
 #[derive(Clone)]
 pub struct Entitlements {
     pub db: Db,
@@ -192,8 +190,6 @@ pub struct Entitlements {
     models: Arc<RwLock<HashMap<String, Arc<TenantModel>>>>,
     /// The latest metadata values that could not be read, by tenant (for `/v1/sync/status`).
     invalid: Arc<Mutex<BTreeMap<String, Vec<String>>>>,
-    /// Serialises check-and-record per tenant and meter, so the last unit goes once.
-    record_locks: Arc<Mutex<HashMap<(String, String), RecordLock>>>,
     /// Counts invalidations: a model computed while one happened may predate it and is not
     /// kept.
     generation: Arc<std::sync::atomic::AtomicU64>,
@@ -217,7 +213,6 @@ impl Entitlements {
             vendor_configured,
             models: Arc::default(),
             invalid: Arc::default(),
-            record_locks: Arc::default(),
             generation: Arc::default(),
         }
     }
@@ -554,14 +549,5 @@ impl Entitlements {
         let models = self.models.read().expect("models lock");
         let model = models.get(tenant).filter(|m| now < m.expires_at)?;
         Some(self.decide(model, feature, quantity, now))
-    }
-
-    /// The lock that makes check-and-record atomic for one tenant and meter.
-    pub fn record_lock(&self, tenant: &str, meter: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.record_locks.lock().expect("record locks");
-        locks
-            .entry((tenant.to_owned(), meter.to_owned()))
-            .or_default()
-            .clone()
     }
 }

@@ -1,18 +1,28 @@
 //! The pusher: carries accepted usage to Stripe's billing meters exactly once.
 //!
 //! Each pass first *plans*: the unpushed events of tenants that have a Stripe customer are
-//! grouped per tenant, meter and window (`metering.push_window`), and each group becomes a push
-//! row whose identifier is derived from its events, written in the same transaction that ties
-//! the events to it. Then it *sends* every pending push with that identifier (also its
-//! idempotency key). A crash after the send and before the record re-sends the same identifier,
-//! which Stripe keeps once; usage arriving late for a window already pushed forms a new group
-//! with a new identifier, a delta.
+//! grouped per tenant, meter, billing period and window (`metering.push_window`), and each
+//! group becomes a push row whose identifier is derived from its events, written in the same
+//! transaction that ties the events to it: all or nothing, so that a planner finding any of
+//! its events already tied (another planner, one that lost its lease, got there first) writes
+//! nothing. Then it *sends* every pending push with that identifier (also its idempotency
+//! key). A crash after the send and before the record re-sends the same identifier, which
+//! Stripe keeps once; usage arriving late for a window already pushed forms a new group with a
+//! new identifier, a delta.
+//!
+//! Periods (see [`super::periods`]): usage goes into the billing period it happened in, never
+//! into another. A group never spans two periods and its meter event is timestamped inside its
+//! period. Usage past the last known period of a live subscription waits until billsync hears
+//! of the renewal; usage of a period whose invoice is final is reported (`invoice_final`), not
+//! sent.
 //!
 //! Values: `sum` meters push the group's total and `count` meters its number of events (the
-//! Stripe meter sums both). `max`, `unique_count` and `last` meters push the running value for
-//! the billing period so far (the Stripe meter takes the last value: formula `last`).
+//! Stripe meter sums both). `max`, `unique_count` and `last` meters push the period's value,
+//! computed from the usage log over the period's exact bounds (never from the counters, which
+//! may not have heard of another replica's usage yet), stamped as late in the period as now
+//! allows, so that Stripe's `last` takes it over any earlier push.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +31,9 @@ use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::{Metering, billing_period};
-use crate::catalog::Aggregation;
-use crate::store::{PushRow, StoreError, UsageRow, now_ms};
+use super::Metering;
+use super::periods::{self, Period, Standing, TenantPeriods};
+use crate::store::{PushRow, StoreError, UnpushedKey, UsageRow, now_ms};
 use crate::sync::SyncError;
 use crate::vendor::{BillingVendor, MeterEvent, VendorError};
 
@@ -31,8 +41,6 @@ use crate::vendor::{BillingVendor, MeterEvent, VendorError};
 const VENDOR_WINDOW_MS: i64 = 35 * 24 * 3_600_000;
 /// Keep clear of the edge of that window.
 const WINDOW_MARGIN_MS: i64 = 3_600_000;
-/// Events planned per pass (a pass groups them all, so one group is one vendor call), pushes
-/// sent per pass.
 /// Events planned per transaction: a pass plans in chunks, so that a pusher killed mid-pass
 /// keeps what it planned before.
 const PLAN_LIMIT: u32 = 20_000;
@@ -59,9 +67,54 @@ pub struct Pusher {
 pub struct PushReport {
     pub planned: usize,
     pub expired: usize,
+    /// Pushes of periods whose invoice was already final: reported, not sent.
+    pub invoiced: usize,
+    /// Events left for a renewal billsync has not heard of yet.
+    pub waiting: usize,
+    /// Chunks another planner had tied some events of first: nothing written.
+    pub lost: usize,
     pub sent: usize,
     pub rejected: usize,
     pub retrying: usize,
+}
+
+/// Pushes planned from a chunk of unpushed events, not written yet.
+#[derive(Debug, Clone, Default)]
+pub struct PlannedChunk {
+    pushes: Vec<(PushRow, Vec<(String, String)>)>,
+    /// Events read.
+    read: usize,
+    /// Events left waiting for their period.
+    waiting: usize,
+    /// Where the read ended: the next chunk of the pass starts after it.
+    last: Option<UnpushedKey>,
+}
+
+impl PlannedChunk {
+    /// The pushes, each with the events it carries.
+    pub fn pushes(&self) -> impl Iterator<Item = (&PushRow, usize)> {
+        self.pushes
+            .iter()
+            .map(|(push, events)| (push, events.len()))
+    }
+
+    fn count(&self, report: &mut PushReport) {
+        for (push, _) in &self.pushes {
+            match push.status.as_str() {
+                "expired" => report.expired += 1,
+                "invoice_final" => report.invoiced += 1,
+                _ => report.planned += 1,
+            }
+        }
+    }
+}
+
+/// Unpushed events that go into one push: one tenant's, of one meter, in one billing period
+/// and (for meters that sum) one window.
+struct Group {
+    customer: String,
+    period: Period,
+    events: Vec<UsageRow>,
 }
 
 impl Pusher {
@@ -71,8 +124,10 @@ impl Pusher {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(self.interval) => {}
             }
-            match self.step().await {
-                Ok(report) if report.sent + report.rejected + report.expired > 0 => {
+            match self.pass(&shutdown).await {
+                Ok(report)
+                    if report.sent + report.rejected + report.expired + report.invoiced > 0 =>
+                {
                     tracing::info!(?report, "usage pushed")
                 }
                 Ok(report) if report != PushReport::default() => {
@@ -88,9 +143,15 @@ impl Pusher {
 
     /// Plans what is new, then sends what is pending.
     pub async fn step(&self) -> Result<PushReport, SyncError> {
+        self.pass(&CancellationToken::new()).await
+    }
+
+    /// One pass, which stops between chunks and batches once `stop` is cancelled (the lease
+    /// was lost, or the service is stopping).
+    async fn pass(&self, stop: &CancellationToken) -> Result<PushReport, SyncError> {
         let mut report = PushReport::default();
-        self.plan(&mut report).await?;
-        self.send(&mut report).await?;
+        self.plan(&mut report, stop).await?;
+        self.send(&mut report, stop).await?;
         self.record_backlog().await?;
         Ok(report)
     }
@@ -105,110 +166,199 @@ impl Pusher {
     }
 
     /// Plans the unpushed events, a chunk (one transaction) at a time.
-    async fn plan(&self, report: &mut PushReport) -> Result<(), SyncError> {
+    async fn plan(
+        &self,
+        report: &mut PushReport,
+        stop: &CancellationToken,
+    ) -> Result<(), SyncError> {
         let meters = self.pushable_meters();
+        let mut after = None;
         for _ in 0..PLAN_CHUNKS {
-            if self.plan_chunk(&meters, report).await? < PLAN_LIMIT as usize {
+            if stop.is_cancelled() {
+                break;
+            }
+            let chunk = self.prepare(&meters, after.as_ref()).await?;
+            let full = chunk.read >= PLAN_LIMIT as usize;
+            report.waiting += chunk.waiting;
+            after = chunk.last.clone();
+            if self.write_plan(&chunk).await? {
+                chunk.count(report);
+            } else {
+                report.lost += 1;
+            }
+            if !full {
                 break;
             }
         }
         Ok(())
     }
 
-    /// Plans up to [`PLAN_LIMIT`] events; returns how many it read.
-    async fn plan_chunk(
+    /// Plans the first chunk of unpushed events without writing it (see [`Self::write_plan`]).
+    pub async fn plan_chunk(&self) -> Result<PlannedChunk, SyncError> {
+        self.prepare(&self.pushable_meters(), None).await
+    }
+
+    /// Writes a planned chunk, all or nothing; `false` when another planner tied some of its
+    /// events first (nothing written: the next pass plans what is left).
+    pub async fn write_plan(&self, chunk: &PlannedChunk) -> Result<bool, SyncError> {
+        if chunk.pushes.is_empty() {
+            return Ok(true);
+        }
+        let written = self.metering.db.usage().plan_pushes(&chunk.pushes).await?;
+        if !written {
+            tracing::info!(
+                "usage push plan dropped: another planner took some of its events first"
+            );
+        }
+        Ok(written)
+    }
+
+    /// Reads up to [`PLAN_LIMIT`] unpushed events after `after` and groups them into pushes.
+    async fn prepare(
         &self,
         meters: &[String],
-        report: &mut PushReport,
-    ) -> Result<usize, SyncError> {
+        after: Option<&UnpushedKey>,
+    ) -> Result<PlannedChunk, SyncError> {
         let db = &self.metering.db;
-        let rows = db.usage().unpushed(meters, PLAN_LIMIT).await?;
-        let read = rows.len();
+        let rows = db.usage().unpushed(meters, after, PLAN_LIMIT).await?;
+        let mut chunk = PlannedChunk {
+            read: rows.len(),
+            last: rows.last().map(|(row, _)| UnpushedKey::of(row)),
+            ..PlannedChunk::default()
+        };
+        let customers: HashSet<&str> = rows.iter().map(|(_, c)| c.as_str()).collect();
+        let customers: Vec<&str> = customers.into_iter().collect();
+        let known = periods::of_customers(db, &customers).await?;
         let window_ms = self.window.as_millis() as i64;
-        let mut groups: BTreeMap<(String, String, i64), (String, Vec<UsageRow>)> = BTreeMap::new();
+        let mut groups: BTreeMap<(String, String, i64, Option<i64>), Group> = BTreeMap::new();
         for (row, customer) in rows {
-            let window = row.occurred_at.div_euclid(window_ms) * window_ms;
+            let Some(meter) = self.metering.catalog.meters.get(&row.meter) else {
+                continue;
+            };
+            let period = known.get(&customer).map_or_else(
+                || TenantPeriods::default().holding(row.occurred_at),
+                |p| p.holding(row.occurred_at),
+            );
+            if period.standing == Standing::Unconfirmed {
+                chunk.waiting += 1;
+                continue;
+            }
+            // A period's value goes out once per pass; sums go out per window.
+            let window = (!meter.aggregation.is_period_value())
+                .then(|| row.occurred_at.div_euclid(window_ms) * window_ms);
+            let key = (
+                row.tenant_id.clone(),
+                row.meter.clone(),
+                period.start,
+                window,
+            );
             groups
-                .entry((row.tenant_id.clone(), row.meter.clone(), window))
-                .or_insert_with(|| (customer, Vec::new()))
-                .1
+                .entry(key)
+                .or_insert_with(|| Group {
+                    customer,
+                    period,
+                    events: Vec::new(),
+                })
+                .events
                 .push(row);
         }
         let now = now_ms();
-        let mut pushes = Vec::with_capacity(groups.len());
-        for ((tenant, meter_name, window), (customer, mut events)) in groups {
-            let Some(meter) = self.metering.catalog.meters.get(&meter_name) else {
-                continue;
-            };
-            let Some(event_name) = meter.stripe_event_name.clone() else {
-                continue;
-            };
-            events.sort_by(|a, b| a.event_id.cmp(&b.event_id));
-            let latest = events.iter().map(|e| e.occurred_at).max().unwrap_or(window);
-            let (value, stamp) = match meter.aggregation {
-                Aggregation::Sum => {
-                    let total = events
-                        .iter()
-                        .map(|e| Decimal::from_str(&e.quantity).unwrap_or_default())
-                        .sum();
-                    (total, latest)
-                }
-                Aggregation::Count => (Decimal::from(events.len()), latest),
-                // The period's running value, stamped as late in the period as now allows, so
-                // that Stripe's `last` takes it over any earlier push, even one for later events.
-                Aggregation::Max | Aggregation::UniqueCount | Aggregation::Last => {
-                    let (from, to) = billing_period(db, &tenant, latest).await?;
-                    let value = self
-                        .metering
-                        .counters
-                        .fold(&tenant, &meter_name, from, to)
-                        .map(|b| b.value());
-                    (value.unwrap_or_default(), now.min(to - 1000).max(latest))
-                }
-            };
-            let expired = latest < now - VENDOR_WINDOW_MS + WINDOW_MARGIN_MS;
-            let keys: Vec<(String, String)> = events
-                .iter()
-                .map(|e| (e.tenant_id.clone(), e.event_id.clone()))
-                .collect();
-            let push = PushRow {
-                push_id: identifier(&tenant, &meter_name, window, &keys),
-                tenant_id: tenant,
-                meter: meter_name,
-                customer_id: customer,
-                event_name,
-                window_start: window,
-                value: value.normalize().to_string(),
-                timestamp: stamp.div_euclid(1000),
-                event_count: i32::try_from(events.len()).unwrap_or(i32::MAX),
-                status: if expired { "expired" } else { "pending" }.to_owned(),
-                attempts: 0,
-                last_error: expired.then(|| {
-                    "older than the vendor's 35-day window: left for reconciliation".to_owned()
-                }),
-                next_attempt_at: now,
-                created_at: now,
-                sent_at: None,
-            };
-            if expired {
-                report.expired += 1;
-            } else {
-                report.planned += 1;
+        for ((tenant, meter, _, _), group) in groups {
+            if let Some(push) = self.push_of(&tenant, &meter, group, now).await? {
+                chunk.pushes.push(push);
             }
-            pushes.push((push, keys));
         }
-        if !pushes.is_empty() {
-            db.usage().plan_pushes(&pushes).await?;
-        }
-        Ok(read)
+        Ok(chunk)
+    }
+
+    /// The push carrying a group's events: its value, timestamp and status.
+    async fn push_of(
+        &self,
+        tenant: &str,
+        meter_name: &str,
+        mut group: Group,
+        now: i64,
+    ) -> Result<Option<(PushRow, Vec<(String, String)>)>, SyncError> {
+        let Some(meter) = self.metering.catalog.meters.get(meter_name) else {
+            return Ok(None);
+        };
+        let Some(event_name) = meter.stripe_event_name.clone() else {
+            return Ok(None);
+        };
+        let events = &mut group.events;
+        events.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        let latest = events
+            .iter()
+            .map(|e| e.occurred_at)
+            .max()
+            .unwrap_or(group.period.start);
+        let window_ms = self.window.as_millis() as i64;
+        let window = latest.div_euclid(window_ms) * window_ms;
+        let (value, stamp) = if meter.aggregation.is_period_value() {
+            let bounds = (group.period.start, group.period.end);
+            let value = self
+                .metering
+                .period_figure(tenant, meter_name, bounds)
+                .await?;
+            let stamp = now.min(group.period.end - 1000).max(latest);
+            (value.unwrap_or_default(), stamp)
+        } else if meter.aggregation == crate::catalog::Aggregation::Count {
+            (Decimal::from(events.len()), latest)
+        } else {
+            let total = events
+                .iter()
+                .map(|e| Decimal::from_str(&e.quantity).unwrap_or_default())
+                .sum();
+            (total, latest)
+        };
+        let (status, last_error) = match &group.period.standing {
+            Standing::Invoiced { invoice_id } => (
+                "invoice_final",
+                Some(format!(
+                    "its period's invoice {invoice_id} is final: reported for a credit note or a \
+                     manual charge, not sent"
+                )),
+            ),
+            _ if latest < now - VENDOR_WINDOW_MS + WINDOW_MARGIN_MS => (
+                "expired",
+                Some("older than the vendor's 35-day window: left for reconciliation".to_owned()),
+            ),
+            _ => ("pending", None),
+        };
+        let keys: Vec<(String, String)> = events
+            .iter()
+            .map(|e| (e.tenant_id.clone(), e.event_id.clone()))
+            .collect();
+        let push = PushRow {
+            push_id: identifier(tenant, meter_name, window, &keys),
+            tenant_id: tenant.to_owned(),
+            meter: meter_name.to_owned(),
+            customer_id: group.customer,
+            event_name,
+            window_start: window,
+            value: value.normalize().to_string(),
+            timestamp: stamp.div_euclid(1000),
+            event_count: i32::try_from(events.len()).unwrap_or(i32::MAX),
+            status: status.to_owned(),
+            attempts: 0,
+            last_error,
+            next_attempt_at: now,
+            created_at: now,
+            sent_at: None,
+        };
+        Ok(Some((push, keys)))
     }
 
     /// Sends the due pushes, [`SEND_CONCURRENCY`] at a time, claiming [`SEND_LIMIT`] at once.
-    async fn send(&self, report: &mut PushReport) -> Result<(), StoreError> {
+    async fn send(
+        &self,
+        report: &mut PushReport,
+        stop: &CancellationToken,
+    ) -> Result<(), StoreError> {
         use futures_util::StreamExt;
         let db = &self.metering.db;
         let mut sent = 0;
-        while sent < SEND_PER_PASS {
+        while sent < SEND_PER_PASS && !stop.is_cancelled() {
             let due = db
                 .usage()
                 .due_pushes(now_ms(), SEND_LIMIT, crate::store::CLAIM_MS)

@@ -3,7 +3,9 @@
 
 use super::commands::settle_command;
 use super::inbox::insert_event;
+use super::periods::upsert_periods;
 use super::{CommandRow, Db, NewEvent, Settlement, StoreError, on_pool};
+use crate::domain::BillingPeriod;
 
 /// A vendor object's state, ready to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +20,8 @@ pub struct ObjectState {
     pub version: i64,
     pub deleted: bool,
     pub payload: String,
+    /// The billing periods the state names (kept in `billing_periods` when it is applied).
+    pub periods: Vec<BillingPeriod>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -145,6 +149,9 @@ impl<'a> Mirror<'a> {
                 .rows_affected()
                     > 0;
 
+                if written {
+                    upsert_periods!(&mut *tx, state);
+                }
                 let mut conflict = None;
                 if written && state.object_type == "customer" {
                     let customer = &state.object_id;
@@ -438,6 +445,8 @@ impl<'a> Mirror<'a> {
     /// Replaces one row outright (replay's repair), whatever its version.
     pub async fn overwrite(&self, state: &ObjectState, now_ms: i64) -> Result<(), StoreError> {
         on_pool!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            upsert_periods!(&mut *tx, state);
             sqlx::query(
                 "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, deleted, \
                  payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
@@ -454,9 +463,9 @@ impl<'a> Mirror<'a> {
             .bind(state.deleted)
             .bind(&state.payload)
             .bind(now_ms)
-            .execute(pool)
-            .await
-            .map(drop)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await
         })?;
         Ok(())
     }

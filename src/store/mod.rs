@@ -8,7 +8,9 @@ mod commands;
 mod inbox;
 mod lease;
 mod mirror;
+pub(crate) mod periods;
 mod reconcile;
+mod snapshot;
 mod tenants;
 mod usage;
 
@@ -31,9 +33,11 @@ pub use mirror::{
     Apply, ApplyOutcome, Confirmed, Mirror, MirrorRow, ObjectState, PageKinds, SyncState,
     TenantClaim,
 };
+pub use periods::{PeriodRow, Periods};
 pub use reconcile::{ItemRow, Reconciliations, RunRow};
+pub use snapshot::{BucketState, CounterState, SnapshotSource, TxSnapshot};
 pub use tenants::{TenantRecord, Tenants, Upserted};
-pub use usage::{CounterState, PushRow, TxSnapshot, Usage, UsageRow};
+pub use usage::{CheckedRecord, PushRow, UnpushedKey, Usage, UsageRow};
 
 /// How long a claimed command or push stays with the replica that claimed it before another
 /// may take it (its claimant died, or is still at it: each attempt carries the same
@@ -294,6 +298,10 @@ impl Db {
 
     pub fn mirror(&self) -> Mirror<'_> {
         Mirror::new(self)
+    }
+
+    pub fn periods(&self) -> Periods<'_> {
+        Periods::new(self)
     }
 
     pub fn usage(&self) -> Usage<'_> {

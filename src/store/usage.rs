@@ -37,6 +37,73 @@ pub struct PushRow {
     pub sent_at: Option<i64>,
 }
 
+/// Where a chunk of [`Usage::unpushed`] ended: the next chunk starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnpushedKey {
+    pub tenant_id: String,
+    pub meter: String,
+    pub received_at: i64,
+    pub event_id: String,
+}
+
+impl UnpushedKey {
+    pub fn of(row: &UsageRow) -> Self {
+        Self {
+            tenant_id: row.tenant_id.clone(),
+            meter: row.meter.clone(),
+            received_at: row.received_at,
+            event_id: row.event_id.clone(),
+        }
+    }
+}
+
+/// The SQL computing a meter's figure over the rows of a `FROM usage_events WHERE ...` that
+/// follows it (PostgreSQL). `last` breaks ties on time by the greater event id, byte by byte
+/// as the counters do, whatever the database's collation.
+fn figure_select(aggregation: crate::catalog::Aggregation) -> &'static str {
+    use crate::catalog::Aggregation;
+    match aggregation {
+        Aggregation::Sum => "SELECT SUM(quantity::numeric)::text",
+        Aggregation::Count => "SELECT CASE WHEN COUNT(*) = 0 THEN NULL ELSE COUNT(*)::text END",
+        Aggregation::Max => "SELECT MAX(quantity::numeric)::text",
+        Aggregation::UniqueCount => {
+            "SELECT CASE WHEN COUNT(*) = 0 THEN NULL ELSE COUNT(DISTINCT unique_value)::text END"
+        }
+        Aggregation::Last => {
+            "SELECT (ARRAY_AGG(quantity ORDER BY occurred_at DESC, event_id COLLATE \"C\" DESC))[1]"
+        }
+    }
+}
+
+/// The figure `sql` computes over the row's tenant and meter in `period`, on a connection.
+async fn figure_in(
+    conn: &mut sqlx::PgConnection,
+    sql: &str,
+    row: &UsageRow,
+    period: (i64, i64),
+) -> Result<Option<String>, sqlx::Error> {
+    let (figure,): (Option<String>,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned()))
+        .bind(&row.tenant_id)
+        .bind(&row.meter)
+        .bind(period.0)
+        .bind(period.1)
+        .fetch_one(conn)
+        .await?;
+    Ok(figure)
+}
+
+/// What [`Usage::record_checked`] found and did. Figures are exact decimals as text (`None`:
+/// no usage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedRecord {
+    /// The event id was stored before: nothing written.
+    pub existed: bool,
+    /// The event was stored now.
+    pub stored: bool,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
 /// A usage row and one more column (a push's status, a customer id).
 #[derive(sqlx::FromRow)]
 struct UsageWith {
@@ -61,8 +128,70 @@ macro_rules! push_columns {
 /// Rows per INSERT statement (well inside both backends' bind-parameter limits).
 const CHUNK: usize = 500;
 
+/// Inserts usage rows not stored before on a transaction `$tx` and, when `$notify`, sends the
+/// `billsync_usage` notifications `$payloads` makes of the new ones (PostgreSQL); evaluates to
+/// whether each row was new.
+macro_rules! insert_usage {
+    ($tx:expr, $rows:expr, $payloads:expr, $notify:expr) => {{
+        let (rows, payloads, notify): (
+            &[UsageRow],
+            &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
+            bool,
+        ) = ($rows, $payloads, $notify);
+        let tx = $tx;
+        let mut inserted = std::collections::HashSet::with_capacity(rows.len());
+        for chunk in rows.chunks(CHUNK) {
+            let mut query = sqlx::QueryBuilder::new(concat!(
+                "INSERT INTO usage_events (",
+                usage_columns!(),
+                ") "
+            ));
+            query.push_values(chunk, |mut b, row| {
+                b.push_bind(&row.tenant_id)
+                    .push_bind(&row.event_id)
+                    .push_bind(&row.meter)
+                    .push_bind(&row.quantity)
+                    .push_bind(row.occurred_at)
+                    .push_bind(&row.unique_value)
+                    .push_bind(&row.properties)
+                    .push_bind(row.received_at)
+                    .push_bind(Option::<String>::None);
+            });
+            query.push(
+                " ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING tenant_id, event_id",
+            );
+            let keys: Vec<(String, String)> = query.build_query_as().fetch_all(&mut *tx).await?;
+            inserted.extend(keys);
+        }
+        let new: Vec<bool> = rows
+            .iter()
+            .map(|r| inserted.contains(&(r.tenant_id.clone(), r.event_id.clone())))
+            .collect();
+        if notify && !inserted.is_empty() {
+            let stored: Vec<&UsageRow> = rows
+                .iter()
+                .zip(&new)
+                .filter_map(|(row, new)| new.then_some(row))
+                .collect();
+            let payloads = payloads(&stored);
+            for chunk in payloads.chunks(CHUNK) {
+                let mut query = sqlx::QueryBuilder::new(
+                    "SELECT pg_notify('billsync_usage', pg_current_xact_id()::text || ' ' || p) \
+                     FROM (",
+                );
+                query.push_values(chunk, |mut b, payload| {
+                    b.push_bind(payload);
+                });
+                query.push(") AS v (p)");
+                query.build().execute(&mut *tx).await?;
+            }
+        }
+        new
+    }};
+}
+
 pub struct Usage<'a> {
-    db: &'a Db,
+    pub(super) db: &'a Db,
 }
 
 impl<'a> Usage<'a> {
@@ -87,138 +216,33 @@ impl<'a> Usage<'a> {
         let notify = self.db.backend() == super::Backend::Postgres;
         let new: Vec<bool> = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let mut inserted = std::collections::HashSet::with_capacity(rows.len());
-            for chunk in rows.chunks(CHUNK) {
-                let mut query = sqlx::QueryBuilder::new(concat!(
-                    "INSERT INTO usage_events (",
-                    usage_columns!(),
-                    ") "
-                ));
-                query.push_values(chunk, |mut b, row| {
-                    b.push_bind(&row.tenant_id)
-                        .push_bind(&row.event_id)
-                        .push_bind(&row.meter)
-                        .push_bind(&row.quantity)
-                        .push_bind(row.occurred_at)
-                        .push_bind(&row.unique_value)
-                        .push_bind(&row.properties)
-                        .push_bind(row.received_at)
-                        .push_bind(Option::<String>::None);
-                });
-                query.push(
-                    " ON CONFLICT (tenant_id, event_id) DO NOTHING RETURNING tenant_id, event_id",
-                );
-                let keys: Vec<(String, String)> =
-                    query.build_query_as().fetch_all(&mut *tx).await?;
-                inserted.extend(keys);
-            }
-            let new: Vec<bool> = rows
-                .iter()
-                .map(|r| inserted.contains(&(r.tenant_id.clone(), r.event_id.clone())))
-                .collect();
-            if notify && !inserted.is_empty() {
-                let stored: Vec<&UsageRow> = rows
-                    .iter()
-                    .zip(&new)
-                    .filter_map(|(row, new)| new.then_some(row))
-                    .collect();
-                let payloads = payloads(&stored);
-                for chunk in payloads.chunks(CHUNK) {
-                    let mut query = sqlx::QueryBuilder::new(
-                        "SELECT pg_notify('billsync_usage', pg_current_xact_id()::text || ' ' || p) \
-                         FROM (",
-                    );
-                    query.push_values(chunk, |mut b, payload| {
-                        b.push_bind(payload);
-                    });
-                    query.push(") AS v (p)");
-                    query.build().execute(&mut *tx).await?;
-                }
-            }
+            let new = insert_usage!(&mut *tx, rows, payloads, notify);
             tx.commit().await?;
             Ok::<_, sqlx::Error>(new)
         })?;
         Ok(new)
     }
 
-    /// Everything the usage counters are rebuilt from, read at one instant: the snapshot
-    /// buckets, the events received since the snapshot's watermark (named by `watermark_key`
-    /// in sync_state) and, on PostgreSQL, the snapshot of transactions the read saw
-    /// (`pg_current_snapshot()`), so that notifications of those same transactions are not
-    /// counted again.
-    pub async fn counter_state(&self, watermark_key: &str) -> Result<CounterState, StoreError> {
-        let state = on_pool!(self.db, |pool| {
-            let mut tx = pool.begin().await?;
-            let seen = if self.db.backend() == super::Backend::Postgres {
-                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                    .execute(&mut *tx)
-                    .await?;
-                let (snapshot,): (String,) = sqlx::query_as("SELECT pg_current_snapshot()::text")
-                    .fetch_one(&mut *tx)
-                    .await?;
-                TxSnapshot::parse(&snapshot)
-            } else {
-                None
-            };
-            let buckets = sqlx::query_as::<_, (String, String, i64, String)>(
-                "SELECT tenant_id, meter, hour, state FROM usage_buckets",
-            )
-            .fetch_all(&mut *tx)
-            .await?;
-            let watermark: Option<(String,)> =
-                sqlx::query_as("SELECT value FROM sync_state WHERE name = $1")
-                    .bind(watermark_key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let watermark: i64 = watermark.and_then(|(v,)| v.parse().ok()).unwrap_or(0);
-            let rows = sqlx::query_as::<_, UsageRow>(concat!(
-                "SELECT ",
-                usage_columns!(),
-                " FROM usage_events WHERE received_at >= $1 ORDER BY received_at"
-            ))
-            .bind(watermark)
-            .fetch_all(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(CounterState {
-                buckets,
-                rows,
-                seen,
-            })
-        })?;
-        Ok(state)
-    }
-
     /// The meter's figure over the tenant's events that happened in `[from_ms, to_ms)`,
-    /// computed by PostgreSQL from the usage log itself: what hard limits are checked against
-    /// when several replicas record usage. `None` on SQLite (one process: its counters are
-    /// exact) and when there is no usage.
+    /// computed by PostgreSQL from the usage log itself (`None` without usage). On SQLite, which
+    /// keeps quantities as text it cannot add exactly, `Err(Unsupported)`: fold
+    /// [`Self::each_of_meter`] instead.
     pub async fn period_figure(
         &self,
         tenant_id: &str,
         meter: &str,
         aggregation: crate::catalog::Aggregation,
-        from_ms: i64,
-        to_ms: i64,
+        (from_ms, to_ms): (i64, i64),
     ) -> Result<Option<String>, StoreError> {
-        use crate::catalog::Aggregation;
         let super::Db::Postgres(pool) = self.db else {
-            return Ok(None);
-        };
-        let sql = match aggregation {
-            Aggregation::Sum => "SELECT SUM(quantity::numeric)::text",
-            Aggregation::Count => "SELECT CASE WHEN COUNT(*) = 0 THEN NULL ELSE COUNT(*)::text END",
-            Aggregation::Max => "SELECT MAX(quantity::numeric)::text",
-            Aggregation::UniqueCount => {
-                "SELECT CASE WHEN COUNT(*) = 0 THEN NULL ELSE COUNT(DISTINCT unique_value)::text END"
-            }
-            Aggregation::Last => {
-                "SELECT (ARRAY_AGG(quantity ORDER BY occurred_at DESC, event_id DESC))[1]"
-            }
+            return Err(StoreError::Setup(
+                "period figures are computed in SQL on PostgreSQL only".to_owned(),
+            ));
         };
         let sql = format!(
-            "{sql} FROM usage_events WHERE tenant_id = $1 AND meter = $2 \
-             AND occurred_at >= $3 AND occurred_at < $4"
+            "{} FROM usage_events WHERE tenant_id = $1 AND meter = $2 \
+             AND occurred_at >= $3 AND occurred_at < $4",
+            figure_select(aggregation)
         );
         let (figure,): (Option<String>,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
             .bind(tenant_id)
@@ -230,24 +254,84 @@ impl<'a> Usage<'a> {
         Ok(figure)
     }
 
-    /// Events received in `[from_ms, to_ms)`, oldest first (for snapshots and start-up).
-    pub async fn received_between(
+    /// Check-and-record on PostgreSQL, on one pooled connection: in one transaction, takes the
+    /// transaction lock `lock_key` (one per tenant and meter, across replicas), reads whether
+    /// the event is stored and the meter's figure over `period`, stores the row (with its
+    /// notifications) only when `allow(figure)` says so, and reads the figure after it.
+    pub async fn record_checked(
         &self,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<UsageRow>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, UsageRow>(concat!(
+        row: &UsageRow,
+        aggregation: crate::catalog::Aggregation,
+        (period, lock_key): ((i64, i64), i64),
+        payloads: &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
+        allow: impl FnOnce(Option<&str>) -> bool + Send,
+    ) -> Result<CheckedRecord, StoreError> {
+        let super::Db::Postgres(pool) = self.db else {
+            return Err(StoreError::Setup(
+                "check-and-record in one transaction is for PostgreSQL".to_owned(),
+            ));
+        };
+        let figure_sql = format!(
+            "{} FROM usage_events WHERE tenant_id = $1 AND meter = $2 \
+             AND occurred_at >= $3 AND occurred_at < $4",
+            figure_select(aggregation)
+        );
+        let mut tx = pool.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(lock_key)
+            .execute(&mut *tx)
+            .await?;
+        let (existed,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM usage_events WHERE tenant_id = $1 AND event_id = $2)",
+        )
+        .bind(&row.tenant_id)
+        .bind(&row.event_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let before = figure_in(&mut tx, &figure_sql, row, period).await?;
+        let mut record = CheckedRecord {
+            existed,
+            stored: false,
+            after: before.clone(),
+            before,
+        };
+        if !existed && allow(record.before.as_deref()) {
+            let rows = std::slice::from_ref(row);
+            record.stored = insert_usage!(&mut *tx, rows, payloads, true)[0];
+            record.after = figure_in(&mut tx, &figure_sql, row, period).await?;
+        }
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    /// Calls `each` with every event of the tenant's meter that happened in `[from_ms, to_ms)`,
+    /// streamed.
+    pub async fn each_of_meter(
+        &self,
+        tenant_id: &str,
+        meter: &str,
+        (from_ms, to_ms): (i64, i64),
+        mut each: impl FnMut(UsageRow),
+    ) -> Result<(), StoreError> {
+        use futures_util::TryStreamExt;
+        on_pool!(self.db, |pool| {
+            let mut rows = sqlx::query_as::<_, UsageRow>(concat!(
                 "SELECT ",
                 usage_columns!(),
-                " FROM usage_events WHERE received_at >= $1 AND received_at < $2 ORDER BY received_at"
+                " FROM usage_events WHERE tenant_id = $1 AND meter = $2 \
+                 AND occurred_at >= $3 AND occurred_at < $4"
             ))
+            .bind(tenant_id)
+            .bind(meter)
             .bind(from_ms)
             .bind(to_ms)
-            .fetch_all(pool)
-            .await
+            .fetch(pool);
+            while let Some(row) = rows.try_next().await? {
+                each(row);
+            }
+            Ok::<_, sqlx::Error>(())
         })?;
-        Ok(rows)
+        Ok(())
     }
 
     /// A tenant's events of one meter that happened in `[from_ms, to_ms)`, with the status of
@@ -277,11 +361,13 @@ impl<'a> Usage<'a> {
         Ok(rows.into_iter().map(|w| (w.row, w.extra)).collect())
     }
 
-    /// Unpushed events of pushable meters whose tenant has a Stripe customer, oldest first,
-    /// with that customer.
+    /// Unpushed events of pushable meters whose tenant has a Stripe customer, with that
+    /// customer, tenant by tenant and meter by meter, oldest first within each: up to `limit`
+    /// after `after` (the last key a previous chunk of the same pass read).
     pub async fn unpushed(
         &self,
         meters: &[String],
+        after: Option<&UnpushedKey>,
         limit: u32,
     ) -> Result<Vec<(UsageRow, String)>, StoreError> {
         if meters.is_empty() {
@@ -298,9 +384,19 @@ impl<'a> Usage<'a> {
             for meter in meters {
                 list.push_bind(meter);
             }
+            query.push(")");
+            if let Some(key) = after {
+                query.push(" AND (e.tenant_id, e.meter, e.received_at, e.event_id) > (");
+                let mut tuple = query.separated(", ");
+                tuple.push_bind(&key.tenant_id);
+                tuple.push_bind(&key.meter);
+                tuple.push_bind(key.received_at);
+                tuple.push_bind(&key.event_id);
+                query.push(")");
+            }
             // Tenant by tenant: a pass that plans in chunks splits at most one tenant's
-            // events between two chunks, so chunks add no meter events.
-            query.push(") ORDER BY e.tenant_id, e.meter, e.received_at LIMIT ");
+            // events between two chunks, so chunks add few meter events.
+            query.push(" ORDER BY e.tenant_id, e.meter, e.received_at, e.event_id LIMIT ");
             query.push_bind(i64::from(limit));
             query.build_query_as::<UsageWith>().fetch_all(pool).await
         })?;
@@ -311,15 +407,17 @@ impl<'a> Usage<'a> {
     }
 
     /// Records pushes and ties their events to them, in one transaction: from here on each push
-    /// is sent with its fixed identifier until Stripe has it.
+    /// is sent with its fixed identifier until Stripe has it. All or nothing: when any event is
+    /// already tied to a push (another planner, one that lost its lease, got there first),
+    /// nothing is written and the answer is `false`.
     pub async fn plan_pushes(
         &self,
         pushes: &[(PushRow, Vec<(String, String)>)],
-    ) -> Result<(), StoreError> {
-        on_pool!(self.db, |pool| {
+    ) -> Result<bool, StoreError> {
+        let planned = on_pool!(self.db, |pool| async {
             let mut tx = pool.begin().await?;
             for (push, events) in pushes {
-                sqlx::query(concat!(
+                let inserted = sqlx::query(concat!(
                     "INSERT INTO usage_pushes (",
                     push_columns!(),
                     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
@@ -341,8 +439,10 @@ impl<'a> Usage<'a> {
                 .bind(push.created_at)
                 .bind(push.sent_at)
                 .execute(&mut *tx)
-                .await?;
+                .await?
+                .rows_affected();
                 // A push carries one tenant's events: tie them to it by id, a chunk at a time.
+                let mut tied = 0;
                 for chunk in events.chunks(CHUNK) {
                     let mut update = sqlx::QueryBuilder::new("UPDATE usage_events SET push_id = ");
                     update.push_bind(&push.push_id);
@@ -354,12 +454,18 @@ impl<'a> Usage<'a> {
                         ids.push_bind(event_id);
                     }
                     update.push(")");
-                    update.build().execute(&mut *tx).await?;
+                    tied += update.build().execute(&mut *tx).await?.rows_affected();
+                }
+                if inserted == 0 || tied != events.len() as u64 {
+                    tx.rollback().await?;
+                    return Ok::<_, sqlx::Error>(false);
                 }
             }
-            tx.commit().await
-        })?;
-        Ok(())
+            tx.commit().await?;
+            Ok(true)
+        }
+        .await)?;
+        Ok(planned)
     }
 
     /// Claims the pushes waiting to be sent (first time or again), oldest first; each is put
@@ -470,72 +576,6 @@ impl<'a> Usage<'a> {
         Ok(row)
     }
 
-    /// The snapshot: every stored bucket, and the receipt time it covers events up to.
-    pub async fn snapshot(&self) -> Result<Vec<(String, String, i64, String)>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, (String, String, i64, String)>(
-                "SELECT tenant_id, meter, hour, state FROM usage_buckets",
-            )
-            .fetch_all(pool)
-            .await
-        })?;
-        Ok(rows)
-    }
-
-    /// Replaces snapshot buckets and moves the watermark, in one transaction.
-    pub async fn save_snapshot(
-        &self,
-        buckets: &[(String, String, i64, String)],
-        watermark: i64,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
-        on_pool!(self.db, |pool| {
-            let mut tx = pool.begin().await?;
-            for (tenant, meter, hour, state) in buckets {
-                sqlx::query(
-                    "INSERT INTO usage_buckets (tenant_id, meter, hour, state) VALUES ($1, $2, $3, $4) \
-                     ON CONFLICT (tenant_id, meter, hour) DO UPDATE SET state = excluded.state",
-                )
-                .bind(tenant)
-                .bind(meter)
-                .bind(hour)
-                .bind(state)
-                .execute(&mut *tx)
-                .await?;
-            }
-            sqlx::query(
-                "INSERT INTO sync_state (name, value, updated_at) VALUES ('usage.snapshot_until', $1, $2) \
-                 ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            )
-            .bind(watermark.to_string())
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await
-        })?;
-        Ok(())
-    }
-
-    /// One snapshot bucket's stored state.
-    pub async fn bucket(
-        &self,
-        tenant_id: &str,
-        meter: &str,
-        hour: i64,
-    ) -> Result<Option<String>, StoreError> {
-        let row = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, (String,)>(
-                "SELECT state FROM usage_buckets WHERE tenant_id = $1 AND meter = $2 AND hour = $3",
-            )
-            .bind(tenant_id)
-            .bind(meter)
-            .bind(hour)
-            .fetch_optional(pool)
-            .await
-        })?;
-        Ok(row.map(|(s,)| s))
-    }
-
     /// Whether the tenant already has a usage event with this id.
     pub async fn exists(&self, tenant_id: &str, event_id: &str) -> Result<bool, StoreError> {
         let row = on_pool!(self.db, |pool| {
@@ -601,70 +641,5 @@ impl<'a> Usage<'a> {
             .await
         })?;
         Ok(rows)
-    }
-}
-
-/// What [`Usage::counter_state`] read.
-pub struct CounterState {
-    pub buckets: Vec<(String, String, i64, String)>,
-    pub rows: Vec<UsageRow>,
-    /// PostgreSQL: the transactions the read saw.
-    pub seen: Option<TxSnapshot>,
-}
-
-/// A PostgreSQL transaction snapshot (`xmin:xmax:xip,...`): which transactions had committed
-/// when it was taken.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TxSnapshot {
-    xmin: u64,
-    xmax: u64,
-    in_progress: Vec<u64>,
-}
-
-impl TxSnapshot {
-    pub fn parse(text: &str) -> Option<Self> {
-        let mut parts = text.splitn(3, ':');
-        let xmin = parts.next()?.parse().ok()?;
-        let xmax = parts.next()?.parse().ok()?;
-        let in_progress = match parts.next() {
-            Some("") | None => Vec::new(),
-            Some(list) => list
-                .split(',')
-                .map(str::parse)
-                .collect::<Result<_, _>>()
-                .ok()?,
-        };
-        Some(Self {
-            xmin,
-            xmax,
-            in_progress,
-        })
-    }
-
-    /// Whether the committed transaction `xid` was visible to the snapshot.
-    pub fn saw(&self, xid: u64) -> bool {
-        xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::TxSnapshot;
-
-    #[test]
-    fn a_snapshot_sees_what_committed_before_it() {
-        let snapshot = TxSnapshot::parse("100:105:101,103").unwrap();
-        assert!(snapshot.saw(99));
-        assert!(snapshot.saw(100));
-        assert!(!snapshot.saw(101));
-        assert!(snapshot.saw(102));
-        assert!(!snapshot.saw(103));
-        assert!(!snapshot.saw(105));
-        assert!(!snapshot.saw(200));
-        assert_eq!(
-            TxSnapshot::parse("7:7:").unwrap().in_progress,
-            Vec::<u64>::new()
-        );
-        assert!(TxSnapshot::parse("x").is_none());
     }
 }

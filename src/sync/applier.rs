@@ -325,6 +325,7 @@ pub fn object_state(
     version: i64,
     deleted: bool,
 ) -> ObjectState {
+    let deleted = deleted || objects::is_deleted(object);
     ObjectState {
         object_type: kind.as_str().to_owned(),
         object_id: object_id.to_owned(),
@@ -332,8 +333,9 @@ pub fn object_state(
         status: objects::status_of(object),
         created: objects::int(&object["created"]),
         version,
-        deleted: deleted || objects::is_deleted(object),
+        deleted,
         payload: object.to_string(),
+        periods: objects::billing_periods(kind, object, deleted),
     }
 }
 

@@ -48,6 +48,40 @@ pub async fn current_subscription(
         .max_by_key(|(row, s)| (s.liveness(), s.created, row.object_id.clone())))
 }
 
+/// Marks that the billing periods of states mirrored before they were kept have been recorded.
+const PERIODS_SEEDED: &str = "billing_periods.seeded";
+
+/// Records the billing periods of the subscriptions and invoices already in the mirror, once
+/// (a database from a version that kept none); later states record theirs as they are applied.
+pub async fn seed_billing_periods(db: &Db) -> Result<(), StoreError> {
+    if db.sync_state().get(PERIODS_SEEDED).await?.is_some() {
+        return Ok(());
+    }
+    let mut periods = Vec::new();
+    let kinds = [ObjectKind::Subscription, ObjectKind::Invoice].map(ObjectKind::as_str);
+    db.mirror()
+        .each(&kinds, None, |row| {
+            let (Some(kind), Some(customer)) =
+                (ObjectKind::parse(&row.object_type), row.customer_id)
+            else {
+                return;
+            };
+            if let Ok(object) = serde_json::from_str::<Value>(&row.payload) {
+                for period in objects::billing_periods(kind, &object, row.deleted) {
+                    periods.push((customer.clone(), period));
+                }
+            }
+        })
+        .await?;
+    for chunk in periods.chunks(500) {
+        db.periods().record(chunk).await?;
+    }
+    let now = crate::store::now_ms();
+    db.sync_state()
+        .set(PERIODS_SEEDED, &now.to_string(), now)
+        .await
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error(transparent)]

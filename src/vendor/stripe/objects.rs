@@ -7,7 +7,7 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-use crate::domain::{Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem};
+use crate::domain::{BillingPeriod, Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem};
 use crate::vendor::{ObjectKind, Page};
 
 /// The collection path segment of a kind (`/v1/{collection}`).
@@ -218,6 +218,49 @@ pub fn invoice(object: &Value) -> Invoice {
     }
 }
 
+/// The billing periods an object states: a subscription's current period; for an invoice of a
+/// subscription, the usage period it bills (Stripe's `period_start`/`period_end`, which for a
+/// renewal invoice are the period that just ended) with the invoice's status.
+pub fn billing_periods(kind: ObjectKind, object: &Value, deleted: bool) -> Vec<BillingPeriod> {
+    let period = match kind {
+        ObjectKind::Subscription => {
+            let s = subscription(object);
+            s.current_period_start
+                .zip(s.current_period_end)
+                .map(|(start, end)| BillingPeriod {
+                    subscription_id: s.id,
+                    start,
+                    end,
+                    subscription_status: Some(s.status),
+                    invoice: None,
+                })
+        }
+        ObjectKind::Invoice => {
+            let i = invoice(object);
+            let status = if deleted {
+                Some("deleted".to_owned())
+            } else {
+                i.status
+            };
+            match (i.subscription, i.period_start, i.period_end, status) {
+                (Some(subscription_id), Some(start), Some(end), Some(status)) => {
+                    Some(BillingPeriod {
+                        subscription_id,
+                        start,
+                        end,
+                        subscription_status: None,
+                        invoice: Some((i.id, status)),
+                    })
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    // A subscription's first invoice bills no usage: its period is an instant.
+    period.filter(|p| p.end > p.start).into_iter().collect()
+}
+
 pub fn payment(kind: &str, object: &Value) -> Payment {
     let amount = if kind == "credit_note" {
         int(&object["total"]).or_else(|| int(&object["amount"]))
@@ -299,6 +342,27 @@ mod tests {
             (legacy.current_period_start, legacy.current_period_end),
             (Some(10), Some(20))
         );
+    }
+
+    #[test]
+    fn billing_periods_come_from_subscriptions_and_renewal_invoices() {
+        let sub = json!({"id": "sub_1", "status": "active", "items": {"data": [
+            {"id": "si_1", "current_period_start": 100, "current_period_end": 200}]}});
+        let periods = billing_periods(ObjectKind::Subscription, &sub, false);
+        assert_eq!((periods[0].start, periods[0].end), (100, 200));
+        assert_eq!(periods[0].subscription_status.as_deref(), Some("active"));
+        let renewal = json!({"id": "in_1", "status": "open", "period_start": 100, "period_end": 200,
+            "parent": {"subscription_details": {"subscription": "sub_1"}}});
+        let periods = billing_periods(ObjectKind::Invoice, &renewal, false);
+        assert_eq!(periods[0].invoice, Some(("in_1".into(), "open".into())));
+        assert_eq!(periods[0].subscription_id, "sub_1");
+        let deleted = billing_periods(ObjectKind::Invoice, &renewal, true);
+        assert_eq!(deleted[0].invoice, Some(("in_1".into(), "deleted".into())));
+        let first = json!({"id": "in_0", "status": "paid", "subscription": "sub_1",
+            "period_start": 100, "period_end": 100});
+        assert!(billing_periods(ObjectKind::Invoice, &first, false).is_empty());
+        let manual = json!({"id": "in_2", "status": "open", "period_start": 1, "period_end": 9});
+        assert!(billing_periods(ObjectKind::Invoice, &manual, false).is_empty());
     }
 
     #[test]

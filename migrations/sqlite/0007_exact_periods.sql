@@ -1,0 +1,20 @@
+-- Billing periods as the vendor stated them, kept after they end: a subscription's periods (one
+-- row per period it was seen in) and, from invoices, which period an invoice bills and whether
+-- it is final. Usage is pushed into the period it happened in, never into another; usage of a
+-- period whose invoice is final is reported instead. Times are Unix milliseconds.
+CREATE TABLE billing_periods (
+    customer_id         TEXT NOT NULL,
+    subscription_id     TEXT NOT NULL,
+    period_start        BIGINT NOT NULL,
+    period_end          BIGINT NOT NULL,
+    subscription_status TEXT,             -- the subscription's status when this period was last seen
+    invoice_id          TEXT,             -- the invoice billing this period's usage, once there is one
+    invoice_status      TEXT,             -- draft | open | paid | uncollectible | void | deleted
+    PRIMARY KEY (customer_id, subscription_id, period_start)
+);
+
+-- The usage snapshot's watermark becomes a commit position (SQLite: the rowid, assigned in
+-- commit order by its one writer) instead of a receipt time: the old snapshot is dropped and
+-- the next one folds the whole log again.
+DELETE FROM usage_buckets;
+DELETE FROM sync_state WHERE name = 'usage.snapshot_until';
