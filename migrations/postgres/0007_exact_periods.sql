@@ -1,3 +1,6 @@
+-- usage_pushes.status gains `invoice_final`: a push of a period whose invoice was already final,
+-- reported (reconciliation: arrived_after_invoice), never sent.
+
 -- Billing periods as the vendor stated them, kept after they end: a subscription's periods (one
 -- row per period it was seen in) and, from invoices, which period an invoice bills and whether
 -- it is final. Usage is pushed into the period it happened in, never into another; usage of a

@@ -249,6 +249,12 @@ fn not_pushed(
             Finding::RejectedByVendor,
             "Stripe refused a push of this usage",
         )
+    } else if tally.pushes.iter().any(|p| p.status == "invoice_final") {
+        (
+            Finding::ArrivedAfterInvoice,
+            "the usage arrived after its period's invoice was final and was not sent: bill it \
+             or credit it by hand",
+        )
     } else if tally.pushes.iter().any(|p| p.status == "expired") {
         (
             Finding::OutsideVendorWindow,
@@ -529,6 +535,15 @@ mod tests {
                 None
             ),
             ["outside_vendor_window"]
+        );
+        assert_eq!(
+            run(
+                Some(5),
+                vec![event("a", 5, Some("p"))],
+                vec![push("p", 5, "invoice_final", None)],
+                None
+            ),
+            ["arrived_after_invoice"]
         );
         assert_eq!(
             run(

@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 mod e2e;
 mod entitlements;
+mod exactness;
 mod health;
 mod openapi;
 mod reconcile;

@@ -266,7 +266,9 @@ async fn meter_vendor() -> MockServer {
 }
 
 /// A state with the test catalog, pointed at a vendor that takes meter events.
-async fn metered(backend: Backend) -> (MockServer, AppState, crate::helpers::TestDatabase) {
+pub(crate) async fn metered(
+    backend: Backend,
+) -> (MockServer, AppState, crate::helpers::TestDatabase) {
     let vendor = meter_vendor().await;
     let (state, db) = state(backend, |s| {
         use_test_catalog(s);
@@ -300,7 +302,7 @@ async fn meter_events(vendor: &MockServer) -> Vec<(String, Decimal, String)> {
         .collect()
 }
 
-fn url_form(body: &[u8]) -> std::collections::HashMap<String, String> {
+pub(crate) fn url_form(body: &[u8]) -> std::collections::HashMap<String, String> {
     reqwest::Url::parse(&format!("http://x/?{}", String::from_utf8_lossy(body)))
         .unwrap()
         .query_pairs()
@@ -309,7 +311,7 @@ fn url_form(body: &[u8]) -> std::collections::HashMap<String, String> {
 }
 
 /// A tenant linked to a Stripe customer, as the applier would leave it.
-async fn linked_tenant(state: &AppState, tenant: &str, customer_id: &str) {
+pub(crate) async fn linked_tenant(state: &AppState, tenant: &str, customer_id: &str) {
     let event = event(
         &format!("evt_{tenant}"),
         "customer.created",
