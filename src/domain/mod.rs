@@ -1,10 +1,12 @@
 //! Plain types with parse constructors; no I/O.
 
 pub mod billing;
+mod quantity;
 mod tenant;
 mod time;
 
 pub use billing::{Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem};
+pub use quantity::{MAX_DIGITS, QuantityError, parse_quantity};
 pub use tenant::{Email, TenantId, TenantName};
 pub use time::{parse_time, rfc3339, rfc3339_secs};
 
