@@ -9,6 +9,7 @@ mod e2e;
 mod entitlements;
 mod health;
 mod openapi;
+mod quantities;
 mod reconcile;
 mod replicas;
 mod revenue;
