@@ -83,8 +83,8 @@ async fn a_json_number_quantity_is_stored_and_reported_exactly(backend: Backend)
 
 async fn a_check_weighs_and_records_a_json_number_quantity_exactly(backend: Backend) {
     let app = service(backend).await;
-    // An f64 reads the quantity as 1234567890123456768 (and prints ...800): within the quota.
-    let (limit, over) = ("1234567890123456850", "1234567890123456850.5");
+    // Through an f64 the quantity is 1234567890123457024, printed 1.234567890123457e18: within.
+    let (limit, over) = ("1234567890123457100", "1234567890123457100.5");
     let metadata = json!({"billsync.api_calls": limit});
     onboard(&app, "big", "cus_big", metadata).await;
     for quantity in [over.to_owned(), format!("\"{over}\"")] {
@@ -103,7 +103,7 @@ async fn a_check_weighs_and_records_a_json_number_quantity_exactly(backend: Back
     let (_, at_limit) = check_raw(&app, "big", limit, "").await;
     assert_eq!(at_limit["reason"], "ok", "{at_limit}");
 
-    // Recorded through the check, the quantity is stored as sent (an f64 has ...680).
+    // Recorded through the check, the quantity is stored as sent (through an f64: ...680).
     let record = r#", "record": {"id": "r1"}"#;
     let (status, recorded) = check_raw(&app, "big", "123456789012345678.9", record).await;
     assert_eq!(
