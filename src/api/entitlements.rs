@@ -2,7 +2,6 @@
 //! and the batch `POST /v1/entitlements/check`.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 
 use axum::Extension;
 use axum::Json;
@@ -16,8 +15,7 @@ use super::error::ApiError;
 use super::json::ApiJson;
 use super::tenants::load;
 use crate::app::AppState;
-use crate::domain::TenantId;
-use crate::domain::rfc3339;
+use crate::domain::{TenantId, parse_quantity, rfc3339};
 use crate::entitlements::model::Grant;
 use crate::entitlements::{Decision, TenantModel};
 use crate::metering::Recorded;
@@ -68,21 +66,12 @@ pub struct CheckOut {
     pub recorded: Option<bool>,
 }
 
+/// The check's quantity, by the same rule as usage (checks never take negatives); default 1.
 fn quantity(raw: &Option<Value>) -> Result<Decimal, ApiError> {
-    let invalid = || {
-        ApiError::bad_request("invalid_value", "quantity must be a decimal of at least 0")
-            .with_field("quantity")
-    };
-    let q = match raw {
-        None | Some(Value::Null) => Decimal::ONE,
-        Some(Value::Number(n)) => Decimal::from_str(&n.to_string()).map_err(|_| invalid())?,
-        Some(Value::String(s)) => Decimal::from_str(s.trim()).map_err(|_| invalid())?,
-        Some(_) => return Err(invalid()),
-    };
-    if q.is_sign_negative() && !q.is_zero() {
-        return Err(invalid());
-    }
-    Ok(q)
+    let raw = raw.as_ref().unwrap_or(&Value::Null);
+    parse_quantity(raw, false)
+        .map(|quantity| quantity.unwrap_or(Decimal::ONE))
+        .map_err(|refused| ApiError::from(refused).with_field("quantity"))
 }
 
 fn unknown_tenant() -> CheckOut {

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::domain::Invalid;
+use crate::domain::{Invalid, QuantityError};
 use crate::store::StoreError;
 
 /// An error a client sees: a status, a stable machine-readable `code`, a message for people,
@@ -111,6 +111,12 @@ impl IntoResponse for ApiError {
 impl From<Invalid> for ApiError {
     fn from(invalid: Invalid) -> Self {
         Self::bad_request("invalid_value", invalid.message).with_field(invalid.field)
+    }
+}
+
+impl From<QuantityError> for ApiError {
+    fn from(refused: QuantityError) -> Self {
+        Self::bad_request(refused.code, refused.message)
     }
 }
 

@@ -185,37 +185,21 @@ impl Metering {
                 format!("no meter `{meter_name}` in the catalog"),
             )
         })?;
-        let quantity = match &event["quantity"] {
+        let parsed = crate::domain::parse_quantity(&event["quantity"], meter.allow_negative);
+        let quantity = match parsed {
+            Ok(Some(quantity)) => quantity,
             // Counting events or distinct values needs no quantity.
-            Value::Null
+            Ok(None)
                 if matches!(
                     meter.aggregation,
                     Aggregation::Count | Aggregation::UniqueCount
                 ) =>
             {
-                Ok(Decimal::ONE)
+                Decimal::ONE
             }
-            Value::Null => return Err(("missing_field", "quantity is required".to_owned())),
-            Value::Number(n) => Decimal::from_str(&n.to_string())
-                .or_else(|_| Decimal::from_scientific(&n.to_string()))
-                .map_err(|_| ("invalid_quantity", format!("quantity {n} is not a decimal"))),
-            Value::String(s) => Decimal::from_str(s.trim()).map_err(|_| {
-                (
-                    "invalid_quantity",
-                    format!("quantity `{s}` is not a decimal"),
-                )
-            }),
-            _ => Err((
-                "invalid_quantity",
-                "quantity must be a number or a decimal string".to_owned(),
-            )),
-        }?;
-        if quantity.is_sign_negative() && !quantity.is_zero() && !meter.allow_negative {
-            return Err((
-                "negative_quantity",
-                format!("meter `{meter_name}` does not take negative quantities"),
-            ));
-        }
+            Ok(None) => return Err(("missing_field", "quantity is required".to_owned())),
+            Err(refused) => return Err((refused.code, refused.message.to_owned())),
+        };
         let occurred_at = match &event["timestamp"] {
             Value::Null => now,
             Value::String(s) => DateTime::parse_from_rfc3339(s)

@@ -40,7 +40,7 @@ fn without_catalog(settings: &mut billsync::config::Settings) {
     settings.catalog.required = false;
 }
 
-async fn service(backend: Backend) -> TestApp {
+pub(crate) async fn service(backend: Backend) -> TestApp {
     TestApp::spawn_with(backend, |s| {
         use_test_catalog(s);
         take_webhooks(s);
@@ -50,7 +50,7 @@ async fn service(backend: Backend) -> TestApp {
 }
 
 /// Delivers a customer for `tenant` and waits until the tenant exists.
-async fn onboard(app: &TestApp, tenant: &str, cus: &str, metadata: Value) {
+pub(crate) async fn onboard(app: &TestApp, tenant: &str, cus: &str, metadata: Value) {
     let mut c = customer(cus, tenant);
     for (k, v) in metadata.as_object().unwrap() {
         c["metadata"][k] = v.clone();

@@ -10,6 +10,7 @@ mod entitlements;
 mod exactness;
 mod health;
 mod openapi;
+mod quantities;
 mod reconcile;
 mod replicas;
 mod revenue;
