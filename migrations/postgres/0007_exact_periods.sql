@@ -1,5 +1,10 @@
--- usage_pushes.status gains `invoice_final`: a push of a period whose invoice was already final,
--- reported (reconciliation: arrived_after_invoice), never sent.
+-- A push names the billing period it carries usage of. Its status gains `invoice_final` (the
+-- period's invoice was already final: reported, never sent; reconciliation calls it
+-- arrived_after_invoice) and `superseded` (a period's value replaced by a newer one before it
+-- was sent: never sent, so that no older value reaches Stripe after a newer one).
+ALTER TABLE usage_pushes ADD COLUMN period_start BIGINT;
+ALTER TABLE usage_pushes ADD COLUMN period_end BIGINT;
+CREATE INDEX usage_pushes_period ON usage_pushes (tenant_id, meter, period_start);
 
 -- Billing periods as the vendor stated them, kept after they end: a subscription's periods (one
 -- row per period it was seen in) and, from invoices, which period an invoice bills and whether

@@ -31,8 +31,9 @@ pub enum Standing {
     Invoiced { invoice_id: String },
     /// No subscription covers the time: nothing bills this usage.
     Unbilled,
-    /// Past the last known period of a live subscription: it has renewed, but billsync has not
-    /// heard of the new period yet (the bounds are a guess of the same length); usage waits.
+    /// After a known period of a subscription that went on (it was last seen live, or has a
+    /// later period): billsync has not heard of this period yet (the bounds are a guess);
+    /// usage waits for it.
     Unconfirmed,
 }
 
@@ -68,11 +69,11 @@ impl TenantPeriods {
                 standing,
             };
         }
-        if let Some(last) = self.unrenewed(at_ms) {
+        if let Some(last) = self.continued_past(at_ms) {
             let length = last.period_end - last.period_start;
             return Period {
                 start: last.period_end,
-                end: last.period_end + length,
+                end: next_start.unwrap_or(last.period_end + length),
                 standing: Standing::Unconfirmed,
             };
         }
@@ -98,24 +99,26 @@ impl TenantPeriods {
             .min()
     }
 
-    /// The latest period of a subscription last seen live, when `at_ms` is past its end.
-    fn unrenewed(&self, at_ms: i64) -> Option<&PeriodRow> {
-        let mut latest: HashMap<&str, &PeriodRow> = HashMap::new();
-        for row in &self.rows {
-            let entry = latest.entry(&row.subscription_id).or_insert(row);
-            if row.period_start > entry.period_start {
-                *entry = row;
-            }
-        }
-        latest
-            .into_values()
+    /// The period ended last before `at_ms`, when its subscription went on past it: it has a
+    /// later period (the ones in between are not known yet), or it was last seen live (its
+    /// renewal is not known yet).
+    fn continued_past(&self, at_ms: i64) -> Option<&PeriodRow> {
+        let last = self
+            .rows
+            .iter()
             .filter(|r| r.period_end <= at_ms)
-            .filter(|r| {
-                r.subscription_status
-                    .as_deref()
-                    .is_some_and(|s| liveness_of(s) > 0)
-            })
-            .max_by_key(|r| r.period_end)
+            .max_by_key(|r| (r.period_end, r.period_start))?;
+        let of_subscription = || {
+            self.rows
+                .iter()
+                .filter(|r| r.subscription_id == last.subscription_id)
+        };
+        let later = of_subscription().any(|r| r.period_start > last.period_start);
+        let live = of_subscription()
+            .max_by_key(|r| r.period_start)
+            .and_then(|r| r.subscription_status.as_deref())
+            .is_some_and(|s| liveness_of(s) > 0);
+        (later || live).then_some(last)
     }
 }
 

@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Metering;
 use super::periods::{self, Period, Standing, TenantPeriods};
-use crate::store::{PushRow, StoreError, UnpushedKey, UsageRow, now_ms};
+use crate::store::{NewPush, PushRow, StoreError, UnpushedKey, UsageRow, now_ms};
 use crate::sync::SyncError;
 use crate::vendor::{BillingVendor, MeterEvent, VendorError};
 
@@ -81,7 +81,7 @@ pub struct PushReport {
 /// Pushes planned from a chunk of unpushed events, not written yet.
 #[derive(Debug, Clone, Default)]
 pub struct PlannedChunk {
-    pushes: Vec<(PushRow, Vec<(String, String)>)>,
+    pushes: Vec<NewPush>,
     /// Events read.
     read: usize,
     /// Events left waiting for their period.
@@ -93,14 +93,12 @@ pub struct PlannedChunk {
 impl PlannedChunk {
     /// The pushes, each with the events it carries.
     pub fn pushes(&self) -> impl Iterator<Item = (&PushRow, usize)> {
-        self.pushes
-            .iter()
-            .map(|(push, events)| (push, events.len()))
+        self.pushes.iter().map(|p| (&p.row, p.events.len()))
     }
 
     fn count(&self, report: &mut PushReport) {
-        for (push, _) in &self.pushes {
-            match push.status.as_str() {
+        for push in &self.pushes {
+            match push.row.status.as_str() {
                 "expired" => report.expired += 1,
                 "invoice_final" => report.invoiced += 1,
                 _ => report.planned += 1,
@@ -278,7 +276,7 @@ impl Pusher {
         meter_name: &str,
         mut group: Group,
         now: i64,
-    ) -> Result<Option<(PushRow, Vec<(String, String)>)>, SyncError> {
+    ) -> Result<Option<NewPush>, SyncError> {
         let Some(meter) = self.metering.catalog.meters.get(meter_name) else {
             return Ok(None);
         };
@@ -295,12 +293,21 @@ impl Pusher {
         let window_ms = self.window.as_millis() as i64;
         let window = latest.div_euclid(window_ms) * window_ms;
         let (value, stamp) = if meter.aggregation.is_period_value() {
-            let bounds = (group.period.start, group.period.end);
+            let Period { start, end, .. } = group.period;
             let value = self
                 .metering
-                .period_figure(tenant, meter_name, bounds)
+                .period_figure(tenant, meter_name, (start, end))
                 .await?;
-            let stamp = now.min(group.period.end - 1000).max(latest);
+            // As late in the period as now allows, and after the period's earlier pushes when
+            // there is room, so that Stripe's `last` takes the newest value.
+            let last = self
+                .metering
+                .db
+                .usage()
+                .last_stamp(tenant, meter_name, start)
+                .await?;
+            let after_last = last.map_or(i64::MIN, |s| (s + 1) * 1000);
+            let stamp = now.max(after_last).min(end - 1000).max(latest);
             (value.unwrap_or_default(), stamp)
         } else if meter.aggregation == crate::catalog::Aggregation::Count {
             (Decimal::from(events.len()), latest)
@@ -345,8 +352,14 @@ impl Pusher {
             next_attempt_at: now,
             created_at: now,
             sent_at: None,
+            period_start: Some(group.period.start),
+            period_end: Some(group.period.end),
         };
-        Ok(Some((push, keys)))
+        Ok(Some(NewPush {
+            row: push,
+            events: keys,
+            replaces_earlier: meter.aggregation.is_period_value(),
+        }))
     }
 
     /// Sends the due pushes, [`SEND_CONCURRENCY`] at a time, claiming [`SEND_LIMIT`] at once.

@@ -456,6 +456,8 @@ mod tests {
             next_attempt_at: 0,
             created_at: START,
             sent_at,
+            period_start: None,
+            period_end: None,
         }
     }
 

@@ -37,7 +37,7 @@ pub use periods::{PeriodRow, Periods};
 pub use reconcile::{ItemRow, Reconciliations, RunRow};
 pub use snapshot::{BucketState, CounterState, SnapshotSource, TxSnapshot};
 pub use tenants::{TenantRecord, Tenants, Upserted};
-pub use usage::{CheckedRecord, PushRow, UnpushedKey, Usage, UsageRow};
+pub use usage::{CheckedRecord, NewPush, PushRow, UnpushedKey, Usage, UsageRow};
 
 /// How long a claimed command or push stays with the replica that claimed it before another
 /// may take it (its claimant died, or is still at it: each attempt carries the same

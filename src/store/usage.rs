@@ -35,6 +35,21 @@ pub struct PushRow {
     pub next_attempt_at: i64,
     pub created_at: i64,
     pub sent_at: Option<i64>,
+    /// The billing period whose usage it carries, `[start, end)` in Unix ms (`None` for pushes
+    /// planned before periods were kept).
+    pub period_start: Option<i64>,
+    pub period_end: Option<i64>,
+}
+
+/// A push to plan, with the events it carries.
+#[derive(Debug, Clone)]
+pub struct NewPush {
+    pub row: PushRow,
+    /// (tenant, event id) of each event it carries.
+    pub events: Vec<(String, String)>,
+    /// It carries its period's whole value: pushes of the same period not sent yet are
+    /// `superseded`, so that an older value never reaches the vendor after a newer one.
+    pub replaces_earlier: bool,
 }
 
 /// Where a chunk of [`Usage::unpushed`] ended: the next chunk starts after it.
@@ -121,7 +136,7 @@ macro_rules! usage_columns {
 macro_rules! push_columns {
     () => {
         "push_id, tenant_id, meter, customer_id, event_name, window_start, value, timestamp, event_count, \
-         status, attempts, last_error, next_attempt_at, created_at, sent_at"
+         status, attempts, last_error, next_attempt_at, created_at, sent_at, period_start, period_end"
     };
 }
 
@@ -410,17 +425,34 @@ impl<'a> Usage<'a> {
     /// is sent with its fixed identifier until Stripe has it. All or nothing: when any event is
     /// already tied to a push (another planner, one that lost its lease, got there first),
     /// nothing is written and the answer is `false`.
-    pub async fn plan_pushes(
-        &self,
-        pushes: &[(PushRow, Vec<(String, String)>)],
-    ) -> Result<bool, StoreError> {
-        let planned = on_pool!(self.db, |pool| async {
+    pub async fn plan_pushes(&self, pushes: &[NewPush]) -> Result<bool, StoreError> {
+        let planned = on_pool!(self.db, |pool| {
+            async {
             let mut tx = pool.begin().await?;
-            for (push, events) in pushes {
+            for NewPush {
+                row: push,
+                events,
+                replaces_earlier,
+            } in pushes
+            {
+                if *replaces_earlier && push.status == "pending" {
+                    sqlx::query(
+                        "UPDATE usage_pushes SET status = 'superseded', last_error = $5 \
+                         WHERE tenant_id = $1 AND meter = $2 AND period_start = $3 \
+                         AND status = 'pending' AND push_id <> $4",
+                    )
+                    .bind(&push.tenant_id)
+                    .bind(&push.meter)
+                    .bind(push.period_start)
+                    .bind(&push.push_id)
+                    .bind(format!("replaced before it was sent by {}", push.push_id))
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 let inserted = sqlx::query(concat!(
                     "INSERT INTO usage_pushes (",
                     push_columns!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
                      ON CONFLICT (push_id) DO NOTHING"
                 ))
                 .bind(&push.push_id)
@@ -438,6 +470,8 @@ impl<'a> Usage<'a> {
                 .bind(push.next_attempt_at)
                 .bind(push.created_at)
                 .bind(push.sent_at)
+                .bind(push.period_start)
+                .bind(push.period_end)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
@@ -464,8 +498,31 @@ impl<'a> Usage<'a> {
             tx.commit().await?;
             Ok(true)
         }
-        .await)?;
+        .await
+        })?;
         Ok(planned)
+    }
+
+    /// The latest timestamp (Unix seconds) of the pushes of a tenant's meter in the period
+    /// starting at `period_start`.
+    pub async fn last_stamp(
+        &self,
+        tenant_id: &str,
+        meter: &str,
+        period_start: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let (stamp,): (Option<i64>,) = on_pool!(self.db, |pool| {
+            sqlx::query_as(
+                "SELECT MAX(timestamp) FROM usage_pushes WHERE tenant_id = $1 AND meter = $2 \
+                 AND period_start = $3",
+            )
+            .bind(tenant_id)
+            .bind(meter)
+            .bind(period_start)
+            .fetch_one(pool)
+            .await
+        })?;
+        Ok(stamp)
     }
 
     /// Claims the pushes waiting to be sent (first time or again), oldest first; each is put

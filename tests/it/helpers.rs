@@ -69,6 +69,18 @@ pub enum TestDatabase {
 }
 
 impl TestDatabase {
+    /// [`Self::create`], with SQLite in memory-backed storage where the machine has it
+    /// (`/dev/shm`): for tests that commit thousands of times.
+    pub async fn create_fast(backend: Backend) -> (Self, String) {
+        let shm = std::path::Path::new("/dev/shm");
+        if backend == Backend::Postgres || !shm.is_dir() {
+            return Self::create(backend).await;
+        }
+        let dir = tempfile::tempdir_in(shm).expect("temp dir in /dev/shm");
+        let url = format!("sqlite://{}", dir.path().join("billsync.db").display());
+        (Self::Sqlite { _dir: dir }, url)
+    }
+
     pub async fn create(backend: Backend) -> (Self, String) {
         match backend {
             Backend::Sqlite => {

@@ -15,6 +15,7 @@ mod reconcile;
 mod replicas;
 mod revenue;
 mod security;
+mod simulation;
 mod sync;
 mod tenants;
 mod usage;
