@@ -256,6 +256,23 @@ impl Db {
         Ok(())
     }
 
+    /// Now by the database's clock, Unix milliseconds: one clock for every replica (SQLite has
+    /// one process, and this is its clock). Vendor states are versioned by it, so that two
+    /// replicas whose own clocks differ still order what they observed.
+    pub async fn clock_ms(&self) -> Result<i64, StoreError> {
+        match self {
+            Self::Sqlite(_) => Ok(now_ms()),
+            Self::Postgres(pool) => {
+                let (now,): (i64,) = sqlx::query_as(
+                    "SELECT FLOOR(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+                )
+                .fetch_one(pool)
+                .await?;
+                Ok(now)
+            }
+        }
+    }
+
     /// One round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         on_pool!(self, |pool| sqlx::query("SELECT 1")

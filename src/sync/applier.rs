@@ -214,8 +214,8 @@ impl Applier {
             }
             return Ok(None);
         };
-        // billsync's own commands already applied the vendor's answer (a fresher state than
-        // the event's copy): their events need no refetch, and their copies change nothing.
+        // billsync's own commands already applied the vendor's answer (the same state as the
+        // event's copy): their events need no refetch.
         let has_events = group
             .iter()
             .any(|row| !Source::is_fresh_state(&row.source) && !super::is_own(row));
@@ -237,8 +237,9 @@ impl Applier {
         }
         let applies = match &self.vendor {
             Some(vendor) if (self.refetch && has_events) || needs_vendor => {
-                let fetched_at = now_ms();
-                let (object, deleted) = match vendor.fetch(kind, &object_id).await? {
+                let (fetched, fetched_at) =
+                    super::observe(&self.db, vendor.fetch(kind, &object_id)).await?;
+                let (object, deleted) = match fetched {
                     Fetched::Found(object) => (object, false),
                     Fetched::Gone => (tombstone(kind, &object_id), true),
                 };
@@ -338,7 +339,7 @@ pub fn object_state(
 }
 
 /// The state a row carries without asking the vendor: the refetched state recorded when it was
-/// applied, or else the event's own copy, versioned by the event's creation time.
+/// applied, or else its own copy, with its version ([`copy_version`]).
 pub fn state_of_row(row: &InboxRow, kind: ObjectKind) -> Result<(Value, i64, bool), SyncError> {
     if let (Some(payload), Some(version)) = (&row.applied_payload, row.applied_version) {
         let object: Value =
@@ -369,7 +370,20 @@ pub fn state_of_row(row: &InboxRow, kind: ObjectKind) -> Result<(Value, i64, boo
                 | ObjectKind::Plan
                 | ObjectKind::Invoice
         );
-    Ok((object, row.event_created, deletes))
+    Ok((object, copy_version(row), deletes))
+}
+
+/// The version of the state a row carries. A state billsync observed itself (sweep, backfill,
+/// reconciliation, a command's answer) is versioned by the moment it started the request
+/// (`event_created`, Unix ms). A vendor event's own copy is versioned by the last millisecond
+/// of the second Stripe created it in: the change it reports happened within that second, so
+/// any request started before the change is versioned lower.
+pub fn copy_version(row: &InboxRow) -> i64 {
+    if Source::is_fresh_state(&row.source) {
+        row.event_created
+    } else {
+        row.event_created.div_euclid(1000) * 1000 + 999
+    }
 }
 
 /// What the mirror keeps for an object the vendor no longer has.
