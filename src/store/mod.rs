@@ -4,6 +4,7 @@
 //! pool is configured through [`on_pool!`], which expands the same code once per backend so each
 //! keeps its native driver (types, `LISTEN/NOTIFY`, advisory locks).
 
+mod claims;
 mod commands;
 mod inbox;
 mod lease;
@@ -24,6 +25,7 @@ use sqlx::sqlite::{
 
 use crate::config::DatabaseSettings;
 
+pub use claims::{Claims, Queue};
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
 pub use lease::{LeaseSeat, XactLock, lease_key};
@@ -34,14 +36,6 @@ pub use mirror::{
 pub use reconcile::{ItemRow, Reconciliations, RunRow};
 pub use tenants::{TenantRecord, Tenants, Upserted};
 pub use usage::{CounterState, PushRow, TxSnapshot, Usage, UsageRow};
-
-/// How long a claimed command or push stays with the replica that claimed it before another
-/// may take it (its claimant died, or is still at it: each attempt carries the same
-/// idempotency key or meter event identifier, so a second one changes nothing at the vendor).
-pub const CLAIM_MS: i64 = 10_000;
-/// The same for inbox rows: a batch may refetch many objects, and applying twice is harmless
-/// but costs vendor calls, so an applier gets longer.
-pub const INBOX_CLAIM_MS: i64 = 30_000;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -299,6 +293,10 @@ impl Db {
 
     pub fn tenants(&self) -> Tenants<'_> {
         Tenants::new(self)
+    }
+
+    pub fn claims(&self) -> Claims<'_> {
+        Claims::new(self)
     }
 
     pub fn commands(&self) -> Commands<'_> {

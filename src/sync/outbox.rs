@@ -21,9 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::applier::{Applier, retry_delay};
 use super::{OWN_KEY_PREFIX, SyncError, events, observe};
+use crate::cluster::ClaimRenewal;
 use crate::domain::{Subscription, TenantId};
 use crate::metrics::Metrics;
-use crate::store::{CommandRow, Confirmed, Db, Settlement, Source, StoreError, now_ms};
+use crate::store::{CommandRow, Confirmed, Db, Queue, Settlement, Source, StoreError, now_ms};
 use crate::vendor::stripe::objects;
 use crate::vendor::{
     BillingVendor, CustomerWrite, Fetched, ListFilter, ObjectKind, Proration, SubscriptionWrite,
@@ -192,6 +193,8 @@ pub struct Outbox {
     pub wake: Arc<Notify>,
     /// Commands in flight at once (each tenant's still one at a time).
     pub concurrency: usize,
+    /// How long a claim on a command lasts unless renewed (`claims.commands`).
+    pub claim: Duration,
     /// A command the vendor could not take for this long fails.
     pub give_up_after: Duration,
     pub max_retry_delay: Duration,
@@ -210,7 +213,7 @@ impl Outbox {
                     .due(
                         now_ms(),
                         self.claim_limit(running.len()),
-                        crate::store::CLAIM_MS,
+                        self.claim.as_millis() as i64,
                     )
                     .await
                 {
@@ -276,10 +279,21 @@ impl Outbox {
         }
     }
 
-    /// One attempt at one command, recorded whatever happens.
+    /// One attempt at one command (as claimed by `Commands::due`), recorded whatever happens.
+    /// The claim is renewed until the vendor has answered.
     pub async fn attempt(&self, command: CommandRow) {
         let started = std::time::Instant::now();
-        let step = match self.execute(&command).await {
+        let renewal = ClaimRenewal::start(
+            self.db.clone(),
+            Queue::Commands,
+            vec![command.command_id.clone()],
+            command.next_attempt_at,
+            self.claim,
+            self.metrics.clone(),
+        );
+        let executed = self.execute(&command).await;
+        renewal.finish().await;
+        let step = match executed {
             Ok(step) => step,
             Err(SyncError::Vendor(VendorError::Rejected {
                 status,

@@ -1017,3 +1017,105 @@ async fn postgres_several_replicas_send_each_command_once() {
     b.stop().await;
     a.stop().await;
 }
+
+/// The outbox's claim in the tests below: short, so that a vendor call outlasts it.
+const CLAIM: Duration = Duration::from_secs(1);
+
+async fn start_with_short_claims(fake: &Fake) -> TestApp {
+    TestApp::spawn_with(Backend::Postgres, |s| {
+        use_vendor(s, &fake.server.uri());
+        use_test_catalog(s);
+        s.claims.commands = CLAIM;
+    })
+    .await
+}
+
+/// Command attempts of `kind` that succeeded, counted on all of `apps`.
+async fn successes(apps: &[&TestApp], kind: &str) -> u64 {
+    let series = format!("billsync_commands_total{{kind=\"{kind}\",outcome=\"succeeded\"}} ");
+    let mut total = 0;
+    for app in apps {
+        let metrics = app.metrics().await;
+        total += metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix(series.as_str()))
+            .map(|value| value.parse::<u64>().unwrap())
+            .sum::<u64>();
+    }
+    total
+}
+
+/// PUTs a new tenant; returns its `customer.sync` command's id.
+async fn customer_sync(app: &TestApp, tenant: &str) -> String {
+    let view: Value = app
+        .put_tenant(tenant, json!({"name": "Acme"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["pending"][0]["kind"], "customer.sync", "{view}");
+    view["pending"][0]["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_vendor_call_slower_than_the_claim_is_made_once() {
+    let fake = Fake::start().await;
+    // Creating the customer takes four claim times.
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(Slow(Handler(fake.state.clone()), 4 * CLAIM))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&fake.server)
+        .await;
+    let a = start_with_short_claims(&fake).await;
+    let b = a.replica().await;
+    let id = customer_sync(&a, "acme").await;
+    let done = ended(&a, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    // Both replicas' outboxes looked for work all along; the claim stayed with the one calling.
+    assert_eq!(
+        fake.calls("POST", "/v1/customers").await.len(),
+        1,
+        "one call at the vendor"
+    );
+    assert_eq!(successes(&[&a, &b], "customer.sync").await, 1);
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_dead_replicas_command_is_taken_over_within_the_claim_time() {
+    let fake = Fake::start().await;
+    // The first call does not come back before its replica dies.
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(ResponseTemplate::new(500).set_delay(6 * CLAIM))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&fake.server)
+        .await;
+    let a = start_with_short_claims(&fake).await;
+    let id = customer_sync(&a, "acme").await;
+    let calls = || async { fake.calls("POST", "/v1/customers").await.len() };
+    wait_for("the first replica to call the vendor", || async {
+        calls().await == 1
+    })
+    .await;
+    let b = a.replica().await;
+    let _database = a.crash();
+    let crashed = std::time::Instant::now();
+    wait_for("the other replica to take the command over", || async {
+        calls().await == 2
+    })
+    .await;
+    // Within the claim time, and a second's slack for a busy machine.
+    let waited = crashed.elapsed();
+    assert!(
+        waited < CLAIM + Duration::from_secs(1),
+        "taken over after {waited:?}"
+    );
+    let done = ended(&b, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    b.stop().await;
+}
