@@ -23,8 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Metering, billing_period};
 use crate::catalog::Aggregation;
-use crate::cluster::ClaimRenewal;
-use crate::store::{PushRow, Queue, StoreError, UsageRow, now_ms};
+use crate::store::{PushRow, StoreError, UsageRow, now_ms};
 use crate::sync::SyncError;
 use crate::vendor::{BillingVendor, MeterEvent, VendorError};
 
@@ -219,9 +218,9 @@ impl Pusher {
                 break;
             };
             sent += due.len();
-            let renewal = ClaimRenewal::start(
+            let renewal = crate::cluster::ClaimRenewal::start(
                 db.clone(),
-                Queue::Pushes,
+                crate::store::Queue::Pushes,
                 due.iter().map(|push| push.push_id.clone()).collect(),
                 until,
                 self.claim,
@@ -247,7 +246,7 @@ impl Pusher {
     async fn send_one(
         &self,
         push: PushRow,
-        renewal: &ClaimRenewal,
+        renewal: &crate::cluster::ClaimRenewal,
     ) -> Result<&'static str, StoreError> {
         let event = MeterEvent {
             event_name: push.event_name.clone(),
