@@ -139,6 +139,7 @@ impl AppState {
             refetch: stripe.refetch,
             tenant_key: stripe.tenant_metadata_key.clone(),
             batch: self.settings.sync.apply_batch,
+            claim: self.settings.claims.inbox,
             max_retry_delay: self.settings.sync.max_retry_delay,
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
@@ -166,6 +167,7 @@ impl AppState {
             metrics: self.metrics.clone(),
             wake: self.outbox_wake.clone(),
             concurrency: self.settings.outbox.concurrency,
+            claim: self.settings.claims.commands,
             give_up_after: self.settings.outbox.give_up_after,
             max_retry_delay: self.settings.sync.max_retry_delay,
         }
@@ -191,6 +193,7 @@ impl AppState {
             interval: self.settings.metering.push_interval,
             window: self.settings.metering.push_window,
             max_retry_delay: self.settings.sync.max_retry_delay,
+            claim: self.settings.claims.pushes,
         }
     }
 

@@ -5,7 +5,8 @@
 //!   dies, its leases are free at once and another replica takes each at its next try (every
 //!   [`LEASE_RETRY`]).
 //! - Work queues (inbox, outbox, pushes) are claimed row by row with `FOR UPDATE SKIP LOCKED`
-//!   (see the stores).
+//!   (see the stores), and the claim is renewed while the work runs ([`ClaimRenewal`]): a
+//!   healthy replica's work is never taken over, a dead one's is once its claim runs out.
 //! - Every replica follows the others' changes through `LISTEN/NOTIFY` ([`follow_changes`]):
 //!   `billsync_entitlements` (sent by database triggers whenever a tenant or a mirrored object
 //!   changes) drops entitlement models; `billsync_usage` (sent with every usage insert) carries
@@ -13,7 +14,8 @@
 //!
 //! On SQLite there is one process: it holds every lease and needs no notifications.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
@@ -22,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::entitlements::Entitlements;
 use crate::metering::{Heard, Metering};
 use crate::metrics::Metrics;
-use crate::store::{Db, LeaseSeat, StoreError, TxSnapshot};
+use crate::store::{Db, LeaseSeat, Queue, StoreError, TxSnapshot, now_ms};
 
 /// How often a replica without a lease tries to take it, and how often a holder checks that
 /// it still holds it.
@@ -132,6 +134,122 @@ pub async fn with_lease<F, Fut>(
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(LEASE_RETRY) => {}
         }
+    }
+}
+
+/// Keeps a claim on queued rows while the work on them runs: every third of the claim time it
+/// moves the claim on, on the rows still held (see [`crate::store::Claims::renew`]). A row
+/// this replica no longer holds although it did not let go of it was claimed by another
+/// replica after a renewal came too late (a stalled database): that is logged and counted, and
+/// the work goes on (the same idempotency keys make a repeat harmless). Renewal stops with
+/// [`ClaimRenewal::finish`], or when the guard is dropped.
+pub struct ClaimRenewal {
+    held: Arc<Mutex<HashSet<String>>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClaimRenewal {
+    /// Starts renewing the claim on `ids` of `queue`, which runs until `until` (Unix ms).
+    pub fn start(
+        db: Db,
+        queue: Queue,
+        ids: Vec<String>,
+        until: i64,
+        claim: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let held = Arc::new(Mutex::new(ids.into_iter().collect()));
+        let stop = CancellationToken::new();
+        let renewer = Renewer {
+            db,
+            queue,
+            held: held.clone(),
+            claim,
+            metrics,
+        };
+        let task = tokio::spawn(renewer.run(until, stop.clone()));
+        Self { held, stop, task }
+    }
+
+    /// The work is done with `id` and is about to settle it: it is no longer renewed.
+    pub fn let_go(&self, id: &str) {
+        self.held.lock().expect("claim set").remove(id);
+    }
+
+    /// Stops renewing; once this returns, no renewal touches the rows again.
+    pub async fn finish(mut self) {
+        self.stop.cancel();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for ClaimRenewal {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Renewer {
+    db: Db,
+    queue: Queue,
+    held: Arc<Mutex<HashSet<String>>>,
+    claim: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Renewer {
+    async fn run(self, mut until: i64, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = tokio::time::sleep(self.claim / 3) => {}
+            }
+            let ids: Vec<String> = self
+                .held
+                .lock()
+                .expect("claim set")
+                .iter()
+                .cloned()
+                .collect();
+            if ids.is_empty() {
+                break;
+            }
+            let next = now_ms() + self.claim.as_millis() as i64;
+            match self.db.claims().renew(self.queue, &ids, until, next).await {
+                Ok(renewed) => {
+                    until = next;
+                    self.keep(renewed);
+                }
+                // The claim still runs until `until`: try again at the next tick.
+                Err(error) => {
+                    tracing::warn!(queue = self.queue.as_str(), error = %error, "cannot renew a claim; trying again")
+                }
+            }
+        }
+    }
+
+    /// Keeps holding the rows renewed; the others still held were lost.
+    fn keep(&self, renewed: Vec<String>) {
+        let renewed: HashSet<String> = renewed.into_iter().collect();
+        let mut held = self.held.lock().expect("claim set");
+        let lost: Vec<String> = held.difference(&renewed).cloned().collect();
+        held.retain(|id| renewed.contains(id));
+        drop(held);
+        if lost.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            queue = self.queue.as_str(),
+            rows = ?lost,
+            "claim lost: another replica may repeat this work (safely: same idempotency keys)"
+        );
+        self.metrics.add(
+            "billsync_claims_lost_total",
+            "Queued rows whose claim another replica took while this one was still working on them.",
+            &[("queue", self.queue.as_str())],
+            lost.len() as u64,
+        );
     }
 }
 

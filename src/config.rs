@@ -38,6 +38,7 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub runtime: RuntimeSettings,
     pub outbox: OutboxSettings,
+    pub claims: ClaimSettings,
     pub reconcile: ReconcileSettings,
 }
 
@@ -58,6 +59,18 @@ pub struct OutboxSettings {
     pub concurrency: usize,
     /// A command the vendor could not take for this long fails.
     pub give_up_after: Duration,
+}
+
+/// How long a replica's claim on queued work lasts unless renewed (renewed every third of it
+/// while the work runs): the longest a dead replica's work waits before another takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimSettings {
+    /// Inbox rows (a batch the applier works on).
+    pub inbox: Duration,
+    /// A command the outbox worker sends.
+    pub commands: Duration,
+    /// Usage pushes (a batch the pusher sends).
+    pub pushes: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -207,6 +220,7 @@ struct Raw {
     shutdown: RawShutdown,
     runtime: RawRuntime,
     outbox: RawOutbox,
+    claims: RawClaims,
     reconcile: RawReconcile,
 }
 
@@ -308,6 +322,14 @@ struct RawReconcile {
 struct RawOutbox {
     concurrency: usize,
     give_up_after: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClaims {
+    inbox: String,
+    commands: String,
+    pushes: String,
 }
 
 #[derive(Deserialize)]
@@ -512,6 +534,12 @@ impl Settings {
             give_up_after: positive("outbox.give_up_after", &raw.outbox.give_up_after)?,
         };
 
+        let claims = ClaimSettings {
+            inbox: claim("claims.inbox", &raw.claims.inbox)?,
+            commands: claim("claims.commands", &raw.claims.commands)?,
+            pushes: claim("claims.pushes", &raw.claims.pushes)?,
+        };
+
         let interval = duration("reconcile.interval", &raw.reconcile.interval)?;
         let reconcile = ReconcileSettings {
             interval: (!interval.is_zero()).then_some(interval),
@@ -582,6 +610,7 @@ impl Settings {
             },
             runtime,
             outbox,
+            claims,
             reconcile,
         })
     }
@@ -716,6 +745,16 @@ fn positive(key: &str, text: &str) -> Result<Duration, ConfigError> {
     Ok(value)
 }
 
+/// A claim time: renewed every third of it, so at least a second, and at most an hour (a dead
+/// replica's work waits that long).
+fn claim(key: &str, text: &str) -> Result<Duration, ConfigError> {
+    let value = duration(key, text)?;
+    if value < Duration::from_secs(1) || value > Duration::from_secs(3_600) {
+        return Err(ConfigError::new(key, "must be between 1s and 1h"));
+    }
+    Ok(value)
+}
+
 fn duration(key: &str, text: &str) -> Result<Duration, ConfigError> {
     parse_duration(text).ok_or_else(|| {
         ConfigError::new(
@@ -796,6 +835,23 @@ mod tests {
         let shown = format!("{s:?}");
         for secret in ["supersecretvalue", "alsosecret", "an-api-key", "dbpassword"] {
             assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+
+    #[test]
+    fn claims_keep_their_defaults_and_stay_within_bounds() {
+        let s = Settings::load_from(Vec::new()).unwrap();
+        assert_eq!(s.claims.inbox, Duration::from_secs(30));
+        assert_eq!(s.claims.commands, Duration::from_secs(10));
+        assert_eq!(s.claims.pushes, Duration::from_secs(10));
+        let s = Settings::load_from(env(&[("BILLSYNC_CLAIMS__COMMANDS", "2s")])).unwrap();
+        assert_eq!(s.claims.commands, Duration::from_secs(2));
+        for (name, value) in [
+            ("BILLSYNC_CLAIMS__INBOX", "500ms"),
+            ("BILLSYNC_CLAIMS__PUSHES", "2h"),
+        ] {
+            let err = Settings::load_from(env(&[(name, value)])).unwrap_err();
+            assert!(err.key.starts_with("claims."), "{err}");
         }
     }
 

@@ -46,7 +46,7 @@ const WINDOW_MARGIN_MS: i64 = 3_600_000;
 const PLAN_LIMIT: u32 = 20_000;
 /// Chunks planned per pass at most.
 const PLAN_CHUNKS: usize = 25;
-/// Pushes claimed at a time (well inside their claim of `CLAIM_MS`).
+/// Pushes claimed at a time (their claim is renewed while they are sent).
 const SEND_LIMIT: u32 = 64;
 /// Pushes sent at once: a slow vendor answer holds up one of them, not the pass.
 const SEND_CONCURRENCY: usize = 8;
@@ -60,6 +60,8 @@ pub struct Pusher {
     pub interval: Duration,
     pub window: Duration,
     pub max_retry_delay: Duration,
+    /// How long a claim on a batch of pushes lasts unless renewed (`claims.pushes`).
+    pub claim: Duration,
 }
 
 /// What one pass did.
@@ -362,7 +364,8 @@ impl Pusher {
         }))
     }
 
-    /// Sends the due pushes, [`SEND_CONCURRENCY`] at a time, claiming [`SEND_LIMIT`] at once.
+    /// Sends the due pushes, [`SEND_CONCURRENCY`] at a time, claiming [`SEND_LIMIT`] at once and
+    /// renewing the claim until each is settled.
     async fn send(
         &self,
         report: &mut PushReport,
@@ -370,18 +373,24 @@ impl Pusher {
     ) -> Result<(), StoreError> {
         use futures_util::StreamExt;
         let db = &self.metering.db;
+        let claim = self.claim.as_millis() as i64;
         let mut sent = 0;
         while sent < SEND_PER_PASS && !stop.is_cancelled() {
-            let due = db
-                .usage()
-                .due_pushes(now_ms(), SEND_LIMIT, crate::store::CLAIM_MS)
-                .await?;
-            if due.is_empty() {
+            let due = db.usage().due_pushes(now_ms(), SEND_LIMIT, claim).await?;
+            let Some(until) = due.first().map(|push| push.next_attempt_at) else {
                 break;
-            }
+            };
             sent += due.len();
+            let renewal = crate::cluster::ClaimRenewal::start(
+                db.clone(),
+                crate::store::Queue::Pushes,
+                due.iter().map(|push| push.push_id.clone()).collect(),
+                until,
+                self.claim,
+                self.metering.metrics.clone(),
+            );
             let mut outcomes = futures_util::stream::iter(due)
-                .map(|push| self.send_one(push))
+                .map(|push| self.send_one(push, &renewal))
                 .buffer_unordered(SEND_CONCURRENCY);
             while let Some(outcome) = outcomes.next().await {
                 match outcome? {
@@ -390,12 +399,18 @@ impl Pusher {
                     _ => report.retrying += 1,
                 }
             }
+            drop(outcomes);
+            renewal.finish().await;
         }
         Ok(())
     }
 
     /// Sends one push and records the outcome: `sent`, `rejected` or `pending` (retry later).
-    async fn send_one(&self, push: PushRow) -> Result<&'static str, StoreError> {
+    async fn send_one(
+        &self,
+        push: PushRow,
+        renewal: &crate::cluster::ClaimRenewal,
+    ) -> Result<&'static str, StoreError> {
         let event = MeterEvent {
             event_name: push.event_name.clone(),
             customer_id: push.customer_id.clone(),
@@ -426,6 +441,7 @@ impl Pusher {
             "Meter events sent to the vendor, by outcome (pending: to be retried).",
             &[("outcome", status)],
         );
+        renewal.let_go(&push.push_id);
         self.metering
             .db
             .usage()

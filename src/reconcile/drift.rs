@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 
 use super::{Finding, Item};
 use crate::domain::{Subscription, rfc3339_secs};
-use crate::store::{Db, NewEvent, Source, now_ms};
-use crate::sync::{SyncError, events};
+use crate::store::{Db, NewEvent, Source};
+use crate::sync::{SyncError, events, observe};
 use crate::vendor::stripe::objects;
 use crate::vendor::{BillingVendor, Fetched, ListFilter, ObjectKind};
 
@@ -20,7 +20,6 @@ pub async fn check(
     vendor: &dyn BillingVendor,
     customers: &[(String, String)],
 ) -> Result<(Vec<Item>, Vec<NewEvent>), SyncError> {
-    let fetched_at = now_ms();
     let mut items = Vec::new();
     let mut repairs = Vec::new();
     for (tenant, customer) in customers {
@@ -28,13 +27,14 @@ pub async fn check(
             customer: Some(customer.clone()),
             all_statuses: true,
         };
-        let mut at_vendor: Vec<Value> = vendor
-            .list(ObjectKind::Subscription, &filter, None)
-            .await?
-            .data;
+        // Each state with when the request that returned it was sent: its version.
+        let list = vendor.list(ObjectKind::Subscription, &filter, None);
+        let (page, listed_at) = observe(db, list).await?;
+        let mut at_vendor: Vec<(Value, i64)> =
+            page.data.into_iter().map(|s| (s, listed_at)).collect();
         let listed: BTreeSet<String> = at_vendor
             .iter()
-            .filter_map(|s| objects::id_of(&s["id"]))
+            .filter_map(|(s, _)| objects::id_of(&s["id"]))
             .collect();
         let local = db
             .mirror()
@@ -42,14 +42,12 @@ pub async fn check(
             .await?;
         // A mirrored subscription the list leaves out: fetch it by id.
         for row in local.iter().filter(|r| !listed.contains(&r.object_id)) {
-            if let Fetched::Found(object) = vendor
-                .fetch(ObjectKind::Subscription, &row.object_id)
-                .await?
-            {
-                at_vendor.push(object);
+            let fetch = vendor.fetch(ObjectKind::Subscription, &row.object_id);
+            if let (Fetched::Found(object), at) = observe(db, fetch).await? {
+                at_vendor.push((object, at));
             }
         }
-        for object in at_vendor {
+        for (object, fetched_at) in at_vendor {
             let Some(id) = objects::id_of(&object["id"]) else {
                 continue;
             };

@@ -16,7 +16,9 @@ pub struct ObjectState {
     pub status: Option<String>,
     /// The vendor's `created`, Unix seconds.
     pub created: Option<i64>,
-    /// Orders states of one object (Unix ms of the event or of the fetch).
+    /// Orders states of one object: when the state was observed, Unix ms (see
+    /// `sync::applier::copy_version` and `sync::observe`). A state replaces the stored one
+    /// only if its version is at least as high.
     pub version: i64,
     pub deleted: bool,
     pub payload: String,
@@ -127,12 +129,17 @@ impl<'a> Mirror<'a> {
                 refetched,
             } in items
             {
+                // The same state again (an own command's echo, a refetch that found nothing new)
+                // only moves the version on: `synced_at` stays when the state last changed.
                 let written = sqlx::query(
                     "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, \
                      deleted, payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
                      ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
                      status = excluded.status, created = excluded.created, version = excluded.version, \
-                     deleted = excluded.deleted, payload = excluded.payload, synced_at = excluded.synced_at \
+                     deleted = excluded.deleted, payload = excluded.payload, \
+                     synced_at = CASE WHEN mirror_objects.payload = excluded.payload \
+                     AND mirror_objects.deleted = excluded.deleted \
+                     THEN mirror_objects.synced_at ELSE excluded.synced_at END \
                      WHERE mirror_objects.version <= excluded.version",
                 )
                 .bind(&state.object_type)

@@ -4,6 +4,7 @@
 //! pool is configured through [`on_pool!`], which expands the same code once per backend so each
 //! keeps its native driver (types, `LISTEN/NOTIFY`, advisory locks).
 
+mod claims;
 mod commands;
 mod inbox;
 mod lease;
@@ -26,6 +27,7 @@ use sqlx::sqlite::{
 
 use crate::config::DatabaseSettings;
 
+pub use claims::{Claims, Queue};
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
 pub use lease::{LeaseSeat, XactLock, lease_key};
@@ -38,14 +40,6 @@ pub use reconcile::{ItemRow, Reconciliations, RunRow};
 pub use snapshot::{BucketState, CounterState, SnapshotSource, TxSnapshot};
 pub use tenants::{TenantRecord, Tenants, Upserted};
 pub use usage::{CheckedRecord, NewPush, PushRow, UnpushedKey, Usage, UsageRow};
-
-/// How long a claimed command or push stays with the replica that claimed it before another
-/// may take it (its claimant died, or is still at it: each attempt carries the same
-/// idempotency key or meter event identifier, so a second one changes nothing at the vendor).
-pub const CLAIM_MS: i64 = 10_000;
-/// The same for inbox rows: a batch may refetch many objects, and applying twice is harmless
-/// but costs vendor calls, so an applier gets longer.
-pub const INBOX_CLAIM_MS: i64 = 30_000;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -260,6 +254,23 @@ impl Db {
         Ok(())
     }
 
+    /// Now by the database's clock, Unix milliseconds: one clock for every replica (SQLite has
+    /// one process, and this is its clock). Vendor states are versioned by it, so that two
+    /// replicas whose own clocks differ still order what they observed.
+    pub async fn clock_ms(&self) -> Result<i64, StoreError> {
+        match self {
+            Self::Sqlite(_) => Ok(now_ms()),
+            Self::Postgres(pool) => {
+                let (now,): (i64,) = sqlx::query_as(
+                    "SELECT FLOOR(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+                )
+                .fetch_one(pool)
+                .await?;
+                Ok(now)
+            }
+        }
+    }
+
     /// One round trip, for readiness.
     pub async fn ping(&self) -> Result<(), StoreError> {
         on_pool!(self, |pool| sqlx::query("SELECT 1")
@@ -286,6 +297,10 @@ impl Db {
 
     pub fn tenants(&self) -> Tenants<'_> {
         Tenants::new(self)
+    }
+
+    pub fn claims(&self) -> Claims<'_> {
+        Claims::new(self)
     }
 
     pub fn commands(&self) -> Commands<'_> {

@@ -11,12 +11,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::SyncError;
+use crate::cluster::ClaimRenewal;
 use crate::domain::TenantId;
 use crate::entitlements::Entitlements;
 use crate::metrics::Metrics;
 use crate::store::{
-    Apply, ApplyOutcome, Confirmed, Db, InboxRow, ObjectState, Source, StoreError, TenantClaim,
-    now_ms,
+    Apply, ApplyOutcome, Confirmed, Db, InboxRow, ObjectState, Queue, Source, StoreError,
+    TenantClaim, now_ms,
 };
 use crate::vendor::stripe::objects;
 use crate::vendor::{BillingVendor, Fetched, ObjectKind};
@@ -31,11 +32,20 @@ pub struct Applier {
     pub refetch: bool,
     pub tenant_key: String,
     pub batch: u32,
+    /// How long a claim on a batch lasts unless renewed (`claims.inbox`).
+    pub claim: Duration,
     pub max_retry_delay: Duration,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
     /// Told which tenants' read models the applied states change.
     pub entitlements: Option<Entitlements>,
+}
+
+/// What a group of rows for one object comes to.
+enum Prepared {
+    Apply(Vec<Apply>),
+    /// Nothing to apply, for this reason.
+    Skip(&'static str),
 }
 
 impl Applier {
@@ -63,20 +73,57 @@ impl Applier {
     /// Applies every row due now (one batch, one transaction); returns how many rows it settled
     /// or deferred.
     pub async fn step(&self) -> Result<usize, StoreError> {
-        let rows = self
-            .db
-            .inbox()
-            .due(now_ms(), self.batch, crate::store::INBOX_CLAIM_MS)
-            .await?;
+        let claim = self.claim.as_millis() as i64;
+        let rows = self.db.inbox().due(now_ms(), self.batch, claim).await?;
         let count = rows.len();
-        let mut ready: Vec<(Vec<InboxRow>, Vec<Apply>)> = Vec::new();
+        let Some(until) = rows.first().map(|row| row.next_attempt_at) else {
+            return Ok(0);
+        };
+        // The vendor is asked while the claim is renewed; the rows are settled after.
+        let ids = rows.iter().map(|row| row.event_id.clone()).collect();
+        let renewal = ClaimRenewal::start(
+            self.db.clone(),
+            Queue::Inbox,
+            ids,
+            until,
+            self.claim,
+            self.metrics.clone(),
+        );
+        let (mut ready, mut skipped, mut failed) = (Vec::new(), Vec::new(), Vec::new());
         for group in group_by_object(rows) {
             match self.prepare(&group).await {
-                Ok(Some(applies)) => ready.push((group, applies)),
-                Ok(None) => {}
-                Err(error) => self.defer(&group, &error).await?,
+                Ok(Prepared::Apply(applies)) => ready.push((group, applies)),
+                Ok(Prepared::Skip(reason)) => skipped.push((group, reason)),
+                Err(error) => failed.push((group, error)),
             }
         }
+        renewal.finish().await;
+        for (group, reason) in skipped {
+            for row in group {
+                self.db
+                    .inbox()
+                    .mark_skipped(&row.event_id, reason, now_ms())
+                    .await?;
+            }
+        }
+        for (group, error) in &failed {
+            self.defer(group, error).await?;
+        }
+        self.write(ready).await?;
+        let stats = self.db.inbox().stats().await?;
+        if let Some(newest) = stats.newest_applied_event {
+            self.metrics.set(
+                "billsync_sync_lag_seconds",
+                "Now minus the creation time of the newest applied vendor event.",
+                &[],
+                (now_ms() - newest).max(0) as f64 / 1000.0,
+            );
+        }
+        Ok(count)
+    }
+
+    /// Writes the prepared states in one transaction, or object by object if that fails.
+    async fn write(&self, ready: Vec<(Vec<InboxRow>, Vec<Apply>)>) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         let items: Vec<Apply> = ready
             .iter()
@@ -110,18 +157,7 @@ impl Applier {
                 }
             }
         }
-        if count > 0 {
-            let stats = self.db.inbox().stats().await?;
-            if let Some(newest) = stats.newest_applied_event {
-                self.metrics.set(
-                    "billsync_sync_lag_seconds",
-                    "Now minus the creation time of the newest applied vendor event.",
-                    &[],
-                    (now_ms() - newest).max(0) as f64 / 1000.0,
-                );
-            }
-        }
-        Ok(count)
+        Ok(())
     }
 
     /// Drops the read models the applied states feed: a tenant's own objects change its model;
@@ -199,23 +235,17 @@ impl Applier {
     }
 
     /// The states a group of rows for one object calls for: the vendor's current state (one
-    /// fetch for the whole group) or each row's own copy. `None` when there is nothing to apply.
-    async fn prepare(&self, group: &[InboxRow]) -> Result<Option<Vec<Apply>>, SyncError> {
+    /// fetch for the whole group) or each row's own copy. Writes nothing.
+    async fn prepare(&self, group: &[InboxRow]) -> Result<Prepared, SyncError> {
         let first = &group[0];
         let (Some(kind), Some(object_id)) = (
             first.object_type.as_deref().and_then(ObjectKind::parse),
             first.object_id.clone(),
         ) else {
-            for row in group {
-                self.db
-                    .inbox()
-                    .mark_skipped(&row.event_id, "nothing to apply", now_ms())
-                    .await?;
-            }
-            return Ok(None);
+            return Ok(Prepared::Skip("nothing to apply"));
         };
-        // billsync's own commands already applied the vendor's answer (a fresher state than
-        // the event's copy): their events need no refetch, and their copies change nothing.
+        // billsync's own commands already applied the vendor's answer (the same state as the
+        // event's copy): their events need no refetch.
         let has_events = group
             .iter()
             .any(|row| !Source::is_fresh_state(&row.source) && !super::is_own(row));
@@ -225,20 +255,15 @@ impl Applier {
             .iter()
             .any(|c| matches!(c, Err(SyncError::NeedsVendor(_))));
         if needs_vendor && self.vendor.is_none() {
-            for row in group {
-                let reason =
-                    "carries no copy of the object; applying it needs the vendor (stripe.api_key)";
-                self.db
-                    .inbox()
-                    .mark_skipped(&row.event_id, reason, now_ms())
-                    .await?;
-            }
-            return Ok(None);
+            return Ok(Prepared::Skip(
+                "carries no copy of the object; applying it needs the vendor (stripe.api_key)",
+            ));
         }
         let applies = match &self.vendor {
             Some(vendor) if (self.refetch && has_events) || needs_vendor => {
-                let fetched_at = now_ms();
-                let (object, deleted) = match vendor.fetch(kind, &object_id).await? {
+                let (fetched, fetched_at) =
+                    super::observe(&self.db, vendor.fetch(kind, &object_id)).await?;
+                let (object, deleted) = match fetched {
                     Fetched::Found(object) => (object, false),
                     Fetched::Gone => (tombstone(kind, &object_id), true),
                 };
@@ -262,7 +287,7 @@ impl Applier {
                 })
                 .collect::<Result<_, SyncError>>()?,
         };
-        Ok(Some(applies))
+        Ok(Prepared::Apply(applies))
     }
 
     /// Applies a state the vendor just answered with (an outbox command's result) together
@@ -340,7 +365,7 @@ pub fn object_state(
 }
 
 /// The state a row carries without asking the vendor: the refetched state recorded when it was
-/// applied, or else the event's own copy, versioned by the event's creation time.
+/// applied, or else its own copy, with its version ([`copy_version`]).
 pub fn state_of_row(row: &InboxRow, kind: ObjectKind) -> Result<(Value, i64, bool), SyncError> {
     if let (Some(payload), Some(version)) = (&row.applied_payload, row.applied_version) {
         let object: Value =
@@ -371,7 +396,20 @@ pub fn state_of_row(row: &InboxRow, kind: ObjectKind) -> Result<(Value, i64, boo
                 | ObjectKind::Plan
                 | ObjectKind::Invoice
         );
-    Ok((object, row.event_created, deletes))
+    Ok((object, copy_version(row), deletes))
+}
+
+/// The version of the state a row carries. A state billsync observed itself (sweep, backfill,
+/// reconciliation, a command's answer) is versioned by the moment it started the request
+/// (`event_created`, Unix ms). A vendor event's own copy is versioned by the last millisecond
+/// of the second Stripe created it in: the change it reports happened within that second, so
+/// any request started before the change is versioned lower.
+pub fn copy_version(row: &InboxRow) -> i64 {
+    if Source::is_fresh_state(&row.source) {
+        row.event_created
+    } else {
+        row.event_created.div_euclid(1000) * 1000 + 999
+    }
 }
 
 /// What the mirror keeps for an object the vendor no longer has.

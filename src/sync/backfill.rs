@@ -72,7 +72,8 @@ pub async fn run(
             ..ListFilter::default()
         };
         loop {
-            let fetched_at = now_ms();
+            // The page's states are versioned by when it was asked for (see `sync::observe`).
+            let fetched_at = db.clock_ms().await?;
             let page = match vendor.list(kind, &filter, after.as_deref()).await {
                 Ok(page) => page,
                 Err(VendorError::Malformed(message) | VendorError::Rejected { message, .. })

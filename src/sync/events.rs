@@ -47,8 +47,10 @@ pub fn from_event(raw: &str, event: &Value, source: Source) -> Result<NewEvent, 
     })
 }
 
-/// An inbox row for a state billsync fetched itself (sweep, backfill). Callers store one only
-/// when it differs from the mirror; its id names the object, the fetch time and the content.
+/// An inbox row for a state billsync fetched itself (sweep, backfill, reconciliation, a command's
+/// answer), observed by a request sent at `fetched_at_ms` (`sync::observe`): that moment is the
+/// row's `event_created` and the state's version. Callers store one only when it differs from the
+/// mirror; its id names the object, the fetch time and the content.
 pub fn from_fetched_state(
     kind: ObjectKind,
     object: &Value,

@@ -28,6 +28,21 @@ pub fn is_own(row: &InboxRow) -> bool {
         .is_some_and(|key| key.starts_with(OWN_KEY_PREFIX))
 }
 
+/// Sends a vendor request that observes objects' states (a fetch, a list, a write's answer) and
+/// returns its answer with their version: the moment, by the database's clock, just before the
+/// request was sent. The vendor's state is at least that new, and a request sent after a change
+/// is versioned above every request sent before it, wherever it came from (see
+/// docs/architecture.md, "Versions"). Retries inside the request keep this moment: a retried
+/// write's answer may be the one Stripe saved for the first attempt.
+pub async fn observe<T>(
+    db: &Db,
+    request: impl Future<Output = Result<T, VendorError>>,
+) -> Result<(T, i64), SyncError> {
+    // `request` is not sent before it is awaited.
+    let at = db.clock_ms().await?;
+    Ok((request.await?, at))
+}
+
 /// A customer's subscription as the tenant sees it: the liveliest mirrored one, newest first
 /// among equals.
 pub async fn current_subscription(

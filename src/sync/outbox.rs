@@ -20,10 +20,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::applier::{Applier, retry_delay};
-use super::{OWN_KEY_PREFIX, SyncError, events};
+use super::{OWN_KEY_PREFIX, SyncError, events, observe};
+use crate::cluster::ClaimRenewal;
 use crate::domain::{Subscription, TenantId};
 use crate::metrics::Metrics;
-use crate::store::{CommandRow, Confirmed, Db, Settlement, Source, StoreError, now_ms};
+use crate::store::{CommandRow, Confirmed, Db, Queue, Settlement, Source, StoreError, now_ms};
 use crate::vendor::stripe::objects;
 use crate::vendor::{
     BillingVendor, CustomerWrite, Fetched, ListFilter, ObjectKind, Proration, SubscriptionWrite,
@@ -132,16 +133,24 @@ enum Step {
 struct Ending {
     status: &'static str,
     /// The vendor object to show (the result, or the current state on conflict).
-    object: Option<(ObjectKind, Value)>,
+    object: Option<Observed>,
     error_code: Option<String>,
     message: Option<String>,
 }
 
+/// A vendor object as a request returned it, with its version: when the request was sent.
+#[derive(Debug)]
+struct Observed {
+    kind: ObjectKind,
+    object: Value,
+    at: i64,
+}
+
 impl Ending {
-    fn succeeded(kind: ObjectKind, object: Value) -> Self {
+    fn succeeded(kind: ObjectKind, object: Value, at: i64) -> Self {
         Self {
             status: "succeeded",
-            object: Some((kind, object)),
+            object: Some(Observed { kind, object, at }),
             error_code: None,
             message: None,
         }
@@ -156,10 +165,14 @@ impl Ending {
         }
     }
 
-    fn conflict(current: Option<Value>) -> Self {
+    fn conflict(current: Option<Value>, at: i64) -> Self {
         Self {
             status: "conflict",
-            object: current.map(|v| (ObjectKind::Subscription, v)),
+            object: current.map(|object| Observed {
+                kind: ObjectKind::Subscription,
+                object,
+                at,
+            }),
             error_code: Some("conflict".to_owned()),
             message: Some(
                 "the subscription changed at the vendor after this command was accepted; \
@@ -180,6 +193,8 @@ pub struct Outbox {
     pub wake: Arc<Notify>,
     /// Commands in flight at once (each tenant's still one at a time).
     pub concurrency: usize,
+    /// How long a claim on a command lasts unless renewed (`claims.commands`).
+    pub claim: Duration,
     /// A command the vendor could not take for this long fails.
     pub give_up_after: Duration,
     pub max_retry_delay: Duration,
@@ -198,7 +213,7 @@ impl Outbox {
                     .due(
                         now_ms(),
                         self.claim_limit(running.len()),
-                        crate::store::CLAIM_MS,
+                        self.claim.as_millis() as i64,
                     )
                     .await
                 {
@@ -264,10 +279,21 @@ impl Outbox {
         }
     }
 
-    /// One attempt at one command, recorded whatever happens.
+    /// One attempt at one command (as claimed by `Commands::due`), recorded whatever happens.
+    /// The claim is renewed until the vendor has answered.
     pub async fn attempt(&self, command: CommandRow) {
         let started = std::time::Instant::now();
-        let step = match self.execute(&command).await {
+        let renewal = ClaimRenewal::start(
+            self.db.clone(),
+            Queue::Commands,
+            vec![command.command_id.clone()],
+            command.next_attempt_at,
+            self.claim,
+            self.metrics.clone(),
+        );
+        let executed = self.execute(&command).await;
+        renewal.finish().await;
+        let step = match executed {
             Ok(step) => step,
             Err(SyncError::Vendor(VendorError::Rejected {
                 status,
@@ -350,36 +376,38 @@ impl Outbox {
         ending: Ending,
     ) -> Result<&'static str, StoreError> {
         let rebase = match (&command.base, &ending.object) {
-            (Some(old), Some((ObjectKind::Subscription, object)))
-                if ending.status == "succeeded" =>
+            (Some(old), Some(seen))
+                if ending.status == "succeeded" && seen.kind == ObjectKind::Subscription =>
             {
-                let new = fingerprint(Some(&objects::subscription(object)));
+                let new = fingerprint(Some(&objects::subscription(&seen.object)));
                 Some((old.clone(), new))
             }
             _ => None,
         };
         let settlement = Settlement {
             status: ending.status,
-            result: ending.object.as_ref().map(|(_, object)| object.to_string()),
+            result: ending.object.as_ref().map(|seen| seen.object.to_string()),
             error_code: ending.error_code.clone(),
             message: ending.message.clone(),
             rebase,
         };
-        let fetched_at = now_ms();
-        let record = ending.object.as_ref().and_then(|(kind, object)| {
-            let mut event = events::from_fetched_state(*kind, object, Source::Command, fetched_at)?;
+        // Versioned by when the request that returned it was sent, not by now: a state someone
+        // fetched in the meantime may be newer.
+        let record = ending.object.as_ref().and_then(|seen| {
+            let mut event =
+                events::from_fetched_state(seen.kind, &seen.object, Source::Command, seen.at)?;
             event.idempotency_key = Some(idempotency_key(&command.command_id));
-            Some((*kind, object, event))
+            Some((seen, event))
         });
         match &record {
-            Some((kind, object, event)) => {
+            Some((seen, event)) => {
                 let confirmed = Confirmed {
                     record: event,
                     command,
                     settlement: &settlement,
                 };
                 self.applier
-                    .apply_confirmed(*kind, object, fetched_at, confirmed)
+                    .apply_confirmed(seen.kind, &seen.object, seen.at, confirmed)
                     .await?;
             }
             None => {
@@ -423,21 +451,21 @@ impl Outbox {
         };
         let key = idempotency_key(&command.command_id);
         if kind == CommandKind::CustomerSync {
-            let customer = self
-                .vendor
-                .write_customer(
-                    tenant.customer_id.as_deref(),
-                    &CustomerWrite {
-                        tenant_id: &tenant.tenant_id,
-                        name: tenant.name.as_deref(),
-                        email: tenant.email.as_deref(),
-                    },
-                    &key,
-                )
-                .await?;
+            let write = CustomerWrite {
+                tenant_id: &tenant.tenant_id,
+                name: tenant.name.as_deref(),
+                email: tenant.email.as_deref(),
+            };
+            let (customer, at) = observe(
+                &self.db,
+                self.vendor
+                    .write_customer(tenant.customer_id.as_deref(), &write, &key),
+            )
+            .await?;
             return Ok(Step::Done(Ending::succeeded(
                 ObjectKind::Customer,
                 customer,
+                at,
             )));
         }
         let Some(customer) = tenant.customer_id.as_deref() else {
@@ -445,7 +473,7 @@ impl Outbox {
                 "the tenant has no Stripe customer yet".to_owned(),
             ));
         };
-        let current = self.live_subscription(customer).await?;
+        let (current, listed_at) = self.live_subscription(customer).await?;
         let parsed = current.as_ref().map(|(_, s)| s);
         let metadata = [
             ("billsync_command", command.command_id.as_str()),
@@ -465,10 +493,11 @@ impl Outbox {
                         return Ok(Step::Done(Ending::succeeded(
                             ObjectKind::Subscription,
                             object.clone(),
+                            listed_at,
                         )));
                     }
                 }
-                if let Some(conflict) = self.conflict(command, &current).await? {
+                if let Some(conflict) = self.conflict(command, &current, listed_at).await? {
                     return Ok(conflict);
                 }
                 let write = match &current {
@@ -517,20 +546,22 @@ impl Outbox {
                         return Ok(Step::Done(Ending::succeeded(
                             ObjectKind::Subscription,
                             current.expect("some").0,
+                            listed_at,
                         )));
                     }
                     (None, false) => {
                         // Nothing live: if it is the one this command was to end, it has ended.
-                        if let Some(ended) = self.base_subscription(command).await? {
+                        if let Some((ended, at)) = self.base_subscription(command).await? {
                             return Ok(Step::Done(Ending::succeeded(
                                 ObjectKind::Subscription,
                                 ended,
+                                at,
                             )));
                         }
                     }
                     _ => {}
                 }
-                if let Some(conflict) = self.conflict(command, &current).await? {
+                if let Some(conflict) = self.conflict(command, &current, listed_at).await? {
                     return Ok(conflict);
                 }
                 let Some(s) = parsed else {
@@ -563,9 +594,10 @@ impl Outbox {
                     return Ok(Step::Done(Ending::succeeded(
                         ObjectKind::Subscription,
                         object.clone(),
+                        listed_at,
                     )));
                 }
-                if let Some(conflict) = self.conflict(command, &current).await? {
+                if let Some(conflict) = self.conflict(command, &current, listed_at).await? {
                     return Ok(conflict);
                 }
                 let Some(s) = parsed else {
@@ -586,20 +618,23 @@ impl Outbox {
     }
 
     async fn send(&self, write: &SubscriptionWrite<'_>, key: &str) -> Result<Step, SyncError> {
-        let object = self.vendor.write_subscription(write, key).await?;
+        let (object, at) = observe(&self.db, self.vendor.write_subscription(write, key)).await?;
         Ok(Step::Done(Ending::succeeded(
             ObjectKind::Subscription,
             object,
+            at,
         )))
     }
 
     /// `Some(conflict)` when the vendor's subscription is not the one the command expects, nor
     /// one that billsync's own commands for the tenant made since it was accepted (a command
-    /// accepted while an earlier one was ending may have read the state before it).
+    /// accepted while an earlier one was ending may have read the state before it). `current`
+    /// was listed at `listed_at`.
     async fn conflict(
         &self,
         command: &CommandRow,
         current: &Option<(Value, Subscription)>,
+        listed_at: i64,
     ) -> Result<Option<Step>, SyncError> {
         let Some(base) = command.base.as_deref() else {
             return Ok(None);
@@ -617,24 +652,23 @@ impl Outbox {
             serde_json::from_str::<Value>(result)
                 .is_ok_and(|object| fingerprint(Some(&objects::subscription(&object))) == now)
         });
-        Ok((!explained)
-            .then(|| Step::Done(Ending::conflict(current.as_ref().map(|(v, _)| v.clone())))))
+        let current = current.as_ref().map(|(object, _)| object.clone());
+        Ok((!explained).then(|| Step::Done(Ending::conflict(current, listed_at))))
     }
 
-    /// The customer's live subscription at the vendor, the liveliest and newest one.
+    /// The customer's live subscription at the vendor, the liveliest and newest one, and when
+    /// the list was asked for.
     async fn live_subscription(
         &self,
         customer: &str,
-    ) -> Result<Option<(Value, Subscription)>, SyncError> {
+    ) -> Result<(Option<(Value, Subscription)>, i64), SyncError> {
         let filter = ListFilter {
             customer: Some(customer.to_owned()),
             all_statuses: false,
         };
-        let page = self
-            .vendor
-            .list(ObjectKind::Subscription, &filter, None)
-            .await?;
-        Ok(page
+        let list = self.vendor.list(ObjectKind::Subscription, &filter, None);
+        let (page, listed_at) = observe(&self.db, list).await?;
+        let live = page
             .data
             .into_iter()
             .filter(|object| {
@@ -645,11 +679,16 @@ impl Outbox {
                 (object, parsed)
             })
             .filter(|(_, s)| s.liveness() > 0)
-            .max_by(|(_, a), (_, b)| a.precedence().cmp(&b.precedence())))
+            .max_by(|(_, a), (_, b)| a.precedence().cmp(&b.precedence()));
+        Ok((live, listed_at))
     }
 
-    /// The subscription named by the command's base, as the vendor has it now.
-    async fn base_subscription(&self, command: &CommandRow) -> Result<Option<Value>, SyncError> {
+    /// The subscription named by the command's base, as the vendor has it now, and when it was
+    /// fetched.
+    async fn base_subscription(
+        &self,
+        command: &CommandRow,
+    ) -> Result<Option<(Value, i64)>, SyncError> {
         let Some(id) = command
             .base
             .as_deref()
@@ -658,9 +697,10 @@ impl Outbox {
         else {
             return Ok(None);
         };
-        match self.vendor.fetch(ObjectKind::Subscription, id).await? {
-            Fetched::Found(object) => Ok(Some(object)),
-            Fetched::Gone => Ok(None),
+        let fetch = self.vendor.fetch(ObjectKind::Subscription, id);
+        match observe(&self.db, fetch).await? {
+            (Fetched::Found(object), at) => Ok(Some((object, at))),
+            (Fetched::Gone, _) => Ok(None),
         }
     }
 }

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::applier::tenant_claim;
-use super::{SyncError, events};
+use super::{SyncError, events, observe};
 use crate::entitlements::SyncHealth;
 use crate::metrics::Metrics;
 use crate::store::{Db, NewEvent, Source, now_ms};
@@ -49,7 +49,8 @@ impl Sweep {
 
     /// One sweep; returns how many objects differed from the mirror.
     pub async fn step(&self) -> Result<usize, SyncError> {
-        // Every state listed below is at least as new as this; it versions them all.
+        // Every state listed below is at least as new as this: every known tenant's state is
+        // confirmed as of now. Each state is versioned by the request that listed it.
         let started = now_ms();
         let mut known: HashSet<String> = self
             .db
@@ -60,19 +61,19 @@ impl Sweep {
             .collect();
         let mut queued = Vec::new();
 
-        for customer in self.list_all(ObjectKind::Customer).await? {
+        for (customer, listed_at) in self.list_all(ObjectKind::Customer).await? {
             let id = objects::id_of(&customer["id"]).unwrap_or_default();
             if tenant_claim(&customer, &self.tenant_key).is_some() {
                 known.insert(id.clone());
             } else if !known.contains(&id) {
                 continue;
             }
-            self.queue_if_changed(ObjectKind::Customer, &customer, started, &mut queued)
+            self.queue_if_changed(ObjectKind::Customer, &customer, listed_at, &mut queued)
                 .await?;
         }
 
         let mut listed = HashSet::new();
-        for subscription in self.list_all(ObjectKind::Subscription).await? {
+        for (subscription, listed_at) in self.list_all(ObjectKind::Subscription).await? {
             let Some(customer) = objects::id_of(&subscription["customer"]) else {
                 continue;
             };
@@ -83,7 +84,7 @@ impl Sweep {
             self.queue_if_changed(
                 ObjectKind::Subscription,
                 &subscription,
-                started,
+                listed_at,
                 &mut queued,
             )
             .await?;
@@ -104,12 +105,9 @@ impl Sweep {
                 if ended || listed.contains(&row.object_id) {
                     continue;
                 }
-                if let Fetched::Found(object) = self
-                    .vendor
-                    .fetch(ObjectKind::Subscription, &row.object_id)
-                    .await?
-                {
-                    self.queue_if_changed(ObjectKind::Subscription, &object, started, &mut queued)
+                let fetch = self.vendor.fetch(ObjectKind::Subscription, &row.object_id);
+                if let (Fetched::Found(object), at) = observe(&self.db, fetch).await? {
+                    self.queue_if_changed(ObjectKind::Subscription, &object, at, &mut queued)
                         .await?;
                 }
             }
@@ -141,16 +139,16 @@ impl Sweep {
         Ok(changed)
     }
 
-    async fn list_all(&self, kind: ObjectKind) -> Result<Vec<Value>, SyncError> {
+    /// Every object of the kind, each with when the page holding it was asked for.
+    async fn list_all(&self, kind: ObjectKind) -> Result<Vec<(Value, i64)>, SyncError> {
         let mut all = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let page = self
-                .vendor
-                .list(kind, &ListFilter::default(), after.as_deref())
-                .await?;
+            let filter = ListFilter::default();
+            let list = self.vendor.list(kind, &filter, after.as_deref());
+            let (page, listed_at) = observe(&self.db, list).await?;
             after = page.data.last().and_then(|o| objects::id_of(&o["id"]));
-            all.extend(page.data);
+            all.extend(page.data.into_iter().map(|object| (object, listed_at)));
             if !page.has_more || after.is_none() {
                 return Ok(all);
             }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -29,6 +30,7 @@ on_both_backends!(
     the_echo_of_an_own_command_is_recognised_and_changes_nothing,
     bad_requests_are_refused_and_nothing_is_stored,
     the_preview_asks_the_vendor_and_changes_nothing,
+    a_commands_answer_never_replaces_a_state_fetched_after_its_write_was_sent,
 );
 
 /// The fake's state: customers and subscriptions by id, created in order.
@@ -164,6 +166,16 @@ impl Respond for Handler {
             _ => ResponseTemplate::new(404)
                 .set_body_json(json!({"error": {"message": "unknown route"}})),
         }
+    }
+}
+
+/// Answers like [`Handler`], whose change is made at once, but only after a delay: a write
+/// that lands at the vendor while its answer is still on its way.
+struct Slow(Handler, Duration);
+
+impl Respond for Slow {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        self.0.respond(request).set_delay(self.1)
     }
 }
 
@@ -690,10 +702,12 @@ async fn the_echo_of_an_own_command_is_recognised_and_changes_nothing(backend: B
     let before = app.get_json("/v1/tenants/acme").await;
     let fetches_before = fake.calls("GET", "/v1/subscriptions/").await.len();
 
+    // Stamped, as Stripe would, in the second the change was made: after the write was sent,
+    // so the echo's copy is the newer observation; it is the same state, and changes nothing.
     let mut echo = crate::helpers::event(
         "evt_echo",
         "customer.subscription.created",
-        chrono::Utc::now().timestamp() - 1,
+        chrono::Utc::now().timestamp(),
         sub,
     );
     echo["request"] = json!({"id": "req_1", "idempotency_key": format!("billsync-{id}")});
@@ -854,6 +868,68 @@ async fn the_preview_asks_the_vendor_and_changes_nothing(backend: Backend) {
     app.stop().await;
 }
 
+async fn a_commands_answer_never_replaces_a_state_fetched_after_its_write_was_sent(
+    backend: Backend,
+) {
+    let fake = Fake::start().await;
+    let app = start(backend, &fake).await;
+    tenant_with_customer(&app, "acme").await;
+    subscribed(&app, "acme", "plan_basic").await;
+    let sub_id = fake.subscriptions()[0]["id"].as_str().unwrap().to_owned();
+    let write_path = format!("/v1/subscriptions/{sub_id}");
+    // The upgrade lands at the vendor at once; its answer takes 3 s to come back.
+    Mock::given(method("POST"))
+        .and(path(write_path.as_str()))
+        .respond_with(Slow(Handler(fake.state.clone()), Duration::from_secs(3)))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&fake.server)
+        .await;
+    let upgrade = subscribe(&app, "acme", json!({"price": "price_pro"})).await;
+    let id = upgrade["id"].as_str().unwrap();
+    wait_for("the upgrade to reach the vendor", || async {
+        fake.calls("POST", &write_path).await.len() == 1
+    })
+    .await;
+
+    // Meanwhile customer success moves the tenant to a custom price in the dashboard; its
+    // webhook makes billsync fetch the subscription, and the mirror shows the edit.
+    let edited = {
+        let mut stripe = fake.state.lock().unwrap();
+        let subscription = stripe.subscriptions.get_mut(&sub_id).unwrap();
+        subscription["items"]["data"][0]["price"]["id"] = json!("price_custom");
+        subscription.clone()
+    };
+    let now = chrono::Utc::now().timestamp();
+    app.deliver(&crate::helpers::event(
+        "evt_dashboard_edit",
+        "customer.subscription.updated",
+        now,
+        edited,
+    ))
+    .await;
+    let price = || async {
+        app.get_json("/v1/tenants/acme").await["subscription"]["items"][0]["price"].clone()
+    };
+    wait_for("the dashboard edit in the mirror", || async {
+        price().await == "price_custom"
+    })
+    .await;
+    assert_eq!(
+        command(&app, id).await["status"],
+        "pending",
+        "the upgrade's answer is still on its way"
+    );
+
+    // The answer arrives: the command succeeded with it, but it was observed before the edit
+    // was, so the mirror keeps the edit.
+    let done = ended(&app, id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["subscription"]["items"][0]["price"], "price_pro");
+    assert_eq!(price().await, "price_custom");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_key_scoped_to_another_tenant_sees_no_commands() {
     let fake = Fake::start().await;
@@ -940,4 +1016,106 @@ async fn postgres_several_replicas_send_each_command_once() {
     assert_eq!(subscription_posts.len(), tenants.len());
     b.stop().await;
     a.stop().await;
+}
+
+/// The outbox's claim in the tests below: short, so that a vendor call outlasts it.
+const CLAIM: Duration = Duration::from_secs(1);
+
+async fn start_with_short_claims(fake: &Fake) -> TestApp {
+    TestApp::spawn_with(Backend::Postgres, |s| {
+        use_vendor(s, &fake.server.uri());
+        use_test_catalog(s);
+        s.claims.commands = CLAIM;
+    })
+    .await
+}
+
+/// Command attempts of `kind` that succeeded, counted on all of `apps`.
+async fn successes(apps: &[&TestApp], kind: &str) -> u64 {
+    let series = format!("billsync_commands_total{{kind=\"{kind}\",outcome=\"succeeded\"}} ");
+    let mut total = 0;
+    for app in apps {
+        let metrics = app.metrics().await;
+        total += metrics
+            .lines()
+            .filter_map(|line| line.strip_prefix(series.as_str()))
+            .map(|value| value.parse::<u64>().unwrap())
+            .sum::<u64>();
+    }
+    total
+}
+
+/// PUTs a new tenant; returns its `customer.sync` command's id.
+async fn customer_sync(app: &TestApp, tenant: &str) -> String {
+    let view: Value = app
+        .put_tenant(tenant, json!({"name": "Acme"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["pending"][0]["kind"], "customer.sync", "{view}");
+    view["pending"][0]["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_vendor_call_slower_than_the_claim_is_made_once() {
+    let fake = Fake::start().await;
+    // Creating the customer takes four claim times.
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(Slow(Handler(fake.state.clone()), 4 * CLAIM))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&fake.server)
+        .await;
+    let a = start_with_short_claims(&fake).await;
+    let b = a.replica().await;
+    let id = customer_sync(&a, "acme").await;
+    let done = ended(&a, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    // Both replicas' outboxes looked for work all along; the claim stayed with the one calling.
+    assert_eq!(
+        fake.calls("POST", "/v1/customers").await.len(),
+        1,
+        "one call at the vendor"
+    );
+    assert_eq!(successes(&[&a, &b], "customer.sync").await, 1);
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_dead_replicas_command_is_taken_over_within_the_claim_time() {
+    let fake = Fake::start().await;
+    // The first call does not come back before its replica dies.
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .respond_with(ResponseTemplate::new(500).set_delay(6 * CLAIM))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&fake.server)
+        .await;
+    let a = start_with_short_claims(&fake).await;
+    let id = customer_sync(&a, "acme").await;
+    let calls = || async { fake.calls("POST", "/v1/customers").await.len() };
+    wait_for("the first replica to call the vendor", || async {
+        calls().await == 1
+    })
+    .await;
+    let b = a.replica().await;
+    let _database = a.crash();
+    let crashed = std::time::Instant::now();
+    wait_for("the other replica to take the command over", || async {
+        calls().await == 2
+    })
+    .await;
+    // Within the claim time, and a second's slack for a busy machine.
+    let waited = crashed.elapsed();
+    assert!(
+        waited < CLAIM + Duration::from_secs(1),
+        "taken over after {waited:?}"
+    );
+    let done = ended(&b, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    b.stop().await;
 }

@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod claims;
 mod cli;
 mod commands;
 mod e2e;

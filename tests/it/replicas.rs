@@ -1,5 +1,6 @@
 //! Several replicas on one PostgreSQL: usage, entitlement changes and hard limits are shared;
-//! singleton jobs run on one replica and move when it dies.
+//! singleton jobs run on one replica and move when it dies; claimed work stays with its
+//! replica while it runs.
 
 use serde_json::{Value, json};
 
@@ -209,6 +210,49 @@ async fn postgres_a_replica_that_lost_its_notifications_catches_up() {
     })
     .await;
     pool.close().await;
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_refetch_slower_than_the_claim_is_made_once() {
+    let claim = std::time::Duration::from_secs(1);
+    let vendor = wiremock::MockServer::start().await;
+    let state = subscription("sub_slow", "cus_slow", "price_pro", "active", 1);
+    wiremock::Mock::given(wiremock::matchers::path("/v1/subscriptions/sub_slow"))
+        .respond_with(
+            wiremock::ResponseTemplate::new(200)
+                .set_body_json(&state)
+                .set_delay(4 * claim),
+        )
+        .mount(&vendor)
+        .await;
+    let a = TestApp::spawn_with(Backend::Postgres, |s| {
+        use_vendor(s, &vendor.uri());
+        take_webhooks(s);
+        s.claims.inbox = claim;
+    })
+    .await;
+    let b = a.replica().await;
+    let now = chrono::Utc::now().timestamp();
+    a.deliver(&event(
+        "evt_slow",
+        "customer.subscription.updated",
+        now,
+        state,
+    ))
+    .await;
+    wait_for("the event to be applied", || async {
+        a.get_json("/v1/sync/status").await["inbox"]["applied"] == 1
+    })
+    .await;
+    // Both replicas' appliers looked for work all along; the claim stayed with the one fetching.
+    let fetches = vendor.received_requests().await.unwrap_or_default();
+    let refetches = fetches
+        .iter()
+        .filter(|r| r.url.path() == "/v1/subscriptions/sub_slow")
+        .count();
+    assert_eq!(refetches, 1, "one refetch at the vendor");
     b.stop().await;
     a.stop().await;
 }
