@@ -1,8 +1,10 @@
 //! Entitlement figures: HTTP checks under wrk (8 and 64 connections, 10,000 tenants), the
-//! in-process check's latency distribution, and resident memory with 100,000 tenants.
+//! in-process check's latency distribution, check-and-record over HTTP (64 connections over
+//! 1,000 tenants, on PostgreSQL and on SQLite), and resident memory with 100,000 tenants.
 //!
 //!     cargo bench --bench entitlements           # needs wrk (apt-get install wrk)
 //!     cargo bench --bench entitlements -- quick
+//!     cargo bench --bench entitlements -- record [postgres|sqlite]  # check-and-record alone
 //!
 //! The service runs in this process, in release mode, on loopback; wrk shares the 2 cores.
 
@@ -17,7 +19,7 @@ mod common;
 #[path = "common/tenants.rs"]
 mod tenants;
 
-use common::quantiles;
+use common::{Backend, Database, quantiles};
 
 const WRK_SCRIPT: &str = r#"
 local n = tonumber(os.getenv("TENANTS"))
@@ -27,6 +29,28 @@ request = function()
   return wrk.format("POST", "/v1/tenants/t" .. i .. "/entitlements/check",
     {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. os.getenv("KEY")},
     '{"feature":"api_calls","quantity":1}')
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %f %d %d %d %d\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), summary.errors.status))
+end
+"#;
+
+/// Check-and-record: every request records one unit under an id of its own (thread, count).
+const WRK_RECORD_SCRIPT: &str = r#"
+local n = tonumber(os.getenv("TENANTS"))
+local threads = 0
+setup = function(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local i = 0
+request = function()
+  i = i + 1
+  local t = (i * 7919 + tid * 104729) % n
+  return wrk.format("POST", "/v1/tenants/t" .. t .. "/entitlements/check",
+    {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. os.getenv("KEY")},
+    '{"feature":"api_calls","quantity":1,"record":{"id":"' .. os.getenv("RUN") .. '-' .. tid .. '-' .. i .. '"}}')
 end
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %d %f %d %d %d %d\n", summary.requests, summary.duration / 1e6,
@@ -61,6 +85,7 @@ fn wrk(
         .arg(format!("http://{address}"))
         .env("TENANTS", tenants.to_string())
         .env("KEY", tenants::API_KEY)
+        .env("RUN", uuid::Uuid::new_v4().simple().to_string())
         .output()
         .expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -143,6 +168,18 @@ impl Server {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    if std::env::args().any(|a| a == "record") {
+        println!("| measure | figure |");
+        println!("|---|---|");
+        let only = |name: &str| std::env::args().any(|a| a == name);
+        for backend in [Backend::Postgres, Backend::Sqlite] {
+            let named = format!("{backend:?}").to_lowercase();
+            if only(&named) || !(only("postgres") || only("sqlite")) {
+                check_and_record(backend, if quick { 3 } else { 10 }).await;
+            }
+        }
+        return;
+    }
     let (count, seconds) = if quick { (2_000, 3) } else { (10_000, 10) };
     let dir = tempfile::tempdir().unwrap();
     let state = tenants::warm_state(dir.path(), count).await;
@@ -212,6 +249,10 @@ async fn main() {
     }
     drop(state);
 
+    for backend in [Backend::Postgres, Backend::Sqlite] {
+        check_and_record(backend, if quick { 3 } else { 10 }).await;
+    }
+
     // Memory: 100,000 tenants' models loaded.
     let big = if quick { 20_000 } else { 100_000 };
     let dir = tempfile::tempdir().unwrap();
@@ -223,4 +264,41 @@ async fn main() {
         after - before
     );
     drop(state);
+}
+
+/// Check-and-record over HTTP: 64 connections over 1,000 tenants, every request recording one
+/// unit (the database lock, the count over the usage log and the insert, per request).
+async fn check_and_record(backend: Backend, seconds: u32) {
+    const TENANTS: usize = 1_000;
+    let database = Database::create(backend).await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = dir.path().join("plans.toml");
+    std::fs::write(&catalog, tenants::CATALOG).unwrap();
+    let mut settings = tenants::settings(&database.url, &catalog);
+    // wrk stops mid-request: the requests still queued when the server stops are not news.
+    settings.log.level = "error".to_owned();
+    let state = billsync::app::AppState::build(settings.clone())
+        .await
+        .unwrap();
+    tenants::create_tenants(&state.db, TENANTS).await;
+    drop(state);
+    let script = dir.path().join("record.lua");
+    std::fs::write(&script, WRK_RECORD_SCRIPT).unwrap();
+    let server = Server::start(settings);
+    let _ = wrk(&server.address, 2, 64, 2, TENANTS, &script);
+    let run = wrk(&server.address, 2, 64, seconds, TENANTS, &script);
+    println!(
+        "| HTTP check-and-record, {backend:?}, default pool (10), 64 connections over {TENANTS} tenants, {seconds} s: records/s; p50 / p99 / p99.9 | {:.0}; {} / {} / {} µs{} |",
+        run.requests_per_sec,
+        run.p50_us,
+        run.p99_us,
+        run.p999_us,
+        if run.non_2xx > 0 {
+            format!(" ({} non-2xx!)", run.non_2xx)
+        } else {
+            String::new()
+        }
+    );
+    server.stop();
+    database.drop_now().await;
 }

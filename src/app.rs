@@ -99,6 +99,7 @@ impl AppState {
             gate: Arc::default(),
             origin: crate::cluster::replica_id().into(),
             record_locks: Arc::default(),
+            record_queue: Arc::default(),
         };
         let plans =
             PlanCatalog::from_catalog(&metering.catalog).map_err(|message| CatalogError {

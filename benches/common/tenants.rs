@@ -22,22 +22,28 @@ pub fn settings(url: &str, catalog: &std::path::Path) -> Settings {
 
 /// Inserts `count` tenants `t0`… in a few transactions.
 pub async fn create_tenants(db: &Db, count: usize) {
+    macro_rules! insert {
+        ($pool:expr, $chunk:expr) => {{
+            let mut query = sqlx::QueryBuilder::new(
+                "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) ",
+            );
+            query.push_values($chunk, |mut b, i| {
+                b.push_bind(format!("t{i}"))
+                    .push_bind(Option::<String>::None)
+                    .push_bind(Option::<String>::None)
+                    .push_bind(Option::<String>::None)
+                    .push_bind(0_i64)
+                    .push_bind(0_i64);
+            });
+            query.build().execute($pool).await.map(drop)
+        }};
+    }
     for chunk in (0..count).collect::<Vec<_>>().chunks(5000) {
-        let mut query = sqlx::QueryBuilder::new(
-            "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) ",
-        );
-        query.push_values(chunk, |mut b, i| {
-            b.push_bind(format!("t{i}"))
-                .push_bind(Option::<String>::None)
-                .push_bind(Option::<String>::None)
-                .push_bind(Option::<String>::None)
-                .push_bind(0_i64)
-                .push_bind(0_i64);
-        });
-        let Db::Sqlite(pool) = db else {
-            unreachable!("the entitlement benchmarks keep their tenants in SQLite")
-        };
-        query.build().execute(pool).await.unwrap();
+        match db {
+            Db::Sqlite(pool) => insert!(pool, chunk),
+            Db::Postgres(pool) => insert!(pool, chunk),
+        }
+        .unwrap();
     }
 }
 

@@ -136,10 +136,36 @@ async fn check_one(
     );
     let record = record.clone();
     tokio::spawn(async move {
-        record_within_limit(&state, &tenant, &feature, &meter, quantity, &record, &model).await
+        let names = (tenant.as_str(), feature.as_str(), meter.as_str());
+        record_within_limit(&state, names, quantity, &record, model).await
     })
     .await
     .map_err(|e| ApiError::internal(&e))?
+}
+
+/// One tenant's quota decision, owned, so that a check-and-record batch can make it later.
+#[derive(Clone)]
+struct QuotaCheck {
+    entitlements: crate::entitlements::Entitlements,
+    model: std::sync::Arc<TenantModel>,
+    feature: String,
+}
+
+impl QuotaCheck {
+    /// The decision for `quantity` given `used` from the usage log (`None`: no usage yet).
+    fn decide(&self, quantity: Decimal, used: Option<Decimal>) -> Decision {
+        let used = Some(used.unwrap_or_default());
+        (self.entitlements).decide_with_used(&self.model, &self.feature, quantity, now_ms(), used)
+    }
+
+    /// The answer when the record is there: allowed, with `used` as it stands.
+    fn recorded(&self, used: Option<Decimal>) -> Decision {
+        Decision {
+            allowed: true,
+            reason: "ok",
+            ..self.decide(Decimal::ZERO, used)
+        }
+    }
 }
 
 /// The recording half of check-and-record: the record is stored only when the quota allows
@@ -147,28 +173,28 @@ async fn check_one(
 /// other requests and replicas recorded counts too and the last unit goes once.
 async fn record_within_limit(
     state: &AppState,
-    tenant: &str,
-    feature: &str,
-    meter: &str,
+    (tenant, feature, meter): (&str, &str, &str),
     quantity: Decimal,
     record: &RecordIn,
-    model: &TenantModel,
+    model: std::sync::Arc<TenantModel>,
 ) -> Result<CheckOut, ApiError> {
-    let entitlements = &state.entitlements;
     let mut event = json!({"id": record.id, "tenant_id": tenant, "meter": meter, "quantity": quantity.to_string()});
     if let Some(timestamp) = &record.timestamp {
         event["timestamp"] = json!(timestamp);
     }
-    // `None` from the log is no usage yet.
-    let decide = |quantity, used: Option<Decimal>| {
-        let used = Some(used.unwrap_or_default());
-        entitlements.decide_with_used(model, feature, quantity, now_ms(), used)
+    let period = model.period;
+    let quota = QuotaCheck {
+        entitlements: state.entitlements.clone(),
+        model,
+        feature: feature.to_owned(),
+    };
+    let allow = {
+        let quota = quota.clone();
+        move |used| quota.decide(quantity, used).allowed
     };
     let recorded = state
         .metering
-        .record_checked(&event, now_ms(), model.period, |used| {
-            decide(quantity, used).allowed
-        })
+        .record_checked(&event, now_ms(), period, allow)
         .await?;
     let (decision, recorded) = match recorded {
         Recorded::Invalid(rejection) => {
@@ -176,24 +202,10 @@ async fn record_within_limit(
                 ApiError::bad_request("invalid_record", rejection.message).with_field("record")
             );
         }
-        Recorded::Existing { used } => {
-            let decision = Decision {
-                allowed: true,
-                reason: "ok",
-                ..decide(Decimal::ZERO, used)
-            };
-            (decision, true)
-        }
-        Recorded::Refused { used } => (decide(quantity, used), false),
+        Recorded::Existing { used } => (quota.recorded(used), true),
+        Recorded::Refused { used } => (quota.decide(quantity, used), false),
         // `used` as it stands after this record.
-        Recorded::Stored { after, .. } => {
-            let decision = Decision {
-                allowed: true,
-                reason: "ok",
-                ..decide(Decimal::ZERO, after)
-            };
-            (decision, true)
-        }
+        Recorded::Stored { after, .. } => (quota.recorded(after), true),
     };
     Ok(CheckOut {
         decision,

@@ -177,7 +177,8 @@ pub async fn get_usage(
         for split in [spans.entry(start).or_default(), &mut whole] {
             split.events += 1;
             fold(&mut split.all, &bucket);
-            if push_status.as_deref() == Some("sent") {
+            // A superseded push's events went out in the newer value of their period.
+            if matches!(push_status.as_deref(), Some("sent" | "superseded")) {
                 fold(&mut split.pushed, &bucket);
             } else {
                 fold(&mut split.unpushed, &bucket);

@@ -132,6 +132,7 @@ mod tests {
             gate: Arc::default(),
             origin: origin.into(),
             record_locks: Arc::default(),
+            record_queue: Arc::default(),
         }
     }
 

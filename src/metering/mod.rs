@@ -27,7 +27,7 @@ use crate::store::{Backend, Db, StoreError, UsageRow};
 pub use announce::Heard;
 use counters::{Bucket, Counters, Sample};
 pub use periods::{billing_period, calendar_month};
-pub use record::{RecordLocks, Recorded};
+pub use record::{RecordLocks, RecordQueue, Recorded};
 
 /// How far ahead of now an event's timestamp may be.
 const MAX_AHEAD_MS: i64 = 5 * 60 * 1000;
@@ -62,8 +62,10 @@ pub struct Metering {
     pub gate: Arc<tokio::sync::RwLock<()>>,
     /// This replica's id: the usage notifications it sends carry it, and it skips its own.
     pub origin: Arc<str>,
-    /// Check-and-record's locks per tenant and meter.
+    /// Check-and-record's locks per tenant and meter (SQLite).
     pub record_locks: Arc<RecordLocks>,
+    /// Check-and-records waiting for a batch transaction (PostgreSQL).
+    pub record_queue: Arc<RecordQueue>,
 }
 
 impl Metering {

@@ -9,12 +9,70 @@ use std::sync::{Arc, Mutex};
 use rust_decimal::Decimal;
 use serde_json::Value;
 
+use tokio::sync::{Semaphore, oneshot};
+
 use super::{Metering, Rejection, sample_of};
 use crate::catalog::Meter;
-use crate::store::{Backend, StoreError, UsageRow, lease_key};
+use crate::store::{Backend, CheckedRecord, RecordCheck, StoreError, UsageRow, lease_key};
 
-/// One lock per tenant and meter, in this process.
+/// One lock per tenant and meter, in this process (SQLite).
 pub type RecordLocks = Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>;
+
+/// Most check-and-records in one transaction.
+const RECORD_BATCH: usize = 32;
+/// Batch transactions at once (each holds one pooled connection).
+const RECORD_TRANSACTIONS: usize = 4;
+
+/// A queued check and where its answer goes.
+type Queued = (
+    RecordCheck,
+    oneshot::Sender<Result<CheckedRecord, StoreError>>,
+);
+
+/// PostgreSQL's check-and-records, batched: each call queues its check, and whoever holds one
+/// of [`RECORD_TRANSACTIONS`] permits runs the waiting checks in batches of up to
+/// [`RECORD_BATCH`], one transaction each, until the queue is empty. Every waiting call also
+/// waits for a permit, so a check queued just as a batch ended is run by its own caller. A
+/// transaction that notifies other replicas commits alone database-wide: one commit per
+/// record would bound the rate at one commit's latency.
+pub struct RecordQueue {
+    waiting: Mutex<Vec<Queued>>,
+    running: Semaphore,
+}
+
+impl RecordQueue {
+    /// The oldest waiting checks, at most one per tenant and meter (a later one of the same
+    /// waits for the next batch, which sees this one's record).
+    fn next_batch(
+        &self,
+    ) -> Vec<(
+        RecordCheck,
+        oneshot::Sender<Result<CheckedRecord, StoreError>>,
+    )> {
+        let mut waiting = self.waiting.lock().expect("record queue");
+        let mut keys = std::collections::HashSet::new();
+        let mut batch = Vec::new();
+        let mut left = Vec::with_capacity(waiting.len());
+        for entry in waiting.drain(..) {
+            if batch.len() < RECORD_BATCH && keys.insert(entry.0.lock_key) {
+                batch.push(entry);
+            } else {
+                left.push(entry);
+            }
+        }
+        *waiting = left;
+        batch
+    }
+}
+
+impl Default for RecordQueue {
+    fn default() -> Self {
+        Self {
+            waiting: Mutex::default(),
+            running: Semaphore::new(RECORD_TRANSACTIONS),
+        }
+    }
+}
 
 /// What check-and-record did. Figures are the meter's over the period (`None`: no usage).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,13 +94,14 @@ impl Metering {
     /// Stores `event` only when `allow(figure)` says so, `figure` being the meter's over
     /// `period` from the usage log. On PostgreSQL the database lock, the figure and the insert
     /// share one transaction, so one pooled connection (never two at once, which a full pool
-    /// could not give); on SQLite, one process, an in-process lock does.
+    /// could not give), batched with other calls; on SQLite, one process, an in-process lock
+    /// does.
     pub async fn record_checked(
         &self,
         event: &Value,
         now: i64,
         period: (i64, i64),
-        allow: impl FnOnce(Option<Decimal>) -> bool + Send,
+        allow: impl FnOnce(Option<Decimal>) -> bool + Send + Sync + 'static,
     ) -> Result<Recorded, StoreError> {
         let (row, meter) = match self.validate(event, now) {
             Ok(valid) => valid,
@@ -55,50 +114,54 @@ impl Metering {
                 }));
             }
         };
-        // Only one of this process's calls per tenant and meter waits for the database lock.
-        let lock = self.record_lock(&row.tenant_id, &meter.name);
-        let _turn = lock.lock().await;
-        let recorded = match self.db.backend() {
-            Backend::Postgres => {
-                self.record_in_one_transaction(&row, meter, period, allow)
-                    .await?
+        match self.db.backend() {
+            Backend::Postgres => self.record_in_a_batch(&row, meter, period, allow).await,
+            Backend::Sqlite => {
+                let lock = self.record_lock(&row.tenant_id, &meter.name);
+                let _turn = lock.lock().await;
+                let recorded = self.record_under_lock(&row, meter, period, allow).await?;
+                if matches!(recorded, Recorded::Stored { .. }) {
+                    self.count_recorded(&row);
+                }
+                Ok(recorded)
             }
-            Backend::Sqlite => self.record_under_lock(&row, meter, period, allow).await?,
-        };
-        if matches!(recorded, Recorded::Stored { .. }) {
-            self.counters.record(
-                &row.tenant_id,
-                &meter.name,
-                meter.aggregation,
-                sample_of(&row),
-            );
-            self.metrics.add(
-                "billsync_usage_accepted_total",
-                "Usage events accepted.",
-                &[],
-                1,
-            );
         }
-        Ok(recorded)
     }
 
-    async fn record_in_one_transaction(
+    /// PostgreSQL: queues the check for the next batch transaction and, while no batch runs
+    /// for it, runs batches itself (see [`RecordQueue`]).
+    async fn record_in_a_batch(
         &self,
         row: &UsageRow,
         meter: &Meter,
         period: (i64, i64),
-        allow: impl FnOnce(Option<Decimal>) -> bool + Send,
+        allow: impl FnOnce(Option<Decimal>) -> bool + Send + Sync + 'static,
     ) -> Result<Recorded, StoreError> {
-        let _gate = self.gate.read().await;
-        let key = lease_key(&format!("record:{}/{}", row.tenant_id, meter.name));
-        let payloads = |new: &[&UsageRow]| self.notifications(new);
-        let checked = self
-            .db
-            .usage()
-            .record_checked(row, meter.aggregation, (period, key), &payloads, |figure| {
-                allow(decimal(figure))
-            })
-            .await?;
+        let check = RecordCheck {
+            row: row.clone(),
+            aggregation: meter.aggregation,
+            period,
+            lock_key: lease_key(&format!("record:{}/{}", row.tenant_id, meter.name)),
+            allow: Box::new(move |figure| allow(decimal(figure))),
+        };
+        let (reply, mut answer) = oneshot::channel();
+        self.record_queue
+            .waiting
+            .lock()
+            .expect("record queue")
+            .push((check, reply));
+        let checked = loop {
+            tokio::select! {
+                biased;
+                answer = &mut answer => break answer.unwrap_or_else(|_| {
+                    Err(StoreError::Setup("the batch holding this record stopped".to_owned()))
+                })?,
+                permit = self.record_queue.running.acquire() => {
+                    let _permit = permit.expect("the record queue's semaphore is never closed");
+                    self.run_record_batch().await;
+                }
+            }
+        };
         let (before, after) = (
             decimal(checked.before.as_deref()),
             decimal(checked.after.as_deref()),
@@ -112,12 +175,58 @@ impl Metering {
         })
     }
 
+    /// Runs one batch of the queued check-and-records (the oldest), answering each. A caller
+    /// runs one batch per permit, so that its own answer never waits behind later arrivals.
+    async fn run_record_batch(&self) {
+        {
+            let batch = self.record_queue.next_batch();
+            if batch.is_empty() {
+                return;
+            }
+            let (checks, replies): (Vec<RecordCheck>, Vec<_>) = batch.into_iter().unzip();
+            let rows: Vec<UsageRow> = checks.iter().map(|c| c.row.clone()).collect();
+            let payloads = |new: &[&UsageRow]| self.notifications(new);
+            let _gate = self.gate.read().await;
+            match self.db.usage().record_checked(checks, &payloads).await {
+                Ok(records) => {
+                    for ((record, row), reply) in records.into_iter().zip(&rows).zip(replies) {
+                        if record.stored {
+                            self.count_recorded(row);
+                        }
+                        let _ = reply.send(Ok(record));
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, records = replies.len(), "check-and-record batch failed");
+                    for reply in replies {
+                        let _ = reply.send(Err(error.shared()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts a recorded event in the counters and the metrics, as ingest does.
+    fn count_recorded(&self, row: &UsageRow) {
+        if let Some(meter) = self.catalog.meters.get(&row.meter) {
+            let sample = sample_of(row);
+            self.counters
+                .record(&row.tenant_id, &meter.name, meter.aggregation, sample);
+        }
+        self.metrics.add(
+            "billsync_usage_accepted_total",
+            "Usage events accepted.",
+            &[],
+            1,
+        );
+    }
+
     async fn record_under_lock(
         &self,
         row: &UsageRow,
         meter: &Meter,
         period: (i64, i64),
-        allow: impl FnOnce(Option<Decimal>) -> bool + Send,
+        allow: impl FnOnce(Option<Decimal>) -> bool + Send + Sync,
     ) -> Result<Recorded, StoreError> {
         let before = self
             .period_figure(&row.tenant_id, &meter.name, period)

@@ -343,7 +343,8 @@ fn item(
     let not_sent: Vec<Value> = tally
         .pushes
         .iter()
-        .filter(|p| p.status != "sent")
+        // A superseded push's events went out in the newer value that replaced it.
+        .filter(|p| p.status != "sent" && p.status != "superseded")
         .map(|p| json!({"push_id": p.push_id, "status": p.status, "last_error": p.last_error}))
         .collect();
     Item {

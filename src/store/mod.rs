@@ -39,7 +39,7 @@ pub use periods::{PeriodRow, Periods};
 pub use reconcile::{ItemRow, Reconciliations, RunRow};
 pub use snapshot::{BucketState, CounterState, SnapshotSource, TxSnapshot};
 pub use tenants::{TenantRecord, Tenants, Upserted};
-pub use usage::{CheckedRecord, NewPush, PushRow, UnpushedKey, Usage, UsageRow};
+pub use usage::{CheckedRecord, NewPush, PushRow, RecordCheck, UnpushedKey, Usage, UsageRow};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
@@ -95,6 +95,18 @@ impl From<sqlx::Error> for StoreError {
                 Self::Unavailable(error)
             }
             other => Self::Query(other),
+        }
+    }
+}
+
+impl StoreError {
+    /// A copy of this error for each of the callers one failed operation answers (a batch of
+    /// check-and-records), in the same class.
+    pub fn shared(&self) -> Self {
+        let copy = sqlx::Error::Protocol(self.to_string());
+        match self {
+            Self::Unavailable(_) => Self::Unavailable(copy),
+            _ => Self::Query(copy),
         }
     }
 }

@@ -90,21 +90,78 @@ fn figure_select(aggregation: crate::catalog::Aggregation) -> &'static str {
     }
 }
 
-/// The figure `sql` computes over the row's tenant and meter in `period`, on a connection.
-async fn figure_in(
-    conn: &mut sqlx::PgConnection,
-    sql: &str,
-    row: &UsageRow,
-    period: (i64, i64),
-) -> Result<Option<String>, sqlx::Error> {
-    let (figure,): (Option<String>,) = sqlx::query_as(sqlx::AssertSqlSafe(sql.to_owned()))
-        .bind(&row.tenant_id)
-        .bind(&row.meter)
-        .bind(period.0)
-        .bind(period.1)
-        .fetch_one(conn)
-        .await?;
-    Ok(figure)
+/// The figure after a check's record, when it follows from the figure before (sums, counts,
+/// maxima); `None` when it must be read again.
+fn after_of(check: &RecordCheck, before: Option<&str>) -> Option<String> {
+    use crate::catalog::Aggregation;
+    use rust_decimal::Decimal;
+    use std::str::FromStr;
+    let before = before.map_or(Ok(Decimal::ZERO), Decimal::from_str).ok()?;
+    let quantity = Decimal::from_str(&check.row.quantity).ok()?;
+    let after = match check.aggregation {
+        Aggregation::Sum => before.checked_add(quantity)?,
+        Aggregation::Count => before + Decimal::ONE,
+        Aggregation::Max if before.is_zero() && quantity.is_sign_negative() => return None,
+        Aggregation::Max => before.max(quantity),
+        Aggregation::Last | Aggregation::UniqueCount => return None,
+    };
+    Some(after.normalize().to_string())
+}
+
+/// For each check, whether its event is stored and its meter's figure over its period, read on
+/// a transaction in one statement per aggregation.
+async fn figures_in(
+    tx: &mut sqlx::PgConnection,
+    checks: &[RecordCheck],
+) -> Result<Vec<(bool, Option<String>)>, sqlx::Error> {
+    let mut figures = vec![(false, None); checks.len()];
+    let mut aggregations: Vec<crate::catalog::Aggregation> =
+        checks.iter().map(|c| c.aggregation).collect();
+    aggregations.dedup();
+    for aggregation in aggregations {
+        let of: Vec<usize> = (0..checks.len())
+            .filter(|&i| checks[i].aggregation == aggregation)
+            .collect();
+        let column = |f: fn(&RecordCheck) -> String| -> Vec<String> {
+            of.iter().map(|&i| f(&checks[i])).collect()
+        };
+        let sql = format!(
+            // A scalar subquery, not EXISTS: PostgreSQL may turn EXISTS into a hash of the
+            // whole table, built for every batch.
+            "SELECT c.n, (SELECT TRUE FROM usage_events e WHERE e.tenant_id = c.tenant \
+             AND e.event_id = c.eid) IS NOT NULL, ({} FROM usage_events e WHERE e.tenant_id = c.tenant \
+             AND e.meter = c.meter AND e.occurred_at >= c.from_ms AND e.occurred_at < c.to_ms) \
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) \
+             WITH ORDINALITY AS c (tenant, meter, from_ms, to_ms, eid, n)",
+            figure_select(aggregation)
+        );
+        let found: Vec<(i64, bool, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(column(|c| c.row.tenant_id.clone()))
+            .bind(column(|c| c.row.meter.clone()))
+            .bind(of.iter().map(|&i| checks[i].period.0).collect::<Vec<_>>())
+            .bind(of.iter().map(|&i| checks[i].period.1).collect::<Vec<_>>())
+            .bind(column(|c| c.row.event_id.clone()))
+            .fetch_all(&mut *tx)
+            .await?;
+        for (n, existed, figure) in found {
+            figures[of[(n - 1) as usize]] = (existed, figure);
+        }
+    }
+    Ok(figures)
+}
+
+/// Whether a record may be stored, given its meter's figure (text; `None`: no usage).
+pub type Allow = Box<dyn FnOnce(Option<&str>) -> bool + Send + Sync>;
+
+/// One check-and-record of a [`Usage::record_checked`] batch.
+pub struct RecordCheck {
+    pub row: UsageRow,
+    pub aggregation: crate::catalog::Aggregation,
+    pub period: (i64, i64),
+    /// The transaction lock of its tenant and meter.
+    pub lock_key: i64,
+    /// Whether the record may be stored, given the meter's figure (text; `None`: no usage).
+    pub allow: Allow,
 }
 
 /// What [`Usage::record_checked`] found and did. Figures are exact decimals as text (`None`:
@@ -142,6 +199,26 @@ macro_rules! push_columns {
 
 /// Rows per INSERT statement (well inside both backends' bind-parameter limits).
 const CHUNK: usize = 500;
+
+/// Sends, on a PostgreSQL transaction `$tx`, the `billsync_usage` notifications `$payloads`
+/// makes of `$stored` (new rows), each prefixed with the transaction's id.
+macro_rules! notify_usage {
+    ($tx:expr, $stored:expr, $payloads:expr) => {{
+        let tx = $tx;
+        let stored: &[&UsageRow] = $stored;
+        let payloads = $payloads(stored);
+        for chunk in payloads.chunks(CHUNK) {
+            let mut query = sqlx::QueryBuilder::new(
+                "SELECT pg_notify('billsync_usage', pg_current_xact_id()::text || ' ' || p) FROM (",
+            );
+            query.push_values(chunk, |mut b, payload| {
+                b.push_bind(payload);
+            });
+            query.push(") AS v (p)");
+            query.build().execute(&mut *tx).await?;
+        }
+    }};
+}
 
 /// Inserts usage rows not stored before on a transaction `$tx` and, when `$notify`, sends the
 /// `billsync_usage` notifications `$payloads` makes of the new ones (PostgreSQL); evaluates to
@@ -188,18 +265,7 @@ macro_rules! insert_usage {
                 .zip(&new)
                 .filter_map(|(row, new)| new.then_some(row))
                 .collect();
-            let payloads = payloads(&stored);
-            for chunk in payloads.chunks(CHUNK) {
-                let mut query = sqlx::QueryBuilder::new(
-                    "SELECT pg_notify('billsync_usage', pg_current_xact_id()::text || ' ' || p) \
-                     FROM (",
-                );
-                query.push_values(chunk, |mut b, payload| {
-                    b.push_bind(payload);
-                });
-                query.push(") AS v (p)");
-                query.build().execute(&mut *tx).await?;
-            }
+            notify_usage!(&mut *tx, &stored, payloads);
         }
         new
     }};
@@ -269,54 +335,79 @@ impl<'a> Usage<'a> {
         Ok(figure)
     }
 
-    /// Check-and-record on PostgreSQL, on one pooled connection: in one transaction, takes the
-    /// transaction lock `lock_key` (one per tenant and meter, across replicas), reads whether
-    /// the event is stored and the meter's figure over `period`, stores the row (with its
-    /// notifications) only when `allow(figure)` says so, and reads the figure after it.
+    /// Check-and-records on PostgreSQL, a batch in one transaction on one pooled connection,
+    /// in a handful of statements whatever its size: takes every check's transaction lock (one
+    /// per tenant and meter, across replicas; in key order, so that two batches never wait on
+    /// each other in a cycle), reads whether each event is stored and each meter's figure,
+    /// stores the rows their `allow` lets through, notifies the other replicas of them, and
+    /// reads the figures after. The checks' lock keys must differ (a batch holds one check
+    /// per tenant and meter). One commit for the batch: a transaction that notifies commits
+    /// alone database-wide, so a commit per record would bound every replica's records by one
+    /// commit's latency.
     pub async fn record_checked(
         &self,
-        row: &UsageRow,
-        aggregation: crate::catalog::Aggregation,
-        (period, lock_key): ((i64, i64), i64),
+        mut checks: Vec<RecordCheck>,
         payloads: &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
-        allow: impl FnOnce(Option<&str>) -> bool + Send,
-    ) -> Result<CheckedRecord, StoreError> {
+    ) -> Result<Vec<CheckedRecord>, StoreError> {
         let super::Db::Postgres(pool) = self.db else {
             return Err(StoreError::Setup(
                 "check-and-record in one transaction is for PostgreSQL".to_owned(),
             ));
         };
-        let figure_sql = format!(
-            "{} FROM usage_events WHERE tenant_id = $1 AND meter = $2 \
-             AND occurred_at >= $3 AND occurred_at < $4",
-            figure_select(aggregation)
-        );
         let mut tx = pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(lock_key)
-            .execute(&mut *tx)
-            .await?;
-        let (existed,): (bool,) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM usage_events WHERE tenant_id = $1 AND event_id = $2)",
+        let mut keys: Vec<i64> = checks.iter().map(|c| c.lock_key).collect();
+        keys.sort_unstable();
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest($1::bigint[]) AS k ORDER BY 1) AS keys",
         )
-        .bind(&row.tenant_id)
-        .bind(&row.event_id)
-        .fetch_one(&mut *tx)
+        .bind(&keys)
+        .execute(&mut *tx)
         .await?;
-        let before = figure_in(&mut tx, &figure_sql, row, period).await?;
-        let mut record = CheckedRecord {
-            existed,
-            stored: false,
-            after: before.clone(),
-            before,
-        };
-        if !existed && allow(record.before.as_deref()) {
-            let rows = std::slice::from_ref(row);
-            record.stored = insert_usage!(&mut *tx, rows, payloads, true)[0];
-            record.after = figure_in(&mut tx, &figure_sql, row, period).await?;
+        let before = figures_in(&mut tx, &checks).await?;
+        let mut allowed: Vec<usize> = Vec::new();
+        for (i, (check, (existed, figure))) in checks.iter_mut().zip(&before).enumerate() {
+            let allow = std::mem::replace(&mut check.allow, Box::new(|_| false));
+            if !existed && allow(figure.as_deref()) {
+                allowed.push(i);
+            }
         }
+        let rows: Vec<UsageRow> = allowed.iter().map(|&i| checks[i].row.clone()).collect();
+        let new = insert_usage!(&mut *tx, &rows, payloads, true);
+        let stored: Vec<usize> = allowed
+            .iter()
+            .zip(&new)
+            .filter_map(|(&i, new)| new.then_some(i))
+            .collect();
+        // Sums, counts and maxima after a record follow from before; the others are read again.
+        let reread = stored
+            .iter()
+            .any(|&i| after_of(&checks[i], before[i].1.as_deref()).is_none());
+        let after = if reread {
+            figures_in(&mut tx, &checks).await?
+        } else {
+            before.clone()
+        };
         tx.commit().await?;
-        Ok(record)
+        Ok(before
+            .into_iter()
+            .zip(after)
+            .enumerate()
+            .map(|(i, ((existed, before), (_, after)))| {
+                let stored = stored.contains(&i);
+                let after = match after_of(&checks[i], before.as_deref()) {
+                    Some(figure) if stored => Some(figure),
+                    _ if stored => after,
+                    _ => before.clone(),
+                };
+                CheckedRecord {
+                    // Allowed and not new: the same event id came in under another meter.
+                    existed: existed || (allowed.contains(&i) && !stored),
+                    stored,
+                    after,
+                    before,
+                }
+            })
+            .collect())
     }
 
     /// Calls `each` with every event of the tenant's meter that happened in `[from_ms, to_ms)`,
