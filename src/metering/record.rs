@@ -43,12 +43,7 @@ pub struct RecordQueue {
 impl RecordQueue {
     /// The oldest waiting checks, at most one per tenant and meter (a later one of the same
     /// waits for the next batch, which sees this one's record).
-    fn next_batch(
-        &self,
-    ) -> Vec<(
-        RecordCheck,
-        oneshot::Sender<Result<CheckedRecord, StoreError>>,
-    )> {
+    fn next_batch(&self) -> Vec<Queued> {
         let mut waiting = self.waiting.lock().expect("record queue");
         let mut keys = std::collections::HashSet::new();
         let mut batch = Vec::new();
