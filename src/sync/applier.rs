@@ -404,9 +404,16 @@ pub fn state_of_row(row: &InboxRow, kind: ObjectKind) -> Result<(Value, i64, boo
 /// (`event_created`, Unix ms). A vendor event's own copy is versioned by the last millisecond
 /// of the second Stripe created it in: the change it reports happened within that second, so
 /// any request started before the change is versioned lower.
+///
+/// The echo of one of billsync's own commands is the lowest version of all: the command's
+/// answer, applied when the command ended, is the same state or a newer one (a later command
+/// of the tenant may have followed within the same second), so the echo never replaces
+/// anything; it only fills in an object the mirror lacks.
 pub fn copy_version(row: &InboxRow) -> i64 {
     if Source::is_fresh_state(&row.source) {
         row.event_created
+    } else if super::is_own(row) {
+        i64::MIN
     } else {
         row.event_created.div_euclid(1000) * 1000 + 999
     }

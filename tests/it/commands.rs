@@ -28,6 +28,7 @@ on_both_backends!(
     cancel_at_period_end_and_resume_follow_the_vendor,
     cancel_now_ends_the_subscription_and_the_plan,
     the_echo_of_an_own_command_is_recognised_and_changes_nothing,
+    the_late_echo_of_an_earlier_command_never_replaces_a_later_answer,
     bad_requests_are_refused_and_nothing_is_stored,
     the_preview_asks_the_vendor_and_changes_nothing,
     a_commands_answer_never_replaces_a_state_fetched_after_its_write_was_sent,
@@ -740,6 +741,46 @@ async fn the_echo_of_an_own_command_is_recognised_and_changes_nothing(backend: B
     assert_eq!(
         after["synced_at"], before["synced_at"],
         "nothing was rewritten"
+    );
+    app.stop().await;
+}
+
+async fn the_late_echo_of_an_earlier_command_never_replaces_a_later_answer(backend: Backend) {
+    let fake = Fake::start().await;
+    let app = start(backend, &fake).await;
+    tenant_with_customer(&app, "acme").await;
+    let first = subscribed(&app, "acme", "price_pro").await;
+    let first_state = fake.subscriptions()[0].clone();
+    let second = subscribe(&app, "acme", json!({"price": "price_pro", "quantity": 3})).await;
+    assert_eq!(
+        ended(&app, second["id"].as_str().unwrap()).await["status"],
+        "succeeded"
+    );
+
+    // The first command's webhook arrives last, stamped (as Stripe stamps it) in the second both
+    // changes were made in: it is older than the second command's answer.
+    let mut echo = crate::helpers::event(
+        "evt_late_echo",
+        "customer.subscription.created",
+        chrono::Utc::now().timestamp(),
+        first_state,
+    );
+    let key = format!("billsync-{}", first["id"].as_str().unwrap());
+    echo["request"] = json!({"id": "req_1", "idempotency_key": key});
+    app.deliver(&echo).await;
+    wait_for("the echo to be applied", || async {
+        let events = app.get_json("/v1/tenants/acme/events").await;
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event_id"] == "evt_late_echo" && e["outcome"] == "applied")
+    })
+    .await;
+    let tenant = app.get_json("/v1/tenants/acme").await;
+    assert_eq!(
+        tenant["subscription"]["items"][0]["quantity"], 3,
+        "{tenant}"
     );
     app.stop().await;
 }
