@@ -66,6 +66,20 @@ struct WrkRun {
     non_2xx: u64,
 }
 
+impl WrkRun {
+    /// `rate; p50 / p99 / p99.9 µs`, and the non-2xx answers if there were any.
+    fn figures(&self) -> String {
+        let errors = match self.non_2xx {
+            0 => String::new(),
+            n => format!(" ({n} non-2xx!)"),
+        };
+        format!(
+            "{:.0}; {} / {} / {} µs{errors}",
+            self.requests_per_sec, self.p50_us, self.p99_us, self.p999_us
+        )
+    }
+}
+
 fn wrk(
     address: &str,
     threads: u32,
@@ -233,16 +247,8 @@ async fn main() {
                 &script,
             );
             println!(
-                "| HTTP checks, {label}, {connections} connections, {seconds} s: requests/s; p50 / p99 / p99.9 | {:.0}; {} / {} / {} µs{} |",
-                run.requests_per_sec,
-                run.p50_us,
-                run.p99_us,
-                run.p999_us,
-                if run.non_2xx > 0 {
-                    format!(" ({} non-2xx!)", run.non_2xx)
-                } else {
-                    String::new()
-                }
+                "| HTTP checks, {label}, {connections} connections, {seconds} s: requests/s; p50 / p99 / p99.9 | {} |",
+                run.figures()
             );
         }
         server.stop();
@@ -288,16 +294,8 @@ async fn check_and_record(backend: Backend, seconds: u32) {
     let _ = wrk(&server.address, 2, 64, 2, TENANTS, &script);
     let run = wrk(&server.address, 2, 64, seconds, TENANTS, &script);
     println!(
-        "| HTTP check-and-record, {backend:?}, default pool (10), 64 connections over {TENANTS} tenants, {seconds} s: records/s; p50 / p99 / p99.9 | {:.0}; {} / {} / {} µs{} |",
-        run.requests_per_sec,
-        run.p50_us,
-        run.p99_us,
-        run.p999_us,
-        if run.non_2xx > 0 {
-            format!(" ({} non-2xx!)", run.non_2xx)
-        } else {
-            String::new()
-        }
+        "| HTTP check-and-record, {backend:?}, default pool (10), 64 connections over {TENANTS} tenants, {seconds} s: records/s; p50 / p99 / p99.9 | {} |",
+        run.figures()
     );
     server.stop();
     database.drop_now().await;

@@ -713,15 +713,7 @@ async fn the_echo_of_an_own_command_is_recognised_and_changes_nothing(backend: B
     );
     echo["request"] = json!({"id": "req_1", "idempotency_key": format!("billsync-{id}")});
     app.deliver(&echo).await;
-    wait_for("the echo to be applied", || async {
-        let events = app.get_json("/v1/tenants/acme/events").await;
-        events["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["event_id"] == "evt_echo" && e["outcome"] == "applied")
-    })
-    .await;
+    applied(&app, "evt_echo").await;
     let events = app.get_json("/v1/tenants/acme/events").await;
     let echo = events["data"]
         .as_array()
@@ -743,6 +735,19 @@ async fn the_echo_of_an_own_command_is_recognised_and_changes_nothing(backend: B
         "nothing was rewritten"
     );
     app.stop().await;
+}
+
+/// Waits until acme's event `id` has been applied.
+async fn applied(app: &TestApp, id: &str) {
+    wait_for("the event to be applied", || async {
+        let events = app.get_json("/v1/tenants/acme/events").await;
+        events["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["event_id"] == id && e["outcome"] == "applied")
+    })
+    .await;
 }
 
 async fn the_late_echo_of_an_earlier_command_never_replaces_a_later_answer(backend: Backend) {
@@ -768,15 +773,7 @@ async fn the_late_echo_of_an_earlier_command_never_replaces_a_later_answer(backe
     let key = format!("billsync-{}", first["id"].as_str().unwrap());
     echo["request"] = json!({"id": "req_1", "idempotency_key": key});
     app.deliver(&echo).await;
-    wait_for("the echo to be applied", || async {
-        let events = app.get_json("/v1/tenants/acme/events").await;
-        events["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["event_id"] == "evt_late_echo" && e["outcome"] == "applied")
-    })
-    .await;
+    applied(&app, "evt_late_echo").await;
     let tenant = app.get_json("/v1/tenants/acme").await;
     assert_eq!(
         tenant["subscription"]["items"][0]["quantity"], 3,

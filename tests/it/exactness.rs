@@ -118,6 +118,11 @@ async fn sql(db: &Db, statement: &str) {
     .unwrap();
 }
 
+/// Two periods of two hours, the second starting at `renewal`.
+fn periods_around(renewal: i64) -> ((i64, i64), (i64, i64)) {
+    ((renewal - 2 * HOUR, renewal), (renewal, renewal + 2 * HOUR))
+}
+
 /// The start of the current hour, minus `hours`.
 fn hour_start(hours: i64) -> i64 {
     let now = billsync::store::now_ms();
@@ -150,8 +155,7 @@ async fn usage_before_the_paid_period_never_counts_in_it(backend: Backend) {
 async fn late_usage_after_a_renewal_goes_into_its_own_period(backend: Backend) {
     let (vendor, state, _db) = metered(backend).await;
     linked_tenant(&state, "acme", "cus_acme").await;
-    let renewal = hour_start(1);
-    let (past, current) = ((renewal - 2 * HOUR, renewal), (renewal, renewal + 2 * HOUR));
+    let (past, current) = periods_around(hour_start(1));
     apply(&state, &[subscription_in(past, "active")]).await;
     let pusher = state.pusher(state.vendor.clone().unwrap());
     let now = billsync::store::now_ms();
@@ -186,8 +190,7 @@ async fn late_usage_after_a_renewal_goes_into_its_own_period(backend: Backend) {
 async fn usage_of_an_invoiced_period_is_reported_not_pushed(backend: Backend) {
     let (vendor, state, _db) = metered(backend).await;
     linked_tenant(&state, "acme", "cus_acme").await;
-    let renewal = hour_start(1);
-    let (past, current) = ((renewal - 2 * HOUR, renewal), (renewal, renewal + 2 * HOUR));
+    let (past, current) = periods_around(hour_start(1));
     apply(
         &state,
         &[
@@ -218,8 +221,7 @@ async fn usage_of_an_invoiced_period_is_reported_not_pushed(backend: Backend) {
 async fn usage_waits_for_a_renewal_billsync_has_not_heard_of(backend: Backend) {
     let (vendor, state, _db) = metered(backend).await;
     linked_tenant(&state, "acme", "cus_acme").await;
-    let renewal = hour_start(0);
-    let (past, current) = ((renewal - 2 * HOUR, renewal), (renewal, renewal + 2 * HOUR));
+    let (past, current) = periods_around(hour_start(0));
     apply(&state, &[subscription_in(past, "active")]).await;
     let pusher = state.pusher(state.vendor.clone().unwrap());
     let now = billsync::store::now_ms();
