@@ -23,6 +23,17 @@ pub enum Aggregation {
 }
 
 impl Aggregation {
+    /// Its name in the catalog (and in the database's `billsync_usage_figure`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sum => "sum",
+            Self::Count => "count",
+            Self::Max => "max",
+            Self::UniqueCount => "unique_count",
+            Self::Last => "last",
+        }
+    }
+
     /// Whether the meter's figure for a period is one value over the whole period (pushed as
     /// the period's running value), rather than a sum of its events' parts (pushed as deltas).
     pub fn is_period_value(self) -> bool {

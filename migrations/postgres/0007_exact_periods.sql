@@ -29,3 +29,4 @@ ALTER TABLE usage_events ADD COLUMN txid BIGINT NOT NULL DEFAULT (pg_current_xac
 CREATE INDEX usage_events_txid ON usage_events (txid);
 DELETE FROM usage_buckets;
 DELETE FROM sync_state WHERE name = 'usage.snapshot_until';
+

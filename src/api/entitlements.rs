@@ -143,31 +143,6 @@ async fn check_one(
     .map_err(|e| ApiError::internal(&e))?
 }
 
-/// One tenant's quota decision, owned, so that a check-and-record batch can make it later.
-#[derive(Clone)]
-struct QuotaCheck {
-    entitlements: crate::entitlements::Entitlements,
-    model: std::sync::Arc<TenantModel>,
-    feature: String,
-}
-
-impl QuotaCheck {
-    /// The decision for `quantity` given `used` from the usage log (`None`: no usage yet).
-    fn decide(&self, quantity: Decimal, used: Option<Decimal>) -> Decision {
-        let used = Some(used.unwrap_or_default());
-        (self.entitlements).decide_with_used(&self.model, &self.feature, quantity, now_ms(), used)
-    }
-
-    /// The answer when the record is there: allowed, with `used` as it stands.
-    fn recorded(&self, used: Option<Decimal>) -> Decision {
-        Decision {
-            allowed: true,
-            reason: "ok",
-            ..self.decide(Decimal::ZERO, used)
-        }
-    }
-}
-
 /// The recording half of check-and-record: the record is stored only when the quota allows
 /// it, with `used` read from the usage log under one lock per tenant and meter, so that what
 /// other requests and replicas recorded counts too and the last unit goes once.
@@ -182,30 +157,33 @@ async fn record_within_limit(
     if let Some(timestamp) = &record.timestamp {
         event["timestamp"] = json!(timestamp);
     }
-    let period = model.period;
-    let quota = QuotaCheck {
-        entitlements: state.entitlements.clone(),
-        model,
-        feature: feature.to_owned(),
-    };
-    let allow = {
-        let quota = quota.clone();
-        move |used| quota.decide(quantity, used).allowed
-    };
+    let entitlements = &state.entitlements;
+    let ceiling = entitlements.ceiling(&model, feature, quantity);
     let recorded = state
         .metering
-        .record_checked(&event, now_ms(), period, allow)
+        .record_checked(&event, now_ms(), model.period, ceiling)
         .await?;
+    // The decision given `used` from the usage log (`None`: no usage yet).
+    let decide = |quantity, used: Option<Decimal>| {
+        let used = Some(used.unwrap_or_default());
+        entitlements.decide_with_used(&model, feature, quantity, now_ms(), used)
+    };
+    // The record is there: allowed, with `used` as it stands.
+    let recorded_with = |used| Decision {
+        allowed: true,
+        reason: "ok",
+        ..decide(Decimal::ZERO, used)
+    };
     let (decision, recorded) = match recorded {
         Recorded::Invalid(rejection) => {
             return Err(
                 ApiError::bad_request("invalid_record", rejection.message).with_field("record")
             );
         }
-        Recorded::Existing { used } => (quota.recorded(used), true),
-        Recorded::Refused { used } => (quota.decide(quantity, used), false),
+        Recorded::Existing { used } => (recorded_with(used), true),
+        Recorded::Refused { used } => (decide(quantity, used), false),
         // `used` as it stands after this record.
-        Recorded::Stored { after, .. } => (quota.recorded(after), true),
+        Recorded::Stored { after, .. } => (recorded_with(after), true),
     };
     Ok(CheckOut {
         decision,

@@ -1,6 +1,7 @@
 //! Plain types with parse constructors; no I/O.
 
 pub mod billing;
+mod ceiling;
 mod quantity;
 mod tenant;
 mod time;
@@ -9,6 +10,7 @@ pub use billing::{
     BillingPeriod, Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem, invoice_is_final,
     liveness_of,
 };
+pub use ceiling::Ceiling;
 pub use quantity::{MAX_DIGITS, QuantityError, parse_quantity};
 pub use tenant::{Email, TenantId, TenantName};
 pub use time::{parse_time, rfc3339, rfc3339_secs};

@@ -14,6 +14,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use crate::catalog::Catalog;
+use crate::domain::Ceiling;
 use crate::domain::TenantId;
 use crate::metering::{Metering, calendar_month};
 use crate::store::{Db, StoreError, now_ms};
@@ -535,6 +536,35 @@ impl Entitlements {
                     }
                 }
             }
+        }
+    }
+
+    /// The most the feature's meter figure may be for `quantity` more to be allowed, by the
+    /// same rules as [`Self::decide_with_used`] (which allows exactly when the ceiling admits
+    /// `used`): what check-and-record compares the usage log with, under its lock.
+    pub fn ceiling(&self, model: &TenantModel, feature: &str, quantity: Decimal) -> Ceiling {
+        if model.as_of.is_none() && model.standing != Standing::Free {
+            let open = self.plans().fail_open.iter().any(|f| f == feature);
+            return if open {
+                Ceiling::Unlimited
+            } else {
+                Ceiling::Never
+            };
+        }
+        if matches!(
+            model.standing,
+            Standing::NoSubscription | Standing::Inactive
+        ) {
+            return Ceiling::Never;
+        }
+        match model.features.get(feature) {
+            None | Some(Grant::Boolean { enabled: false }) => Ceiling::Never,
+            Some(Grant::Boolean { enabled: true }) | Some(Grant::Quota { limit: None, .. }) => {
+                Ceiling::Unlimited
+            }
+            Some(Grant::Quota {
+                limit: Some(limit), ..
+            }) => Ceiling::AtMost(Decimal::from(*limit) - quantity),
         }
     }
 

@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 use super::{Metering, Rejection, sample_of};
 use crate::catalog::Meter;
+use crate::domain::Ceiling;
 use crate::store::{Backend, CheckedRecord, RecordCheck, StoreError, UsageRow, lease_key};
 
 /// One lock per tenant and meter, in this process (SQLite).
@@ -86,8 +87,8 @@ pub enum Recorded {
 }
 
 impl Metering {
-    /// Stores `event` only when `allow(figure)` says so, `figure` being the meter's over
-    /// `period` from the usage log. On PostgreSQL the database lock, the figure and the insert
+    /// Stores `event` only when the meter's figure over `period`, from the usage log, is within
+    /// `ceiling`. On PostgreSQL the database lock, the figure and the insert
     /// share one transaction, so one pooled connection (never two at once, which a full pool
     /// could not give), batched with other calls; on SQLite, one process, an in-process lock
     /// does.
@@ -96,7 +97,7 @@ impl Metering {
         event: &Value,
         now: i64,
         period: (i64, i64),
-        allow: impl FnOnce(Option<Decimal>) -> bool + Send + Sync + 'static,
+        ceiling: Ceiling,
     ) -> Result<Recorded, StoreError> {
         let (row, meter) = match self.validate(event, now) {
             Ok(valid) => valid,
@@ -110,11 +111,11 @@ impl Metering {
             }
         };
         match self.db.backend() {
-            Backend::Postgres => self.record_in_a_batch(&row, meter, period, allow).await,
+            Backend::Postgres => self.record_in_a_batch(&row, meter, period, ceiling).await,
             Backend::Sqlite => {
                 let lock = self.record_lock(&row.tenant_id, &meter.name);
                 let _turn = lock.lock().await;
-                let recorded = self.record_under_lock(&row, meter, period, allow).await?;
+                let recorded = self.record_under_lock(&row, meter, period, ceiling).await?;
                 if matches!(recorded, Recorded::Stored { .. }) {
                     self.count_recorded(&row);
                 }
@@ -130,14 +131,14 @@ impl Metering {
         row: &UsageRow,
         meter: &Meter,
         period: (i64, i64),
-        allow: impl FnOnce(Option<Decimal>) -> bool + Send + Sync + 'static,
+        ceiling: Ceiling,
     ) -> Result<Recorded, StoreError> {
         let check = RecordCheck {
             row: row.clone(),
             aggregation: meter.aggregation,
             period,
             lock_key: lease_key(&format!("record:{}/{}", row.tenant_id, meter.name)),
-            allow: Box::new(move |figure| allow(decimal(figure))),
+            ceiling,
         };
         let (reply, mut answer) = oneshot::channel();
         self.record_queue
@@ -179,14 +180,13 @@ impl Metering {
                 return;
             }
             let (checks, replies): (Vec<RecordCheck>, Vec<_>) = batch.into_iter().unzip();
-            let rows: Vec<UsageRow> = checks.iter().map(|c| c.row.clone()).collect();
             let payloads = |new: &[&UsageRow]| self.notifications(new);
             let _gate = self.gate.read().await;
-            match self.db.usage().record_checked(checks, &payloads).await {
+            match self.db.usage().record_checked(&checks, &payloads).await {
                 Ok(records) => {
-                    for ((record, row), reply) in records.into_iter().zip(&rows).zip(replies) {
+                    for ((record, check), reply) in records.into_iter().zip(&checks).zip(replies) {
                         if record.stored {
-                            self.count_recorded(row);
+                            self.count_recorded(&check.row);
                         }
                         let _ = reply.send(Ok(record));
                     }
@@ -221,7 +221,7 @@ impl Metering {
         row: &UsageRow,
         meter: &Meter,
         period: (i64, i64),
-        allow: impl FnOnce(Option<Decimal>) -> bool + Send + Sync,
+        ceiling: Ceiling,
     ) -> Result<Recorded, StoreError> {
         let before = self
             .period_figure(&row.tenant_id, &meter.name, period)
@@ -234,7 +234,7 @@ impl Metering {
         {
             return Ok(Recorded::Existing { used: before });
         }
-        if !allow(before) {
+        if !ceiling.admits(before) {
             return Ok(Recorded::Refused { used: before });
         }
         let stored = {

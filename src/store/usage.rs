@@ -1,6 +1,7 @@
 //! The usage log, the push ledger, and the snapshot of the usage counters.
 
 use super::{Db, StoreError, on_pool};
+use crate::domain::Ceiling;
 
 /// A validated usage event, ready to store.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -150,9 +151,6 @@ async fn figures_in(
     Ok(figures)
 }
 
-/// Whether a record may be stored, given its meter's figure (text; `None`: no usage).
-pub type Allow = Box<dyn FnOnce(Option<&str>) -> bool + Send + Sync>;
-
 /// One check-and-record of a [`Usage::record_checked`] batch.
 pub struct RecordCheck {
     pub row: UsageRow,
@@ -160,8 +158,8 @@ pub struct RecordCheck {
     pub period: (i64, i64),
     /// The transaction lock of its tenant and meter.
     pub lock_key: i64,
-    /// Whether the record may be stored, given the meter's figure (text; `None`: no usage).
-    pub allow: Allow,
+    /// The most the figure may be for the record to be stored.
+    pub ceiling: Ceiling,
 }
 
 /// What [`Usage::record_checked`] found and did. Figures are exact decimals as text (`None`:
@@ -346,7 +344,7 @@ impl<'a> Usage<'a> {
     /// commit's latency.
     pub async fn record_checked(
         &self,
-        mut checks: Vec<RecordCheck>,
+        checks: &[RecordCheck],
         payloads: &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
     ) -> Result<Vec<CheckedRecord>, StoreError> {
         let super::Db::Postgres(pool) = self.db else {
@@ -363,14 +361,14 @@ impl<'a> Usage<'a> {
         .bind(&keys)
         .execute(&mut *tx)
         .await?;
-        let before = figures_in(&mut tx, &checks).await?;
-        let mut allowed: Vec<usize> = Vec::new();
-        for (i, (check, (existed, figure))) in checks.iter_mut().zip(&before).enumerate() {
-            let allow = std::mem::replace(&mut check.allow, Box::new(|_| false));
-            if !existed && allow(figure.as_deref()) {
-                allowed.push(i);
-            }
-        }
+        let before = figures_in(&mut tx, checks).await?;
+        let allowed: Vec<usize> = (0..checks.len())
+            .filter(|&i| {
+                let (existed, figure) = &before[i];
+                let figure = figure.as_deref().and_then(|f| f.parse().ok());
+                !existed && checks[i].ceiling.admits(figure)
+            })
+            .collect();
         let rows: Vec<UsageRow> = allowed.iter().map(|&i| checks[i].row.clone()).collect();
         let new = insert_usage!(&mut *tx, &rows, payloads, true);
         let stored: Vec<usize> = allowed
@@ -383,7 +381,7 @@ impl<'a> Usage<'a> {
             .iter()
             .any(|&i| after_of(&checks[i], before[i].1.as_deref()).is_none());
         let after = if reread {
-            figures_in(&mut tx, &checks).await?
+            figures_in(&mut tx, checks).await?
         } else {
             before.clone()
         };
