@@ -10,7 +10,9 @@ mod inbox;
 mod lease;
 mod mirror;
 pub(crate) mod periods;
+mod pushes;
 mod reconcile;
+mod record;
 mod snapshot;
 mod tenants;
 mod usage;
@@ -36,10 +38,12 @@ pub use mirror::{
     TenantClaim,
 };
 pub use periods::{PeriodRow, Periods};
+pub use pushes::{NewPush, PushRow, UnpushedKey};
 pub use reconcile::{ItemRow, Reconciliations, RunRow};
+pub use record::{CheckedRecord, RecordCheck};
 pub use snapshot::{BucketState, CounterState, SnapshotSource, TxSnapshot};
 pub use tenants::{TenantRecord, Tenants, Upserted};
-pub use usage::{CheckedRecord, NewPush, PushRow, RecordCheck, UnpushedKey, Usage, UsageRow};
+pub use usage::{Usage, UsageRow};
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");

@@ -1,0 +1,166 @@
+//! Check-and-record on PostgreSQL: a batch of records, each stored only when its meter's figure
+//! allows it, under one lock per tenant and meter, in one transaction.
+
+use super::usage::{CHUNK, figure_select, insert_usage, notify_usage, usage_columns};
+use super::{StoreError, Usage, UsageRow};
+use crate::domain::Ceiling;
+
+/// The figure after a check's record, when it follows from the figure before (sums, counts,
+/// maxima); `None` when it must be read again.
+fn after_of(check: &RecordCheck, before: Option<&str>) -> Option<String> {
+    use crate::catalog::Aggregation;
+    use rust_decimal::Decimal;
+    use std::str::FromStr;
+    let before = before.map_or(Ok(Decimal::ZERO), Decimal::from_str).ok()?;
+    let quantity = Decimal::from_str(&check.row.quantity).ok()?;
+    let after = match check.aggregation {
+        Aggregation::Sum => before.checked_add(quantity)?,
+        Aggregation::Count => before + Decimal::ONE,
+        Aggregation::Max if before.is_zero() && quantity.is_sign_negative() => return None,
+        Aggregation::Max => before.max(quantity),
+        Aggregation::Last | Aggregation::UniqueCount => return None,
+    };
+    Some(after.normalize().to_string())
+}
+
+/// For each check, whether its event is stored and its meter's figure over its period, read on
+/// a transaction in one statement per aggregation.
+async fn figures_in(
+    tx: &mut sqlx::PgConnection,
+    checks: &[RecordCheck],
+) -> Result<Vec<(bool, Option<String>)>, sqlx::Error> {
+    let mut figures = vec![(false, None); checks.len()];
+    let mut aggregations: Vec<crate::catalog::Aggregation> =
+        checks.iter().map(|c| c.aggregation).collect();
+    aggregations.dedup();
+    for aggregation in aggregations {
+        let of: Vec<usize> = (0..checks.len())
+            .filter(|&i| checks[i].aggregation == aggregation)
+            .collect();
+        let column = |f: fn(&RecordCheck) -> String| -> Vec<String> {
+            of.iter().map(|&i| f(&checks[i])).collect()
+        };
+        let sql = format!(
+            // A scalar subquery, not EXISTS: PostgreSQL may turn EXISTS into a hash of the
+            // whole table, built for every batch.
+            "SELECT c.n, (SELECT TRUE FROM usage_events e WHERE e.tenant_id = c.tenant \
+             AND e.event_id = c.eid) IS NOT NULL, ({} FROM usage_events e WHERE e.tenant_id = c.tenant \
+             AND e.meter = c.meter AND e.occurred_at >= c.from_ms AND e.occurred_at < c.to_ms) \
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[]) \
+             WITH ORDINALITY AS c (tenant, meter, from_ms, to_ms, eid, n)",
+            figure_select(aggregation)
+        );
+        let found: Vec<(i64, bool, Option<String>)> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(column(|c| c.row.tenant_id.clone()))
+            .bind(column(|c| c.row.meter.clone()))
+            .bind(of.iter().map(|&i| checks[i].period.0).collect::<Vec<_>>())
+            .bind(of.iter().map(|&i| checks[i].period.1).collect::<Vec<_>>())
+            .bind(column(|c| c.row.event_id.clone()))
+            .fetch_all(&mut *tx)
+            .await?;
+        for (n, existed, figure) in found {
+            figures[of[(n - 1) as usize]] = (existed, figure);
+        }
+    }
+    Ok(figures)
+}
+
+/// One check-and-record of a [`Usage::record_checked`] batch.
+pub struct RecordCheck {
+    pub row: UsageRow,
+    pub aggregation: crate::catalog::Aggregation,
+    pub period: (i64, i64),
+    /// The transaction lock of its tenant and meter.
+    pub lock_key: i64,
+    /// The most the figure may be for the record to be stored.
+    pub ceiling: Ceiling,
+}
+
+/// What [`Usage::record_checked`] found and did. Figures are exact decimals as text (`None`:
+/// no usage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedRecord {
+    /// The event id was stored before: nothing written.
+    pub existed: bool,
+    /// The event was stored now.
+    pub stored: bool,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}
+
+impl Usage<'_> {
+    /// Check-and-records on PostgreSQL, a batch in one transaction on one pooled connection,
+    /// in a handful of statements whatever its size: takes every check's transaction lock (one
+    /// per tenant and meter, across replicas; in key order, so that two batches never wait on
+    /// each other in a cycle), reads whether each event is stored and each meter's figure,
+    /// stores the rows whose figure is within their ceiling, notifies the other replicas, and
+    /// reads the figures after. The checks' lock keys must differ (a batch holds one check
+    /// per tenant and meter). One commit for the batch: a transaction that notifies commits
+    /// alone database-wide, so a commit per record would bound every replica's records by one
+    /// commit's latency.
+    pub async fn record_checked(
+        &self,
+        checks: &[RecordCheck],
+        payloads: &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
+    ) -> Result<Vec<CheckedRecord>, StoreError> {
+        let super::Db::Postgres(pool) = self.db else {
+            return Err(StoreError::Setup(
+                "check-and-record in one transaction is for PostgreSQL".to_owned(),
+            ));
+        };
+        let mut tx = pool.begin().await?;
+        let mut keys: Vec<i64> = checks.iter().map(|c| c.lock_key).collect();
+        keys.sort_unstable();
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest($1::bigint[]) AS k ORDER BY 1) AS keys",
+        )
+        .bind(&keys)
+        .execute(&mut *tx)
+        .await?;
+        let before = figures_in(&mut tx, checks).await?;
+        let allowed: Vec<usize> = (0..checks.len())
+            .filter(|&i| {
+                let (existed, figure) = &before[i];
+                let figure = figure.as_deref().and_then(|f| f.parse().ok());
+                !existed && checks[i].ceiling.admits(figure)
+            })
+            .collect();
+        let rows: Vec<UsageRow> = allowed.iter().map(|&i| checks[i].row.clone()).collect();
+        let new = insert_usage!(&mut *tx, &rows, payloads, true);
+        let stored: Vec<usize> = allowed
+            .iter()
+            .zip(&new)
+            .filter_map(|(&i, new)| new.then_some(i))
+            .collect();
+        // Sums, counts and maxima after a record follow from before; the others are read again.
+        let reread = stored
+            .iter()
+            .any(|&i| after_of(&checks[i], before[i].1.as_deref()).is_none());
+        let after = if reread {
+            figures_in(&mut tx, checks).await?
+        } else {
+            before.clone()
+        };
+        tx.commit().await?;
+        Ok(before
+            .into_iter()
+            .zip(after)
+            .enumerate()
+            .map(|(i, ((existed, before), (_, after)))| {
+                let stored = stored.contains(&i);
+                let after = match after_of(&checks[i], before.as_deref()) {
+                    Some(figure) if stored => Some(figure),
+                    _ if stored => after,
+                    _ => before.clone(),
+                };
+                CheckedRecord {
+                    // Allowed and not new: the same event id came in under another meter.
+                    existed: existed || (allowed.contains(&i) && !stored),
+                    stored,
+                    after,
+                    before,
+                }
+            })
+            .collect())
+    }
+}
