@@ -283,7 +283,7 @@ async fn check_and_record(backend: Backend, seconds: u32) {
     let mut settings = tenants::settings(&database.url, &catalog);
     // wrk stops mid-request: the requests still queued when the server stops are not news.
     settings.log.level = "error".to_owned();
-    let state = billsync::app::AppState::build(settings.clone())
+    let state = billsync::state::AppState::build(settings.clone())
         .await
         .unwrap();
     tenants::create_tenants(&state.db, TENANTS).await;

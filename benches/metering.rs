@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use billsync::app::{self, AppState};
-use billsync::vendor::{
+use billsync::app;
+use billsync::state::{self, AppState};
+use billsync::stripe::{
     BillingVendor, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
     PreviewRequest, SubscriptionWrite, VendorError,
 };
@@ -215,7 +216,7 @@ impl BillingVendor for CountingVendor {
 /// Vendor calls per second when one push interval (10 s) carries 20,000 events/s.
 async fn vendor_calls(catalog: &std::path::Path) -> (usize, f64) {
     let db = Database::create(Backend::Postgres).await;
-    app::init_crypto();
+    state::init_crypto();
     let state = AppState::build(settings(&db.url, catalog)).await.unwrap();
     tenants::link_customers(&state.db, TENANTS).await;
     let interval = state.settings.metering.push_interval;
@@ -239,7 +240,7 @@ async fn vendor_calls(catalog: &std::path::Path) -> (usize, f64) {
 
 #[tokio::main]
 async fn main() {
-    app::init_crypto();
+    state::init_crypto();
     let quick = std::env::args().any(|a| a == "quick");
     let dir = tempfile::tempdir().unwrap();
     let catalog = dir.path().join("plans.toml");

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use billsync::app;
+use billsync::state;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -101,7 +102,7 @@ async fn run(backend: Backend, commands: usize, pace: Option<u32>) -> Run {
     settings.sync.sweep_interval = Duration::from_secs(3600);
     settings.database.max_connections = 20;
     {
-        let state = app::AppState::build(settings.clone()).await.unwrap();
+        let state = state::AppState::build(settings.clone()).await.unwrap();
         tenants::link_customers(&state.db, commands).await;
         state.db.close().await;
     }
@@ -167,7 +168,7 @@ async fn run(backend: Backend, commands: usize, pace: Option<u32>) -> Run {
     }
 
     // Confirmed: read from the database (polling every command over HTTP would load the service).
-    let check = app::open_database(&tenants::settings(&db.url, &catalog))
+    let check = state::open_database(&tenants::settings(&db.url, &catalog))
         .await
         .unwrap();
     let rows = loop {
@@ -215,7 +216,7 @@ async fn run(backend: Backend, commands: usize, pace: Option<u32>) -> Run {
 
 #[tokio::main]
 async fn main() {
-    app::init_crypto();
+    state::init_crypto();
     let quick = std::env::args().any(|a| a == "quick");
     let commands = if quick { 500 } else { 3000 };
     let paced = if quick { 400 } else { 2000 };

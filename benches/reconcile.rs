@@ -11,8 +11,8 @@
 
 use std::time::Instant;
 
-use billsync::app::{self, AppState};
 use billsync::reconcile::Params;
+use billsync::state::{self, AppState};
 use billsync::store::{Apply, Db, ObjectState};
 use serde_json::json;
 
@@ -186,7 +186,7 @@ async fn run(backend: Backend, tenants: usize, per_tenant: usize) -> (f64, f64, 
 
 #[tokio::main]
 async fn main() {
-    app::init_crypto();
+    state::init_crypto();
     let quick = std::env::args().any(|a| a == "quick");
     let (tenants, per_tenant) = if quick { (1_000, 100) } else { (10_000, 100) };
     println!(

@@ -10,8 +10,8 @@
 
 use std::time::Instant;
 
-use billsync::app::{self, AppState};
 use billsync::revenue::{Group, day_of, report};
+use billsync::state::{self, AppState};
 use billsync::store::{Apply, ObjectState};
 use serde_json::json;
 
@@ -100,7 +100,7 @@ async fn run(backend: Backend, tenants: usize) -> (f64, f64, usize, i64) {
 
 #[tokio::main]
 async fn main() {
-    app::init_crypto();
+    state::init_crypto();
     let quick = std::env::args().any(|a| a == "quick");
     let tenants = if quick { 1_000 } else { 10_000 };
     println!(

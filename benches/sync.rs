@@ -11,8 +11,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use billsync::app::{self, AppState};
+use billsync::app;
 use billsync::config::{Secret, Settings, key_digest};
+use billsync::state::{self, AppState};
 use billsync::store::{NewEvent, Source};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -36,7 +37,7 @@ fn settings(url: &str) -> Settings {
 struct Service {
     base: String,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), app::AppError>>,
+    task: tokio::task::JoinHandle<Result<(), state::AppError>>,
 }
 
 async fn serve(settings: Settings) -> Service {
@@ -295,7 +296,7 @@ async fn freshness(webhooks: bool, iterations: usize) -> (f64, f64) {
 
 #[tokio::main]
 async fn main() {
-    app::init_crypto();
+    state::init_crypto();
     let quick = std::env::args().any(|a| a == "quick");
     let (acks, applies, fresh_on, fresh_off) = if quick {
         (300, 4000, 5, 3)

@@ -10,14 +10,19 @@ pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod entitlements;
+pub mod error;
 pub mod metering;
 pub mod metrics;
+pub mod mirror;
+pub mod outbound;
 pub mod reconcile;
+pub mod retry;
 pub mod revenue;
+pub mod state;
 pub mod store;
+pub mod stripe;
 pub mod sync;
 pub mod telemetry;
-pub mod vendor;
 pub mod webhook;
 
 /// mimalloc: the hot path's small allocations (request, header map, JSON answer) cost less

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use billsync::app;
 use billsync::config::Settings;
+use billsync::state::{self, AppState};
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -151,7 +152,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
 }
 
 async fn migrate(settings: Settings) -> Result<(), String> {
-    let db = app::open_database(&settings)
+    let db = state::open_database(&settings)
         .await
         .map_err(|e| e.to_string())?;
     db.close().await;
@@ -160,9 +161,7 @@ async fn migrate(settings: Settings) -> Result<(), String> {
 }
 
 async fn backfill(settings: Settings) -> Result<(), String> {
-    let state = app::AppState::build(settings)
-        .await
-        .map_err(|e| e.to_string())?;
+    let state = AppState::build(settings).await.map_err(|e| e.to_string())?;
     let vendor = state
         .vendor
         .clone()
@@ -206,9 +205,7 @@ async fn reconcile(
     if params.to_ms <= params.from_ms {
         return Err("--to must be after --from".to_owned());
     }
-    let state = app::AppState::build(settings)
-        .await
-        .map_err(|e| e.to_string())?;
+    let state = AppState::build(settings).await.map_err(|e| e.to_string())?;
     let (run_id, report) = state
         .reconciler()
         .run(&params, "cli")
@@ -303,9 +300,7 @@ async fn revenue(
             e.message
         )
     })?;
-    let state = app::AppState::build(settings)
-        .await
-        .map_err(|e| e.to_string())?;
+    let state = AppState::build(settings).await.map_err(|e| e.to_string())?;
     let schedule = billsync::revenue::load(&state.db, &state.metering.catalog, tenant.as_deref())
         .await
         .map_err(|e| e.to_string())?;
@@ -367,9 +362,7 @@ async fn revenue(
 }
 
 async fn replay(settings: Settings, dry_run: bool) -> Result<(), String> {
-    let state = app::AppState::build(settings)
-        .await
-        .map_err(|e| e.to_string())?;
+    let state = AppState::build(settings).await.map_err(|e| e.to_string())?;
     let report = billsync::sync::replay::run(&state.db, !dry_run)
         .await
         .map_err(|e| e.to_string())?;

@@ -1,8 +1,8 @@
 //! A service state with many tenants on the free plan, their read models loaded.
 #![allow(dead_code)]
 
-use billsync::app::{AppState, init_crypto};
 use billsync::config::{Secret, Settings, key_digest};
+use billsync::state::{AppState, init_crypto};
 use billsync::store::Db;
 
 pub const API_KEY: &str = "bench-api-key-0123456789";

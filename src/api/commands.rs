@@ -16,12 +16,12 @@ use super::auth::KeyScope;
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::tenants::{SubscriptionOut, load};
-use crate::app::AppState;
 use crate::domain::{rfc3339, rfc3339_secs};
+use crate::outbound::{CancelRequest, CommandKind, SetRequest, fingerprint};
+use crate::state::AppState;
 use crate::store::{CommandRow, Enqueued, NewCommand, TenantRecord, now_ms};
-use crate::sync::outbox::{CancelRequest, CommandKind, SetRequest, fingerprint};
-use crate::vendor::stripe::objects;
-use crate::vendor::{ObjectKind, PreviewRequest, Proration, VendorError};
+use crate::stripe::objects;
+use crate::stripe::{ObjectKind, PreviewRequest, Proration, VendorError};
 
 /// The body of `POST /v1/tenants/{t}/subscription`.
 #[derive(Debug, Deserialize)]
@@ -283,7 +283,7 @@ pub async fn preview_subscription(
         ));
     };
     let resolved = resolve_price(&state, price).await?;
-    let current = crate::sync::current_subscription(&state.db, customer)
+    let current = crate::mirror::current_subscription(&state.db, customer)
         .await?
         .map(|(_, s)| s)
         .filter(|s| s.liveness() > 0);
@@ -370,7 +370,7 @@ async fn enqueue(
     let request_digest = digest(kind, asked);
     let base = match &tenant.customer_id {
         Some(customer) => {
-            let current = crate::sync::current_subscription(&state.db, customer).await?;
+            let current = crate::mirror::current_subscription(&state.db, customer).await?;
             fingerprint(current.as_ref().map(|(_, s)| s))
         }
         None => fingerprint(None),
@@ -447,7 +447,7 @@ async fn require_subscription(state: &AppState, tenant: &TenantRecord) -> Result
         return Ok(());
     }
     if let Some(customer) = &tenant.customer_id
-        && crate::sync::current_subscription(&state.db, customer)
+        && crate::mirror::current_subscription(&state.db, customer)
             .await?
             .is_some_and(|(_, s)| s.liveness() > 0)
     {

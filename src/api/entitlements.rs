@@ -14,11 +14,11 @@ use super::auth::KeyScope;
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::tenants::load;
-use crate::app::AppState;
 use crate::domain::{TenantId, parse_quantity, rfc3339};
 use crate::entitlements::model::Grant;
 use crate::entitlements::{Decision, TenantModel};
 use crate::metering::Recorded;
+use crate::state::AppState;
 use crate::store::now_ms;
 
 /// Most checks in one batch call.

@@ -7,7 +7,8 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
+use crate::state::AppState;
+use crate::store::StoreError;
 
 /// Records every request under its route template (and gives error responses the JSON shape) ("unmatched" for unknown routes, so that
 /// probing random paths cannot grow the label set).
@@ -43,7 +44,7 @@ pub async fn track(State(state): State<AppState>, request: Request, next: Next) 
 }
 
 pub async fn render(State(state): State<AppState>) -> Response {
-    crate::app::refresh_gauges(&state).await;
+    refresh_gauges(&state).await;
     (
         [(
             header::CONTENT_TYPE,
@@ -52,4 +53,79 @@ pub async fn render(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+/// Sets the gauges that describe the shared database rather than this process (backlogs, sync
+/// lag, findings), so that every replica's `/metrics` tells the same; called on each scrape.
+/// A database that does not answer within a second leaves the previous values.
+async fn refresh_gauges(state: &AppState) {
+    let refresh = async {
+        let metrics = &state.metrics;
+        let now = crate::store::now_ms();
+        let age = |at: Option<i64>| at.map_or(0.0, |t| (now - t).max(0) as f64 / 1000.0);
+        let inbox = state.db.inbox().stats().await?;
+        metrics.set(
+            "billsync_inbox_backlog",
+            "Vendor events stored and not applied yet (pending or failed, to be retried).",
+            &[],
+            (inbox.pending + inbox.failed) as f64,
+        );
+        metrics.set(
+            "billsync_inbox_oldest_waiting_seconds",
+            "Age (by vendor creation time) of the oldest vendor event not applied yet.",
+            &[],
+            age(inbox.oldest_waiting),
+        );
+        if let Some(newest) = inbox.newest_applied_event {
+            metrics.set(
+                "billsync_sync_lag_seconds",
+                "Now minus the creation time of the newest applied vendor event.",
+                &[],
+                age(Some(newest)),
+            );
+        }
+        let (commands, oldest) = state.db.commands().backlog().await?;
+        metrics.set(
+            "billsync_outbox_backlog",
+            "Self-serve commands accepted and not finished yet.",
+            &[],
+            commands as f64,
+        );
+        metrics.set(
+            "billsync_outbox_oldest_seconds",
+            "Age of the oldest unfinished self-serve command.",
+            &[],
+            age(oldest),
+        );
+        if let Some(vendor) = &state.vendor {
+            state.pusher(vendor.clone()).record_backlog().await?;
+        }
+        let (pushes, oldest) = state.db.usage().pending_pushes().await?;
+        metrics.set(
+            "billsync_usage_pushes_pending",
+            "Meter events planned and not yet taken by the vendor (first send or a retry).",
+            &[],
+            pushes as f64,
+        );
+        metrics.set(
+            "billsync_usage_oldest_pending_push_seconds",
+            "Age of the oldest meter event not yet taken by the vendor.",
+            &[],
+            age(oldest),
+        );
+        if let Some(findings) = state.db.reconciliations().latest_findings().await? {
+            metrics.set(
+                "billsync_reconciliation_open_findings",
+                "Findings of the latest reconciliation run.",
+                &[],
+                findings as f64,
+            );
+        }
+        Ok::<_, StoreError>(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(1), refresh).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(error = %error, "gauges not refreshed"),
+        Err(_) => tracing::debug!("gauges not refreshed: the database is slow"),
+    }
 }

@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 use super::auth::KeyScope;
 use super::error::ApiError;
 use super::json::ApiJson;
-use crate::app::AppState;
 use crate::domain::{TenantId, parse_time, rfc3339};
 use crate::reconcile::Params;
+use crate::state::AppState;
 use crate::store::RunRow;
 
 const DEFAULT_ITEMS: u32 = 100;

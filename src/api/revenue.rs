@@ -13,10 +13,10 @@ use serde_json::{Value, json};
 use super::auth::KeyScope;
 use super::error::ApiError;
 use super::tenants::load;
-use crate::app::AppState;
 use crate::domain::{TenantId, parse_time};
 use crate::revenue::report::date;
 use crate::revenue::{Day, Group, Schedule, day_of, report};
+use crate::state::AppState;
 
 /// Longest window, in days (ten years).
 const MAX_DAYS: i64 = 3660;

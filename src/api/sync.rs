@@ -12,11 +12,11 @@ use super::auth::KeyScope;
 use super::error::ApiError;
 use super::pagination::PageRequest;
 use super::tenants::load;
-use crate::app::AppState;
 use crate::domain::{Invoice, Payment, rfc3339, rfc3339_secs};
+use crate::state::AppState;
 use crate::store::{MirrorRow, PageKinds, now_ms};
+use crate::stripe::objects;
 use crate::sync::{poller, sweep};
-use crate::vendor::stripe::objects;
 
 /// A page of items and the cursor of the next page (null on the last).
 #[derive(Debug, Serialize)]

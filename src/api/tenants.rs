@@ -11,10 +11,10 @@ use super::auth::KeyScope;
 use super::commands::{CommandOut, customer_sync, pending_of};
 use super::error::ApiError;
 use super::json::ApiJson;
-use crate::app::AppState;
 use crate::domain::{Email, Subscription, TenantId, TenantName, rfc3339, rfc3339_secs};
+use crate::state::AppState;
 use crate::store::{TenantRecord, Upserted, now_ms};
-use crate::vendor::ObjectKind;
+use crate::stripe::ObjectKind;
 
 /// The body of `PUT /v1/tenants/{tenant_id}`. PUT replaces: an absent field is cleared.
 #[derive(Debug, Deserialize)]
@@ -183,7 +183,7 @@ async fn view(state: &AppState, record: TenantRecord) -> Result<TenantOut, ApiEr
     let customer = mirror
         .get(ObjectKind::Customer.as_str(), &customer_id)
         .await?;
-    let chosen = crate::sync::current_subscription(&state.db, &customer_id).await?;
+    let chosen = crate::mirror::current_subscription(&state.db, &customer_id).await?;
     let synced_at = customer
         .iter()
         .map(|c| c.synced_at)

@@ -15,11 +15,11 @@ use super::auth::KeyScope;
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::tenants::load;
-use crate::app::AppState;
 use crate::catalog::Aggregation;
 use crate::domain::rfc3339;
 use crate::metering::counters::{Bucket, HOUR_MS, Sample};
 use crate::metering::{Ingested, billing_period};
+use crate::state::AppState;
 use crate::store::now_ms;
 
 /// Largest `POST /v1/usage` body: 10,000 events with room for their properties.

@@ -18,8 +18,8 @@ use crate::domain::Ceiling;
 use crate::domain::TenantId;
 use crate::metering::{Metering, calendar_month};
 use crate::store::{Db, StoreError, now_ms};
-use crate::vendor::ObjectKind;
-use crate::vendor::stripe::objects;
+use crate::stripe::ObjectKind;
+use crate::stripe::objects;
 use model::{FeatureValue, Features, Grant, metadata_features};
 
 /// The plan catalog's features and plans, typed.
@@ -308,7 +308,7 @@ impl Entitlements {
                 model.as_of = Some(row.synced_at);
                 customer_object = serde_json::from_str::<Value>(&row.payload).ok();
             }
-            subscription = crate::sync::current_subscription(&self.db, customer_id).await?;
+            subscription = crate::mirror::current_subscription(&self.db, customer_id).await?;
         }
         if let Some((row, sub)) = &subscription {
             model.as_of = model.as_of.max(Some(row.synced_at));

@@ -34,8 +34,7 @@ use tokio_util::sync::CancellationToken;
 use super::Metering;
 use super::periods::{self, Period, Standing, TenantPeriods};
 use crate::store::{NewPush, PushRow, StoreError, UnpushedKey, UsageRow, now_ms};
-use crate::sync::SyncError;
-use crate::vendor::{BillingVendor, MeterEvent, VendorError};
+use crate::stripe::{BillingVendor, MeterEvent, VendorError};
 
 /// Stripe takes meter events up to 35 days old; older usage is flagged, not sent.
 const VENDOR_WINDOW_MS: i64 = 35 * 24 * 3_600_000;
@@ -142,13 +141,13 @@ impl Pusher {
     }
 
     /// Plans what is new, then sends what is pending.
-    pub async fn step(&self) -> Result<PushReport, SyncError> {
+    pub async fn step(&self) -> Result<PushReport, StoreError> {
         self.pass(&CancellationToken::new()).await
     }
 
     /// One pass, which stops between chunks and batches once `stop` is cancelled (the lease
     /// was lost, or the service is stopping).
-    async fn pass(&self, stop: &CancellationToken) -> Result<PushReport, SyncError> {
+    async fn pass(&self, stop: &CancellationToken) -> Result<PushReport, StoreError> {
         let mut report = PushReport::default();
         self.plan(&mut report, stop).await?;
         self.send(&mut report, stop).await?;
@@ -170,7 +169,7 @@ impl Pusher {
         &self,
         report: &mut PushReport,
         stop: &CancellationToken,
-    ) -> Result<(), SyncError> {
+    ) -> Result<(), StoreError> {
         let meters = self.pushable_meters();
         let mut after = None;
         for _ in 0..PLAN_CHUNKS {
@@ -194,13 +193,13 @@ impl Pusher {
     }
 
     /// Plans the first chunk of unpushed events without writing it (see [`Self::write_plan`]).
-    pub async fn plan_chunk(&self) -> Result<PlannedChunk, SyncError> {
+    pub async fn plan_chunk(&self) -> Result<PlannedChunk, StoreError> {
         self.prepare(&self.pushable_meters(), None).await
     }
 
     /// Writes a planned chunk, all or nothing; `false` when another planner tied some of its
     /// events first (nothing written: the next pass plans what is left).
-    pub async fn write_plan(&self, chunk: &PlannedChunk) -> Result<bool, SyncError> {
+    pub async fn write_plan(&self, chunk: &PlannedChunk) -> Result<bool, StoreError> {
         if chunk.pushes.is_empty() {
             return Ok(true);
         }
@@ -218,7 +217,7 @@ impl Pusher {
         &self,
         meters: &[String],
         after: Option<&UnpushedKey>,
-    ) -> Result<PlannedChunk, SyncError> {
+    ) -> Result<PlannedChunk, StoreError> {
         let db = &self.metering.db;
         let rows = db.usage().unpushed(meters, after, PLAN_LIMIT).await?;
         let mut chunk = PlannedChunk {
@@ -278,7 +277,7 @@ impl Pusher {
         meter_name: &str,
         mut group: Group,
         now: i64,
-    ) -> Result<Option<NewPush>, SyncError> {
+    ) -> Result<Option<NewPush>, StoreError> {
         let Some(meter) = self.metering.catalog.meters.get(meter_name) else {
             return Ok(None);
         };
@@ -428,7 +427,7 @@ impl Pusher {
                 ("rejected", Some(error.to_string()), now_ms())
             }
             Err(error) => {
-                let delay = crate::sync::applier::retry_delay(push.attempts, self.max_retry_delay);
+                let delay = crate::retry::after_failures(push.attempts, self.max_retry_delay);
                 (
                     "pending",
                     Some(error.to_string()),

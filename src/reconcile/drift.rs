@@ -8,10 +8,12 @@ use serde_json::{Value, json};
 
 use super::{Finding, Item};
 use crate::domain::{Subscription, rfc3339_secs};
+use crate::error::WorkError;
+use crate::mirror::observe;
 use crate::store::{Db, NewEvent, Source};
-use crate::sync::{SyncError, events, observe};
-use crate::vendor::stripe::objects;
-use crate::vendor::{BillingVendor, Fetched, ListFilter, ObjectKind};
+use crate::stripe::objects;
+use crate::stripe::{BillingVendor, Fetched, ListFilter, ObjectKind};
+use crate::sync::events;
 
 /// Compares the subscriptions of each `(tenant, customer)`; returns the items and the inbox
 /// rows that repair them.
@@ -19,7 +21,7 @@ pub async fn check(
     db: &Db,
     vendor: &dyn BillingVendor,
     customers: &[(String, String)],
-) -> Result<(Vec<Item>, Vec<NewEvent>), SyncError> {
+) -> Result<(Vec<Item>, Vec<NewEvent>), WorkError> {
     let mut items = Vec::new();
     let mut repairs = Vec::new();
     for (tenant, customer) in customers {

@@ -22,11 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::domain::rfc3339;
+use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::store::{Db, RunRow, StoreError, now_ms};
-use crate::sync::SyncError;
-use crate::vendor::stripe::objects;
-use crate::vendor::{BillingVendor, ObjectKind};
+use crate::stripe::objects;
+use crate::stripe::{BillingVendor, ObjectKind};
 
 /// How often a running reconciliation records that it is still at work.
 const RUN_BEAT: Duration = Duration::from_secs(5);
@@ -144,7 +144,7 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// Computes the report. Drift repairs are queued unless `params.dry_run`.
-    pub async fn report(&self, params: &Params) -> Result<Report, SyncError> {
+    pub async fn report(&self, params: &Params) -> Result<Report, WorkError> {
         let db = &self.db;
         let linked = db.tenants().linked(params.tenant.as_deref()).await?;
         let tenant_of: HashMap<&str, &str> = linked
@@ -341,7 +341,7 @@ impl Reconciler {
     }
 
     /// Runs a reconciliation to the end and stores it; returns the run id.
-    pub async fn run(&self, params: &Params, trigger: &str) -> Result<(String, Report), SyncError> {
+    pub async fn run(&self, params: &Params, trigger: &str) -> Result<(String, Report), WorkError> {
         let run_id = self.begin(params, trigger).await?;
         let report = self.finish(&run_id, params).await?;
         Ok((run_id, report))
@@ -370,7 +370,7 @@ impl Reconciler {
     }
 
     /// Computes the report of a begun run and stores it (or the failure).
-    pub async fn finish(&self, run_id: &str, params: &Params) -> Result<Report, SyncError> {
+    pub async fn finish(&self, run_id: &str, params: &Params) -> Result<Report, WorkError> {
         let started = std::time::Instant::now();
         // The run beats while it works: a run that stops beating was interrupted, whichever
         // replica or command ran it.
@@ -498,7 +498,7 @@ impl Reconciler {
     async fn vendor_usage_of(
         &self,
         units: &[usage::Unit],
-    ) -> Result<HashMap<(String, String, i64), Decimal>, SyncError> {
+    ) -> Result<HashMap<(String, String, i64), Decimal>, WorkError> {
         let mut totals = HashMap::new();
         let Some(vendor) = self.vendor.as_ref().filter(|_| self.vendor_usage) else {
             return Ok(totals);

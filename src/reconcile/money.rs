@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::{Finding, Item};
 use crate::domain::{Invoice, Payment, rfc3339_secs};
-use crate::vendor::stripe::objects;
+use crate::stripe::objects;
 
 /// An invoice with the tenant it bills and its raw object (for the newer `payments` list).
 pub struct Billed {
@@ -206,7 +206,7 @@ fn findings(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vendor::stripe::objects;
+    use crate::stripe::objects;
 
     const NOW: i64 = 1_800_000_000;
 

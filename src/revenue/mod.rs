@@ -13,7 +13,7 @@ use rust_decimal::prelude::ToPrimitive;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::vendor::stripe::objects;
+use crate::stripe::objects;
 
 pub use report::{Group, Report, report};
 

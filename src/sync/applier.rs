@@ -10,17 +10,17 @@ use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::SyncError;
 use crate::cluster::ClaimRenewal;
 use crate::domain::TenantId;
 use crate::entitlements::Entitlements;
+use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::store::{
     Apply, ApplyOutcome, Confirmed, Db, InboxRow, ObjectState, Queue, Source, StoreError,
     TenantClaim, now_ms,
 };
-use crate::vendor::stripe::objects;
-use crate::vendor::{BillingVendor, Fetched, ObjectKind};
+use crate::stripe::objects;
+use crate::stripe::{BillingVendor, Fetched, ObjectKind};
 
 /// How long the applier idles when nothing wakes it.
 const IDLE: Duration = Duration::from_secs(1);
@@ -151,7 +151,7 @@ impl Applier {
                 }
             }
             Err(error) => {
-                let error = SyncError::from(error);
+                let error = WorkError::from(error);
                 for (group, _) in &ready {
                     self.defer(group, &error).await?;
                 }
@@ -216,10 +216,10 @@ impl Applier {
     }
 
     /// Records the failure on every row of the group; each is retried with backoff.
-    async fn defer(&self, group: &[InboxRow], error: &SyncError) -> Result<(), StoreError> {
+    async fn defer(&self, group: &[InboxRow], error: &WorkError) -> Result<(), StoreError> {
         let message = error.to_string();
         for row in group {
-            let delay = retry_delay(row.attempts, self.max_retry_delay);
+            let delay = crate::retry::after_failures(row.attempts, self.max_retry_delay);
             tracing::warn!(event_id = %row.event_id, attempts = row.attempts + 1, error = %message, "apply failed; will retry");
             self.metrics.inc(
                 "billsync_events_failed_total",
@@ -236,7 +236,7 @@ impl Applier {
 
     /// The states a group of rows for one object calls for: the vendor's current state (one
     /// fetch for the whole group) or each row's own copy. Writes nothing.
-    async fn prepare(&self, group: &[InboxRow]) -> Result<Prepared, SyncError> {
+    async fn prepare(&self, group: &[InboxRow]) -> Result<Prepared, WorkError> {
         let first = &group[0];
         let (Some(kind), Some(object_id)) = (
             first.object_type.as_deref().and_then(ObjectKind::parse),
@@ -253,7 +253,7 @@ impl Applier {
         let copies: Vec<_> = group.iter().map(|row| state_of_row(row, kind)).collect();
         let needs_vendor = copies
             .iter()
-            .any(|c| matches!(c, Err(SyncError::NeedsVendor(_))));
+            .any(|c| matches!(c, Err(WorkError::NeedsVendor(_))));
         if needs_vendor && self.vendor.is_none() {
             return Ok(Prepared::Skip(
                 "carries no copy of the object; applying it needs the vendor (stripe.api_key)",
@@ -262,7 +262,7 @@ impl Applier {
         let applies = match &self.vendor {
             Some(vendor) if (self.refetch && has_events) || needs_vendor => {
                 let (fetched, fetched_at) =
-                    super::observe(&self.db, vendor.fetch(kind, &object_id)).await?;
+                    crate::mirror::observe(&self.db, vendor.fetch(kind, &object_id)).await?;
                 let (object, deleted) = match fetched {
                     Fetched::Found(object) => (object, false),
                     Fetched::Gone => (tombstone(kind, &object_id), true),
@@ -285,7 +285,7 @@ impl Applier {
                         false,
                     ))
                 })
-                .collect::<Result<_, SyncError>>()?,
+                .collect::<Result<_, WorkError>>()?,
         };
         Ok(Prepared::Apply(applies))
     }
@@ -366,15 +366,15 @@ pub fn object_state(
 
 /// The state a row carries without asking the vendor: the refetched state recorded when it was
 /// applied, or else its own copy, with its version ([`copy_version`]).
-pub fn state_of_row(row: &InboxRow, kind: ObjectKind) -> Result<(Value, i64, bool), SyncError> {
+pub fn state_of_row(row: &InboxRow, kind: ObjectKind) -> Result<(Value, i64, bool), WorkError> {
     if let (Some(payload), Some(version)) = (&row.applied_payload, row.applied_version) {
         let object: Value =
-            serde_json::from_str(payload).map_err(|e| SyncError::Payload(e.to_string()))?;
+            serde_json::from_str(payload).map_err(|e| WorkError::Payload(e.to_string()))?;
         let deleted = objects::is_deleted(&object);
         return Ok((object, version, deleted));
     }
     let event: Value =
-        serde_json::from_str(&row.payload).map_err(|e| SyncError::Payload(e.to_string()))?;
+        serde_json::from_str(&row.payload).map_err(|e| WorkError::Payload(e.to_string()))?;
     let object = event["data"]["object"].clone();
     // A refund or dispute event names its charge; its own copy is not the charge's state.
     let object = match objects::target(&object) {
@@ -385,7 +385,7 @@ pub fn state_of_row(row: &InboxRow, kind: ObjectKind) -> Result<(Value, i64, boo
         {
             object
         }
-        _ => return Err(SyncError::NeedsVendor(row.event_type.clone())),
+        _ => return Err(WorkError::NeedsVendor(row.event_type.clone())),
     };
     let deletes = row.event_type.ends_with(".deleted")
         && matches!(
@@ -458,15 +458,6 @@ fn group_by_object(rows: Vec<InboxRow>) -> Vec<Vec<InboxRow>> {
     groups
 }
 
-/// 1 s, 2 s, 4 s … capped at `max`, with jitter in [½, 1].
-pub fn retry_delay(attempts: i32, max: Duration) -> Duration {
-    let exponent = attempts.clamp(0, 20) as u32;
-    Duration::from_secs(1)
-        .saturating_mul(2u32.saturating_pow(exponent))
-        .min(max)
-        .mul_f64(0.5 + fastrand::f64() * 0.5)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,13 +472,5 @@ mod tests {
         assert!(tenant_claim(&customer, "other_key").is_none());
         let bad = json!({"id": "cus_2", "metadata": {"tenant_id": "no spaces allowed"}});
         assert!(tenant_claim(&bad, "tenant_id").is_none());
-    }
-
-    #[test]
-    fn retry_delays_grow_to_the_cap() {
-        let max = Duration::from_secs(60);
-        assert!(retry_delay(0, max) <= Duration::from_secs(1));
-        assert!(retry_delay(3, max) >= Duration::from_secs(4));
-        assert!(retry_delay(30, max) <= max);
     }
 }

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{Applier, SyncError, events, sweep::differs_from_mirror};
+use super::{Applier, events, sweep::differs_from_mirror};
+use crate::error::WorkError;
 use crate::store::{Db, Source, now_ms};
-use crate::vendor::stripe::objects;
-use crate::vendor::{BillingVendor, ListFilter, ObjectKind, VendorError};
+use crate::stripe::objects;
+use crate::stripe::{BillingVendor, ListFilter, ObjectKind, VendorError};
 
 /// The kinds backfill lists, parents first.
 const KINDS: [ObjectKind; 10] = [
@@ -47,7 +48,7 @@ pub async fn run(
     db: &Db,
     vendor: Arc<dyn BillingVendor>,
     applier: &Applier,
-) -> Result<BackfillReport, SyncError> {
+) -> Result<BackfillReport, WorkError> {
     let progress = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new_spinner();
         bar.set_style(

@@ -4,8 +4,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::store::{NewEvent, Source};
-use crate::vendor::ObjectKind;
-use crate::vendor::stripe::objects;
+use crate::stripe::ObjectKind;
+use crate::stripe::objects;
 
 /// Why an event cannot be stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

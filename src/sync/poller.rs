@@ -9,12 +9,13 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{SyncError, events};
+use super::events;
 use crate::entitlements::SyncHealth;
+use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::store::{Db, Source, now_ms};
-use crate::vendor::BillingVendor;
-use crate::vendor::stripe::objects;
+use crate::stripe::BillingVendor;
+use crate::stripe::objects;
 
 pub const CURSOR: &str = "events.cursor";
 pub const LAST_RUN: &str = "poll.last_run_at";
@@ -47,7 +48,7 @@ impl Poller {
     }
 
     /// One pass over the events since the cursor; returns how many were new to the inbox.
-    pub async fn step(&self) -> Result<usize, SyncError> {
+    pub async fn step(&self) -> Result<usize, WorkError> {
         let state = self.db.sync_state();
         let overlap = self.overlap.as_secs() as i64;
         let cursor = match state.get(CURSOR).await? {

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::SyncError;
 use super::applier::{object_state, state_of_row};
+use crate::error::WorkError;
 use crate::store::{Db, ObjectState, now_ms};
-use crate::vendor::ObjectKind;
+use crate::stripe::ObjectKind;
 
 /// One difference between the rebuilt and the stored mirror.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +32,7 @@ pub struct ReplayReport {
 
 const PAGE: u32 = 1000;
 
-pub async fn run(db: &Db, write: bool) -> Result<ReplayReport, SyncError> {
+pub async fn run(db: &Db, write: bool) -> Result<ReplayReport, WorkError> {
     let mut report = ReplayReport::default();
     let mut rebuilt: BTreeMap<(String, String), ObjectState> = BTreeMap::new();
     let mut after = None;

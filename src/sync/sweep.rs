@@ -11,12 +11,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::applier::tenant_claim;
-use super::{SyncError, events, observe};
+use super::events;
 use crate::entitlements::SyncHealth;
+use crate::error::WorkError;
 use crate::metrics::Metrics;
+use crate::mirror::observe;
 use crate::store::{Db, NewEvent, Source, now_ms};
-use crate::vendor::stripe::objects;
-use crate::vendor::{BillingVendor, Fetched, ListFilter, ObjectKind};
+use crate::stripe::objects;
+use crate::stripe::{BillingVendor, Fetched, ListFilter, ObjectKind};
 
 pub const LAST_RUN: &str = "sweep.last_run_at";
 
@@ -48,7 +50,7 @@ impl Sweep {
     }
 
     /// One sweep; returns how many objects differed from the mirror.
-    pub async fn step(&self) -> Result<usize, SyncError> {
+    pub async fn step(&self) -> Result<usize, WorkError> {
         // Every state listed below is at least as new as this: every known tenant's state is
         // confirmed as of now. Each state is versioned by the request that listed it.
         let started = now_ms();
@@ -140,7 +142,7 @@ impl Sweep {
     }
 
     /// Every object of the kind, each with when the page holding it was asked for.
-    async fn list_all(&self, kind: ObjectKind) -> Result<Vec<(Value, i64)>, SyncError> {
+    async fn list_all(&self, kind: ObjectKind) -> Result<Vec<(Value, i64)>, WorkError> {
         let mut all = Vec::new();
         let mut after: Option<String> = None;
         loop {
@@ -161,7 +163,7 @@ impl Sweep {
         object: &Value,
         fetched_at: i64,
         queue: &mut Vec<NewEvent>,
-    ) -> Result<(), SyncError> {
+    ) -> Result<(), WorkError> {
         if differs_from_mirror(&self.db, kind, object).await? {
             queue.extend(events::from_fetched_state(
                 kind,
@@ -179,7 +181,7 @@ pub async fn differs_from_mirror(
     db: &Db,
     kind: ObjectKind,
     object: &Value,
-) -> Result<bool, SyncError> {
+) -> Result<bool, WorkError> {
     let Some(id) = objects::id_of(&object["id"]) else {
         return Ok(false);
     };

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use serde_json::{Value, json};
 
 use crate::api::error::ApiError;
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::store::{Source, now_ms};
 use crate::sync::events;
 

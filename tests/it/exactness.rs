@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::str::FromStr;
 
-use billsync::app::AppState;
+use billsync::state::AppState;
 use billsync::store::{Db, Source};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};

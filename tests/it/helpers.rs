@@ -2,8 +2,9 @@
 
 use std::net::SocketAddr;
 
-use billsync::app::{self, AppError};
+use billsync::app;
 use billsync::config::{Secret, Settings, key_digest};
+use billsync::state::{self, AppError};
 use reqwest::{Client, RequestBuilder, Response};
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -15,7 +16,7 @@ pub const API_KEY: &str = "test-api-key-0123456789";
 
 /// An HTTP client; rustls needs its crypto provider installed before any client is built.
 pub fn http_client() -> Client {
-    app::init_crypto();
+    state::init_crypto();
     Client::new()
 }
 
@@ -492,15 +493,15 @@ features = { api_calls = 1000, sso = true }
 pub async fn state(
     backend: Backend,
     adjust: impl FnOnce(&mut Settings),
-) -> (billsync::app::AppState, TestDatabase) {
-    app::init_crypto();
+) -> (billsync::state::AppState, TestDatabase) {
+    state::init_crypto();
     let (db, url) = TestDatabase::create(backend).await;
     let mut settings = Settings::from_toml("").unwrap();
     settings.database.url = Secret::new(url);
     settings.api.key_digests = vec![key_digest(API_KEY).unwrap()];
     adjust(&mut settings);
     (
-        billsync::app::AppState::build(settings)
+        billsync::state::AppState::build(settings)
             .await
             .expect("state"),
         db,

@@ -1,6 +1,6 @@
 //! The applier, the poller, the sweep, backfill and replay against a wiremock Stripe.
 
-use billsync::app::AppState;
+use billsync::state::AppState;
 use billsync::store::{NewEvent, Source};
 use billsync::sync::events;
 use serde_json::{Value, json};
@@ -556,7 +556,7 @@ async fn replay_rebuilds_the_mirror_from_stored_events_without_the_vendor(backen
 
     // Damage the mirror; replay finds it, repairs it, and never calls the vendor.
     let mut damaged = billsync::sync::applier::object_state(
-        billsync::vendor::ObjectKind::Subscription,
+        billsync::stripe::ObjectKind::Subscription,
         "sub_r",
         &json!({"id": "sub_r", "object": "subscription", "status": "canceled", "customer": "cus_r"}),
         i64::MAX,

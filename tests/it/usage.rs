@@ -2,7 +2,7 @@
 
 use std::str::FromStr;
 
-use billsync::app::AppState;
+use billsync::state::AppState;
 use billsync::store::Db;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use billsync::vendor::{
+use billsync::stripe::{
     BillingVendor, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
     PreviewRequest, SubscriptionWrite, VendorError,
 };

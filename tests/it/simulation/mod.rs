@@ -19,9 +19,9 @@ mod oracle;
 
 use std::sync::Arc;
 
-use billsync::app::AppState;
 use billsync::config::{Secret, Settings};
 use billsync::metering::pusher::{PlannedChunk, Pusher};
+use billsync::state::AppState;
 use billsync::store::{Db, Source};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -137,7 +137,7 @@ impl Sim {
     }
 
     async fn start(backend: Backend, seed: u64, catalog: &std::path::Path) -> Self {
-        billsync::app::init_crypto();
+        billsync::state::init_crypto();
         let (db, url) = TestDatabase::create_fast(backend).await;
         let mut settings = Settings::from_toml("").unwrap();
         settings.database.url = Secret::new(url);

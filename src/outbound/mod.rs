@@ -19,17 +19,19 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::applier::{Applier, retry_delay};
-use super::{OWN_KEY_PREFIX, SyncError, events, observe};
 use crate::cluster::ClaimRenewal;
 use crate::domain::{Subscription, TenantId};
+use crate::error::WorkError;
 use crate::metrics::Metrics;
+use crate::mirror::observe;
 use crate::store::{CommandRow, Confirmed, Db, Queue, Settlement, Source, StoreError, now_ms};
-use crate::vendor::stripe::objects;
-use crate::vendor::{
+use crate::stripe::objects;
+use crate::stripe::{
     BillingVendor, CustomerWrite, Fetched, ListFilter, ObjectKind, Proration, SubscriptionWrite,
     VendorError,
 };
+use crate::sync::Applier;
+use crate::sync::events;
 
 /// How long the worker idles when nothing wakes it.
 const IDLE: Duration = Duration::from_secs(1);
@@ -89,6 +91,10 @@ pub struct SetRequest {
 pub struct CancelRequest {
     pub at_period_end: bool,
 }
+
+/// The prefix of the idempotency keys billsync's own commands carry (inbound sync recognises
+/// their echoes by it).
+pub const OWN_KEY_PREFIX: &str = "billsync-";
 
 /// The idempotency key of every attempt of a command.
 pub fn idempotency_key(command_id: &str) -> String {
@@ -295,7 +301,7 @@ impl Outbox {
         renewal.finish().await;
         let step = match executed {
             Ok(step) => step,
-            Err(SyncError::Vendor(VendorError::Rejected {
+            Err(WorkError::Vendor(VendorError::Rejected {
                 status,
                 code,
                 message,
@@ -351,7 +357,7 @@ impl Outbox {
                 .settle(command, Ending::failed("vendor_unavailable", message))
                 .await;
         }
-        let delay = retry_delay(command.attempts, self.max_retry_delay);
+        let delay = crate::retry::after_failures(command.attempts, self.max_retry_delay);
         tracing::warn!(command_id = %command.command_id, attempts = command.attempts + 1, reason, "command will be retried");
         self.db
             .commands()
@@ -431,7 +437,7 @@ impl Outbox {
         Ok(ending.status)
     }
 
-    async fn execute(&self, command: &CommandRow) -> Result<Step, SyncError> {
+    async fn execute(&self, command: &CommandRow) -> Result<Step, WorkError> {
         let Some(kind) = CommandKind::parse(&command.kind) else {
             return Ok(Step::Done(Ending::failed(
                 "unknown_command",
@@ -442,7 +448,7 @@ impl Outbox {
             )));
         };
         let tenant_id = TenantId::parse(&command.tenant_id)
-            .map_err(|e| SyncError::Payload(format!("tenant id: {}", e.message)))?;
+            .map_err(|e| WorkError::Payload(format!("tenant id: {}", e.message)))?;
         let Some(tenant) = self.db.tenants().get(&tenant_id).await? else {
             return Ok(Step::Done(Ending::failed(
                 "tenant_not_found",
@@ -520,7 +526,7 @@ impl Outbox {
                             )));
                         };
                         let Some(item_id) = item.id.as_deref() else {
-                            return Err(SyncError::Vendor(VendorError::Malformed(
+                            return Err(WorkError::Vendor(VendorError::Malformed(
                                 "subscription item without an id".to_owned(),
                             )));
                         };
@@ -617,7 +623,7 @@ impl Outbox {
         }
     }
 
-    async fn send(&self, write: &SubscriptionWrite<'_>, key: &str) -> Result<Step, SyncError> {
+    async fn send(&self, write: &SubscriptionWrite<'_>, key: &str) -> Result<Step, WorkError> {
         let (object, at) = observe(&self.db, self.vendor.write_subscription(write, key)).await?;
         Ok(Step::Done(Ending::succeeded(
             ObjectKind::Subscription,
@@ -635,7 +641,7 @@ impl Outbox {
         command: &CommandRow,
         current: &Option<(Value, Subscription)>,
         listed_at: i64,
-    ) -> Result<Option<Step>, SyncError> {
+    ) -> Result<Option<Step>, WorkError> {
         let Some(base) = command.base.as_deref() else {
             return Ok(None);
         };
@@ -661,7 +667,7 @@ impl Outbox {
     async fn live_subscription(
         &self,
         customer: &str,
-    ) -> Result<(Option<(Value, Subscription)>, i64), SyncError> {
+    ) -> Result<(Option<(Value, Subscription)>, i64), WorkError> {
         let filter = ListFilter {
             customer: Some(customer.to_owned()),
             all_statuses: false,
@@ -688,7 +694,7 @@ impl Outbox {
     async fn base_subscription(
         &self,
         command: &CommandRow,
-    ) -> Result<Option<(Value, i64)>, SyncError> {
+    ) -> Result<Option<(Value, i64)>, WorkError> {
         let Some(id) = command
             .base
             .as_deref()
@@ -705,8 +711,8 @@ impl Outbox {
     }
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(request: &str) -> Result<T, SyncError> {
-    serde_json::from_str(request).map_err(|e| SyncError::Payload(format!("command request: {e}")))
+fn parse<T: for<'de> Deserialize<'de>>(request: &str) -> Result<T, WorkError> {
+    serde_json::from_str(request).map_err(|e| WorkError::Payload(format!("command request: {e}")))
 }
 
 #[cfg(test)]

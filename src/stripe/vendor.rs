@@ -1,7 +1,4 @@
-//! The billing vendor, in billsync's own words. Stripe's shapes stay in `stripe/`; callers see
-//! [`ObjectKind`], raw JSON they store as received, and [`VendorError`].
-
-pub mod stripe;
+//! What billsync needs from a billing vendor, in billsync's own words.
 
 use async_trait::async_trait;
 use serde_json::Value;

@@ -12,12 +12,12 @@ use serde_json::Value;
 use tokio::sync::Mutex;
 
 use super::objects;
-use crate::config::{Secret, StripeSettings};
-use crate::metrics::Metrics;
-use crate::vendor::{
+use super::{
     BillingVendor, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
     PreviewRequest, Proration, SubscriptionWrite, VendorError,
 };
+use crate::config::{Secret, StripeSettings};
+use crate::metrics::Metrics;
 
 /// A successful answer, or a 404 with its body.
 enum Answer {
@@ -175,7 +175,7 @@ impl StripeHttp {
                     attempt + 1
                 )));
             }
-            let delay = backoff(self.retry_base, attempt);
+            let delay = crate::retry::backoff(self.retry_base, attempt, MAX_BACKOFF);
             tracing::debug!(reason = %retry_reason, delay_ms = delay.as_millis() as u64, "retrying Stripe call");
             tokio::time::sleep(delay).await;
             attempt += 1;
@@ -202,14 +202,6 @@ impl StripeHttp {
             .ok_or_else(|| VendorError::Malformed(format!("{endpoint}: list answered 404")))?;
         objects::page(body).ok_or_else(|| VendorError::Malformed(format!("{endpoint}: not a list")))
     }
-}
-
-/// The exponential delay before retry `attempt` (0-based), with jitter in [½, 1] of it.
-fn backoff(base: Duration, attempt: u32) -> Duration {
-    let exponential = base
-        .saturating_mul(2u32.saturating_pow(attempt))
-        .min(MAX_BACKOFF);
-    exponential.mul_f64(0.5 + fastrand::f64() * 0.5)
 }
 
 fn without_url(error: reqwest::Error) -> String {
@@ -629,7 +621,7 @@ mod tests {
     fn backoff_grows_and_stays_capped() {
         let base = Duration::from_millis(100);
         for attempt in 0..10 {
-            let d = backoff(base, attempt);
+            let d = crate::retry::backoff(base, attempt, MAX_BACKOFF);
             let full = base.saturating_mul(2u32.pow(attempt)).min(MAX_BACKOFF);
             assert!(d >= full / 2 && d <= full, "{attempt}: {d:?}");
         }

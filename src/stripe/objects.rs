@@ -7,8 +7,8 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
+use super::{ObjectKind, Page};
 use crate::domain::{BillingPeriod, Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem};
-use crate::vendor::{ObjectKind, Page};
 
 /// The collection path segment of a kind (`/v1/{collection}`).
 pub fn collection(kind: ObjectKind) -> &'static str {
@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn subscriptions_read_current_and_legacy_shapes() {
         let fixtures: Value = serde_json::from_str(include_str!(
-            "../../../tests/fixtures/stripe_subscription_current.json"
+            "../../tests/fixtures/stripe_subscription_current.json"
         ))
         .unwrap();
         let current = subscription(&fixtures);

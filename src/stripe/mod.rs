@@ -1,0 +1,12 @@
+//! The billing vendor: [`BillingVendor`] says what billsync needs from one, in billsync's own
+//! words ([`vendor`]); [`StripeHttp`] is Stripe's client behind it ([`http`]), and [`objects`]
+//! holds the only code that reads Stripe's JSON shapes (current objects and older ones such as
+//! legacy plans and localstripe's lists alike). Everything else sees [`ObjectKind`], raw JSON it
+//! stores as received, domain types and [`VendorError`].
+
+mod http;
+pub mod objects;
+mod vendor;
+
+pub use http::StripeHttp;
+pub use vendor::*;
