@@ -1,10 +1,8 @@
-//! The mirror: the vendor's current state, one row per object, and the transaction that applies
-//! a state to it (with the tenant link and the inbox rows it settles).
+//! The mirror: the vendor's current state, one row per object (written by `apply.rs`), and the
+//! sync workers' named values (`SyncState`).
 
-use super::commands::settle_command;
-use super::inbox::insert_event;
 use super::periods::upsert_periods;
-use super::{CommandRow, Db, NewEvent, Settlement, StoreError, on_pool};
+use super::{Db, StoreError, on_pool};
 use crate::domain::BillingPeriod;
 
 /// A vendor object's state, ready to store.
@@ -39,45 +37,6 @@ pub struct MirrorRow {
     pub synced_at: i64,
 }
 
-/// A customer's claim to belong to a tenant (its `metadata.tenant_id`).
-#[derive(Debug, Clone)]
-pub struct TenantClaim {
-    pub tenant_id: String,
-    pub name: Option<String>,
-    pub email: Option<String>,
-}
-
-/// What [`Mirror::apply`] did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ApplyOutcome {
-    /// False when the mirror already held a newer state.
-    pub written: bool,
-    /// The tenant the object belongs to, if any.
-    pub tenant_id: Option<String>,
-    /// Set when a customer claims a tenant already linked to another customer.
-    pub conflict: Option<String>,
-}
-
-/// One object state to apply, and the inbox rows it settles.
-#[derive(Debug, Clone)]
-pub struct Apply {
-    pub state: ObjectState,
-    /// For a customer: the tenant its metadata names.
-    pub claim: Option<TenantClaim>,
-    pub event_ids: Vec<String>,
-    /// The state was refetched: it is recorded on the last row so that replay can rebuild it.
-    pub refetched: bool,
-}
-
-/// A command's end, applied with the vendor state it confirmed: the state's inbox row is stored,
-/// the state applied and the command ended in one transaction.
-#[derive(Debug, Clone, Copy)]
-pub struct Confirmed<'a> {
-    pub record: &'a NewEvent,
-    pub command: &'a CommandRow,
-    pub settlement: &'a Settlement<'a>,
-}
-
 macro_rules! columns {
     () => {
         "object_type, object_id, customer_id, status, created, version, deleted, payload, synced_at"
@@ -85,187 +44,12 @@ macro_rules! columns {
 }
 
 pub struct Mirror<'a> {
-    db: &'a Db,
+    pub(super) db: &'a Db,
 }
 
 impl<'a> Mirror<'a> {
     pub(super) fn new(db: &'a Db) -> Self {
         Self { db }
-    }
-
-    /// In one transaction, for each item: stores its state unless a newer one is there, links or
-    /// unlinks the tenant of a customer, and marks its inbox rows applied.
-    pub async fn apply(
-        &self,
-        items: &[Apply],
-        now_ms: i64,
-    ) -> Result<Vec<ApplyOutcome>, StoreError> {
-        self.apply_with(items, None, now_ms).await
-    }
-
-    /// [`Mirror::apply`], storing a command's confirmed state and ending the command in the
-    /// same transaction.
-    pub async fn apply_with(
-        &self,
-        items: &[Apply],
-        confirmed: Option<Confirmed<'_>>,
-        now_ms: i64,
-    ) -> Result<Vec<ApplyOutcome>, StoreError> {
-        let outcomes = on_pool!(self.db, |pool| {
-            let mut tx = pool.begin().await?;
-            if let Some(c) = &confirmed {
-                insert_event!(&mut *tx, c.record, "pending", now_ms).await?;
-                settle_command!(&mut *tx, c.command, c.settlement, now_ms);
-            }
-            let mut outcomes = Vec::with_capacity(items.len());
-            let mut settled: std::collections::BTreeMap<
-                (Option<String>, Option<String>),
-                Vec<&str>,
-            > = std::collections::BTreeMap::new();
-            for Apply {
-                state,
-                claim,
-                event_ids,
-                refetched,
-            } in items
-            {
-                // The same state again (an own command's echo, a refetch that found nothing new)
-                // only moves the version on: `synced_at` stays when the state last changed.
-                let written = sqlx::query(
-                    "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, \
-                     deleted, payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                     ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
-                     status = excluded.status, created = excluded.created, version = excluded.version, \
-                     deleted = excluded.deleted, payload = excluded.payload, \
-                     synced_at = CASE WHEN mirror_objects.payload = excluded.payload \
-                     AND mirror_objects.deleted = excluded.deleted \
-                     THEN mirror_objects.synced_at ELSE excluded.synced_at END \
-                     WHERE mirror_objects.version <= excluded.version",
-                )
-                .bind(&state.object_type)
-                .bind(&state.object_id)
-                .bind(&state.customer_id)
-                .bind(&state.status)
-                .bind(state.created)
-                .bind(state.version)
-                .bind(state.deleted)
-                .bind(&state.payload)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    > 0;
-
-                if written {
-                    upsert_periods!(&mut *tx, state);
-                }
-                let mut conflict = None;
-                if written && state.object_type == "customer" {
-                    let customer = &state.object_id;
-                    let claim = claim.as_ref().filter(|_| !state.deleted);
-                    // A deleted customer, or one whose tenant id was removed or changed, lets go.
-                    sqlx::query(
-                        "UPDATE tenants SET customer_id = NULL, updated_at = $3 \
-                         WHERE customer_id = $1 AND ($2 IS NULL OR tenant_id <> $2)",
-                    )
-                    .bind(customer)
-                    .bind(claim.map(|c| c.tenant_id.as_str()))
-                    .bind(now_ms)
-                    .execute(&mut *tx)
-                    .await?;
-                    if let Some(claim) = claim {
-                        sqlx::query(
-                            "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) \
-                             VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (tenant_id) DO UPDATE \
-                             SET customer_id = excluded.customer_id, updated_at = excluded.updated_at \
-                             WHERE tenants.customer_id IS NULL",
-                        )
-                        .bind(&claim.tenant_id)
-                        .bind(&claim.name)
-                        .bind(&claim.email)
-                        .bind(customer)
-                        .bind(now_ms)
-                        .execute(&mut *tx)
-                        .await?;
-                        let (linked,): (Option<String>,) =
-                            sqlx::query_as("SELECT customer_id FROM tenants WHERE tenant_id = $1")
-                                .bind(&claim.tenant_id)
-                                .fetch_one(&mut *tx)
-                                .await?;
-                        if linked.as_deref() != Some(customer.as_str()) {
-                            conflict = Some(format!(
-                                "customer {customer} names tenant {} which already belongs to customer {}",
-                                claim.tenant_id,
-                                linked.unwrap_or_default()
-                            ));
-                        }
-                    }
-                }
-
-                let tenant_id: Option<String> = match &state.customer_id {
-                    Some(customer) => sqlx::query_as::<_, (String,)>(
-                        "SELECT tenant_id FROM tenants WHERE customer_id = $1",
-                    )
-                    .bind(customer)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .map(|(t,)| t),
-                    None => None,
-                };
-
-                for (i, event_id) in event_ids.iter().enumerate() {
-                    if *refetched && i + 1 == event_ids.len() {
-                        // The refetched state goes on its row, for replay.
-                        sqlx::query(
-                            "UPDATE inbox_events SET status = 'applied', applied_at = $2, tenant_id = $3, \
-                             last_error = $4, attempts = attempts + 1, applied_payload = $5, \
-                             applied_version = $6 WHERE event_id = $1",
-                        )
-                        .bind(event_id)
-                        .bind(now_ms)
-                        .bind(&tenant_id)
-                        .bind(&conflict)
-                        .bind(state.payload.as_str())
-                        .bind(state.version)
-                        .execute(&mut *tx)
-                        .await?;
-                    } else {
-                        settled
-                            .entry((tenant_id.clone(), conflict.clone()))
-                            .or_default()
-                            .push(event_id.as_str());
-                    }
-                }
-                outcomes.push(ApplyOutcome {
-                    written,
-                    tenant_id,
-                    conflict,
-                });
-            }
-            // The other rows are settled together, a statement per tenant rather than per row.
-            for ((tenant_id, conflict), ids) in &settled {
-                for chunk in ids.chunks(500) {
-                    let mut update = sqlx::QueryBuilder::new(
-                        "UPDATE inbox_events SET status = 'applied', applied_at = ",
-                    );
-                    update.push_bind(now_ms);
-                    update.push(", tenant_id = ");
-                    update.push_bind(tenant_id);
-                    update.push(", last_error = ");
-                    update.push_bind(conflict);
-                    update.push(", attempts = attempts + 1 WHERE event_id IN (");
-                    let mut list = update.separated(", ");
-                    for id in chunk {
-                        list.push_bind(*id);
-                    }
-                    update.push(")");
-                    update.build().execute(&mut *tx).await?;
-                }
-            }
-            tx.commit().await?;
-            Ok::<_, sqlx::Error>(outcomes)
-        })?;
-        Ok(outcomes)
     }
 
     pub async fn get(

@@ -4,6 +4,7 @@
 //! pool is configured through [`on_pool!`], which expands the same code once per backend so each
 //! keeps its native driver (types, `LISTEN/NOTIFY`, advisory locks).
 
+mod apply;
 mod claims;
 mod commands;
 mod inbox;
@@ -29,14 +30,12 @@ use sqlx::sqlite::{
 
 use crate::config::DatabaseSettings;
 
+pub use apply::{Apply, ApplyOutcome, Confirmed, TenantClaim};
 pub use claims::{Claims, Queue};
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
 pub use lease::{LeaseSeat, XactLock, lease_key};
-pub use mirror::{
-    Apply, ApplyOutcome, Confirmed, Mirror, MirrorRow, ObjectState, PageKinds, SyncState,
-    TenantClaim,
-};
+pub use mirror::{Mirror, MirrorRow, ObjectState, PageKinds, SyncState};
 pub use periods::{PeriodRow, Periods};
 pub use pushes::{NewPush, PushRow, UnpushedKey};
 pub use reconcile::{ItemRow, Reconciliations, RunRow};
