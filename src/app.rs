@@ -88,9 +88,41 @@ pub async fn run(
     // Held until `run` returns.
     let _serving = crate::store::lock_sqlite_for_serving(&settings.database)?;
     let state = AppState::build(settings).await?;
-    let settings = state.settings.clone();
     let db = state.db.clone();
+    recover(&state).await?;
+    // Listen first, then read: no other replica's change falls between the two.
+    let feed = crate::cluster::ChangeFeed::open(&db).await?;
+    let (replayed, seen) = state.metering.rebuild().await?;
+    tracing::info!(
+        replica = %state.metering.origin,
+        replayed,
+        "usage counters rebuilt from the snapshot and the events after it"
+    );
+    let mut workers = JoinSet::new();
+    if let Some(feed) = feed {
+        workers.spawn(crate::cluster::follow_changes(
+            feed,
+            seen,
+            state.entitlements.clone(),
+            state.metering.clone(),
+            state.metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
+    spawn_workers(&mut workers, &state, &shutdown);
+    warn_about_closed_doors(&state.settings);
+    let grace = state.settings.shutdown.grace;
+    tracing::info!(address = %listener.local_addr()?, backend = ?db.backend(), "billsync listening");
+    let served = serve(listener, api::router(state), workers, grace, shutdown).await;
+    db.close().await;
+    tracing::info!("billsync stopped");
+    Ok(served?)
+}
 
+/// What an earlier process left behind: reconciliation runs it did not finish, the last sweep's
+/// confirmation, billing periods of a database from a version that kept none.
+async fn recover(state: &AppState) -> Result<(), AppError> {
+    let db = &state.db;
     let now = crate::store::now_ms();
     // SQLite has one process: whatever is running was this file's last process. On PostgreSQL
     // a run is another replica's until it stops beating.
@@ -108,65 +140,57 @@ pub async fn run(
             "reconciliation runs left running by an earlier process marked failed"
         );
     }
-
-    if let Some(at) = db
-        .sync_state()
-        .get(crate::cluster::CONFIRMED_AT)
-        .await?
-        .and_then(|v| v.parse().ok())
-    {
+    let confirmed = db.sync_state().get(crate::cluster::CONFIRMED_AT).await?;
+    if let Some(at) = confirmed.and_then(|v| v.parse().ok()) {
         state.entitlements.health.confirmed(at);
     }
+    crate::sync::seed_billing_periods(db).await?;
+    Ok(())
+}
 
-    crate::sync::seed_billing_periods(&db).await?;
-
-    // Listen first, then read: no other replica's change falls between the two.
-    let feed = crate::cluster::ChangeFeed::open(&db).await?;
-    let (replayed, seen) = state.metering.rebuild().await?;
-    tracing::info!(
-        replica = %state.metering.origin,
-        replayed,
-        "usage counters rebuilt from the snapshot and the events after it"
-    );
-
-    let mut workers = JoinSet::new();
-    if let Some(feed) = feed {
-        workers.spawn(crate::cluster::follow_changes(
-            feed,
-            seen,
-            state.entitlements.clone(),
-            state.metering.clone(),
-            state.metrics.clone(),
-            shutdown.clone(),
-        ));
-    }
-    // Inbox rows and commands are claimed row by row: every replica works on them.
+/// The workers: the applier and the outbox on every replica (they claim row by row), the
+/// singleton jobs under their leases, and the catalog's reload on SIGHUP.
+fn spawn_workers(workers: &mut JoinSet<()>, state: &AppState, shutdown: &CancellationToken) {
+    let settings = state.settings.clone();
     workers.spawn(state.applier().run(shutdown.clone()));
-    workers.spawn(checkpoints(db.clone(), shutdown.clone()));
-    let metering = state.metering.clone();
-    let snapshot_interval = settings.metering.snapshot_interval;
-    spawn_singleton(&mut workers, &state, &shutdown, "snapshot", move |token| {
-        metering.clone().run_snapshots(snapshot_interval, token)
+    workers.spawn(checkpoints(state.db.clone(), shutdown.clone()));
+    let (metering, interval) = (state.metering.clone(), settings.metering.snapshot_interval);
+    spawn_singleton(workers, state, shutdown, "snapshot", move |token| {
+        metering.clone().run_snapshots(interval, token)
     });
     match &state.vendor {
         Some(vendor) => {
             tracing::info!(api_base = %settings.stripe.api_base, "Stripe API key configured: vendor sync is on");
             let (job_state, job_vendor) = (state.clone(), vendor.clone());
-            spawn_singleton(&mut workers, &state, &shutdown, "poller", move |token| {
+            spawn_singleton(workers, state, shutdown, "poller", move |token| {
                 job_state.poller(job_vendor.clone()).run(token)
             });
             let (job_state, job_vendor) = (state.clone(), vendor.clone());
-            spawn_singleton(&mut workers, &state, &shutdown, "sweep", move |token| {
+            spawn_singleton(workers, state, shutdown, "sweep", move |token| {
                 job_state.sweep(job_vendor.clone()).run(token)
             });
             let (job_state, job_vendor) = (state.clone(), vendor.clone());
-            spawn_singleton(&mut workers, &state, &shutdown, "pusher", move |token| {
+            spawn_singleton(workers, state, shutdown, "pusher", move |token| {
                 job_state.pusher(job_vendor.clone()).run(token)
             });
             workers.spawn(state.outbox(vendor.clone()).run(shutdown.clone()));
         }
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
     }
+    if let Some(interval) = settings.reconcile.interval {
+        let (job_state, window) = (state.clone(), settings.reconcile.window);
+        spawn_singleton(workers, state, shutdown, "reconcile", move |token| {
+            job_state
+                .reconciler()
+                .run_scheduled(interval, window, token)
+        });
+    }
+    #[cfg(unix)]
+    workers.spawn(reload_on_sighup(state.clone(), shutdown.clone()));
+}
+
+/// Says at start what a deployment has left closed.
+fn warn_about_closed_doors(settings: &Settings) {
     if settings.api.key_digests.is_empty() && settings.api.tenant_keys.is_empty() {
         tracing::warn!("no API keys configured (api.keys): every /v1 request is refused with 401");
     }
@@ -175,23 +199,17 @@ pub async fn run(
             "no webhook secrets configured (stripe.webhook_secrets): every webhook is refused"
         );
     }
+}
 
-    if let Some(interval) = settings.reconcile.interval {
-        let (job_state, window) = (state.clone(), settings.reconcile.window);
-        spawn_singleton(&mut workers, &state, &shutdown, "reconcile", move |token| {
-            job_state
-                .reconciler()
-                .run_scheduled(interval, window, token)
-        });
-    }
-
-    #[cfg(unix)]
-    workers.spawn(reload_on_sighup(state.clone(), shutdown.clone()));
-
-    let grace = settings.shutdown.grace;
-    let router = api::router(state);
-    tracing::info!(address = %listener.local_addr()?, backend = ?db.backend(), "billsync listening");
-
+/// Serves `router` until `shutdown`, then waits for the in-flight requests and the workers, at
+/// most `grace`.
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    mut workers: JoinSet<()>,
+    grace: std::time::Duration,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let server = axum::serve(
         // Small JSON answers go out at once, not held back by Nagle's algorithm.
         listener.tap_io(|tcp| {
@@ -211,15 +229,12 @@ pub async fn run(
         while workers.join_next().await.is_some() {}
         served
     };
-    let result = tokio::select! {
+    tokio::select! {
         served = drained => served,
         () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
             tracing::warn!(grace_ms = grace.as_millis() as u64, "in-flight work did not finish in time");
             server.abort();
             Ok(())
         }
-    };
-    db.close().await;
-    tracing::info!("billsync stopped");
-    Ok(result?)
+    }
 }
