@@ -6,6 +6,7 @@ mod helpers;
 mod claims;
 mod cli;
 mod commands;
+mod docs;
 mod e2e;
 mod entitlements;
 mod exactness;
