@@ -3,6 +3,7 @@
 //! and usage comes from the metering counters, so a warm check touches neither the vendor nor
 //! the database.
 
+mod compute;
 pub mod model;
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,16 +12,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use serde_json::Value;
 
 use crate::catalog::Catalog;
 use crate::domain::Ceiling;
-use crate::domain::TenantId;
-use crate::metering::{Metering, calendar_month};
+use crate::metering::Metering;
 use crate::store::{Db, StoreError, now_ms};
-use crate::stripe::ObjectKind;
-use crate::stripe::objects;
-use model::{FeatureValue, Features, Grant, metadata_features};
+use model::{FeatureValue, Features, Grant};
 
 /// The plan catalog's features and plans, typed.
 #[derive(Debug, Clone, Default)]
@@ -274,166 +271,6 @@ impl Entitlements {
             models.insert(tenant_id.to_owned(), model.clone());
         }
         Ok(Some(model))
-    }
-
-    /// Computes a tenant's model from the catalog and the mirror.
-    pub async fn compute(&self, tenant_id: &str) -> Result<Option<TenantModel>, StoreError> {
-        let Ok(id) = TenantId::parse(tenant_id) else {
-            return Ok(None);
-        };
-        let Some(tenant) = self.db.tenants().get(&id).await? else {
-            return Ok(None);
-        };
-        let now = now_ms();
-        let mut model = TenantModel {
-            tenant_id: tenant.tenant_id.clone(),
-            plan: None,
-            status: None,
-            standing: Standing::NoSubscription,
-            features: BTreeMap::new(),
-            period: calendar_month(now),
-            as_of: None,
-            invalid: Vec::new(),
-            expires_at: i64::MAX,
-        };
-        let mut sources: Vec<Features> = Vec::new();
-        let mut customer_object = None;
-        let mut subscription = None;
-        if let Some(customer_id) = &tenant.customer_id {
-            let mirror = self.db.mirror();
-            if let Some(row) = mirror
-                .get(ObjectKind::Customer.as_str(), customer_id)
-                .await?
-            {
-                model.as_of = Some(row.synced_at);
-                customer_object = serde_json::from_str::<Value>(&row.payload).ok();
-            }
-            subscription = crate::mirror::current_subscription(&self.db, customer_id).await?;
-        }
-        if let Some((row, sub)) = &subscription {
-            model.as_of = model.as_of.max(Some(row.synced_at));
-            model.status = Some(sub.status.clone());
-            if let (Some(start), Some(end)) = (sub.current_period_start, sub.current_period_end) {
-                model.period = (start * 1000, end * 1000);
-            }
-            if let (Some(start), "past_due") = (sub.current_period_start, sub.status.as_str()) {
-                let grace_end = start * 1000 + self.policy.past_due_grace.as_millis() as i64;
-                if grace_end > now {
-                    model.expires_at = grace_end;
-                }
-            }
-            if self.grants_access(&sub.status, sub.current_period_start, now) {
-                model.standing = Standing::Subscribed;
-                for item in &sub.items {
-                    let Some(price_id) = &item.price else {
-                        continue;
-                    };
-                    self.price_sources(price_id, &mut sources, &mut model)
-                        .await?;
-                }
-            } else {
-                model.standing = Standing::Inactive;
-            }
-        }
-        let plans = self.plans();
-        let free = plans.plans.get("free");
-        if let Some(free) = free.filter(|_| model.standing != Standing::Subscribed) {
-            model.standing = Standing::Free;
-            model.plan = Some("free".to_owned());
-            sources.insert(0, free.clone());
-        }
-        if let Some(customer) = &customer_object {
-            let (features, invalid) = metadata_features(&customer["metadata"]);
-            model.invalid.extend(invalid);
-            sources.push(features);
-        }
-        let active = match &tenant.customer_id {
-            Some(customer_id) => {
-                let kind = ObjectKind::ActiveEntitlements.as_str();
-                self.db.mirror().get(kind, customer_id).await?
-            }
-            None => None,
-        };
-        if let Some(row) = active {
-            let summary: Value = serde_json::from_str(&row.payload).unwrap_or(Value::Null);
-            let active: Features = summary["entitlements"]["data"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e["lookup_key"].as_str())
-                .map(|key| (key.to_owned(), FeatureValue::Enabled(true)))
-                .collect();
-            sources.push(active);
-        }
-        if matches!(
-            model.standing,
-            Standing::Inactive | Standing::NoSubscription
-        ) {
-            // No plan: a customer override alone does not open a plan's features.
-            sources.clear();
-        }
-        for problem in &model.invalid {
-            tracing::warn!(tenant = %model.tenant_id, problem = %problem, "invalid entitlement metadata ignored");
-        }
-        let mut invalid = self.invalid.lock().expect("invalid lock");
-        if model.invalid.is_empty() {
-            invalid.remove(&model.tenant_id);
-        } else {
-            invalid.insert(model.tenant_id.clone(), model.invalid.clone());
-        }
-        drop(invalid);
-        model.features = model::grants(&sources, |f| plans.meter_of(f));
-        model.expires_at = model.expires_at.min(model.period.1);
-        Ok(Some(model))
-    }
-
-    /// Catalog entries for the price (by id, lookup key or product), then product and price metadata.
-    async fn price_sources(
-        &self,
-        price_id: &str,
-        sources: &mut Vec<Features>,
-        model: &mut TenantModel,
-    ) -> Result<(), StoreError> {
-        let mirror = self.db.mirror();
-        let price = match mirror.get(ObjectKind::Price.as_str(), price_id).await? {
-            Some(row) => Some(row),
-            None => mirror.get(ObjectKind::Plan.as_str(), price_id).await?,
-        };
-        let price: Option<Value> = price.and_then(|row| serde_json::from_str(&row.payload).ok());
-        let product_id = price.as_ref().and_then(|p| objects::id_of(&p["product"]));
-        let lookup_key = price
-            .as_ref()
-            .and_then(|p| p["lookup_key"].as_str().map(str::to_owned));
-        for key in [product_id.clone(), lookup_key, Some(price_id.to_owned())]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(plan) = self.plans().plans.get(&key) {
-                model.plan.get_or_insert(key.clone());
-                sources.push(plan.clone());
-            }
-        }
-        model.plan.get_or_insert(price_id.to_owned());
-        let product = match product_id {
-            Some(product_id) => {
-                mirror
-                    .get(ObjectKind::Product.as_str(), &product_id)
-                    .await?
-            }
-            None => None,
-        };
-        if let Some(row) = product {
-            let product: Value = serde_json::from_str(&row.payload).unwrap_or(Value::Null);
-            let (features, invalid) = metadata_features(&product["metadata"]);
-            model.invalid.extend(invalid);
-            sources.push(features);
-        }
-        if let Some(price) = &price {
-            let (features, invalid) = metadata_features(&price["metadata"]);
-            model.invalid.extend(invalid);
-            sources.push(features);
-        }
-        Ok(())
     }
 
     fn grants_access(&self, status: &str, period_start: Option<i64>, now: i64) -> bool {

@@ -5,8 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::Value;
-
 /// The metadata prefix of feature keys: `billsync.<feature>`.
 pub const METADATA_PREFIX: &str = "billsync.";
 
@@ -66,21 +64,14 @@ pub enum Grant {
 pub type Features = BTreeMap<String, FeatureValue>;
 
 /// The `billsync.*` keys of a metadata object; invalid values are returned apart, never fatal.
-pub fn metadata_features(metadata: &Value) -> (Features, Vec<String>) {
+pub fn metadata_features(metadata: &[(String, String)]) -> (Features, Vec<String>) {
     let mut features = Features::new();
     let mut invalid = Vec::new();
-    let Some(map) = metadata.as_object() else {
-        return (features, invalid);
-    };
-    for (key, value) in map {
+    for (key, raw) in metadata {
         let Some(name) = key.strip_prefix(METADATA_PREFIX) else {
             continue;
         };
-        let raw = match value {
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        match FeatureValue::parse(&raw) {
+        match FeatureValue::parse(raw) {
             Ok(v) => {
                 features.insert(name.to_owned(), v);
             }
@@ -120,8 +111,6 @@ pub fn grants(sources: &[Features], meter_of: impl Fn(&str) -> String) -> BTreeM
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
 
     #[test]
@@ -138,9 +127,14 @@ mod tests {
 
     #[test]
     fn metadata_keeps_only_billsync_keys_and_reports_bad_values() {
-        let (features, invalid) = metadata_features(&json!({
-            "billsync.api_calls": "50000", "billsync.sso": "true", "billsync.seats": "many", "other": "x"
-        }));
+        let metadata = [
+            ("billsync.api_calls", "50000"),
+            ("billsync.sso", "true"),
+            ("billsync.seats", "many"),
+            ("other", "x"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let (features, invalid) = metadata_features(&metadata);
         assert_eq!(features["api_calls"], FeatureValue::Limit(50000));
         assert_eq!(features["sso"], FeatureValue::Enabled(true));
         assert_eq!(invalid.len(), 1);

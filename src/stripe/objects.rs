@@ -90,6 +90,37 @@ pub fn customer_of(kind: ObjectKind, object: &Value) -> Option<String> {
     }
 }
 
+/// An object's metadata, each value as a string (another JSON value as its JSON text).
+pub fn metadata(object: &Value) -> Vec<(String, String)> {
+    let Some(map) = object["metadata"].as_object() else {
+        return Vec::new();
+    };
+    map.iter()
+        .map(|(key, value)| {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (key.clone(), text)
+        })
+        .collect()
+}
+
+/// A price's (or legacy plan's) product and lookup key.
+pub fn price_links(price: &Value) -> (Option<String>, Option<String>) {
+    (id_of(&price["product"]), string(&price["lookup_key"]))
+}
+
+/// The lookup keys of the features in a customer's active entitlement summary.
+pub fn active_entitlement_keys(summary: &Value) -> Vec<String> {
+    let entitlements = summary["entitlements"]["data"].as_array();
+    entitlements
+        .into_iter()
+        .flatten()
+        .filter_map(|e| string(&e["lookup_key"]))
+        .collect()
+}
+
 /// The object's status where it has one (subscriptions, invoices, payments, credit notes).
 pub fn status_of(object: &Value) -> Option<String> {
     object["status"].as_str().map(str::to_owned)
