@@ -202,6 +202,7 @@ impl Outbox {
                     record: event,
                     command,
                     settlement: &settlement,
+                    unless_superseded: false,
                 };
                 self.applier
                     .apply_confirmed(seen.kind, &seen.object, seen.at, confirmed)

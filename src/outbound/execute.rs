@@ -297,8 +297,11 @@ impl Attempt<'_> {
     }
 
     /// `Some(conflict)` when the vendor's subscription is not the one the command expects, nor
-    /// one that billsync's own commands for the tenant made since it was accepted (a command
-    /// accepted while an earlier one was ending may have read the state before it).
+    /// one that billsync's own commands for the tenant made: since it was accepted (a command
+    /// accepted while an earlier one was ending may have read the state before it), or the
+    /// latest of them at any time (the mirror the command read may not have shown it yet: an
+    /// answer from a fetch sent while that command's write was on its way can come back last).
+    /// A change someone else made since shows as a state none of them made.
     async fn conflict(&self) -> Result<Option<Step>, WorkError> {
         let Some(base) = self.command.base.as_deref() else {
             return Ok(None);

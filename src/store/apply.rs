@@ -47,6 +47,10 @@ pub struct Confirmed<'a> {
     pub record: &'a NewEvent,
     pub command: &'a CommandRow,
     pub settlement: &'a Settlement<'a>,
+    /// When set, a state the mirror already holds a later observation of ends nothing: the
+    /// transaction is rolled back and `apply_with` answers `None`, for the caller to observe
+    /// the object again (see docs/architecture.md, "Versions of mirror rows").
+    pub unless_superseded: bool,
 }
 
 /// Inbox rows to mark applied, by the tenant and conflict to record on them.
@@ -243,17 +247,18 @@ impl Mirror<'_> {
         items: &[Apply],
         now_ms: i64,
     ) -> Result<Vec<ApplyOutcome>, StoreError> {
-        self.apply_with(items, None, now_ms).await
+        let outcomes = self.apply_with(items, None, now_ms).await?;
+        Ok(outcomes.unwrap_or_default())
     }
 
-    /// [`Mirror::apply`], storing a command's confirmed state and ending the command in the
-    /// same transaction.
+    /// [`Mirror::apply`], storing a command's confirmed state (the first item) and ending the
+    /// command in the same transaction; `None` when that was refused as superseded.
     pub async fn apply_with(
         &self,
         items: &[Apply],
         confirmed: Option<Confirmed<'_>>,
         now_ms: i64,
-    ) -> Result<Vec<ApplyOutcome>, StoreError> {
+    ) -> Result<Option<Vec<ApplyOutcome>>, StoreError> {
         let outcomes = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
             if let Some(c) = &confirmed {
@@ -265,10 +270,16 @@ impl Mirror<'_> {
             for item in items {
                 outcomes.push(apply_item!(tx, item, settled, now_ms));
             }
+            if confirmed.is_some_and(|c| c.unless_superseded)
+                && outcomes.first().is_some_and(|o| !o.written)
+            {
+                tx.rollback().await?;
+                return Ok(None);
+            }
             // The other rows are settled together, a statement per tenant rather than per row.
             settle_rows!(tx, &settled, now_ms);
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(outcomes)
+            Ok::<_, sqlx::Error>(Some(outcomes))
         })?;
         Ok(outcomes)
     }

@@ -259,7 +259,8 @@ impl<'a> Commands<'a> {
         Ok(())
     }
 
-    /// The results of the tenant's commands that succeeded at or after `since_ms`.
+    /// The results of the tenant's commands that succeeded at or after `since_ms`, and of its
+    /// latest success whenever that was.
     pub async fn results_since(
         &self,
         tenant_id: &str,
@@ -268,7 +269,9 @@ impl<'a> Commands<'a> {
         let rows: Vec<(String,)> = on_pool!(self.db, |pool| {
             sqlx::query_as(
                 "SELECT result FROM commands WHERE tenant_id = $1 AND status = 'succeeded' \
-                 AND completed_at >= $2 AND result IS NOT NULL",
+                 AND result IS NOT NULL AND (completed_at >= $2 OR command_id = (\
+                 SELECT command_id FROM commands WHERE tenant_id = $1 AND status = 'succeeded' \
+                 AND result IS NOT NULL ORDER BY completed_at DESC, command_id DESC LIMIT 1))",
             )
             .bind(tenant_id)
             .bind(since_ms)

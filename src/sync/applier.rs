@@ -245,12 +245,13 @@ impl Applier {
             return Ok(Prepared::Skip("nothing to apply"));
         };
         // billsync's own commands already applied the vendor's answer (the same state as the
-        // event's copy): their events need no refetch.
+        // event's copy): their events need no refetch, unless the mirror shows something else.
         let has_events = group
             .iter()
             .any(|row| !Source::is_fresh_state(&row.source) && !super::is_own(row));
         // A refund or dispute names its charge but carries no copy of it: only a fetch helps.
         let copies: Vec<_> = group.iter().map(|row| state_of_row(row, kind)).collect();
+        let has_events = has_events || self.echo_differs(group, kind, &object_id, &copies).await?;
         let needs_vendor = copies
             .iter()
             .any(|c| matches!(c, Err(WorkError::NeedsVendor(_))));
@@ -261,12 +262,8 @@ impl Applier {
         }
         let applies = match &self.vendor {
             Some(vendor) if (self.refetch && has_events) || needs_vendor => {
-                let (fetched, fetched_at) =
-                    crate::mirror::observe(&self.db, vendor.fetch(kind, &object_id)).await?;
-                let (object, deleted) = match fetched {
-                    Fetched::Found(object) => (object, false),
-                    Fetched::Gone => (tombstone(kind, &object_id), true),
-                };
+                let (object, fetched_at, deleted) =
+                    self.fetch(vendor.as_ref(), kind, &object_id).await?;
                 let ids = group.iter().map(|r| r.event_id.clone()).collect();
                 vec![self.apply_of(kind, &object_id, &object, fetched_at, deleted, ids, true)]
             }
@@ -290,8 +287,56 @@ impl Applier {
         Ok(Prepared::Apply(applies))
     }
 
+    /// Whether the group holds the echo of an own command whose copy is not what the mirror
+    /// shows. The command's answer may have lost to a fetch sent while its write was on its way
+    /// that reached the vendor first and answered last; then the echo is the sign of a change
+    /// no observation has yet followed, and the object is fetched (see docs/architecture.md,
+    /// "Versions of mirror rows").
+    async fn echo_differs(
+        &self,
+        group: &[InboxRow],
+        kind: ObjectKind,
+        object_id: &str,
+        copies: &[Result<(Value, i64, bool), WorkError>],
+    ) -> Result<bool, WorkError> {
+        let echoes: Vec<&Value> = group
+            .iter()
+            .zip(copies)
+            .filter(|(row, _)| super::is_own(row) && !Source::is_fresh_state(&row.source))
+            .filter_map(|(_, copy)| copy.as_ref().ok().map(|(object, _, _)| object))
+            .collect();
+        if !self.refetch || self.vendor.is_none() || echoes.is_empty() {
+            return Ok(false);
+        }
+        let mirrored = self.db.mirror().get(kind.as_str(), object_id).await?;
+        let mirrored = mirrored.and_then(|row| serde_json::from_str::<Value>(&row.payload).ok());
+        Ok(echoes.iter().any(|copy| mirrored.as_ref() != Some(*copy)))
+    }
+
+    /// The vendor's current state of an object, versioned by when the fetch was sent, and
+    /// whether it is gone (then a tombstone).
+    async fn fetch(
+        &self,
+        vendor: &dyn BillingVendor,
+        kind: ObjectKind,
+        object_id: &str,
+    ) -> Result<(Value, i64, bool), WorkError> {
+        let (fetched, at) = crate::mirror::observe(&self.db, vendor.fetch(kind, object_id)).await?;
+        Ok(match fetched {
+            Fetched::Found(object) => (object, at, false),
+            Fetched::Gone => (tombstone(kind, object_id), at, true),
+        })
+    }
+
     /// Applies a state the vendor just answered with (an outbox command's result) together
     /// with its inbox row and the command's end, and drops the read models it changes.
+    ///
+    /// If the mirror holds a later observation (a request sent while the command's write was on
+    /// its way, which may have reached the vendor before or after the write), the order is
+    /// unknown: the object is fetched again, after the write ended, and that state is applied
+    /// instead, recorded on the command's inbox row. So a client that sees the command ended
+    /// sees its change, or a later one, in the mirror. Should that fetch fail, the answer is
+    /// settled and the later observation stays until the object's next event or the sweep.
     pub async fn apply_confirmed(
         &self,
         kind: ObjectKind,
@@ -301,23 +346,52 @@ impl Applier {
     ) -> Result<(), StoreError> {
         // `from_fetched_state` made the record, so the object has an id.
         let object_id = objects::id_of(object).unwrap_or_default();
-        let apply = self.apply_of(
-            kind,
-            &object_id,
-            object,
-            version,
-            false,
-            vec![confirmed.record.event_id.clone()],
-            false,
-        );
-        let items = std::slice::from_ref(&apply);
-        let outcomes = self
-            .db
-            .mirror()
-            .apply_with(items, Some(confirmed), now_ms())
-            .await?;
+        let ids = vec![confirmed.record.event_id.clone()];
+        let answer = self.apply_of(kind, &object_id, object, version, false, ids.clone(), false);
+        let Some(vendor) = &self.vendor else {
+            return self.confirm(answer, confirmed).await;
+        };
+        let first_try = Confirmed {
+            unless_superseded: true,
+            ..confirmed
+        };
+        if self.try_confirm(&answer, first_try).await? {
+            return Ok(());
+        }
+        match self.fetch(vendor.as_ref(), kind, &object_id).await {
+            Ok((now, at, deleted)) => {
+                let item = self.apply_of(kind, &object_id, &now, at, deleted, ids, true);
+                self.confirm(item, confirmed).await
+            }
+            Err(error) => {
+                tracing::warn!(object_id, %error, "could not fetch a command's object again; its answer is settled as it came");
+                self.confirm(answer, confirmed).await
+            }
+        }
+    }
+
+    /// Writes `item` with the command's end unconditionally.
+    async fn confirm(&self, item: Apply, confirmed: Confirmed<'_>) -> Result<(), StoreError> {
+        let confirmed = Confirmed {
+            unless_superseded: false,
+            ..confirmed
+        };
+        self.try_confirm(&item, confirmed).await.map(drop)
+    }
+
+    /// Writes `item` with the command's end; false when it was refused as superseded.
+    async fn try_confirm(
+        &self,
+        item: &Apply,
+        confirmed: Confirmed<'_>,
+    ) -> Result<bool, StoreError> {
+        let items = std::slice::from_ref(item);
+        let mirror = self.db.mirror();
+        let Some(outcomes) = mirror.apply_with(items, Some(confirmed), now_ms()).await? else {
+            return Ok(false);
+        };
         self.invalidate(items, &outcomes);
-        Ok(())
+        Ok(true)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -32,6 +32,9 @@ on_both_backends!(
     bad_requests_are_refused_and_nothing_is_stored,
     the_preview_asks_the_vendor_and_changes_nothing,
     a_commands_answer_never_replaces_a_state_fetched_after_its_write_was_sent,
+    a_fetch_that_reached_the_vendor_before_the_write_cannot_hide_the_change,
+    a_stale_mirror_after_an_own_change_makes_no_conflict,
+    the_echo_of_an_own_change_sets_a_stale_mirror_right,
 );
 
 /// The fake's state: customers and subscriptions by id, created in order.
@@ -965,6 +968,125 @@ async fn a_commands_answer_never_replaces_a_state_fetched_after_its_write_was_se
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["subscription"]["items"][0]["price"], "price_pro");
     assert_eq!(price().await, "price_custom");
+    app.stop().await;
+}
+
+/// Upgrades acme from `plan_basic` to `price_pro` while a fetch of the subscription races the
+/// write: the write reaches the vendor at once and answers after `write_answer`; the fetch,
+/// made for a dashboard webhook delivered while the write is on its way, was served before the
+/// write landed (it returns the old state) and answers after `fetch_answer`. Returns the
+/// upgrade's command id once it has ended, and the subscription's id.
+async fn upgrade_racing_a_fetch(
+    app: &TestApp,
+    fake: &Fake,
+    write_answer: Duration,
+    fetch_answer: Duration,
+) -> (String, String) {
+    tenant_with_customer(app, "acme").await;
+    subscribed(app, "acme", "plan_basic").await;
+    let before = fake.subscriptions()[0].clone();
+    let sub_id = before["id"].as_str().unwrap().to_owned();
+    let sub_path = format!("/v1/subscriptions/{sub_id}");
+    Mock::given(method("POST"))
+        .and(path(sub_path.as_str()))
+        .respond_with(Slow(Handler(fake.state.clone()), write_answer))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&fake.server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path(sub_path.as_str()))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(&before)
+                .set_delay(fetch_answer),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&fake.server)
+        .await;
+    let upgrade = subscribe(app, "acme", json!({"price": "price_pro"})).await;
+    let id = upgrade["id"].as_str().unwrap().to_owned();
+    wait_for("the upgrade to reach the vendor", || async {
+        fake.calls("POST", &sub_path).await.len() == 1
+    })
+    .await;
+    let now = chrono::Utc::now().timestamp();
+    let edit = crate::helpers::event("evt_racing", "customer.subscription.updated", now, before);
+    app.deliver(&edit).await;
+    assert_eq!(ended(app, &id).await["status"], "succeeded");
+    applied(app, "evt_racing").await;
+    (id, sub_id)
+}
+
+async fn price_in_mirror(app: &TestApp) -> Value {
+    app.get_json("/v1/tenants/acme").await["subscription"]["items"][0]["price"].clone()
+}
+
+async fn a_fetch_that_reached_the_vendor_before_the_write_cannot_hide_the_change(backend: Backend) {
+    let fake = Fake::start().await;
+    let app = start(backend, &fake).await;
+    // The fetch was sent after the write and answers first: the mirror holds its (old) state,
+    // observed later than the write was sent, when the write's answer comes back.
+    let (_, sub_id) =
+        upgrade_racing_a_fetch(&app, &fake, Duration::from_secs(3), Duration::ZERO).await;
+    assert_eq!(
+        price_in_mirror(&app).await,
+        "price_pro",
+        "the ended command's change is in the mirror"
+    );
+    let fetches = fake
+        .calls("GET", &format!("/v1/subscriptions/{sub_id}"))
+        .await;
+    assert_eq!(
+        fetches.len(),
+        2,
+        "the racing fetch, then one after the write"
+    );
+    app.stop().await;
+}
+
+async fn a_stale_mirror_after_an_own_change_makes_no_conflict(backend: Backend) {
+    let fake = Fake::start().await;
+    let app = start(backend, &fake).await;
+    // The write answers first and is applied; the racing fetch's old state answers last and,
+    // sent later, replaces it: the mirror shows the plan before the upgrade.
+    upgrade_racing_a_fetch(&app, &fake, Duration::from_secs(1), Duration::from_secs(3)).await;
+    assert_eq!(price_in_mirror(&app).await, "plan_basic", "the setup");
+    // Well after the upgrade ended, the app asks for more seats against what it reads.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let seats = subscribe(&app, "acme", json!({"price": "price_pro", "quantity": 2})).await;
+    let done = ended(&app, seats["id"].as_str().unwrap()).await;
+    assert_eq!(
+        done["status"], "succeeded",
+        "the vendor shows billsync's own latest change, not someone else's: {done}"
+    );
+    assert_eq!(fake.subscriptions()[0]["items"]["data"][0]["quantity"], 2);
+    app.stop().await;
+}
+
+async fn the_echo_of_an_own_change_sets_a_stale_mirror_right(backend: Backend) {
+    let fake = Fake::start().await;
+    let app = start(backend, &fake).await;
+    let (id, _) =
+        upgrade_racing_a_fetch(&app, &fake, Duration::from_secs(1), Duration::from_secs(3)).await;
+    assert_eq!(price_in_mirror(&app).await, "plan_basic", "the setup");
+    let upgraded = fake.subscriptions()[0].clone();
+    let now = chrono::Utc::now().timestamp();
+    let mut echo = crate::helpers::event(
+        "evt_own_echo",
+        "customer.subscription.updated",
+        now,
+        upgraded,
+    );
+    echo["request"] = json!({"id": "req_2", "idempotency_key": format!("billsync-{id}")});
+    app.deliver(&echo).await;
+    applied(&app, "evt_own_echo").await;
+    assert_eq!(
+        price_in_mirror(&app).await,
+        "price_pro",
+        "an echo unlike the mirror is followed by a fetch"
+    );
     app.stop().await;
 }
 
