@@ -65,6 +65,11 @@ pub struct Invoice {
     pub due_date: Option<i64>,
     pub period_start: Option<i64>,
     pub period_end: Option<i64>,
+    /// When it was finalized (`status_transitions.finalized_at`), and voided.
+    pub finalized_at: Option<i64>,
+    pub voided_at: Option<i64>,
+    /// The payment intents it names (older versions: `payment_intent`; newer: `payments`).
+    pub payment_intents: Vec<String>,
     pub lines: Vec<InvoiceLine>,
 }
 
@@ -81,6 +86,55 @@ pub struct InvoiceLine {
     pub description: Option<String>,
     /// A proration (credit for unused time, or the new price's remainder).
     pub proration: bool,
+    /// Discounts on the line, and tax included in its amount (both in `amount`).
+    pub discounts: i64,
+    pub inclusive_tax: i64,
+    /// For a recurring price, and for a metered one (`usage_type = metered`).
+    pub recurring: bool,
+    pub metered: bool,
+    /// A line of a subscription or a proration of one (its `type`, its `proration` flag or its
+    /// parent's subscription item details say so).
+    pub of_subscription: bool,
+}
+
+impl InvoiceLine {
+    /// What the line earns: its amount less discounts and the tax included in it.
+    pub fn net(&self) -> i64 {
+        self.amount.unwrap_or(0) - self.discounts - self.inclusive_tax
+    }
+}
+
+/// A credit note, as revenue recognition reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditNote {
+    pub id: String,
+    pub voided: bool,
+    pub invoice: Option<String>,
+    pub created: i64,
+    /// Its total, tax included; money back to the customer when `refunds_money`.
+    pub total: i64,
+    pub refunds_money: bool,
+    /// The refunds it accounts for.
+    pub refunds: Vec<String>,
+    pub lines: Vec<CreditNoteLine>,
+    /// Its amount net of tax, for a note without lines.
+    pub subtotal: i64,
+}
+
+/// A credited line: the invoice line it credits, if it names one, and the amount net of tax
+/// and discounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditNoteLine {
+    pub invoice_line_item: Option<String>,
+    pub amount: i64,
+}
+
+/// A refund of a charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refund {
+    pub id: String,
+    pub amount: i64,
+    pub created: i64,
 }
 
 /// A payment intent, a charge or a credit note.

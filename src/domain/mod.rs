@@ -7,8 +7,8 @@ mod tenant;
 mod time;
 
 pub use billing::{
-    BillingPeriod, Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem, invoice_is_final,
-    liveness_of,
+    BillingPeriod, CreditNote, CreditNoteLine, Invoice, InvoiceLine, Payment, Refund, Subscription,
+    SubscriptionItem, invoice_is_final, liveness_of,
 };
 pub use ceiling::Ceiling;
 pub use quantity::{MAX_DIGITS, QuantityError, parse_quantity};

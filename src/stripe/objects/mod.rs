@@ -8,7 +8,11 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
 use super::{ObjectKind, Page};
-use crate::domain::{BillingPeriod, Invoice, InvoiceLine, Payment, Subscription, SubscriptionItem};
+use crate::domain::{BillingPeriod, Subscription, SubscriptionItem};
+
+mod billing;
+
+pub use billing::{charge_refunds, credit_note, invoice, invoice_payment_intents, payment};
 
 /// The collection path segment of a kind (`/v1/{collection}`).
 pub fn collection(kind: ObjectKind) -> &'static str {
@@ -156,21 +160,6 @@ fn string(value: &Value) -> Option<String> {
     value.as_str().map(str::to_owned)
 }
 
-/// The payment intents an invoice names: `payment_intent` in older versions, the `payments`
-/// list in newer ones.
-pub fn invoice_payment_intents(invoice: &Value) -> Vec<String> {
-    let listed = invoice["payments"]["data"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|p| id_of(&p["payment"]["payment_intent"]));
-    id_of(&invoice["payment_intent"])
-        .into_iter()
-        .chain(listed)
-        .collect()
-}
-
 /// The price (or legacy plan) an item or line is for, wherever this API version put it.
 pub fn price_of(item: &Value) -> Option<String> {
     id_of(&item["price"])
@@ -205,47 +194,6 @@ pub fn subscription(object: &Value) -> Subscription {
         trial_end: int(&object["trial_end"]),
         pause: string(&object["pause_collection"]["behavior"]),
         created: int(&object["created"]),
-    }
-}
-
-pub fn invoice(object: &Value) -> Invoice {
-    let lines = object["lines"]["data"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    Invoice {
-        id: id_of(&object["id"]).unwrap_or_default(),
-        number: string(&object["number"]),
-        status: string(&object["status"]),
-        currency: string(&object["currency"]),
-        total: int(&object["total"]),
-        amount_due: int(&object["amount_due"]),
-        amount_paid: int(&object["amount_paid"]),
-        amount_remaining: int(&object["amount_remaining"]),
-        subscription: id_of(&object["subscription"])
-            .or_else(|| id_of(&object["parent"]["subscription_details"]["subscription"])),
-        created: int(&object["created"]),
-        due_date: int(&object["due_date"]),
-        period_start: int(&object["period_start"]),
-        period_end: int(&object["period_end"]),
-        lines: lines
-            .iter()
-            .map(|line| InvoiceLine {
-                id: id_of(&line["id"]),
-                amount: int(&line["amount"]),
-                currency: string(&line["currency"]),
-                quantity: quantity(&line["quantity_decimal"])
-                    .or_else(|| quantity(&line["quantity"])),
-                price: price_of(line),
-                period_start: int(&line["period"]["start"]),
-                period_end: int(&line["period"]["end"]),
-                description: string(&line["description"]),
-                // Older versions flag the line; newer ones its parent's details.
-                proration: line["proration"].as_bool().unwrap_or(false)
-                    || line["parent"]["subscription_item_details"]["proration"] == true
-                    || line["parent"]["invoice_item_details"]["proration"] == true,
-            })
-            .collect(),
     }
 }
 
@@ -292,28 +240,6 @@ pub fn billing_periods(kind: ObjectKind, object: &Value, deleted: bool) -> Vec<B
     period.filter(|p| p.end > p.start).into_iter().collect()
 }
 
-pub fn payment(kind: &str, object: &Value) -> Payment {
-    let amount = if kind == "credit_note" {
-        int(&object["total"]).or_else(|| int(&object["amount"]))
-    } else {
-        int(&object["amount"])
-    };
-    Payment {
-        id: id_of(&object["id"]).unwrap_or_default(),
-        kind: kind.to_owned(),
-        status: string(&object["status"]),
-        currency: string(&object["currency"]),
-        amount,
-        amount_received: int(&object["amount_received"]),
-        amount_refunded: int(&object["amount_refunded"]),
-        refunded: object["refunded"].as_bool().unwrap_or(false),
-        disputed: object["disputed"].as_bool().unwrap_or(false),
-        invoice: id_of(&object["invoice"]),
-        payment_intent: id_of(&object["payment_intent"]),
-        created: int(&object["created"]),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,7 +277,7 @@ mod tests {
     #[test]
     fn subscriptions_read_current_and_legacy_shapes() {
         let fixtures: Value = serde_json::from_str(include_str!(
-            "../../tests/fixtures/stripe_subscription_current.json"
+            "../../../tests/fixtures/stripe_subscription_current.json"
         ))
         .unwrap();
         let current = subscription(&fixtures);
