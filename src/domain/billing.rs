@@ -68,6 +68,8 @@ pub struct Invoice {
     /// When it was finalized (`status_transitions.finalized_at`), and voided.
     pub finalized_at: Option<i64>,
     pub voided_at: Option<i64>,
+    /// When Stripe next tries to collect an open invoice.
+    pub next_payment_attempt: Option<i64>,
     /// The payment intents it names (older versions: `payment_intent`; newer: `payments`).
     pub payment_intents: Vec<String>,
     pub lines: Vec<InvoiceLine>,

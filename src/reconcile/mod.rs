@@ -7,6 +7,7 @@
 //! the applier applies like any other). The same inputs give the same report.
 
 pub mod drift;
+mod inputs;
 pub mod money;
 pub mod usage;
 
@@ -25,8 +26,8 @@ use crate::domain::rfc3339;
 use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::store::{Db, RunRow, StoreError, now_ms};
-use crate::stripe::objects;
-use crate::stripe::{BillingVendor, ObjectKind};
+use crate::stripe::BillingVendor;
+use inputs::Scope;
 
 /// How often a running reconciliation records that it is still at work.
 const RUN_BEAT: Duration = Duration::from_secs(5);
@@ -146,185 +147,19 @@ impl Reconciler {
     /// Computes the report. Drift repairs are queued unless `params.dry_run`.
     pub async fn report(&self, params: &Params) -> Result<Report, WorkError> {
         let db = &self.db;
-        let linked = db.tenants().linked(params.tenant.as_deref()).await?;
-        let tenant_of: HashMap<&str, &str> = linked
-            .iter()
-            .map(|(t, c)| (c.as_str(), t.as_str()))
-            .collect();
-        // One tenant: its customer only ("" when it has none, which matches nothing).
-        let customer_filter = params
-            .tenant
-            .as_ref()
-            .map(|_| linked.first().map_or("", |(_, c)| c.as_str()));
+        let scope = Scope::of(db, params.tenant.as_deref()).await?;
         // Invoices created in the window, and the payments of the same customers since then.
         let from_s = params.from_ms.div_euclid(1000);
         let to_s = params.to_ms.div_euclid(1000);
-        let invoices: Vec<money::Billed> = db
-            .mirror()
-            .created_since(&[ObjectKind::Invoice.as_str()], from_s, customer_filter)
-            .await?
-            .into_iter()
-            .filter(|row| row.created.is_some_and(|c| c < to_s))
-            .filter_map(|row| {
-                let tenant = tenant_of.get(row.customer_id.as_deref()?)?.to_string();
-                let raw: Value = serde_json::from_str(&row.payload).ok()?;
-                Some(money::Billed {
-                    tenant_id: tenant,
-                    invoice: objects::invoice(&raw),
-                    raw,
-                })
-            })
-            .collect();
-        let payments: Vec<crate::domain::Payment> = db
-            .mirror()
-            .created_since(
-                &["charge", "payment_intent", "credit_note"],
-                from_s,
-                customer_filter,
-            )
-            .await?
-            .into_iter()
-            .filter(|row| {
-                row.customer_id
-                    .as_deref()
-                    .is_some_and(|c| tenant_of.contains_key(c))
-            })
-            .filter_map(|row| {
-                let raw: Value = serde_json::from_str(&row.payload).ok()?;
-                Some(objects::payment(&row.object_type, &raw))
-            })
-            .collect();
+        let invoices = scope.invoices(db, from_s, to_s).await?;
+        let payments = scope.payments(db, from_s).await?;
 
-        // Usage: units are the invoice lines of prices that bill a meter.
-        let meters = &self.catalog.meters;
-        let price_meter: HashMap<&str, &str> = meters
-            .values()
-            .flat_map(|m| {
-                m.stripe_prices
-                    .iter()
-                    .map(move |p| (p.as_str(), m.name.as_str()))
-            })
-            .collect();
-        let customer_of: HashMap<&str, &str> = linked
-            .iter()
-            .map(|(t, c)| (t.as_str(), c.as_str()))
-            .collect();
-        let mut units = Vec::new();
-        for billed in &invoices {
-            let billed_at = billed.raw["status_transitions"]["finalized_at"]
-                .as_i64()
-                .or(billed.invoice.created)
-                .unwrap_or(0)
-                * 1000;
-            for line in &billed.invoice.lines {
-                let Some(meter) = line.price.as_deref().and_then(|p| price_meter.get(p)) else {
-                    continue;
-                };
-                let (Some(start), Some(end)) = (line.period_start, line.period_end) else {
-                    continue;
-                };
-                units.push(usage::Unit {
-                    tenant_id: billed.tenant_id.clone(),
-                    customer_id: customer_of
-                        .get(billed.tenant_id.as_str())
-                        .map(|c| c.to_string())
-                        .unwrap_or_default(),
-                    meter: meter.to_string(),
-                    start: start * 1000,
-                    end: end * 1000,
-                    invoice: Some(usage::InvoiceLine {
-                        invoice_id: billed.invoice.id.clone(),
-                        line_id: line.id.clone(),
-                        quantity: line.quantity,
-                        billed_at,
-                    }),
-                });
-            }
-        }
-        // Usage after the start of a tenant's current period is not billed yet: per customer,
-        // the liveliest subscription (newest among equals), as the tenant view picks it.
-        let mut current: HashMap<&str, crate::domain::Subscription> = HashMap::new();
-        for row in db
-            .mirror()
-            .created_since(
-                &[ObjectKind::Subscription.as_str()],
-                i64::MIN,
-                customer_filter,
-            )
-            .await?
-        {
-            let Some(customer) = row
-                .customer_id
-                .as_deref()
-                .and_then(|c| tenant_of.get_key_value(c))
-                .map(|(c, _)| *c)
-            else {
-                continue;
-            };
-            let Ok(raw) = serde_json::from_str::<Value>(&row.payload) else {
-                continue;
-            };
-            let s = objects::subscription(&raw);
-            if current
-                .get(customer)
-                .is_none_or(|c| s.precedence() > c.precedence())
-            {
-                current.insert(customer, s);
-            }
-        }
-        let open_from: HashMap<String, i64> = current
-            .into_iter()
-            .filter(|(_, s)| s.liveness() > 0)
-            .filter_map(|(customer, s)| {
-                Some((
-                    tenant_of.get(customer)?.to_string(),
-                    s.current_period_start? * 1000,
-                ))
-            })
-            .collect();
-        let tenant = params.tenant.as_deref();
-        let vendor_usage = self.vendor_usage_of(&units).await?;
-        let mut ledger = usage::Ledger::new(meters, units, &open_from);
-        db.usage()
-            .each_between(params.from_ms, params.to_ms, tenant, |event| {
-                ledger.add_event(event)
-            })
-            .await?;
-        for push in db
-            .usage()
-            .pushes_between(params.from_ms, params.to_ms, tenant)
-            .await?
-        {
-            ledger.add_push(push);
-        }
-        let mut items = ledger.finish(&vendor_usage);
+        let mut items = self.usage_items(params, &scope, &invoices).await?;
         let usage_items = items.len();
-
         let money = money::reconcile(&invoices, &payments, now_ms() / 1000);
         items.extend(money.items);
-
-        // Drift: one tenant, or a sample of every tenant, when the vendor can be asked.
-        let mut drift_checked = 0;
-        if let Some(vendor) = &self.vendor {
-            let sample: Vec<(String, String)> = match &params.tenant {
-                Some(_) => linked.clone(),
-                None => linked.iter().take(self.drift_sample).cloned().collect(),
-            };
-            drift_checked = sample.len();
-            let (drift, repairs) = drift::check(db, vendor.as_ref(), &sample).await?;
-            if !params.dry_run && !repairs.is_empty() {
-                db.inbox().insert(&repairs, now_ms()).await?;
-                tracing::warn!(
-                    repaired = repairs.len(),
-                    "reconciliation: drift repaired by applying the vendor's state"
-                );
-                self.wake.notify_one();
-            }
-            items.extend(drift.into_iter().map(|mut item| {
-                item.detail["repaired"] = json!(!params.dry_run);
-                item
-            }));
-        }
+        let (drift, drift_checked) = self.drift_items(params, &scope).await?;
+        items.extend(drift);
 
         items
             .sort_by_cached_key(|i| (i.area, i.tenant_id.clone(), i.finding, i.detail.to_string()));
@@ -338,6 +173,65 @@ impl Reconciler {
             self.vendor.is_some() && self.vendor_usage,
         );
         Ok(Report { summary, items })
+    }
+
+    /// Usage: the usage log and the push ledger of the window against the invoice lines that
+    /// bill a meter and the vendor's meter totals.
+    async fn usage_items(
+        &self,
+        params: &Params,
+        scope: &Scope,
+        invoices: &[money::Billed],
+    ) -> Result<Vec<Item>, WorkError> {
+        let db = &self.db;
+        let units = inputs::usage_units(&self.catalog, scope, invoices);
+        let open_from = scope.open_from(db).await?;
+        let tenant = params.tenant.as_deref();
+        let vendor_usage = self.vendor_usage_of(&units).await?;
+        let mut ledger = usage::Ledger::new(&self.catalog.meters, units, &open_from);
+        let (from, to) = (params.from_ms, params.to_ms);
+        db.usage()
+            .each_between(from, to, tenant, |event| ledger.add_event(event))
+            .await?;
+        for push in db.usage().pushes_between(from, to, tenant).await? {
+            ledger.add_push(push);
+        }
+        Ok(ledger.finish(&vendor_usage))
+    }
+
+    /// Drift: one tenant, or a sample of every tenant, when the vendor can be asked; repairs
+    /// are queued unless it is a dry run. Returns the items and how many tenants were checked.
+    async fn drift_items(
+        &self,
+        params: &Params,
+        scope: &Scope,
+    ) -> Result<(Vec<Item>, usize), WorkError> {
+        let Some(vendor) = &self.vendor else {
+            return Ok((Vec::new(), 0));
+        };
+        let sample: Vec<(String, String)> = match &params.tenant {
+            Some(_) => scope.linked.clone(),
+            None => scope
+                .linked
+                .iter()
+                .take(self.drift_sample)
+                .cloned()
+                .collect(),
+        };
+        let (drift, repairs) = drift::check(&self.db, vendor.as_ref(), &sample).await?;
+        if !params.dry_run && !repairs.is_empty() {
+            self.db.inbox().insert(&repairs, now_ms()).await?;
+            tracing::warn!(
+                repaired = repairs.len(),
+                "reconciliation: drift repaired by applying the vendor's state"
+            );
+            self.wake.notify_one();
+        }
+        let items = drift.into_iter().map(|mut item| {
+            item.detail["repaired"] = json!(!params.dry_run);
+            item
+        });
+        Ok((items.collect(), sample.len()))
     }
 
     /// Runs a reconciliation to the end and stores it; returns the run id.

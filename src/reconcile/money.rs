@@ -7,13 +7,11 @@ use serde_json::{Value, json};
 
 use super::{Finding, Item};
 use crate::domain::{Invoice, Payment, rfc3339_secs};
-use crate::stripe::objects;
 
-/// An invoice with the tenant it bills and its raw object (for the newer `payments` list).
+/// An invoice with the tenant it bills.
 pub struct Billed {
     pub tenant_id: String,
     pub invoice: Invoice,
-    pub raw: Value,
 }
 
 /// What the money side found: the items, and how many invoices matched.
@@ -42,6 +40,67 @@ pub fn reconcile(invoices: &[Billed], payments: &[Payment], now_s: i64) -> Outco
     Outcome { items, matched }
 }
 
+/// An invoice's payments as the mirror holds them, and what they add up to.
+struct Paid<'a> {
+    charges: Vec<&'a Payment>,
+    succeeded: Vec<&'a Payment>,
+    /// Succeeded payment intents whose charges the mirror does not hold (some sources send only
+    /// the intent's events): they count by their `amount_received`.
+    intents_alone: Vec<&'a Payment>,
+    credit_notes: Vec<&'a Payment>,
+    received: i64,
+    refunded: i64,
+    credited: i64,
+}
+
+impl<'a> Paid<'a> {
+    fn of(invoice: &Invoice, payments: &'a [Payment], intents: &HashMap<&str, &Payment>) -> Self {
+        let named = &invoice.payment_intents;
+        let id = Some(invoice.id.as_str());
+        let belongs = |p: &Payment| {
+            p.invoice.as_deref() == id
+                || p.payment_intent.as_deref().is_some_and(|pi| {
+                    named.iter().any(|n| n == pi)
+                        || (intents.get(pi)).is_some_and(|intent| intent.invoice.as_deref() == id)
+                })
+        };
+        let of_kind = |kind: &'static str| payments.iter().filter(move |p| p.kind == kind);
+        let charges: Vec<&Payment> = of_kind("charge").filter(|p| belongs(p)).collect();
+        let credit_notes: Vec<&Payment> = of_kind("credit_note")
+            .filter(|p| p.invoice.as_deref() == id)
+            .collect();
+        let succeeded: Vec<&Payment> = (charges.iter().copied())
+            .filter(|c| c.status.as_deref() == Some("succeeded"))
+            .collect();
+        let intents_alone: Vec<&Payment> = of_kind("payment_intent")
+            .filter(|p| {
+                p.status.as_deref() == Some("succeeded")
+                    && (p.invoice.as_deref() == id || named.contains(&p.id))
+                    && !(charges.iter()).any(|c| c.payment_intent.as_deref() == Some(&p.id))
+            })
+            .collect();
+        let received = succeeded.iter().filter_map(|c| c.amount).sum::<i64>()
+            + (intents_alone.iter())
+                .filter_map(|p| p.amount_received.or(p.amount))
+                .sum::<i64>();
+        let refunded = succeeded.iter().filter_map(|c| c.amount_refunded).sum();
+        let credited = (credit_notes.iter())
+            .filter(|c| c.status.as_deref() != Some("void"))
+            .filter_map(|c| c.amount)
+            .sum();
+        Paid {
+            charges,
+            succeeded,
+            intents_alone,
+            credit_notes,
+            received,
+            refunded,
+            credited,
+        }
+    }
+}
+
+/// One invoice against its payments.
 fn findings(
     billed: &Billed,
     payments: &[Payment],
@@ -53,154 +112,120 @@ fn findings(
     if status == "draft" || status.is_empty() {
         return Vec::new();
     }
-    let named = objects::invoice_payment_intents(&billed.raw);
-    let belongs = |p: &Payment| {
-        p.invoice.as_deref() == Some(invoice.id.as_str())
-            || p.payment_intent.as_deref().is_some_and(|pi| {
-                named.iter().any(|n| n == pi)
-                    || intents
-                        .get(pi)
-                        .is_some_and(|intent| intent.invoice.as_deref() == Some(&invoice.id))
-            })
-    };
-    let charges: Vec<&Payment> = payments
-        .iter()
-        .filter(|p| p.kind == "charge" && belongs(p))
-        .collect();
-    let credit_notes: Vec<&Payment> = payments
-        .iter()
-        .filter(|p| p.kind == "credit_note" && p.invoice.as_deref() == Some(invoice.id.as_str()))
-        .collect();
-    let succeeded: Vec<&&Payment> = charges
-        .iter()
-        .filter(|c| c.status.as_deref() == Some("succeeded"))
-        .collect();
-    // A payment intent whose charges the mirror does not hold (some sources send only the
-    // intent's events) counts by its `amount_received`.
-    let intents_alone: Vec<&Payment> = payments
-        .iter()
-        .filter(|p| {
-            p.kind == "payment_intent"
-                && p.status.as_deref() == Some("succeeded")
-                && (p.invoice.as_deref() == Some(invoice.id.as_str()) || named.contains(&p.id))
-                && !charges
-                    .iter()
-                    .any(|c| c.payment_intent.as_deref() == Some(p.id.as_str()))
-        })
-        .collect();
-    let received: i64 = succeeded.iter().filter_map(|c| c.amount).sum::<i64>()
-        + intents_alone
-            .iter()
-            .filter_map(|p| p.amount_received.or(p.amount))
-            .sum::<i64>();
-    let refunded: i64 = succeeded.iter().filter_map(|c| c.amount_refunded).sum();
-    let credited: i64 = credit_notes
-        .iter()
-        .filter(|c| c.status.as_deref() != Some("void"))
-        .filter_map(|c| c.amount)
-        .sum();
-    let total = invoice.total.unwrap_or(0);
-    let due = invoice.amount_due.unwrap_or(total);
-    let paid = invoice.amount_paid.unwrap_or(0);
-    let currency = invoice.currency.clone().unwrap_or_default();
-
-    let evidence = json!({
-        "invoice": invoice.id,
-        "charges": charges.iter().map(|c| &c.id).collect::<Vec<_>>(),
-        "payment_intents": intents_alone.iter().map(|p| &p.id).collect::<Vec<_>>(),
-        "credit_notes": credit_notes.iter().map(|c| &c.id).collect::<Vec<_>>(),
-    });
+    let paid = Paid::of(invoice, payments, intents);
     let make = |finding: Finding, cause: String| Item {
         area: "money",
         finding,
         tenant_id: Some(billed.tenant_id.clone()),
-        detail: json!({
-            "invoice": invoice.id,
-            "number": invoice.number,
-            "status": status,
-            "currency": currency,
-            "total": total,
-            "amount_due": due,
-            "amount_paid": paid,
-            "received": received,
-            "refunded": refunded,
-            "credited": credited,
-            "due_date": invoice.due_date.map(rfc3339_secs),
-            "cause": cause,
-            "evidence": evidence,
-        }),
+        detail: detail(invoice, &paid, cause),
     };
+    let currency = invoice.currency.clone().unwrap_or_default();
+    let foreign: Vec<&str> = (paid.succeeded.iter())
+        .filter(|c| (c.currency.as_deref()).is_some_and(|c| !c.eq_ignore_ascii_case(&currency)))
+        .map(|c| c.id.as_str())
+        .collect();
+    let mut found: Vec<Item> = flags(status, &paid, &foreign)
+        .into_iter()
+        .map(|(finding, cause)| make(finding, cause))
+        .collect();
+    if matches!(status, "void" | "uncollectible") || !foreign.is_empty() {
+        return found;
+    }
+    if let Some((finding, cause)) = amount_finding(invoice, &paid, now_s) {
+        found.push(make(finding, cause));
+    }
+    found
+}
 
+/// What an item says about an invoice and its payments.
+fn detail(invoice: &Invoice, paid: &Paid, cause: String) -> Value {
+    let total = invoice.total.unwrap_or(0);
+    json!({
+        "invoice": invoice.id,
+        "number": invoice.number,
+        "status": invoice.status.as_deref().unwrap_or(""),
+        "currency": invoice.currency.clone().unwrap_or_default(),
+        "total": total,
+        "amount_due": invoice.amount_due.unwrap_or(total),
+        "amount_paid": invoice.amount_paid.unwrap_or(0),
+        "received": paid.received,
+        "refunded": paid.refunded,
+        "credited": paid.credited,
+        "due_date": invoice.due_date.map(rfc3339_secs),
+        "cause": cause,
+        "evidence": {
+            "invoice": invoice.id,
+            "charges": paid.charges.iter().map(|c| &c.id).collect::<Vec<_>>(),
+            "payment_intents": paid.intents_alone.iter().map(|p| &p.id).collect::<Vec<_>>(),
+            "credit_notes": paid.credit_notes.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        },
+    })
+}
+
+/// Findings that hold whatever the amounts: void, uncollectible, foreign currency, refunds,
+/// disputes.
+fn flags(status: &str, paid: &Paid, foreign: &[&str]) -> Vec<(Finding, String)> {
     let mut found = Vec::new();
     match status {
-        "void" => found.push(make(Finding::Void, "the invoice was voided".into())),
-        "uncollectible" => found.push(make(
+        "void" => found.push((Finding::Void, "the invoice was voided".into())),
+        "uncollectible" => found.push((
             Finding::Uncollectible,
             "the invoice was marked uncollectible".into(),
         )),
         _ => {}
     }
-    let foreign: Vec<&str> = succeeded
-        .iter()
-        .filter(|c| {
-            c.currency
-                .as_deref()
-                .is_some_and(|c| !c.eq_ignore_ascii_case(&currency))
-        })
-        .map(|c| c.id.as_str())
-        .collect();
     if !foreign.is_empty() {
-        found.push(make(
-            Finding::CurrencyMismatch,
-            format!(
-                "payments in another currency than the invoice's: {}",
-                foreign.join(", ")
-            ),
-        ));
+        let cause = format!(
+            "payments in another currency than the invoice's: {}",
+            foreign.join(", ")
+        );
+        found.push((Finding::CurrencyMismatch, cause));
     }
-    if refunded > 0 {
-        found.push(make(Finding::Refunded, format!("{refunded} refunded")));
+    if paid.refunded > 0 {
+        found.push((Finding::Refunded, format!("{} refunded", paid.refunded)));
     }
-    if charges.iter().any(|c| c.disputed) {
-        found.push(make(Finding::Disputed, "a payment is disputed".into()));
-    }
-    if matches!(status, "void" | "uncollectible") || !foreign.is_empty() {
-        return found;
-    }
-    let owed = due - credited.min(due);
-    if received > total.max(due) {
-        found.push(make(
-            Finding::Overpaid,
-            format!(
-                "received {received}, more than the invoice's {}",
-                total.max(due)
-            ),
-        ));
-    } else if status == "paid" {
-        if received != paid && !(received == 0 && paid == 0) {
-            found.push(make(
-                Finding::AmountMismatch,
-                format!("the invoice says {paid} paid; its payments add up to {received}"),
-            ));
-        }
-    } else if status == "open" {
-        let past_due = invoice
-            .due_date
-            .or(billed.raw["next_payment_attempt"].as_i64())
-            .is_some_and(|d| d < now_s);
-        if received > 0 && received < owed {
-            found.push(make(
-                Finding::PartiallyPaid,
-                format!("received {received} of {owed}"),
-            ));
-        } else if received == 0 && owed > 0 && past_due {
-            found.push(make(
-                Finding::MissingPayment,
-                "open past its due date with no payment".into(),
-            ));
-        }
+    if paid.charges.iter().any(|c| c.disputed) {
+        found.push((Finding::Disputed, "a payment is disputed".into()));
     }
     found
+}
+
+/// Whether what was received fits what the invoice asks: overpaid, a paid invoice whose
+/// payments add up to another amount, an open one partially paid or unpaid past its due date.
+fn amount_finding(invoice: &Invoice, paid: &Paid, now_s: i64) -> Option<(Finding, String)> {
+    let total = invoice.total.unwrap_or(0);
+    let due = invoice.amount_due.unwrap_or(total);
+    let amount_paid = invoice.amount_paid.unwrap_or(0);
+    let received = paid.received;
+    let owed = due - paid.credited.min(due);
+    let status = invoice.status.as_deref().unwrap_or("");
+    if received > total.max(due) {
+        let cause = format!(
+            "received {received}, more than the invoice's {}",
+            total.max(due)
+        );
+        return Some((Finding::Overpaid, cause));
+    }
+    match status {
+        "paid" if received != amount_paid && !(received == 0 && amount_paid == 0) => {
+            let cause =
+                format!("the invoice says {amount_paid} paid; its payments add up to {received}");
+            Some((Finding::AmountMismatch, cause))
+        }
+        "open" if received > 0 && received < owed => Some((
+            Finding::PartiallyPaid,
+            format!("received {received} of {owed}"),
+        )),
+        "open" if received == 0 && owed > 0 => {
+            let past_due =
+                (invoice.due_date.or(invoice.next_payment_attempt)).is_some_and(|d| d < now_s);
+            past_due.then(|| {
+                let cause = "open past its due date with no payment".to_owned();
+                (Finding::MissingPayment, cause)
+            })
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -217,7 +242,6 @@ mod tests {
         Billed {
             tenant_id: "t".into(),
             invoice: objects::invoice(&raw),
-            raw,
         }
     }
 
@@ -315,8 +339,14 @@ mod tests {
 
     #[test]
     fn payments_are_found_through_their_payment_intent() {
-        let mut invoice = billed("paid", 1000, None);
-        invoice.raw["payments"] = json!({"data": [{"payment": {"payment_intent": "pi_1"}}]});
+        // Newer API versions name the intent in the invoice's `payments` list only.
+        let raw = json!({"id": "in_1", "object": "invoice", "status": "paid", "currency": "eur",
+            "total": 1000, "amount_due": 1000, "amount_paid": 1000, "lines": {"data": []},
+            "payments": {"data": [{"payment": {"payment_intent": "pi_1"}}]}});
+        let invoice = Billed {
+            tenant_id: "t".into(),
+            invoice: objects::invoice(&raw),
+        };
         let charge = objects::payment(
             "charge",
             &json!({"id": "ch_2", "payment_intent": "pi_1", "amount": 1000, "currency": "eur", "status": "succeeded"}),

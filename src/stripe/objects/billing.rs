@@ -42,6 +42,7 @@ pub fn invoice(object: &Value) -> Invoice {
         period_end: int(&object["period_end"]),
         finalized_at: int(&object["status_transitions"]["finalized_at"]),
         voided_at: int(&object["status_transitions"]["voided_at"]),
+        next_payment_attempt: int(&object["next_payment_attempt"]),
         payment_intents: invoice_payment_intents(object),
         lines: lines
             .iter()
