@@ -4,17 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use async_trait::async_trait;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
+use super::form::{self, urlencode};
+use super::limiter::RateLimiter;
 use super::objects;
 use super::{
     BillingVendor, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
-    PreviewRequest, Proration, SubscriptionWrite, VendorError,
+    PreviewRequest, SubscriptionWrite, VendorError,
 };
 use crate::config::{Secret, StripeSettings};
 use crate::metrics::Metrics;
@@ -306,26 +306,13 @@ impl BillingVendor for StripeHttp {
         customer: &CustomerWrite<'_>,
         idempotency_key: &str,
     ) -> Result<Value, VendorError> {
-        let mut form = Form::default();
-        // An empty value clears the field at Stripe.
-        form.push("name", customer.name.unwrap_or_default());
-        form.push("email", customer.email.unwrap_or_default());
-        form.push(
-            &format!("metadata[{}]", self.tenant_key),
-            customer.tenant_id,
-        );
+        let form = form::customer(&self.tenant_key, customer);
         let path = match existing {
-            Some(id) => format!("/v1/customers/{}", urlencode(id)),
+            Some(id) => format!("/v1/customers/{}", form::urlencode(id)),
             None => "/v1/customers".to_owned(),
         };
-        self.write(
-            "customers",
-            reqwest::Method::POST,
-            &path,
-            &form.0,
-            idempotency_key,
-        )
-        .await
+        let method = reqwest::Method::POST;
+        (self.write("customers", method, &path, &form.0, idempotency_key)).await
     }
 
     async fn write_subscription(
@@ -333,112 +320,16 @@ impl BillingVendor for StripeHttp {
         write: &SubscriptionWrite<'_>,
         idempotency_key: &str,
     ) -> Result<Value, VendorError> {
-        let price_field = if self.legacy_plans { "plan" } else { "price" };
-        let mut form = Form::default();
-        let (method, path) = match *write {
-            SubscriptionWrite::Create {
-                customer,
-                price,
-                quantity,
-                trial_days,
-                metadata,
-            } => {
-                form.push("customer", customer);
-                form.push(&format!("items[0][{price_field}]"), price);
-                form.push("items[0][quantity]", &quantity.to_string());
-                // A declined card fails the command instead of leaving an incomplete subscription.
-                form.push("payment_behavior", "error_if_incomplete");
-                if let Some(days) = trial_days {
-                    form.push("trial_period_days", &days.to_string());
-                }
-                form.metadata(metadata);
-                (reqwest::Method::POST, "/v1/subscriptions".to_owned())
-            }
-            SubscriptionWrite::Change {
-                subscription,
-                item,
-                price,
-                quantity,
-                proration,
-                trial_end,
-                metadata,
-            } => {
-                form.push("items[0][id]", item);
-                form.push(&format!("items[0][{price_field}]"), price);
-                form.push("items[0][quantity]", &quantity.to_string());
-                if self.legacy_plans {
-                    // The 2017 API knows only `prorate`.
-                    let prorate = proration != Proration::None;
-                    form.push("prorate", if prorate { "true" } else { "false" });
-                } else {
-                    form.push("proration_behavior", proration.as_str());
-                    form.push("payment_behavior", "error_if_incomplete");
-                }
-                if let Some(end) = trial_end {
-                    form.push("trial_end", &end.to_string());
-                }
-                form.metadata(metadata);
-                (
-                    reqwest::Method::POST,
-                    format!("/v1/subscriptions/{}", urlencode(subscription)),
-                )
-            }
-            SubscriptionWrite::CancelAtPeriodEnd {
-                subscription,
-                cancel,
-                metadata,
-            } => {
-                form.push(
-                    "cancel_at_period_end",
-                    if cancel { "true" } else { "false" },
-                );
-                form.metadata(metadata);
-                (
-                    reqwest::Method::POST,
-                    format!("/v1/subscriptions/{}", urlencode(subscription)),
-                )
-            }
-            SubscriptionWrite::CancelNow { subscription } => (
-                reqwest::Method::DELETE,
-                format!("/v1/subscriptions/{}", urlencode(subscription)),
-            ),
-        };
-        self.write("subscriptions", method, &path, &form.0, idempotency_key)
-            .await
+        let (method, path, form) = form::subscription(write, self.legacy_plans);
+        (self.write("subscriptions", method, &path, &form.0, idempotency_key)).await
     }
 
     async fn preview(&self, request: &PreviewRequest<'_>) -> Result<Value, VendorError> {
-        let price_field = if self.legacy_plans { "plan" } else { "price" };
-        let mut form = Form::default();
-        form.push("customer", request.customer);
-        if let Some((subscription, item)) = request.current {
-            form.push("subscription", subscription);
-            form.push("subscription_details[items][0][id]", item);
-            form.push(
-                "subscription_details[proration_behavior]",
-                request.proration.as_str(),
-            );
-        }
-        form.push(
-            &format!("subscription_details[items][0][{price_field}]"),
-            request.price,
-        );
-        form.push(
-            "subscription_details[items][0][quantity]",
-            &request.quantity.to_string(),
-        );
+        let form = form::preview(request, self.legacy_plans);
+        let path = "/v1/invoices/create_preview";
+        let method = reqwest::Method::POST;
         // A preview changes nothing; no idempotency key is needed, but `call` retries it safely.
-        match self
-            .call(
-                "invoices/create_preview",
-                reqwest::Method::POST,
-                "/v1/invoices/create_preview",
-                &[],
-                &form.0,
-                None,
-            )
-            .await?
-        {
+        match (self.call("invoices/create_preview", method, path, &[], &form.0, None)).await? {
             Answer::Found(value) => Ok(value),
             Answer::NotFound(body) => Err(rejected(StatusCode::NOT_FOUND, &body)),
         }
@@ -524,22 +415,6 @@ impl StripeHttp {
     }
 }
 
-/// Form fields in the order they are sent.
-#[derive(Default)]
-struct Form(Vec<(String, String)>);
-
-impl Form {
-    fn push(&mut self, key: &str, value: &str) {
-        self.0.push((key.to_owned(), value.to_owned()));
-    }
-
-    fn metadata(&mut self, pairs: &[(&str, &str)]) {
-        for (key, value) in pairs {
-            self.push(&format!("metadata[{key}]"), value);
-        }
-    }
-}
-
 impl StripeHttp {
     /// Stripe lists a customer's active entitlements; billsync keeps them as one summary object,
     /// the shape of the `entitlements.active_entitlement_summary.updated` event.
@@ -578,41 +453,6 @@ impl StripeHttp {
     }
 }
 
-fn urlencode(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-/// Spaces calls evenly at `n` per second across every task that shares it.
-pub struct RateLimiter {
-    interval: Duration,
-    next: Mutex<Instant>,
-}
-
-impl RateLimiter {
-    pub fn per_second(n: u32) -> Self {
-        Self {
-            interval: Duration::from_secs(1) / n.max(1),
-            next: Mutex::new(Instant::now()),
-        }
-    }
-
-    pub async fn acquire(&self) {
-        let slot = {
-            let mut next = self.next.lock().await;
-            let now = Instant::now();
-            let slot = (*next).max(now);
-            *next = slot + self.interval;
-            slot
-        };
-        tokio::time::sleep_until(slot).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -625,21 +465,5 @@ mod tests {
             let full = base.saturating_mul(2u32.pow(attempt)).min(MAX_BACKOFF);
             assert!(d >= full / 2 && d <= full, "{attempt}: {d:?}");
         }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_rate_limiter_spaces_calls() {
-        let limiter = RateLimiter::per_second(10);
-        let started = Instant::now();
-        for _ in 0..11 {
-            limiter.acquire().await;
-        }
-        assert!(started.elapsed() >= Duration::from_millis(1000));
-    }
-
-    #[test]
-    fn ids_are_path_safe() {
-        assert_eq!(urlencode("cus_123"), "cus_123");
-        assert_eq!(urlencode("a/b c"), "a%2Fb%20c");
     }
 }

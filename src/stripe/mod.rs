@@ -4,7 +4,9 @@
 //! legacy plans and localstripe's lists alike). Everything else sees [`ObjectKind`], raw JSON it
 //! stores as received, domain types and [`VendorError`].
 
+mod form;
 mod http;
+mod limiter;
 pub mod objects;
 mod vendor;
 
