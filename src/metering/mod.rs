@@ -93,60 +93,70 @@ impl Metering {
                 }),
             }
         }
-
-        let tenants: Vec<&str> = valid
-            .iter()
-            .map(|(_, r, _)| r.tenant_id.as_str())
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let known = self.db.tenants().existing(&tenants).await?;
-        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(valid.len());
-        let mut rows = Vec::with_capacity(valid.len());
-        let mut meters = Vec::with_capacity(valid.len());
-        for (index, row, meter) in &valid {
-            if !known.contains(&row.tenant_id) || !visible(&row.tenant_id) {
-                outcome.rejected.push(Rejection {
-                    index: *index,
-                    code: "unknown_tenant",
-                    message: format!("no tenant `{}`", row.tenant_id),
-                });
-                continue;
-            }
-            // A repeat within the batch is a duplicate like any other.
-            if !seen.insert((row.tenant_id.as_str(), row.event_id.as_str())) {
-                outcome.duplicates += 1;
-                continue;
-            }
-            rows.push(row.clone());
-            meters.push(*meter);
-        }
-
-        let _gate = self.gate.read().await;
-        let inserted = match self.db.backend() {
-            Backend::Sqlite => {
-                let _turn = self.writer.lock().await;
-                self.db.usage().insert(&rows).await?
-            }
-            Backend::Postgres => {
-                let payloads = |new: &[&UsageRow]| self.notifications(new);
-                self.db.usage().insert_notifying(&rows, &payloads).await?
-            }
-        };
+        let (rows, meters) = self.admit(&valid, visible, &mut outcome).await?;
+        let inserted = self.store(&rows).await?;
         for ((row, meter), new) in rows.iter().zip(&meters).zip(&inserted) {
             if !new {
                 outcome.duplicates += 1;
                 continue;
             }
             outcome.accepted += 1;
-            self.counters.record(
-                &row.tenant_id,
-                &meter.name,
-                meter.aggregation,
-                sample_of(row),
-            );
+            let sample = sample_of(row);
+            (self.counters).record(&row.tenant_id, &meter.name, meter.aggregation, sample);
         }
         outcome.rejected.sort_by_key(|r| r.index);
+        self.count(&outcome);
+        Ok(outcome)
+    }
+
+    /// The valid events of known (and visible) tenants, each once per batch: a repeat within
+    /// the batch is a duplicate like any other. The others are counted into `outcome`.
+    async fn admit<'c>(
+        &self,
+        valid: &[(usize, UsageRow, &'c Meter)],
+        visible: &(dyn Fn(&str) -> bool + Sync),
+        outcome: &mut Ingested,
+    ) -> Result<(Vec<UsageRow>, Vec<&'c Meter>), StoreError> {
+        let tenants: HashSet<&str> = valid.iter().map(|(_, r, _)| r.tenant_id.as_str()).collect();
+        let tenants: Vec<&str> = tenants.into_iter().collect();
+        let known = self.db.tenants().existing(&tenants).await?;
+        let mut seen: HashSet<(&str, &str)> = HashSet::with_capacity(valid.len());
+        let mut rows = Vec::with_capacity(valid.len());
+        let mut meters = Vec::with_capacity(valid.len());
+        for (index, row, meter) in valid {
+            if !known.contains(&row.tenant_id) || !visible(&row.tenant_id) {
+                outcome.rejected.push(Rejection {
+                    index: *index,
+                    code: "unknown_tenant",
+                    message: format!("no tenant `{}`", row.tenant_id),
+                });
+            } else if !seen.insert((row.tenant_id.as_str(), row.event_id.as_str())) {
+                outcome.duplicates += 1;
+            } else {
+                rows.push(row.clone());
+                meters.push(*meter);
+            }
+        }
+        Ok((rows, meters))
+    }
+
+    /// Inserts the rows in one transaction (on SQLite one writer at a time; on PostgreSQL with
+    /// the notifications other replicas count from); whether each was new.
+    async fn store(&self, rows: &[UsageRow]) -> Result<Vec<bool>, StoreError> {
+        let _gate = self.gate.read().await;
+        match self.db.backend() {
+            Backend::Sqlite => {
+                let _turn = self.writer.lock().await;
+                self.db.usage().insert(rows).await
+            }
+            Backend::Postgres => {
+                let payloads = |new: &[&UsageRow]| self.notifications(new);
+                self.db.usage().insert_notifying(rows, &payloads).await
+            }
+        }
+    }
+
+    fn count(&self, outcome: &Ingested) {
         let count = |name, help, n: usize| self.metrics.add(name, help, &[], n as u64);
         count(
             "billsync_usage_accepted_total",
@@ -163,7 +173,6 @@ impl Metering {
             "Usage events refused.",
             outcome.rejected.len(),
         );
-        Ok(outcome)
     }
 
     /// Checks one event against the catalog and the clock.
@@ -171,7 +180,7 @@ impl Metering {
         &'c self,
         event: &Value,
         now: i64,
-    ) -> Result<(UsageRow, &'c Meter), (&'static str, String)> {
+    ) -> Result<(UsageRow, &'c Meter), Refusal> {
         let text = |field: &str| event[field].as_str();
         let id = text("id").ok_or(("missing_field", "id is required".to_owned()))?;
         if id.is_empty() || id.len() > 255 {
@@ -187,50 +196,8 @@ impl Metering {
                 format!("no meter `{meter_name}` in the catalog"),
             )
         })?;
-        let parsed = crate::domain::parse_quantity(&event["quantity"], meter.allow_negative);
-        let quantity = match parsed {
-            Ok(Some(quantity)) => quantity,
-            // Counting events or distinct values needs no quantity.
-            Ok(None)
-                if matches!(
-                    meter.aggregation,
-                    Aggregation::Count | Aggregation::UniqueCount
-                ) =>
-            {
-                Decimal::ONE
-            }
-            Ok(None) => return Err(("missing_field", "quantity is required".to_owned())),
-            Err(refused) => return Err((refused.code, refused.message.to_owned())),
-        };
-        let occurred_at = match &event["timestamp"] {
-            Value::Null => now,
-            Value::String(s) => DateTime::parse_from_rfc3339(s)
-                .map_err(|_| {
-                    (
-                        "invalid_timestamp",
-                        format!("timestamp `{s}` is not RFC 3339"),
-                    )
-                })?
-                .timestamp_millis(),
-            _ => {
-                return Err((
-                    "invalid_timestamp",
-                    "timestamp must be an RFC 3339 string".to_owned(),
-                ));
-            }
-        };
-        if occurred_at > now + MAX_AHEAD_MS {
-            return Err((
-                "timestamp_in_future",
-                "timestamp is more than 5 minutes ahead".to_owned(),
-            ));
-        }
-        if occurred_at < now - meter.late_window.as_millis() as i64 {
-            return Err((
-                "timestamp_too_old",
-                format!("timestamp is older than meter `{meter_name}`'s late window"),
-            ));
-        }
+        let quantity = quantity_of(event, meter)?;
+        let occurred_at = occurred_at(event, meter, now)?;
         let properties = &event["properties"];
         if !(properties.is_null() || properties.is_object()) {
             return Err((
@@ -238,35 +205,18 @@ impl Metering {
                 "properties must be an object".to_owned(),
             ));
         }
-        let unique_value = match (&meter.property, meter.aggregation) {
-            (Some(property), Aggregation::UniqueCount) => {
-                Some(match &properties[property.as_str()] {
-                    Value::String(s) => s.clone(),
-                    Value::Number(n) => n.to_string(),
-                    _ => {
-                        return Err((
-                            "missing_property",
-                            format!("meter `{meter_name}` counts distinct properties.{property}"),
-                        ));
-                    }
-                })
-            }
-            _ => None,
+        let row = UsageRow {
+            tenant_id: tenant.to_owned(),
+            event_id: id.to_owned(),
+            meter: meter.name.clone(),
+            quantity: quantity.normalize().to_string(),
+            occurred_at,
+            unique_value: unique_value(properties, meter)?,
+            properties: (!properties.is_null()).then(|| properties.to_string()),
+            received_at: now,
+            push_id: None,
         };
-        Ok((
-            UsageRow {
-                tenant_id: tenant.to_owned(),
-                event_id: id.to_owned(),
-                meter: meter.name.clone(),
-                quantity: quantity.normalize().to_string(),
-                occurred_at,
-                unique_value,
-                properties: (!properties.is_null()).then(|| properties.to_string()),
-                received_at: now,
-                push_id: None,
-            },
-            meter,
-        ))
+        Ok((row, meter))
     }
 
     /// The meter's figure for the tenant over exactly `[from_ms, to_ms)`, from the usage log
@@ -327,5 +277,73 @@ pub(crate) fn sample_of(row: &UsageRow) -> Sample<'_> {
         at_ms: row.occurred_at,
         event_id: &row.event_id,
         unique_value: row.unique_value.as_deref(),
+    }
+}
+
+/// Why an event was refused: its code and message.
+pub(crate) type Refusal = (&'static str, String);
+
+/// An event's quantity, exact; one for meters that count events or distinct values.
+fn quantity_of(event: &Value, meter: &Meter) -> Result<Decimal, Refusal> {
+    match crate::domain::parse_quantity(&event["quantity"], meter.allow_negative) {
+        Ok(Some(quantity)) => Ok(quantity),
+        Ok(None)
+            if matches!(
+                meter.aggregation,
+                Aggregation::Count | Aggregation::UniqueCount
+            ) =>
+        {
+            Ok(Decimal::ONE)
+        }
+        Ok(None) => Err(("missing_field", "quantity is required".to_owned())),
+        Err(refused) => Err((refused.code, refused.message.to_owned())),
+    }
+}
+
+/// When the event happened (Unix ms; `now` without a timestamp): at most five minutes ahead,
+/// and within the meter's late window.
+fn occurred_at(event: &Value, meter: &Meter, now: i64) -> Result<i64, Refusal> {
+    let occurred_at = match &event["timestamp"] {
+        Value::Null => now,
+        Value::String(s) => DateTime::parse_from_rfc3339(s)
+            .map_err(|_| {
+                let message = format!("timestamp `{s}` is not RFC 3339");
+                ("invalid_timestamp", message)
+            })?
+            .timestamp_millis(),
+        _ => {
+            let message = "timestamp must be an RFC 3339 string".to_owned();
+            return Err(("invalid_timestamp", message));
+        }
+    };
+    if occurred_at > now + MAX_AHEAD_MS {
+        let message = "timestamp is more than 5 minutes ahead".to_owned();
+        return Err(("timestamp_in_future", message));
+    }
+    if occurred_at < now - meter.late_window.as_millis() as i64 {
+        let message = format!(
+            "timestamp is older than meter `{}`'s late window",
+            meter.name
+        );
+        return Err(("timestamp_too_old", message));
+    }
+    Ok(occurred_at)
+}
+
+/// The value a `unique_count` meter counts, from the event's properties.
+fn unique_value(properties: &Value, meter: &Meter) -> Result<Option<String>, Refusal> {
+    let (Some(property), Aggregation::UniqueCount) = (&meter.property, meter.aggregation) else {
+        return Ok(None);
+    };
+    match &properties[property.as_str()] {
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        _ => {
+            let message = format!(
+                "meter `{}` counts distinct properties.{property}",
+                meter.name
+            );
+            Err(("missing_property", message))
+        }
     }
 }
