@@ -18,6 +18,7 @@ mod replicas;
 mod revenue;
 mod security;
 mod simulation;
+mod statuses;
 mod sync;
 mod tenants;
 mod usage;
