@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod catalog;
 mod claims;
 mod cli;
 mod commands;
