@@ -34,7 +34,14 @@ async fn reload_on_sighup(state: AppState, shutdown: CancellationToken) {
                         "the catalog's meters changed: they take effect at the next restart"
                     );
                 }
-                state.entitlements.reload(&catalog)
+                // Named like a load error: the file, then what in it is wrong.
+                state.entitlements.reload(&catalog).map_err(|message| {
+                    crate::catalog::CatalogError {
+                        path: settings.path.display().to_string(),
+                        message,
+                    }
+                    .to_string()
+                })
             });
         match reloaded {
             Ok(()) => tracing::info!(path = %settings.path.display(), "catalog reloaded"),

@@ -1,5 +1,7 @@
 //! The plan catalog file (`catalog.path`, default `config/plans.toml`): meters now; features and
-//! plans are read by entitlements.
+//! plans are read by entitlements. Like the configuration, the file is strict: a key billsync
+//! does not know, in any table, refuses the whole file (at start and on reload), so that a typo
+//! is never a silently missing quota.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -120,7 +122,9 @@ impl Catalog {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        let raw: RawCatalog = toml::from_str(text).map_err(|e| e.to_string())?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| one_line(&e.to_string()))?;
+        check_keys(&table)?;
+        let raw = RawCatalog::deserialize(table).map_err(|e| one_line(&e.to_string()))?;
         let mut meters = BTreeMap::new();
         for (name, m) in raw.meters {
             if name.is_empty() || name.len() > 64 {
@@ -158,6 +162,83 @@ impl Catalog {
     }
 }
 
+/// The keys each table of the file may hold.
+const TOP_LEVEL_KEYS: &[&str] = &["meters", "features", "plans"];
+const METER_KEYS: &[&str] = &[
+    "aggregation",
+    "stripe_event_name",
+    "late_window",
+    "allow_negative",
+    "property",
+    "stripe_prices",
+];
+const FEATURE_KEYS: &[&str] = &["meter", "fail_open"];
+const PLAN_KEYS: &[&str] = &["features"];
+
+/// Refuses the first key no table may hold, naming the table and the key:
+/// `[features.api_calls]: unknown key "metr" (valid keys: meter, fail_open)`.
+fn check_keys(file: &toml::Table) -> Result<(), String> {
+    fn unknown(table: &str, key: &str, valid: &[&str]) -> String {
+        format!(
+            "[{table}]: unknown key \"{key}\" (valid keys: {})",
+            valid.join(", ")
+        )
+    }
+    for key in file.keys() {
+        if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
+            return Err(format!(
+                "unknown table [{key}] (valid tables: {})",
+                TOP_LEVEL_KEYS.join(", ")
+            ));
+        }
+    }
+    for (section, valid) in [
+        ("meters", METER_KEYS),
+        ("features", FEATURE_KEYS),
+        ("plans", PLAN_KEYS),
+    ] {
+        let Some(entries) = file.get(section) else {
+            continue;
+        };
+        let entries = entries
+            .as_table()
+            .ok_or_else(|| format!("[{section}] must be a table"))?;
+        for (name, entry) in entries {
+            let table = format!("{section}.{}", key_name(name));
+            let entry = entry
+                .as_table()
+                .ok_or_else(|| format!("[{table}] must be a table"))?;
+            if let Some(key) = entry.keys().find(|k| !valid.contains(&k.as_str())) {
+                return Err(unknown(&table, key, valid));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A table name as the file would write it: bare when it can be, quoted otherwise.
+fn key_name(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        name.to_owned()
+    } else {
+        format!("{name:?}")
+    }
+}
+
+/// The TOML parser's message, which spans lines (a caret under the source), as one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "|" && !l.starts_with('|') && !l.contains(" | "))
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +260,54 @@ mod tests {
         let ok = Catalog::parse("[meters.x]\naggregation = \"max\"\n").unwrap();
         assert_eq!(ok.meters["x"].late_window, DEFAULT_LATE_WINDOW);
         assert_eq!(ok.meters["x"].stripe_event_name, None);
+    }
+
+    /// The message `Catalog::load` gives for a file `plans.toml` holding `text`.
+    fn refusal(text: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plans.toml");
+        std::fs::write(&path, text).unwrap();
+        let message = Catalog::load(&path, true).unwrap_err().to_string();
+        message.replace(&path.display().to_string(), "plans.toml")
+    }
+
+    #[test]
+    fn an_unknown_key_anywhere_is_refused_naming_the_file_the_table_and_the_key() {
+        assert_eq!(
+            refusal("[features.api_calls]\nmetr = \"api_calls\"\n"),
+            "catalog plans.toml: [features.api_calls]: unknown key \"metr\" \
+             (valid keys: meter, fail_open)"
+        );
+        assert_eq!(
+            refusal("[plans.free]\nfeatures = { api_calls = 100 }\nprice = \"price_1\"\n"),
+            "catalog plans.toml: [plans.free]: unknown key \"price\" (valid keys: features)"
+        );
+        assert_eq!(
+            refusal("[plans.\"price 1\"]\nfeature = { sso = true }\n"),
+            "catalog plans.toml: [plans.\"price 1\"]: unknown key \"feature\" \
+             (valid keys: features)"
+        );
+        assert_eq!(
+            refusal("[meters.calls]\naggregation = \"sum\"\nlate = \"1h\"\n"),
+            "catalog plans.toml: [meters.calls]: unknown key \"late\" (valid keys: aggregation, \
+             stripe_event_name, late_window, allow_negative, property, stripe_prices)"
+        );
+        assert_eq!(
+            refusal("[feature.api_calls]\nmeter = \"api_calls\"\n"),
+            "catalog plans.toml: unknown table [feature] (valid tables: meters, features, plans)"
+        );
+        assert_eq!(
+            refusal("[features]\napi_calls = 1\n"),
+            "catalog plans.toml: [features.api_calls] must be a table"
+        );
+    }
+
+    #[test]
+    fn other_errors_stay_on_one_line() {
+        let message = refusal("[meters.x]\naggregation = \"median\"\n");
+        assert!(!message.contains('\n'), "{message}");
+        assert!(message.contains("median"), "{message}");
+        let message = refusal("[meters.x\n");
+        assert!(!message.contains('\n'), "{message}");
     }
 }

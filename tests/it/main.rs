@@ -3,6 +3,7 @@
 
 mod helpers;
 
+mod catalog;
 mod claims;
 mod cli;
 mod commands;
@@ -18,6 +19,7 @@ mod replicas;
 mod revenue;
 mod security;
 mod simulation;
+mod statuses;
 mod sync;
 mod tenants;
 mod usage;
