@@ -66,61 +66,11 @@ pub async fn run(
             );
             continue;
         }
-        let mut after = state.get(&checkpoint(kind)).await?;
-        let (mut listed, mut queued) = (0u64, 0u64);
-        let filter = ListFilter {
-            all_statuses: true,
-            ..ListFilter::default()
-        };
-        loop {
-            // The page's states are versioned by when it was asked for (see `sync::observe`).
-            let fetched_at = db.clock_ms().await?;
-            let page = match vendor.list(kind, &filter, after.as_deref()).await {
-                Ok(page) => page,
-                Err(VendorError::Malformed(message) | VendorError::Rejected { message, .. })
-                    if listed == 0 =>
-                {
-                    tracing::warn!(kind = kind.as_str(), error = %message, "backfill: the vendor does not list this kind; skipped");
-                    report.unsupported.push(kind);
-                    break;
-                }
-                Err(error) => return Err(error.into()),
-            };
-            let mut rows = Vec::new();
-            for object in &page.data {
-                if differs_from_mirror(db, kind, object).await? {
-                    rows.extend(events::from_fetched_state(
-                        kind,
-                        object,
-                        Source::Backfill,
-                        fetched_at,
-                    ));
-                }
-            }
-            listed += page.data.len() as u64;
-            queued += rows.len() as u64;
-            db.inbox().insert(&rows, now_ms()).await?;
-            after = page.data.last().and_then(|o| objects::id_of(&o["id"]));
-            if let Some(after) = &after {
-                state.set(&checkpoint(kind), after, now_ms()).await?;
-            }
-            let message = format!(
-                "{}: {listed} listed, {queued} new or changed",
-                kind.as_str()
-            );
-            match &progress {
-                Some(bar) => {
-                    bar.set_message(message);
-                    bar.tick();
-                }
-                None => tracing::info!(kind = kind.as_str(), listed, queued, "backfill page"),
-            }
-            if !page.has_more || after.is_none() {
-                break;
-            }
+        match list_kind(db, vendor.as_ref(), kind, progress.as_ref()).await? {
+            Some((listed, queued)) => report.kinds.push((kind, listed, queued)),
+            None => report.unsupported.push(kind),
         }
         state.set(&done(kind), "1", now_ms()).await?;
-        report.kinds.push((kind, listed, queued));
     }
 
     // Apply everything queued before reporting; failures stay in the inbox for the applier.
@@ -143,4 +93,64 @@ pub async fn run(
         bar.finish_and_clear();
     }
     Ok(report)
+}
+
+/// Lists every object of a kind from the checkpoint on, queueing those the mirror lacks or
+/// holds otherwise, and moving the checkpoint a page at a time. `(listed, queued)`, or `None`
+/// when the vendor does not list this kind.
+async fn list_kind(
+    db: &Db,
+    vendor: &dyn BillingVendor,
+    kind: ObjectKind,
+    progress: Option<&ProgressBar>,
+) -> Result<Option<(u64, u64)>, WorkError> {
+    let state = db.sync_state();
+    let mut after = state.get(&checkpoint(kind)).await?;
+    let (mut listed, mut queued) = (0u64, 0u64);
+    let filter = ListFilter {
+        all_statuses: true,
+        ..ListFilter::default()
+    };
+    loop {
+        // The page's states are versioned by when it was asked for (see `mirror::observe`).
+        let fetched_at = db.clock_ms().await?;
+        let page = match vendor.list(kind, &filter, after.as_deref()).await {
+            Ok(page) => page,
+            Err(VendorError::Malformed(message) | VendorError::Rejected { message, .. })
+                if listed == 0 =>
+            {
+                tracing::warn!(kind = kind.as_str(), error = %message, "backfill: the vendor does not list this kind; skipped");
+                return Ok(None);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        let mut rows = Vec::new();
+        for object in &page.data {
+            if differs_from_mirror(db, kind, object).await? {
+                let source = Source::Backfill;
+                rows.extend(events::from_fetched_state(kind, object, source, fetched_at));
+            }
+        }
+        listed += page.data.len() as u64;
+        queued += rows.len() as u64;
+        db.inbox().insert(&rows, now_ms()).await?;
+        after = page.data.last().and_then(objects::id_of);
+        if let Some(after) = &after {
+            state.set(&checkpoint(kind), after, now_ms()).await?;
+        }
+        let message = format!(
+            "{}: {listed} listed, {queued} new or changed",
+            kind.as_str()
+        );
+        match progress {
+            Some(bar) => {
+                bar.set_message(message);
+                bar.tick();
+            }
+            None => tracing::info!(kind = kind.as_str(), listed, queued, "backfill page"),
+        }
+        if !page.has_more || after.is_none() {
+            return Ok(Some((listed, queued)));
+        }
+    }
 }

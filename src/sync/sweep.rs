@@ -54,66 +54,11 @@ impl Sweep {
         // Every state listed below is at least as new as this: every known tenant's state is
         // confirmed as of now. Each state is versioned by the request that listed it.
         let started = now_ms();
-        let mut known: HashSet<String> = self
-            .db
-            .tenants()
-            .linked_customers()
-            .await?
-            .into_iter()
-            .collect();
         let mut queued = Vec::new();
-
-        for (customer, listed_at) in self.list_all(ObjectKind::Customer).await? {
-            let id = objects::id_of(&customer["id"]).unwrap_or_default();
-            if tenant_claim(&customer, &self.tenant_key).is_some() {
-                known.insert(id.clone());
-            } else if !known.contains(&id) {
-                continue;
-            }
-            self.queue_if_changed(ObjectKind::Customer, &customer, listed_at, &mut queued)
-                .await?;
-        }
-
-        let mut listed = HashSet::new();
-        for (subscription, listed_at) in self.list_all(ObjectKind::Subscription).await? {
-            let Some(customer) = objects::id_of(&subscription["customer"]) else {
-                continue;
-            };
-            if !known.contains(&customer) {
-                continue;
-            }
-            listed.insert(objects::id_of(&subscription["id"]).unwrap_or_default());
-            self.queue_if_changed(
-                ObjectKind::Subscription,
-                &subscription,
-                listed_at,
-                &mut queued,
-            )
+        let known = self.customers(&mut queued).await?;
+        let listed = self.subscriptions(&known, &mut queued).await?;
+        self.unlisted_subscriptions(&known, &listed, &mut queued)
             .await?;
-        }
-
-        // A live subscription the list no longer shows ended without an event reaching us.
-        for customer in &known {
-            for row in self
-                .db
-                .mirror()
-                .of_customer(customer, ObjectKind::Subscription.as_str())
-                .await?
-            {
-                let ended = matches!(
-                    row.status.as_deref(),
-                    Some("canceled" | "incomplete_expired")
-                );
-                if ended || listed.contains(&row.object_id) {
-                    continue;
-                }
-                let fetch = self.vendor.fetch(ObjectKind::Subscription, &row.object_id);
-                if let (Fetched::Found(object), at) = observe(&self.db, fetch).await? {
-                    self.queue_if_changed(ObjectKind::Subscription, &object, at, &mut queued)
-                        .await?;
-                }
-            }
-        }
 
         // Every known tenant's customer and live subscriptions were just read: confirmed.
         self.health.confirmed(started);
@@ -139,6 +84,76 @@ impl Sweep {
             self.wake.notify_one();
         }
         Ok(changed)
+    }
+
+    /// Queues the customers of known tenants, and of customers that name a tenant, that differ
+    /// from the mirror; returns all those customers' ids.
+    async fn customers(&self, queued: &mut Vec<NewEvent>) -> Result<HashSet<String>, WorkError> {
+        let linked = self.db.tenants().linked_customers().await?;
+        let mut known: HashSet<String> = linked.into_iter().collect();
+        for (customer, listed_at) in self.list_all(ObjectKind::Customer).await? {
+            let id = objects::id_of(&customer).unwrap_or_default();
+            if tenant_claim(&customer, &self.tenant_key).is_some() {
+                known.insert(id);
+            } else if !known.contains(&id) {
+                continue;
+            }
+            self.queue_if_changed(ObjectKind::Customer, &customer, listed_at, queued)
+                .await?;
+        }
+        Ok(known)
+    }
+
+    /// Queues the listed subscriptions of `known` customers that differ from the mirror;
+    /// returns their ids.
+    async fn subscriptions(
+        &self,
+        known: &HashSet<String>,
+        queued: &mut Vec<NewEvent>,
+    ) -> Result<HashSet<String>, WorkError> {
+        let mut listed = HashSet::new();
+        for (subscription, listed_at) in self.list_all(ObjectKind::Subscription).await? {
+            let kind = ObjectKind::Subscription;
+            if !objects::customer_of(kind, &subscription).is_some_and(|c| known.contains(&c)) {
+                continue;
+            }
+            listed.insert(objects::id_of(&subscription).unwrap_or_default());
+            self.queue_if_changed(kind, &subscription, listed_at, queued)
+                .await?;
+        }
+        Ok(listed)
+    }
+
+    /// A live subscription the list no longer shows ended without an event reaching us: each
+    /// is fetched, and queued if it differs.
+    async fn unlisted_subscriptions(
+        &self,
+        known: &HashSet<String>,
+        listed: &HashSet<String>,
+        queued: &mut Vec<NewEvent>,
+    ) -> Result<(), WorkError> {
+        let kind = ObjectKind::Subscription;
+        for customer in known {
+            for row in self
+                .db
+                .mirror()
+                .of_customer(customer, kind.as_str())
+                .await?
+            {
+                let ended = matches!(
+                    row.status.as_deref(),
+                    Some("canceled" | "incomplete_expired")
+                );
+                if ended || listed.contains(&row.object_id) {
+                    continue;
+                }
+                let fetch = self.vendor.fetch(kind, &row.object_id);
+                if let (Fetched::Found(object), at) = observe(&self.db, fetch).await? {
+                    self.queue_if_changed(kind, &object, at, queued).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every object of the kind, each with when the page holding it was asked for.
