@@ -31,8 +31,8 @@ use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::Metering;
 use super::periods::{self, Period, Standing, TenantPeriods};
+use super::{Meter, Metering};
 use crate::store::{NewPush, PushRow, StoreError, UnpushedKey, UsageRow, now_ms};
 use crate::stripe::{BillingVendor, MeterEvent, VendorError};
 
@@ -284,55 +284,13 @@ impl Pusher {
         let Some(event_name) = meter.stripe_event_name.clone() else {
             return Ok(None);
         };
-        let events = &mut group.events;
-        events.sort_by(|a, b| a.event_id.cmp(&b.event_id));
-        let latest = events
-            .iter()
-            .map(|e| e.occurred_at)
-            .max()
-            .unwrap_or(group.period.start);
+        group.events.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+        let events = &group.events;
+        let latest = (events.iter().map(|e| e.occurred_at).max()).unwrap_or(group.period.start);
         let window_ms = self.window.as_millis() as i64;
         let window = latest.div_euclid(window_ms) * window_ms;
-        let (value, stamp) = if meter.aggregation.is_period_value() {
-            let Period { start, end, .. } = group.period;
-            let value = self
-                .metering
-                .period_figure(tenant, meter_name, (start, end))
-                .await?;
-            // As late in the period as now allows, and after the period's earlier pushes when
-            // there is room, so that Stripe's `last` takes the newest value.
-            let last = self
-                .metering
-                .db
-                .usage()
-                .last_stamp(tenant, meter_name, start)
-                .await?;
-            let after_last = last.map_or(i64::MIN, |s| (s + 1) * 1000);
-            let stamp = now.max(after_last).min(end - 1000).max(latest);
-            (value.unwrap_or_default(), stamp)
-        } else if meter.aggregation == crate::catalog::Aggregation::Count {
-            (Decimal::from(events.len()), latest)
-        } else {
-            let total = events
-                .iter()
-                .map(|e| Decimal::from_str(&e.quantity).unwrap_or_default())
-                .sum();
-            (total, latest)
-        };
-        let (status, last_error) = match &group.period.standing {
-            Standing::Invoiced { invoice_id } => (
-                "invoice_final",
-                Some(format!(
-                    "its period's invoice {invoice_id} is final: reported for a credit note or a \
-                     manual charge, not sent"
-                )),
-            ),
-            _ if latest < now - VENDOR_WINDOW_MS + WINDOW_MARGIN_MS => (
-                "expired",
-                Some("older than the vendor's 35-day window: left for reconciliation".to_owned()),
-            ),
-            _ => ("pending", None),
-        };
+        let (value, stamp) = self.value_of(tenant, meter, &group, latest, now).await?;
+        let (status, last_error) = status_of(&group.period, latest, now);
         let keys: Vec<(String, String)> = events
             .iter()
             .map(|e| (e.tenant_id.clone(), e.event_id.clone()))
@@ -361,6 +319,35 @@ impl Pusher {
             events: keys,
             replaces_earlier: meter.aggregation.is_period_value(),
         }))
+    }
+
+    /// A push's value and when it is stamped (Unix ms). A period-value meter's value is its
+    /// figure over the whole period, from the usage log, stamped as late in the period as now
+    /// allows and after the period's earlier pushes when there is room, so that Stripe's `last`
+    /// takes the newest value. Others carry their events' count or sum, stamped at the latest.
+    async fn value_of(
+        &self,
+        tenant: &str,
+        meter: &Meter,
+        group: &Group,
+        latest: i64,
+        now: i64,
+    ) -> Result<(Decimal, i64), StoreError> {
+        let events = &group.events;
+        if meter.aggregation == crate::catalog::Aggregation::Count {
+            return Ok((Decimal::from(events.len()), latest));
+        }
+        if !meter.aggregation.is_period_value() {
+            let quantity = |e: &UsageRow| Decimal::from_str(&e.quantity).unwrap_or_default();
+            return Ok((events.iter().map(quantity).sum(), latest));
+        }
+        let Period { start, end, .. } = group.period;
+        let metering = &self.metering;
+        let value = (metering.period_figure(tenant, &meter.name, (start, end))).await?;
+        let last = (metering.db.usage().last_stamp(tenant, &meter.name, start)).await?;
+        let after_last = last.map_or(i64::MIN, |s| (s + 1) * 1000);
+        let stamp = now.max(after_last).min(end - 1000).max(latest);
+        Ok((value.unwrap_or_default(), stamp))
     }
 
     /// Sends the due pushes, [`SEND_CONCURRENCY`] at a time, claiming [`SEND_LIMIT`] at once and
@@ -492,6 +479,25 @@ pub fn identifier(tenant: &str, meter: &str, window: i64, events: &[(String, Str
 fn is_duplicate_identifier(message: &str) -> bool {
     let message = message.to_ascii_lowercase();
     message.contains("identifier") && (message.contains("already") || message.contains("duplicate"))
+}
+
+/// A new push's status: not sent when its period's invoice is final or it is older than the
+/// vendor's window (both left for reconciliation), else pending.
+fn status_of(period: &Period, latest: i64, now: i64) -> (&'static str, Option<String>) {
+    match &period.standing {
+        Standing::Invoiced { invoice_id } => (
+            "invoice_final",
+            Some(format!(
+                "its period's invoice {invoice_id} is final: reported for a credit note or a \
+                 manual charge, not sent"
+            )),
+        ),
+        _ if latest < now - VENDOR_WINDOW_MS + WINDOW_MARGIN_MS => (
+            "expired",
+            Some("older than the vendor's 35-day window: left for reconciliation".to_owned()),
+        ),
+        _ => ("pending", None),
+    }
 }
 
 #[cfg(test)]
