@@ -247,6 +247,47 @@ pub async fn preview_subscription(
 ) -> Result<Json<Value>, ApiError> {
     let tenant = load(&state, &scope, &tenant_id).await?;
     let vendor = state.vendor.clone().ok_or_else(vendor_not_configured)?;
+    let (price, quantity, proration) = preview_query(&query)?;
+    let Some(customer) = tenant.customer_id.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_customer",
+            "the tenant has no Stripe customer yet (PUT the tenant first)",
+        ));
+    };
+    let resolved = resolve_price(&state, price).await?;
+    let current = crate::mirror::current_subscription(&state.db, customer)
+        .await?
+        .map(|(_, s)| s)
+        .filter(|s| s.liveness() > 0);
+    let item = current
+        .as_ref()
+        .and_then(|s| Some((s.id.as_str(), s.items.first()?.id.as_deref()?)));
+    let request = PreviewRequest {
+        customer,
+        current: item,
+        price: &resolved,
+        quantity,
+        proration,
+    };
+    let invoice = vendor.preview(&request).await.map_err(vendor_error)?;
+    let invoice = objects::invoice(&invoice);
+    Ok(Json(serde_json::json!({
+        "tenant_id": tenant.tenant_id,
+        "price": resolved,
+        "quantity": quantity,
+        "proration": proration,
+        "currency": invoice.currency,
+        "total": invoice.total,
+        "amount_due": invoice.amount_due,
+        "period_start": invoice.period_start.map(rfc3339_secs),
+        "period_end": invoice.period_end.map(rfc3339_secs),
+        "lines": preview_lines(&invoice),
+    })))
+}
+
+/// A preview's `price` (required), `quantity` (1 to 1,000,000; default 1) and `proration`.
+fn preview_query(query: &HashMap<String, String>) -> Result<(&str, u32, Proration), ApiError> {
     let price = query
         .get("price")
         .map(|p| p.trim())
@@ -275,60 +316,24 @@ pub async fn preview_subscription(
             .with_field("proration")
         })?,
     };
-    let Some(customer) = tenant.customer_id.as_deref() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "no_customer",
-            "the tenant has no Stripe customer yet (PUT the tenant first)",
-        ));
+    Ok((price, quantity, proration))
+}
+
+/// The preview invoice's lines as the API shows them.
+fn preview_lines(invoice: &crate::domain::Invoice) -> Vec<Value> {
+    let line = |line: &crate::domain::InvoiceLine| {
+        serde_json::json!({
+            "description": line.description,
+            "amount": line.amount,
+            "currency": line.currency.as_ref().or(invoice.currency.as_ref()),
+            "price": line.price,
+            "quantity": line.quantity.map(|q| q.normalize().to_string()),
+            "proration": line.proration,
+            "period_start": line.period_start.map(rfc3339_secs),
+            "period_end": line.period_end.map(rfc3339_secs),
+        })
     };
-    let resolved = resolve_price(&state, price).await?;
-    let current = crate::mirror::current_subscription(&state.db, customer)
-        .await?
-        .map(|(_, s)| s)
-        .filter(|s| s.liveness() > 0);
-    let item = current
-        .as_ref()
-        .and_then(|s| Some((s.id.as_str(), s.items.first()?.id.as_deref()?)));
-    let invoice = vendor
-        .preview(&PreviewRequest {
-            customer,
-            current: item,
-            price: &resolved,
-            quantity,
-            proration,
-        })
-        .await
-        .map_err(vendor_error)?;
-    let invoice = objects::invoice(&invoice);
-    let lines: Vec<Value> = invoice
-        .lines
-        .iter()
-        .map(|line| {
-            serde_json::json!({
-                "description": line.description,
-                "amount": line.amount,
-                "currency": line.currency.as_ref().or(invoice.currency.as_ref()),
-                "price": line.price,
-                "quantity": line.quantity.map(|q| q.normalize().to_string()),
-                "proration": line.proration,
-                "period_start": line.period_start.map(rfc3339_secs),
-                "period_end": line.period_end.map(rfc3339_secs),
-            })
-        })
-        .collect();
-    Ok(Json(serde_json::json!({
-        "tenant_id": tenant.tenant_id,
-        "price": resolved,
-        "quantity": quantity,
-        "proration": proration,
-        "currency": invoice.currency,
-        "total": invoice.total,
-        "amount_due": invoice.amount_due,
-        "period_start": invoice.period_start.map(rfc3339_secs),
-        "period_end": invoice.period_end.map(rfc3339_secs),
-        "lines": lines,
-    })))
+    invoice.lines.iter().map(line).collect()
 }
 
 /// The tenant's unfinished commands, for the tenant view.

@@ -15,12 +15,12 @@ use super::auth::KeyScope;
 use super::error::ApiError;
 use super::json::ApiJson;
 use super::tenants::load;
-use crate::catalog::Aggregation;
+use crate::catalog::{Aggregation, Meter};
 use crate::domain::rfc3339;
 use crate::metering::counters::{Bucket, HOUR_MS, Sample};
 use crate::metering::{Ingested, billing_period};
 use crate::state::AppState;
-use crate::store::now_ms;
+use crate::store::{UsageRow, now_ms};
 
 /// Largest `POST /v1/usage` body: 10,000 events with room for their properties.
 pub const MAX_BODY: usize = 32 * 1024 * 1024;
@@ -116,9 +116,6 @@ pub async fn get_usage(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<UsageOut>, ApiError> {
     let tenant = load(&state, &scope, &tenant_id).await?;
-    let invalid = |field: &str, message: String| {
-        ApiError::bad_request("invalid_value", message).with_field(field)
-    };
     let meter_name = query.get("meter").ok_or_else(|| {
         ApiError::bad_request("missing_field", "meter is required").with_field("meter")
     })?;
@@ -128,19 +125,9 @@ pub async fn get_usage(
         .meters
         .get(meter_name)
         .ok_or_else(|| invalid("meter", format!("no meter `{meter_name}` in the catalog")))?;
-    let time = |field: &str| -> Result<Option<i64>, ApiError> {
-        query
-            .get(field)
-            .map(|raw| {
-                DateTime::parse_from_rfc3339(raw)
-                    .map(|t| t.timestamp_millis())
-                    .map_err(|_| invalid(field, format!("{field} must be an RFC 3339 time")))
-            })
-            .transpose()
-    };
     let (period_start, period_end) = billing_period(&state.db, &tenant.tenant_id, now_ms()).await?;
-    let from = time("from")?.unwrap_or(period_start);
-    let to = time("to")?.unwrap_or(period_end);
+    let from = time(&query, "from")?.unwrap_or(period_start);
+    let to = time(&query, "to")?.unwrap_or(period_end);
     if to <= from || to - from > MAX_RANGE_MS {
         return Err(invalid(
             "to",
@@ -157,34 +144,9 @@ pub async fn get_usage(
             ));
         }
     };
-
-    let rows = state
-        .db
-        .usage()
-        .of_tenant(&tenant.tenant_id, &meter.name, from, to)
-        .await?;
-    let mut spans: BTreeMap<i64, Split> = BTreeMap::new();
-    let mut whole = Split::default();
-    for (row, push_status) in &rows {
-        let sample = Sample {
-            quantity: Decimal::from_str(&row.quantity).unwrap_or_default(),
-            at_ms: row.occurred_at,
-            event_id: &row.event_id,
-            unique_value: row.unique_value.as_deref(),
-        };
-        let bucket = Bucket::of(meter.aggregation, sample);
-        let start = from + (row.occurred_at - from).div_euclid(step) * step;
-        for split in [spans.entry(start).or_default(), &mut whole] {
-            split.events += 1;
-            fold(&mut split.all, &bucket);
-            // A superseded push's events went out in the newer value of their period.
-            if matches!(push_status.as_deref(), Some("sent" | "superseded")) {
-                fold(&mut split.pushed, &bucket);
-            } else {
-                fold(&mut split.unpushed, &bucket);
-            }
-        }
-    }
+    let usage = state.db.usage();
+    let rows = (usage.of_tenant(&tenant.tenant_id, &meter.name, from, to)).await?;
+    let (spans, whole) = split_by_span(meter, &rows, from, step);
     let buckets = spans
         .into_iter()
         .map(|(start, split)| BucketOut {
@@ -208,4 +170,53 @@ pub async fn get_usage(
         unpushed: figure(&whole.unpushed),
         buckets,
     }))
+}
+
+fn invalid(field: &str, message: String) -> ApiError {
+    ApiError::bad_request("invalid_value", message).with_field(field)
+}
+
+/// An optional RFC 3339 time from the query, in Unix ms.
+fn time(query: &HashMap<String, String>, field: &str) -> Result<Option<i64>, ApiError> {
+    query
+        .get(field)
+        .map(|raw| {
+            DateTime::parse_from_rfc3339(raw)
+                .map(|t| t.timestamp_millis())
+                .map_err(|_| invalid(field, format!("{field} must be an RFC 3339 time")))
+        })
+        .transpose()
+}
+
+/// Folds the rows into spans of `step` from `from` on, and into the whole range, each with its
+/// pushed and unpushed parts.
+fn split_by_span(
+    meter: &Meter,
+    rows: &[(UsageRow, Option<String>)],
+    from: i64,
+    step: i64,
+) -> (BTreeMap<i64, Split>, Split) {
+    let mut spans: BTreeMap<i64, Split> = BTreeMap::new();
+    let mut whole = Split::default();
+    for (row, push_status) in rows {
+        let sample = Sample {
+            quantity: Decimal::from_str(&row.quantity).unwrap_or_default(),
+            at_ms: row.occurred_at,
+            event_id: &row.event_id,
+            unique_value: row.unique_value.as_deref(),
+        };
+        let bucket = Bucket::of(meter.aggregation, sample);
+        let start = from + (row.occurred_at - from).div_euclid(step) * step;
+        for split in [spans.entry(start).or_default(), &mut whole] {
+            split.events += 1;
+            fold(&mut split.all, &bucket);
+            // A superseded push's events went out in the newer value of their period.
+            if matches!(push_status.as_deref(), Some("sent" | "superseded")) {
+                fold(&mut split.pushed, &bucket);
+            } else {
+                fold(&mut split.unpushed, &bucket);
+            }
+        }
+    }
+    (spans, whole)
 }
