@@ -35,7 +35,9 @@ pub(super) async fn backfill(settings: Settings) -> Result<(), String> {
     if settings.stripe.api_key.is_none() {
         return Err(NEEDS_KEY.to_owned());
     }
-    let state = AppState::open_existing(settings).await.map_err(|e| e.to_string())?;
+    let state = AppState::open_existing(settings)
+        .await
+        .map_err(|e| e.to_string())?;
     let vendor = state.vendor.clone().ok_or(NEEDS_KEY)?;
     let report = crate::sync::backfill::run(&state.db, vendor, &state.applier())
         .await
@@ -53,7 +55,9 @@ pub(super) async fn backfill(settings: Settings) -> Result<(), String> {
 }
 
 pub(super) async fn replay(settings: Settings, dry_run: bool) -> Result<(), String> {
-    let state = AppState::open_existing(settings).await.map_err(|e| e.to_string())?;
+    let state = AppState::open_existing(settings)
+        .await
+        .map_err(|e| e.to_string())?;
     let report = crate::sync::replay::run(&state.db, !dry_run)
         .await
         .map_err(|e| e.to_string())?;

@@ -29,7 +29,9 @@ pub(super) async fn reconcile(
     if params.to_ms <= params.from_ms {
         return Err("--to must be after --from".to_owned());
     }
-    let state = AppState::open_existing(settings).await.map_err(|e| e.to_string())?;
+    let state = AppState::open_existing(settings)
+        .await
+        .map_err(|e| e.to_string())?;
     let (run_id, report) = state
         .reconciler()
         .run(&params, "cli")
@@ -124,7 +126,9 @@ pub(super) async fn revenue(
             e.message
         )
     })?;
-    let state = AppState::open_existing(settings).await.map_err(|e| e.to_string())?;
+    let state = AppState::open_existing(settings)
+        .await
+        .map_err(|e| e.to_string())?;
     let schedule = crate::revenue::load(&state.db, &state.metering.catalog, tenant.as_deref())
         .await
         .map_err(|e| e.to_string())?;
@@ -184,4 +188,3 @@ pub(super) async fn revenue(
     }
     Ok(())
 }
-

@@ -32,7 +32,10 @@ impl Layers {
 
 /// Defaults < the file (`file`, the `--config` flag, else the one `BILLSYNC_CONFIG` names) <
 /// the environment.
-pub(super) fn layers(file: Option<&Path>, vars: &[(String, String)]) -> Result<Layers, ConfigError> {
+pub(super) fn layers(
+    file: Option<&Path>,
+    vars: &[(String, String)],
+) -> Result<Layers, ConfigError> {
     let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
     let named = match file {
         Some(path) => Some((path.to_path_buf(), CONFIG_FILE_FLAG)),

@@ -32,7 +32,6 @@ pub const CONFIG_FILE_ENV: &str = "BILLSYNC_CONFIG";
 /// The command-line flag naming that file; it wins over [`CONFIG_FILE_ENV`].
 pub const CONFIG_FILE_FLAG: &str = "--config";
 
-
 /// Everything billsync can be told, validated.
 #[derive(Debug, Clone)]
 pub struct Settings {

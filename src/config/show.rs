@@ -103,7 +103,10 @@ mod tests {
             redact_url("postgres://u:p%40ss@db:5432/billing?sslmode=require&password=x"),
             "postgres://u:[redacted]@db:5432/billing?sslmode=require&password=[redacted]"
         );
-        assert_eq!(redact_url("sqlite://data/billsync.db"), "sqlite://data/billsync.db");
+        assert_eq!(
+            redact_url("sqlite://data/billsync.db"),
+            "sqlite://data/billsync.db"
+        );
         assert_eq!(redact_url("postgres://u@db/x"), "postgres://u@db/x");
     }
 
@@ -111,8 +114,14 @@ mod tests {
     fn every_secret_is_redacted() {
         let vars: Vec<(String, String)> = [
             ("BILLSYNC_DATABASE__URL", "postgres://u:dbpassword@h/d"),
-            ("BILLSYNC_API__KEYS", "first-key-0123456789,second-key-0123456789"),
-            ("BILLSYNC_API__TENANT_KEYS", "tenant-key-0123456789=acme|globex"),
+            (
+                "BILLSYNC_API__KEYS",
+                "first-key-0123456789,second-key-0123456789",
+            ),
+            (
+                "BILLSYNC_API__TENANT_KEYS",
+                "tenant-key-0123456789=acme|globex",
+            ),
             ("BILLSYNC_STRIPE__API_KEY", "sk_test_supersecretvalue"),
             ("BILLSYNC_STRIPE__WEBHOOK_SECRETS", "whsec_alsosecret"),
         ]
@@ -120,10 +129,21 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let (_, shown) = super::super::Settings::load_shown(None, vars).unwrap();
-        for secret in ["dbpassword", "first-key", "tenant-key", "supersecret", "alsosecret"] {
+        for secret in [
+            "dbpassword",
+            "first-key",
+            "tenant-key",
+            "supersecret",
+            "alsosecret",
+        ] {
             assert!(!shown.contains(secret), "{secret} shown: {shown}");
         }
-        for kept in ["acme|globex", "sk_test_[redacted]", "u:[redacted]@h/d", "poll_interval"] {
+        for kept in [
+            "acme|globex",
+            "sk_test_[redacted]",
+            "u:[redacted]@h/d",
+            "poll_interval",
+        ] {
             assert!(shown.contains(kept), "{kept} missing: {shown}");
         }
     }
