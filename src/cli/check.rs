@@ -13,7 +13,7 @@ use crate::entitlements::PlanCatalog;
 /// Validates the configuration and the catalog it names; prints the effective configuration,
 /// secrets redacted. Exit 0 when valid, 2 with the error when not.
 pub(super) fn config(file: Option<&Path>) -> ExitCode {
-    let (settings, shown) = match Settings::load_shown(file, std::env::vars()) {
+    let (settings, shown) = match Settings::load_shown(file) {
         Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("billsync: {error}");
@@ -32,17 +32,7 @@ pub(super) fn config(file: Option<&Path>) -> ExitCode {
         eprintln!("billsync: catalog {}: {message}", path.display());
         return ExitCode::from(2);
     }
-    let source = match file {
-        Some(file) => format!("defaults < {} (--config) < environment", file.display()),
-        None => match std::env::var_os(crate::config::CONFIG_FILE_ENV) {
-            Some(file) => format!(
-                "defaults < {} (BILLSYNC_CONFIG) < environment",
-                Path::new(&file).display()
-            ),
-            None => "defaults < environment".to_owned(),
-        },
-    };
-    println!("# billsync configuration: valid ({source}); secrets redacted");
+    println!("# billsync configuration: valid; secrets redacted");
     println!(
         "# catalog {}: {} meter(s), {} feature(s), {} plan(s)",
         path.display(),

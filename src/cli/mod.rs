@@ -128,7 +128,7 @@ pub fn main() -> ExitCode {
         } => return check::health(url, *timeout),
         _ => {}
     }
-    let settings = match Settings::load_with(file, std::env::vars()) {
+    let settings = match Settings::load_file(file) {
         Ok(settings) => settings,
         Err(error) => {
             eprintln!("billsync: {error}");

@@ -10,13 +10,17 @@ use serde::Deserialize;
 
 use super::{CONFIG_FILE_ENV, CONFIG_FILE_FLAG, ConfigError, DEFAULT_TOML, LogFormat, Settings};
 
-/// The merged layers, not yet validated.
-pub(super) struct Layers(Figment);
+/// The merged layers, not yet validated, and the file among them with the flag or variable that
+/// named it.
+pub(super) struct Layers(Figment, Option<(PathBuf, &'static str)>);
 
 impl Layers {
     /// The defaults overridden by a TOML string.
     pub(super) fn with_toml(overrides: &str) -> Self {
-        Self(Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(overrides)))
+        Self(
+            Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(overrides)),
+            None,
+        )
     }
 
     /// The typed, validated settings.
@@ -27,6 +31,10 @@ impl Layers {
 
     pub(super) fn figment(&self) -> &Figment {
         &self.0
+    }
+
+    pub(super) fn file(&self) -> Option<&(PathBuf, &'static str)> {
+        self.1.as_ref()
     }
 }
 
@@ -44,7 +52,7 @@ pub(super) fn layers(
             .find(|(k, _)| k == CONFIG_FILE_ENV)
             .map(|(_, path)| (PathBuf::from(path), CONFIG_FILE_ENV)),
     };
-    if let Some((path, origin)) = named {
+    if let Some((path, origin)) = &named {
         if !path.is_file() {
             return Err(ConfigError::new(
                 origin,
@@ -53,7 +61,7 @@ pub(super) fn layers(
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    Ok(Layers(figment.merge(EnvLayer::new(vars))))
+    Ok(Layers(figment.merge(EnvLayer::new(vars)), named))
 }
 
 /// The shape of the TOML and environment layers before validation.

@@ -227,6 +227,12 @@ impl Settings {
         Self::load_with(None, vars)
     }
 
+    /// Loads the layers from this process's environment, with `file` (the `--config` flag) as
+    /// the file layer when given.
+    pub fn load_file(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with(file, std::env::vars())
+    }
+
     /// Loads the layers with `file` (the `--config` flag) as the file layer when given, else
     /// the file `BILLSYNC_CONFIG` names, if any.
     pub fn load_with(
@@ -237,9 +243,14 @@ impl Settings {
         file::layers(file, &vars)?.extract()
     }
 
-    /// [`Self::load_with`], and the effective configuration as TOML with every secret redacted:
-    /// what `billsync config check` prints.
-    pub fn load_shown(
+    /// [`Self::load_file`], and the effective configuration as TOML with every secret redacted,
+    /// headed by a comment naming the layers: what `billsync config check` prints.
+    pub fn load_shown(file: Option<&Path>) -> Result<(Self, String), ConfigError> {
+        Self::load_shown_from(file, std::env::vars())
+    }
+
+    /// [`Self::load_shown`] from the given environment.
+    pub fn load_shown_from(
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(Self, String), ConfigError> {

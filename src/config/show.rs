@@ -35,7 +35,13 @@ pub(super) fn redacted(layers: &Layers) -> Result<String, ConfigError> {
     if let Some(secrets) = entry(&mut table, "stripe", "webhook_secrets") {
         redact_list(secrets, |_| REDACTED.to_owned());
     }
-    toml::to_string(&table).map_err(|e| ConfigError::new("(top level)", e.to_string()))
+    let text =
+        toml::to_string(&table).map_err(|e| ConfigError::new("(top level)", e.to_string()))?;
+    let file = match layers.file() {
+        Some((path, origin)) => format!("{} ({origin}) < ", path.display()),
+        None => String::new(),
+    };
+    Ok(format!("# layers: defaults < {file}environment\n{text}"))
 }
 
 fn entry<'t>(table: &'t mut Table, section: &str, key: &str) -> Option<&'t mut Value> {
@@ -128,7 +134,7 @@ mod tests {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let (_, shown) = super::super::Settings::load_shown(None, vars).unwrap();
+        let (_, shown) = super::super::Settings::load_shown_from(None, vars).unwrap();
         for secret in [
             "dbpassword",
             "first-key",

@@ -484,6 +484,7 @@ fn the_config_flag_names_the_file_and_wins_over_billsync_config() {
         String::from_utf8_lossy(&flag_wins.stderr)
     );
     assert!(stdout.contains("listen = \"127.0.0.1:9123\""), "{stdout}");
+    assert!(stdout.contains("good.toml (--config)"), "{stdout}");
 
     // After the command too (a global flag), and the environment still wins over the file.
     let env_wins = billsync(
