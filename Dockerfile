@@ -2,8 +2,19 @@
 #   docker build -t billsync .
 #   docker run --rm -p 8080:8080 -v billsync-data:/app/data -e BILLSYNC_API__KEYS=... billsync
 
-FROM rust:1.95-bookworm AS builder
+# cargo-chef: the dependencies are built in a layer of their own, keyed only by Cargo.toml and
+# Cargo.lock, so that a change to billsync's source rebuilds billsync alone.
+FROM rust:1.95-bookworm AS chef
+RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /src
+
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /src/recipe.json recipe.json
+RUN cargo chef cook --release --locked --bin billsync --recipe-path recipe.json
 # config/default.toml and migrations/ are embedded into the binary at compile time.
 COPY . .
 RUN cargo build --release --locked --bin billsync \
@@ -26,5 +37,8 @@ VOLUME /app/data
 ENV BILLSYNC_LISTEN=0.0.0.0:8080
 EXPOSE 8080
 USER billsync
+# `billsync healthcheck` asks /readyz on the `listen` address (0.0.0.0 is asked on 127.0.0.1).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["billsync", "healthcheck", "--timeout", "3s"]
 ENTRYPOINT ["billsync"]
 CMD ["serve"]

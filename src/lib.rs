@@ -6,6 +6,7 @@
 pub mod api;
 pub mod app;
 pub mod catalog;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod domain;
@@ -24,8 +25,3 @@ pub mod stripe;
 pub mod sync;
 pub mod telemetry;
 pub mod webhook;
-
-/// mimalloc: the hot path's small allocations (request, header map, JSON answer) cost less
-/// than with the system allocator; see the entitlement figures in the README.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -82,6 +82,18 @@ impl AppState {
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
         init_crypto();
         let db = open_database(&settings).await?;
+        Self::on(settings, db)
+    }
+
+    /// [`Self::build`] on a database `migrate` prepared, creating and migrating nothing: what
+    /// the commands other than `serve` and `migrate` use (see [`Db::connect_existing`]).
+    pub async fn open_existing(settings: Settings) -> Result<Self, AppError> {
+        init_crypto();
+        let db = Db::connect_existing(&settings.database).await?;
+        Self::on(settings, db)
+    }
+
+    fn on(settings: Settings, db: Db) -> Result<Self, AppError> {
         let metrics = Arc::new(Metrics::default());
         let vendor = StripeHttp::from_settings(&settings.stripe, metrics.clone())?
             .map(|client| Arc::new(client) as Arc<dyn BillingVendor>);

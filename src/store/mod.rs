@@ -126,6 +126,15 @@ fn is_transient(code: Option<&str>) -> bool {
     })
 }
 
+/// The error of a command that needs a prepared database and found none.
+fn not_prepared(name: &str, what: &str) -> StoreError {
+    StoreError::Setup(format!(
+        "{name} (database.url) {what}: this command does not create or migrate a database; \
+         prepare it with `billsync migrate` (or `billsync serve`), or check database.url and the \
+         working directory"
+    ))
+}
+
 /// SQLite is for one serving process: `serve` holds an exclusive lock on `<database>.serve.lock`
 /// for as long as it runs, and a second `serve` on the same file is refused with a message.
 /// `None` for PostgreSQL (several replicas share it) and in-memory SQLite.
@@ -228,6 +237,83 @@ impl Db {
                 .await?;
             Ok(Self::Postgres(pool))
         }
+    }
+
+    /// Opens a database that `migrate` (or `serve`) prepared, creating and migrating nothing:
+    /// for the commands that only read or repair. A missing SQLite file, a missing PostgreSQL
+    /// database or a pending migration is an error naming the database and how to prepare it.
+    pub async fn connect_existing(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        let url = settings.url.expose();
+        let (name, db) = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url).map_err(|e| {
+                StoreError::Setup(format!("database.url is not a valid SQLite URL: {e}"))
+            })?;
+            let file = options.get_filename();
+            let name = match std::env::current_dir() {
+                Ok(dir) if file.is_relative() => format!(
+                    "the SQLite database {} (in {})",
+                    file.display(),
+                    dir.display()
+                ),
+                _ => format!("the SQLite database {}", file.display()),
+            };
+            if file != Path::new(":memory:") && !file.is_file() {
+                return Err(not_prepared(&name, "does not exist"));
+            }
+            (name, Self::connect(settings).await?)
+        } else {
+            let options = PgConnectOptions::from_str(url).map_err(|e| {
+                StoreError::Setup(format!("database.url is not a valid PostgreSQL URL: {e}"))
+            })?;
+            let name = format!(
+                "the PostgreSQL database {} on {}:{}",
+                options.get_database().unwrap_or("(default)"),
+                options.get_host(),
+                options.get_port()
+            );
+            match Self::connect(settings).await {
+                Ok(db) => (name, db),
+                Err(StoreError::Unavailable(sqlx::Error::Database(e)))
+                | Err(StoreError::Query(sqlx::Error::Database(e)))
+                    if e.code().as_deref() == Some("3D000") =>
+                {
+                    return Err(not_prepared(&name, "does not exist"));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let pending = db.pending_migrations().await?;
+        if pending > 0 {
+            db.close().await;
+            let what = format!("is not migrated ({pending} migration(s) pending)");
+            return Err(not_prepared(&name, &what));
+        }
+        Ok(db)
+    }
+
+    /// How many of the embedded migrations the database has not applied.
+    async fn pending_migrations(&self) -> Result<usize, StoreError> {
+        let sql = "SELECT version FROM _sqlx_migrations WHERE success";
+        let (migrator, applied) = match self {
+            Self::Sqlite(pool) => (
+                &SQLITE_MIGRATIONS,
+                sqlx::query_scalar::<_, i64>(sql).fetch_all(pool).await,
+            ),
+            Self::Postgres(pool) => (
+                &POSTGRES_MIGRATIONS,
+                sqlx::query_scalar::<_, i64>(sql).fetch_all(pool).await,
+            ),
+        };
+        let applied = match applied {
+            Ok(applied) => applied,
+            // No bookkeeping table: never migrated.
+            Err(sqlx::Error::Database(_)) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(migrator
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
+            .count())
     }
 
     /// What a work-claiming `SELECT` ends with: on PostgreSQL, where several replicas claim

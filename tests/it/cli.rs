@@ -1,4 +1,5 @@
-//! The `billsync` binary itself: zero set-up start, configuration errors, signals, `migrate`.
+//! The `billsync` binary itself: zero set-up start, configuration errors, signals, `migrate`,
+//! commands that need a prepared database, `--config`, `config check`, `healthcheck`.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -288,6 +289,8 @@ async fn migrate_prepares_either_database_and_is_repeatable() {
 #[test]
 fn replay_and_backfill_are_commands_of_the_binary() {
     let dir = tempfile::tempdir().unwrap();
+    let migrate = billsync(dir.path(), &["migrate"], &[]).output().unwrap();
+    assert_eq!(migrate.status.code(), Some(0));
     let replay = billsync(dir.path(), &["replay", "--dry-run"], &[])
         .output()
         .unwrap();
@@ -369,4 +372,261 @@ async fn sighup_reloads_the_catalog_and_the_answers_follow() {
     crate::helpers::wait_for("the reloaded limit", || async { limit().await == 20 }).await;
     let (status, _) = terminate_and_wait(&mut child);
     assert_eq!(status.code(), Some(0));
+}
+
+/// The commands other than `serve` and `migrate`, as an operator runs them.
+const NEEDS_DATABASE: [&[&str]; 4] = [
+    &["revenue", "--from", "2026-01-01", "--to", "2026-02-01"],
+    &[
+        "reconcile",
+        "--from",
+        "2026-01-01",
+        "--to",
+        "2026-02-01",
+        "--dry-run",
+    ],
+    &["replay", "--dry-run"],
+    &["replay"],
+];
+
+#[test]
+fn reports_from_the_wrong_directory_fail_and_create_no_database() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in NEEDS_DATABASE {
+        let output = billsync(dir.path(), args, &[]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("data/billsync.db") && stderr.contains("does not exist"),
+            "{args:?} names the missing database: {stderr}"
+        );
+        assert!(
+            stderr.contains("billsync migrate"),
+            "{args:?} says how to create it: {stderr}"
+        );
+        assert!(output.stdout.is_empty(), "{args:?} printed no empty report");
+        assert!(
+            !dir.path().join("data").exists(),
+            "{args:?} created nothing"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reports_refuse_an_unmigrated_database_until_migrate_has_run() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let (db, url) = TestDatabase::create(backend).await;
+        if backend == Backend::Sqlite {
+            // An empty file, as a stray earlier run would leave.
+            let path = url.strip_prefix("sqlite://").unwrap();
+            std::fs::write(path, b"").unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let env = [("BILLSYNC_DATABASE__URL", url.as_str())];
+        for args in NEEDS_DATABASE {
+            let output = billsync(dir.path(), args, &env).output().unwrap();
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(
+                output.status.code(),
+                Some(1),
+                "{backend:?} {args:?}: {stderr}"
+            );
+            assert!(
+                stderr.contains("is not migrated") && stderr.contains("billsync migrate"),
+                "{backend:?} {args:?}: {stderr}"
+            );
+        }
+        let migrate = billsync(dir.path(), &["migrate"], &env).output().unwrap();
+        assert_eq!(migrate.status.code(), Some(0));
+        for args in NEEDS_DATABASE {
+            let output = billsync(dir.path(), args, &env).output().unwrap();
+            assert_eq!(
+                output.status.code(),
+                Some(0),
+                "{backend:?} {args:?} after migrate: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        drop(db);
+    }
+}
+
+#[test]
+fn the_config_flag_names_the_file_and_wins_over_billsync_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "listen = \"127.0.0.1:9123\"\n").unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "listen = \"nowhere\"\n").unwrap();
+    let (good, bad) = (good.to_str().unwrap(), bad.to_str().unwrap());
+
+    let by_env = billsync(
+        dir.path(),
+        &["config", "check"],
+        &[("BILLSYNC_CONFIG", bad)],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(by_env.status.code(), Some(2));
+
+    let flag_wins = billsync(
+        dir.path(),
+        &["--config", good, "config", "check"],
+        &[("BILLSYNC_CONFIG", bad)],
+    )
+    .output()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&flag_wins.stdout);
+    assert_eq!(
+        flag_wins.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&flag_wins.stderr)
+    );
+    assert!(stdout.contains("listen = \"127.0.0.1:9123\""), "{stdout}");
+    assert!(stdout.contains("good.toml (--config)"), "{stdout}");
+
+    // After the command too (a global flag), and the environment still wins over the file.
+    let env_wins = billsync(
+        dir.path(),
+        &["config", "check", "--config", bad],
+        &[("BILLSYNC_LISTEN", "127.0.0.1:9124")],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(env_wins.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&env_wins.stdout).contains("127.0.0.1:9124"));
+
+    let missing = billsync(dir.path(), &["--config", "/no/such.toml", "migrate"], &[])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--config"));
+    assert!(!dir.path().join("data").exists());
+}
+
+#[test]
+fn config_check_prints_the_effective_configuration_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = [
+        ("BILLSYNC_STRIPE__API_KEY", "sk_test_do_not_print_me"),
+        (
+            "BILLSYNC_STRIPE__WEBHOOK_SECRETS",
+            "whsec_do_not_print_me_either",
+        ),
+        ("BILLSYNC_API__KEYS", "api-key-do-not-print-me"),
+        ("BILLSYNC_API__TENANT_KEYS", "tenant-key-do-not-print=acme"),
+        (
+            "BILLSYNC_DATABASE__URL",
+            "postgres://billsync:db-password-do-not-print@db:5432/billing",
+        ),
+    ];
+    let output = billsync(dir.path(), &["config", "check"], &secrets)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in [
+        "sync",
+        "poll_interval = \"10s\"",
+        "postgres://billsync:[redacted]@db:5432/billing",
+        "sk_test_[redacted]",
+        "[redacted]=acme",
+    ] {
+        assert!(stdout.contains(expected), "{expected}: {stdout}");
+    }
+    assert!(!stdout.contains("do-not-print") && !stdout.contains("do_not_print"));
+    assert!(!dir.path().join("data").exists(), "no database touched");
+
+    let invalid = billsync(
+        dir.path(),
+        &["config", "check"],
+        &[("BILLSYNC_SYNC__POLL_INTERVAL", "often")],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&invalid.stderr);
+    assert_eq!(invalid.status.code(), Some(2));
+    assert!(stderr.contains("`sync.poll_interval`"), "{stderr}");
+    assert!(invalid.stdout.is_empty());
+
+    let catalog = dir.path().join("plans.toml");
+    std::fs::write(&catalog, "[meters.calls]\naggregation = \"sometimes\"\n").unwrap();
+    let bad_catalog = billsync(
+        dir.path(),
+        &["config", "check"],
+        &[("BILLSYNC_CATALOG__PATH", catalog.to_str().unwrap())],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(bad_catalog.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_catalog.stderr).contains("plans.toml"));
+}
+
+#[test]
+fn healthcheck_exits_0_only_while_readyz_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = billsync(
+        dir.path(),
+        &["serve"],
+        &[("BILLSYNC_LISTEN", "127.0.0.1:0")],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .map(Running)
+    .unwrap();
+    let mut seen = Vec::new();
+    let address = listening_address(&mut child, &mut seen);
+
+    // The address from the configuration, as the Docker HEALTHCHECK runs it.
+    let by_listen = billsync(
+        dir.path(),
+        &["healthcheck"],
+        &[("BILLSYNC_LISTEN", &address)],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(
+        by_listen.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&by_listen.stderr)
+    );
+    let url = format!("http://{address}/readyz");
+    let by_url = billsync(dir.path(), &["healthcheck", "--url", &url], &[])
+        .output()
+        .unwrap();
+    assert_eq!(by_url.status.code(), Some(0));
+    let not_found = format!("http://{address}/no-such-route");
+    let non_2xx = billsync(dir.path(), &["healthcheck", "--url", &not_found], &[])
+        .output()
+        .unwrap();
+    assert_eq!(non_2xx.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&non_2xx.stderr).contains("404"));
+
+    let (status, _) = terminate_and_wait(&mut child);
+    assert_eq!(status.code(), Some(0));
+    let started = Instant::now();
+    let down = billsync(
+        dir.path(),
+        &["healthcheck", "--url", &url, "--timeout", "1s"],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    assert!(
+        !String::from_utf8_lossy(&down.stderr).is_empty(),
+        "says why"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a small timeout"
+    );
 }
