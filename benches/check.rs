@@ -3,6 +3,10 @@
 //!
 //!     cargo bench --bench check
 
+/// The allocator the `billsync` binary runs with (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};

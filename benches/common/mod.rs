@@ -3,6 +3,11 @@
 
 use std::time::Duration;
 
+/// The allocator the `billsync` binary runs with (src/main.rs), so that the service measured in
+/// process allocates as it does in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use sqlx::Connection;
 
 #[derive(Clone, Copy, Debug)]

@@ -2,13 +2,14 @@
 //! that meets one keeps the previous catalog and says why.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_billsync");
+use crate::binary::{Running, billsync};
+
 const KEY: &str = "catalog-test-key-0123456789";
 
 /// A catalog whose free plan grants `limit` API calls, with `extra` appended to its feature.
@@ -21,27 +22,13 @@ fn catalog(limit: u32, extra: &str) -> String {
 
 /// `billsync serve` in `dir` on port 0 with the catalog at `path`, logs piped.
 fn serve(dir: &std::path::Path, path: &std::path::Path) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .arg("serve")
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("BILLSYNC_LISTEN", "127.0.0.1:0")
-        .env("BILLSYNC_API__KEYS", KEY)
-        .env("BILLSYNC_CATALOG__PATH", path)
-        .stdin(Stdio::null());
-    command
-}
-
-/// A child process killed when the test ends, even by a panic.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    let path = path.to_str().expect("a UTF-8 path");
+    let env = [
+        ("BILLSYNC_LISTEN", "127.0.0.1:0"),
+        ("BILLSYNC_API__KEYS", KEY),
+        ("BILLSYNC_CATALOG__PATH", path),
+    ];
+    billsync(dir, &["serve"], &env)
 }
 
 #[test]

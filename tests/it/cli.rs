@@ -2,51 +2,13 @@
 //! commands that need a prepared database, `--config`, `config check`, `healthcheck`.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::binary::{Running, billsync};
 use crate::helpers::{Backend, TestDatabase};
-
-const BIN: &str = env!("CARGO_BIN_EXE_billsync");
-
-/// `billsync <args>` in `dir` with a clean environment plus `env`.
-fn billsync(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .args(args)
-        .current_dir(dir)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().copied())
-        .stdin(Stdio::null());
-    command
-}
-
-/// A child process killed when the test ends, even by a panic.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl std::ops::Deref for Running {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Running {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
 
 /// Reads JSON log lines until the "billsync listening" one and returns its address.
 fn listening_address(child: &mut Child, seen: &mut Vec<String>) -> String {

@@ -208,7 +208,7 @@ impl TestApp {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(app::run(settings.clone(), listener, shutdown.clone()));
-        let app = Self {
+        let mut app = Self {
             addr,
             client: http_client(),
             db,
@@ -221,18 +221,18 @@ impl TestApp {
     }
 
     /// Migrations run before the listener is served; wait for the first answer.
-    async fn wait_until_serving(&self) {
-        for _ in 0..200 {
+    async fn wait_until_serving(&mut self) {
+        for _ in 0..600 {
             if self.client.get(self.url("/healthz")).send().await.is_ok() {
                 return;
             }
-            assert!(
-                !self.server.is_finished(),
-                "the service stopped while starting"
-            );
+            if self.server.is_finished() {
+                let ended = (&mut self.server).await;
+                panic!("the service stopped while starting: {ended:?}");
+            }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
-        panic!("the service did not start within 5 s");
+        panic!("the service did not start within 15 s");
     }
 
     pub fn url(&self, path: &str) -> String {

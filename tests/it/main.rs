@@ -1,6 +1,7 @@
 //! Integration tests: the real service on port 0, spoken to over HTTP, on SQLite and on
 //! PostgreSQL (a fresh database per test).
 
+mod binary;
 mod helpers;
 
 mod catalog;

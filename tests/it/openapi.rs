@@ -5,10 +5,10 @@ use std::collections::BTreeSet;
 use crate::helpers::{Backend, TestApp};
 
 /// openapi.yaml, parsed.
-pub fn spec() -> serde_yaml::Value {
+pub fn spec() -> serde_norway::Value {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml"))
         .expect("openapi.yaml");
-    serde_yaml::from_str(&text).expect("openapi.yaml is YAML")
+    serde_norway::from_str(&text).expect("openapi.yaml is YAML")
 }
 
 fn documented_routes() -> BTreeSet<(String, String)> {

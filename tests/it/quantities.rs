@@ -195,7 +195,7 @@ async fn usage_and_checks_refuse_the_same_bad_quantity_with_the_same_error(backe
 fn openapi_yaml_documents_the_quantity_errors_as_they_are_given() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml"))
         .expect("openapi.yaml");
-    let spec: serde_yaml::Value = serde_yaml::from_str(&text).expect("openapi.yaml is YAML");
+    let spec: serde_norway::Value = serde_norway::from_str(&text).expect("openapi.yaml is YAML");
     let schemas = &spec["components"]["schemas"];
     let given = |quantity: Value| {
         let error = billsync::domain::parse_quantity(&quantity, false).unwrap_err();
