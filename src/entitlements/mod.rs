@@ -43,8 +43,12 @@ impl PlanCatalog {
                     .ok_or_else(|| format!("features.{name}.meter must be a string"))?;
                 parsed.meters.insert(name.clone(), meter.to_owned());
             }
-            if table.get("fail_open").and_then(toml::Value::as_bool) == Some(true) {
-                parsed.fail_open.push(name.clone());
+            match table.get("fail_open").map(toml::Value::as_bool) {
+                None | Some(Some(false)) => {}
+                Some(Some(true)) => parsed.fail_open.push(name.clone()),
+                Some(None) => {
+                    return Err(format!("features.{name}.fail_open must be true or false"));
+                }
             }
         }
         for (key, plan) in &catalog.plans {
@@ -416,5 +420,25 @@ impl Entitlements {
         let models = self.models.read().expect("models lock");
         let model = models.get(tenant).filter(|m| now < m.expires_at)?;
         Some(self.decide(model, feature, quantity, now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fail_open_must_be_a_boolean() {
+        let parse = |value: &str| {
+            let text = format!("[features.api_calls]\nfail_open = {value}\n");
+            PlanCatalog::from_catalog(&Catalog::parse(&text).unwrap())
+        };
+        assert_eq!(parse("true").unwrap().fail_open, ["api_calls"]);
+        assert!(parse("false").unwrap().fail_open.is_empty());
+        let refused = parse("\"true\"").unwrap_err();
+        assert_eq!(
+            refused,
+            "features.api_calls.fail_open must be true or false"
+        );
     }
 }
