@@ -191,7 +191,10 @@ impl RunOut {
             started_at: rfc3339(run.started_at),
             finished_at: run.finished_at.map(rfc3339),
             error: run.error.clone(),
-            summary: run.summary.as_deref().and_then(|s| serde_json::from_str(s).ok()),
+            summary: run
+                .summary
+                .as_deref()
+                .and_then(|s| serde_json::from_str(s).ok()),
         }
     }
 }
