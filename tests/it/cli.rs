@@ -670,7 +670,10 @@ async fn reconcile_exit_codes_tell_matched_found_invalid_and_could_not_run_apart
     assert_eq!(usage.status(), 200);
     let (code, stderr) = reconcile(&[], &[]);
     assert_eq!(code, Some(1), "a finding: {stderr}");
-    assert!(!stderr.contains("billsync failed"), "findings are no error: {stderr}");
+    assert!(
+        !stderr.contains("billsync failed"),
+        "findings are no error: {stderr}"
+    );
 
     for (extra, what) in [
         (&["--tenant", "bad id!"][..], "an invalid tenant"),
