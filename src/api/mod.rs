@@ -114,6 +114,7 @@ pub fn routes() -> Vec<Route> {
             get(revenue::tenant_revenue),
         ),
         route(Method::POST, "/v1/reconciliations", post(reconcile::start)),
+        route(Method::GET, "/v1/reconciliations", get(reconcile::list)),
         route(
             Method::GET,
             "/v1/reconciliations/{run_id}",

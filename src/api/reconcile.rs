@@ -1,6 +1,6 @@
-//! Reconciliations: `POST /v1/reconciliations` starts a run, `GET /v1/reconciliations/{id}`
-//! shows its summary and a page of its items. They span every tenant's money, so a
-//! tenant-scoped key may not use them.
+//! Reconciliations: `POST /v1/reconciliations` starts a run, `GET /v1/reconciliations` lists
+//! the runs, `GET /v1/reconciliations/{id}` shows one with a page of its items. They span every
+//! tenant's money, so a tenant-scoped key may not use them.
 
 use std::collections::HashMap;
 
@@ -9,12 +9,14 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::auth::KeyScope;
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::pagination::PageRequest;
+use super::sync::PageOut;
 use crate::domain::{TenantId, parse_time, rfc3339};
 use crate::reconcile::Params;
 use crate::state::AppState;
@@ -69,7 +71,7 @@ pub async fn get(
     Extension(scope): Extension<KeyScope>,
     Path(run_id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunWithItemsOut>, ApiError> {
     forbid_scoped(&scope)?;
     let limit = match query.get("limit") {
         None => DEFAULT_ITEMS,
@@ -117,22 +119,101 @@ pub async fn get(
     Ok(Json(view(&run, items, next)))
 }
 
-fn view(run: &RunRow, items: Vec<Value>, next_cursor: Option<String>) -> Value {
-    json!({
-        "id": run.run_id,
-        "status": run.status,
-        "from": rfc3339(run.period_from),
-        "to": rfc3339(run.period_to),
-        "tenant_id": run.tenant_id,
-        "dry_run": run.dry_run,
-        "trigger": run.trigger,
-        "started_at": rfc3339(run.started_at),
-        "finished_at": run.finished_at.map(rfc3339),
-        "error": run.error,
-        "summary": run.summary.as_deref().and_then(|s| serde_json::from_str::<Value>(s).ok()),
-        "items": items,
-        "next_cursor": next_cursor,
-    })
+/// The runs, newest first, a page at a time; `status` and `found` filter them.
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<PageOut<RunOut>>, ApiError> {
+    forbid_scoped(&scope)?;
+    let status = match query.get("status").map(String::as_str) {
+        None => None,
+        Some(status @ ("running" | "done" | "failed")) => Some(status),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                "status must be running, done or failed",
+            )
+            .with_field("status"));
+        }
+    };
+    let found = match query.get("found").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => {
+            return Err(
+                ApiError::bad_request("invalid_value", "found must be true or false")
+                    .with_field("found"),
+            );
+        }
+    };
+    let page = PageRequest::from_query(&query)?;
+    let mut runs = state
+        .db
+        .reconciliations()
+        .page(status, found, page.before.clone(), page.fetch_limit())
+        .await?;
+    let next_cursor = page.finish(&mut runs, |run| (run.started_at, run.run_id.clone()));
+    let data = runs.iter().map(RunOut::new).collect();
+    Ok(Json(PageOut { data, next_cursor }))
+}
+
+/// A run without its items: each entry of the list.
+#[derive(Debug, Serialize)]
+pub struct RunOut {
+    pub id: String,
+    /// `running`, `done` or `failed`.
+    pub status: String,
+    pub from: String,
+    pub to: String,
+    pub tenant_id: Option<String>,
+    pub dry_run: bool,
+    /// `api`, `cli` or `schedule`.
+    pub trigger: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    /// The report's summary, once the run is done.
+    pub summary: Option<Value>,
+}
+
+impl RunOut {
+    fn new(run: &RunRow) -> Self {
+        Self {
+            id: run.run_id.clone(),
+            status: run.status.clone(),
+            from: rfc3339(run.period_from),
+            to: rfc3339(run.period_to),
+            tenant_id: run.tenant_id.clone(),
+            dry_run: run.dry_run,
+            trigger: run.trigger.clone(),
+            started_at: rfc3339(run.started_at),
+            finished_at: run.finished_at.map(rfc3339),
+            error: run.error.clone(),
+            summary: run
+                .summary
+                .as_deref()
+                .and_then(|s| serde_json::from_str(s).ok()),
+        }
+    }
+}
+
+/// A run with a page of its items.
+#[derive(Debug, Serialize)]
+pub struct RunWithItemsOut {
+    #[serde(flatten)]
+    pub run: RunOut,
+    pub items: Vec<Value>,
+    pub next_cursor: Option<String>,
+}
+
+fn view(run: &RunRow, items: Vec<Value>, next_cursor: Option<String>) -> RunWithItemsOut {
+    RunWithItemsOut {
+        run: RunOut::new(run),
+        items,
+        next_cursor,
+    }
 }
 
 fn params(body: &RunIn) -> Result<Params, ApiError> {

@@ -36,8 +36,9 @@ enum Command {
     /// List every customer, product, price, plan, subscription, invoice, payment and credit note
     /// from Stripe and bring the mirror up to date. Resumes where an interrupted run stopped.
     Backfill,
-    /// Reconcile usage, pushes, invoices and payments over a window, print the report, and exit
-    /// 1 when anything does not match.
+    /// Reconcile usage, pushes, invoices and payments over a window and print the report. Exits 0
+    /// when everything matches, 1 when anything does not, 2 for bad arguments or configuration,
+    /// 3 when it could not run (database, Stripe).
     Reconcile {
         /// Start of the window (RFC 3339 or YYYY-MM-DD, UTC), included.
         #[arg(long)]
@@ -110,6 +111,40 @@ enum Format {
     Csv,
 }
 
+/// Why a command did not succeed, and so its exit code.
+#[derive(Debug)]
+pub(super) enum Failure {
+    /// `reconcile` found differences: 1; the report has said the rest.
+    Findings,
+    /// The arguments or the configuration are wrong: 2, as clap's own usage errors.
+    Invalid(String),
+    /// `reconcile` could not run (the database, Stripe, storing the report): 3, so that it is
+    /// never taken for "found differences".
+    CouldNotRun(String),
+    /// Any other command failed: 1.
+    Failed(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Self::Findings | Self::Failed(_) => 1,
+            Self::Invalid(_) => 2,
+            Self::CouldNotRun(_) => 3,
+        }
+    }
+
+    /// What to say on stderr; findings are the report itself.
+    fn message(&self) -> Option<&str> {
+        match self {
+            Self::Findings => None,
+            Self::Invalid(message) | Self::CouldNotRun(message) | Self::Failed(message) => {
+                Some(message)
+            }
+        }
+    }
+}
+
 fn parse_timeout(text: &str) -> Result<std::time::Duration, String> {
     crate::config::parse_duration(text).ok_or_else(|| "a duration like 500ms or 2s".to_owned())
 }
@@ -147,22 +182,28 @@ pub fn main() -> ExitCode {
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("billsync: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+            let message = format!("cannot start the async runtime: {error}");
+            eprintln!("billsync: {message}");
+            let failure = match cli.command {
+                Command::Reconcile { .. } => Failure::CouldNotRun(message),
+                _ => Failure::Failed(message),
+            };
+            return ExitCode::from(failure.code());
         }
     };
     match runtime.block_on(run(cli.command, settings)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) if message == reports::FINDINGS => ExitCode::from(1),
-        Err(message) => {
-            tracing::error!(error = %message, "billsync failed");
-            eprintln!("billsync: {message}");
-            ExitCode::FAILURE
+        Err(failure) => {
+            if let Some(message) = failure.message() {
+                tracing::error!(error = %message, "billsync failed");
+                eprintln!("billsync: {message}");
+            }
+            ExitCode::from(failure.code())
         }
     }
 }
 
-async fn run(command: Command, settings: Settings) -> Result<(), String> {
+async fn run(command: Command, settings: Settings) -> Result<(), Failure> {
     match command {
         Command::Reconcile {
             from,
@@ -185,12 +226,16 @@ async fn run(command: Command, settings: Settings) -> Result<(), String> {
                 ("group_by".to_owned(), group_by),
             ]);
             query.extend(currency.map(|c| ("currency".to_owned(), c)));
-            reports::revenue(settings, query, tenant, format).await
+            reports::revenue(settings, query, tenant, format)
+                .await
+                .map_err(Failure::Failed)
         }
-        Command::Serve => commands::serve(settings).await,
-        Command::Migrate => commands::migrate(settings).await,
-        Command::Backfill => commands::backfill(settings).await,
-        Command::Replay { dry_run } => commands::replay(settings, dry_run).await,
+        Command::Serve => commands::serve(settings).await.map_err(Failure::Failed),
+        Command::Migrate => commands::migrate(settings).await.map_err(Failure::Failed),
+        Command::Backfill => commands::backfill(settings).await.map_err(Failure::Failed),
+        Command::Replay { dry_run } => commands::replay(settings, dry_run)
+            .await
+            .map_err(Failure::Failed),
         Command::Config { .. } | Command::Healthcheck { .. } => {
             unreachable!("answered before the runtime starts")
         }

@@ -1,12 +1,9 @@
 //! The reporting commands, `reconcile` and `revenue`: they open a database `migrate`
 //! prepared and print a report on stdout as a table, JSON or CSV.
 
-use super::Format;
+use super::{Failure, Format};
 use crate::config::Settings;
-use crate::state::AppState;
-
-/// The outcome of a reconciliation that found differences: exit code 1, nothing more to say.
-pub(super) const FINDINGS: &str = "reconciliation found differences";
+use crate::state::{AppError, AppState};
 
 pub(super) async fn reconcile(
     settings: Settings,
@@ -15,10 +12,12 @@ pub(super) async fn reconcile(
     tenant: Option<String>,
     format: Format,
     dry_run: bool,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     use crate::domain::parse_time;
     let time = |name: &str, text: &str| {
-        parse_time(text).ok_or_else(|| format!("--{name} must be an RFC 3339 time or YYYY-MM-DD"))
+        parse_time(text).ok_or_else(|| {
+            Failure::Invalid(format!("--{name} must be an RFC 3339 time or YYYY-MM-DD"))
+        })
     };
     let params = crate::reconcile::Params {
         from_ms: time("from", from)?,
@@ -27,16 +26,23 @@ pub(super) async fn reconcile(
         dry_run,
     };
     if params.to_ms <= params.from_ms {
-        return Err("--to must be after --from".to_owned());
+        return Err(Failure::Invalid("--to must be after --from".to_owned()));
+    }
+    if let Some(tenant) = &params.tenant {
+        crate::domain::TenantId::parse(tenant)
+            .map_err(|e| Failure::Invalid(format!("--tenant: {}", e.message)))?;
     }
     let state = AppState::open_existing(settings)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            AppError::Catalog(_) => Failure::Invalid(e.to_string()),
+            _ => Failure::CouldNotRun(e.to_string()),
+        })?;
     let (run_id, report) = state
         .reconciler()
         .run(&params, "cli")
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::CouldNotRun(e.to_string()))?;
     state.db.close().await;
     let items: Vec<serde_json::Value> = report.items.iter().map(|i| i.to_json()).collect();
     match format {
@@ -79,7 +85,7 @@ pub(super) async fn reconcile(
     if items.is_empty() {
         Ok(())
     } else {
-        Err(FINDINGS.to_owned())
+        Err(Failure::Findings)
     }
 }
 

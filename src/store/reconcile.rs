@@ -137,6 +137,42 @@ impl<'a> Reconciliations<'a> {
         Ok(row)
     }
 
+    /// A page of runs, newest first (by `started_at`, then id), after the `(started_at, run_id)`
+    /// cursor `before`. `status`: only runs in it. `found`: only runs whose stored report has
+    /// findings (`true`) or has none (`false`); a run without a report (running or failed)
+    /// matches neither.
+    pub async fn page(
+        &self,
+        status: Option<&str>,
+        found: Option<bool>,
+        before: Option<(i64, String)>,
+        limit: u32,
+    ) -> Result<Vec<RunRow>, StoreError> {
+        let (started, id) = before.unwrap_or((i64::MAX, String::new()));
+        // The items are stored with the summary, in one transaction: a stored report has
+        // findings exactly when it has items.
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, RunRow>(concat!(
+                "SELECT ",
+                run_columns!(),
+                " FROM reconciliation_runs r \
+                 WHERE (started_at < $1 OR (started_at = $1 AND run_id < $2)) \
+                 AND ($3 IS NULL OR status = $3) \
+                 AND ($4 IS NULL OR (summary IS NOT NULL AND EXISTS \
+                     (SELECT 1 FROM reconciliation_items i WHERE i.run_id = r.run_id) = $4)) \
+                 ORDER BY started_at DESC, run_id DESC LIMIT $5"
+            ))
+            .bind(started)
+            .bind(&id)
+            .bind(status)
+            .bind(found)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
     /// Marks as failed the runs still `running` whose runner has not beaten since
     /// `silent_since` (it stopped); returns how many.
     pub async fn fail_interrupted(

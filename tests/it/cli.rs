@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::binary::{Running, billsync};
-use crate::helpers::{Backend, TestDatabase};
+use crate::helpers::{Backend, TestApp, TestDatabase};
 
 /// Reads JSON log lines until the "billsync listening" one and returns its address.
 fn listening_address(child: &mut Child, seen: &mut Vec<String>) -> String {
@@ -351,13 +351,23 @@ const NEEDS_DATABASE: [&[&str]; 4] = [
     &["replay"],
 ];
 
+/// The exit code of a command that could not run: 3 for `reconcile`, whose 1 means "found
+/// differences"; 1 for the others.
+fn could_not_run(args: &[&str]) -> i32 {
+    if args[0] == "reconcile" { 3 } else { 1 }
+}
+
 #[test]
 fn reports_from_the_wrong_directory_fail_and_create_no_database() {
     let dir = tempfile::tempdir().unwrap();
     for args in NEEDS_DATABASE {
         let output = billsync(dir.path(), args, &[]).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(
+            output.status.code(),
+            Some(could_not_run(args)),
+            "{args:?}: {stderr}"
+        );
         assert!(
             stderr.contains("data/billsync.db") && stderr.contains("does not exist"),
             "{args:?} names the missing database: {stderr}"
@@ -390,7 +400,7 @@ async fn reports_refuse_an_unmigrated_database_until_migrate_has_run() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert_eq!(
                 output.status.code(),
-                Some(1),
+                Some(could_not_run(args)),
                 "{backend:?} {args:?}: {stderr}"
             );
             assert!(
@@ -591,4 +601,120 @@ fn healthcheck_exits_0_only_while_readyz_answers() {
         started.elapsed() < Duration::from_secs(5),
         "a small timeout"
     );
+}
+
+/// `billsync reconcile` exits 0 when everything matches, 1 when it found differences, 2 for bad
+/// arguments (its own, and clap's usage errors) or configuration, 3 when it could not run: no
+/// database, an unreachable one, a vendor that fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_exit_codes_tell_matched_found_invalid_and_could_not_run_apart() {
+    use crate::helpers::{customer, event, take_webhooks, use_test_catalog, wait_for};
+    let app = TestApp::spawn_with(Backend::Sqlite, |s| {
+        take_webhooks(s);
+        use_test_catalog(s);
+    })
+    .await;
+    app.deliver(&event(
+        "evt_acme",
+        "customer.created",
+        1_700_000_000,
+        customer("cus_acme", "acme"),
+    ))
+    .await;
+    wait_for("acme", || async {
+        app.get_tenant("acme").await.status() == 200
+    })
+    .await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let at = |offset: i64| (chrono::Utc::now() + chrono::Duration::seconds(offset)).to_rfc3339();
+    let (from, to) = (at(-86_400), at(3600));
+    let database = app.settings.database.url.expose().to_owned();
+    let catalog = app.settings.catalog.path.display().to_string();
+    let env = [
+        ("BILLSYNC_DATABASE__URL", database.as_str()),
+        ("BILLSYNC_CATALOG__PATH", catalog.as_str()),
+    ];
+    let reconcile = |extra: &[&str], more_env: &[(&str, &str)]| {
+        let mut args = vec!["reconcile", "--from", &from, "--to", &to];
+        args.extend_from_slice(extra);
+        let env: Vec<(&str, &str)> = env.iter().chain(more_env).copied().collect();
+        let output = billsync(dir.path(), &args, &env).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.code(), stderr)
+    };
+
+    let (code, stderr) = reconcile(&[], &[]);
+    assert_eq!(code, Some(0), "nothing to reconcile: {stderr}");
+
+    // The vendor fails: drift asks it for acme's subscriptions, and nothing listens.
+    let vendor = [
+        ("BILLSYNC_STRIPE__API_KEY", "sk_test_billsync"),
+        ("BILLSYNC_STRIPE__API_BASE", "http://127.0.0.1:1"),
+        ("BILLSYNC_STRIPE__MAX_RETRIES", "0"),
+    ];
+    let (code, stderr) = reconcile(&[], &vendor);
+    assert_eq!(code, Some(3), "a failing vendor: {stderr}");
+    assert!(stderr.contains("vendor"), "{stderr}");
+
+    // Usage that never reached Stripe: a finding.
+    let usage = app
+        .v1(reqwest::Method::POST, "/v1/usage")
+        .json(
+            &serde_json::json!({"events": [{"id": "u1", "tenant_id": "acme", "meter": "calls",
+            "quantity": 3, "timestamp": at(-3600)}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(usage.status(), 200);
+    let (code, stderr) = reconcile(&[], &[]);
+    assert_eq!(code, Some(1), "a finding: {stderr}");
+    assert!(
+        !stderr.contains("billsync failed"),
+        "findings are no error: {stderr}"
+    );
+
+    for (extra, what) in [
+        (&["--tenant", "bad id!"][..], "an invalid tenant"),
+        (&["--format", "xml"][..], "clap: an unknown format"),
+        (&["--nonsense"][..], "clap: an unknown flag"),
+    ] {
+        let (code, stderr) = reconcile(extra, &[]);
+        assert_eq!(code, Some(2), "{what}: {stderr}");
+    }
+    for args in [
+        &["reconcile", "--from", "soon", "--to", "2026-02-01"][..],
+        &["reconcile", "--from", "2026-02-01", "--to", "2026-01-01"][..],
+        &["reconcile", "--from", "2026-01-01"][..],
+    ] {
+        let output = billsync(dir.path(), args, &env).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+    }
+    let bad_catalog = dir.path().join("plans.toml");
+    std::fs::write(&bad_catalog, "[meters.calls]\naggregation = 7\n").unwrap();
+    let bad_catalog = bad_catalog.display().to_string();
+    let (code, stderr) = reconcile(&[], &[("BILLSYNC_CATALOG__PATH", bad_catalog.as_str())]);
+    assert_eq!(code, Some(2), "an invalid catalog: {stderr}");
+    assert!(stderr.contains("plans.toml"), "{stderr}");
+    let (code, stderr) = reconcile(&[], &[("BILLSYNC_LISTEN", "nowhere")]);
+    assert_eq!(code, Some(2), "an invalid setting: {stderr}");
+
+    let missing = format!("sqlite://{}/missing.db", dir.path().display());
+    let (code, stderr) = reconcile(&[], &[("BILLSYNC_DATABASE__URL", missing.as_str())]);
+    assert_eq!(code, Some(3), "no database: {stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    let (code, stderr) = reconcile(
+        &[],
+        &[
+            (
+                "BILLSYNC_DATABASE__URL",
+                "postgres://postgres@127.0.0.1:1/billsync",
+            ),
+            ("BILLSYNC_DATABASE__CONNECT_TIMEOUT", "1s"),
+        ],
+    );
+    assert_eq!(code, Some(3), "an unreachable database: {stderr}");
+    app.stop().await;
 }

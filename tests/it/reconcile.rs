@@ -16,6 +16,7 @@ use crate::helpers::{
 };
 
 on_both_backends!(
+    runs_are_listed_newest_first_a_page_at_a_time_and_filtered,
     a_run_whose_runner_stopped_is_marked_failed,
     every_kind_of_finding_is_listed_once_and_nothing_else,
     a_clean_period_gives_an_empty_report,
@@ -851,5 +852,175 @@ async fn a_run_whose_runner_stopped_is_marked_failed(backend: Backend) {
         Backend::Postgres => "running",
     };
     assert_eq!(status("rec_beating").await, beating);
+    app.stop().await;
+}
+
+/// A run stored as `running` at `started_at`, for the store-seeded tests.
+fn stored_run(id: &str, started_at: i64) -> billsync::store::RunRow {
+    billsync::store::RunRow {
+        run_id: id.to_owned(),
+        period_from: 0,
+        period_to: started_at,
+        tenant_id: None,
+        dry_run: true,
+        trigger: "api".to_owned(),
+        status: "running".to_owned(),
+        summary: None,
+        error: None,
+        started_at,
+        finished_at: None,
+    }
+}
+
+/// The ids of a page of `GET /v1/reconciliations`.
+fn ids(page: &Value) -> Vec<&str> {
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["id"].as_str().unwrap())
+        .collect()
+}
+
+/// Five runs: one that found something, a clean one, a failed one, and two running that
+/// started in the same millisecond (the id breaks the tie).
+async fn runs_are_listed_newest_first_a_page_at_a_time_and_filtered(backend: Backend) {
+    const SCOPED_KEY: &str = "scoped-acme-key-0123456789";
+    let app = TestApp::spawn_with(backend, |s| {
+        s.api.tenant_keys = vec![(
+            billsync::config::key_digest(SCOPED_KEY).unwrap(),
+            vec!["acme".to_owned()],
+        )];
+    })
+    .await;
+    let db = billsync::store::Db::connect(&app.settings.database)
+        .await
+        .unwrap();
+    let now = billsync::store::now_ms();
+    let id = |n: u32| format!("rec_{n:032x}");
+    let runs = db.reconciliations();
+    for (n, started_at) in [(1, now - 4000), (2, now - 3000), (3, now - 2000)] {
+        runs.start(&stored_run(&id(n), started_at)).await.unwrap();
+    }
+    runs.start(&stored_run(&id(5), now - 1000)).await.unwrap();
+    runs.start(&stored_run(&id(4), now - 1000)).await.unwrap();
+    let item = |tenant: &str| {
+        let json = json!({"area": "money", "finding": "void", "tenant_id": tenant});
+        (
+            "money".to_owned(),
+            "void".to_owned(),
+            Some(tenant.to_owned()),
+            json.to_string(),
+        )
+    };
+    let summary = |items: usize| json!({"items": items, "findings": {}}).to_string();
+    runs.finish(&id(1), &summary(2), &[item("acme"), item("globex")], now)
+        .await
+        .unwrap();
+    runs.finish(&id(2), &summary(0), &[], now).await.unwrap();
+    runs.fail(&id(3), "vendor unavailable", now).await.unwrap();
+    db.close().await;
+
+    let all = app.get_json("/v1/reconciliations").await;
+    assert_eq!(ids(&all), [id(5), id(4), id(3), id(2), id(1)], "{all:#}");
+    assert_eq!(all["next_cursor"], Value::Null);
+    let found = &all["data"][4];
+    assert_eq!(found["status"], "done");
+    assert_eq!(found["summary"]["items"], 2);
+    assert!(
+        found.get("items").is_none() && found.get("next_cursor").is_none(),
+        "a listed run has no items: {found}"
+    );
+    assert_eq!(
+        app.get_json(&format!("/v1/reconciliations/{}", id(1)))
+            .await
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k != "items" && *k != "next_cursor")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<serde_json::Map<_, _>>(),
+        *found.as_object().unwrap(),
+        "a listed run is the run the single GET shows, without its items"
+    );
+    assert_eq!(all["data"][2]["error"], "vendor unavailable");
+
+    let mut pages = Vec::new();
+    let mut path = "/v1/reconciliations?limit=2".to_owned();
+    loop {
+        let page = app.get_json(&path).await;
+        pages.push(
+            ids(&page)
+                .into_iter()
+                .map(str::to_owned)
+                .collect::<Vec<_>>(),
+        );
+        match page["next_cursor"].as_str() {
+            Some(cursor) => path = format!("/v1/reconciliations?limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(pages, [vec![id(5), id(4)], vec![id(3), id(2)], vec![id(1)]]);
+
+    for (query, expected) in [
+        ("status=done", vec![id(2), id(1)]),
+        ("status=failed", vec![id(3)]),
+        ("status=running", vec![id(5), id(4)]),
+        ("found=true", vec![id(1)]),
+        ("found=false", vec![id(2)]),
+        ("found=true&status=running", vec![]),
+        ("status=done&found=false&limit=1", vec![id(2)]),
+    ] {
+        let page = app.get_json(&format!("/v1/reconciliations?{query}")).await;
+        assert_eq!(ids(&page), expected, "{query}");
+    }
+    let paged = app
+        .get_json("/v1/reconciliations?status=done&limit=1")
+        .await;
+    let cursor = paged["next_cursor"].as_str().unwrap();
+    let next = app
+        .get_json(&format!(
+            "/v1/reconciliations?status=done&limit=1&cursor={cursor}"
+        ))
+        .await;
+    assert_eq!(
+        (ids(&paged), ids(&next)),
+        (vec![id(2).as_str()], vec![id(1).as_str()])
+    );
+    assert_eq!(next["next_cursor"], Value::Null);
+
+    for (query, field) in [
+        ("status=succeeded", "status"),
+        ("found=yes", "found"),
+        ("limit=0", "limit"),
+        ("limit=101", "limit"),
+        ("cursor=zzz", "cursor"),
+    ] {
+        let response = app
+            .v1(Method::GET, &format!("/v1/reconciliations?{query}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            error_of(response).await,
+            (400, "invalid_value".to_owned(), Some(field.to_owned())),
+            "{query}"
+        );
+    }
+    let scoped = app
+        .client
+        .get(app.url("/v1/reconciliations"))
+        .bearer_auth(SCOPED_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(scoped).await, (403, "forbidden".to_owned(), None));
+    let anonymous = app
+        .client
+        .get(app.url("/v1/reconciliations"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
     app.stop().await;
 }

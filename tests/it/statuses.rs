@@ -249,6 +249,9 @@ const QUERIES: &[&str] = &[
     "?price=price_pro&quantity=0",
     "?meter=calls",
     "?at_period_end=maybe",
+    "?status=done&found=true",
+    "?status=succeeded",
+    "?found=maybe",
 ];
 
 /// A body the route takes, where it reads one.
