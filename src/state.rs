@@ -191,6 +191,7 @@ impl AppState {
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
             vendor_usage: settings.vendor_usage,
+            settle_delay: settings.settle_delay,
             drift_sample: settings.drift_sample,
         }
     }

@@ -174,6 +174,7 @@ pub(super) struct RawReconcile {
     pub(super) interval: String,
     pub(super) window: String,
     pub(super) vendor_usage: bool,
+    pub(super) settle_delay: String,
     pub(super) drift_sample: usize,
 }
 

@@ -59,6 +59,9 @@ pub struct ReconcileSettings {
     pub window: Duration,
     /// Ask Stripe for its meter totals (a call per tenant, meter and period).
     pub vendor_usage: bool,
+    /// How far behind now the open period is compared with the vendor: Stripe's meter event
+    /// summaries lag, and usage after this point may still be on its way.
+    pub settle_delay: Duration,
     /// Tenants a run over every tenant checks for drift (first in tenant order).
     pub drift_sample: usize,
 }

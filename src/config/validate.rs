@@ -244,6 +244,7 @@ fn reconcile(raw: RawReconcile) -> Result<ReconcileSettings, ConfigError> {
         interval: (!interval.is_zero()).then_some(interval),
         window: positive("reconcile.window", &raw.window)?,
         vendor_usage: raw.vendor_usage,
+        settle_delay: duration("reconcile.settle_delay", &raw.settle_delay)?,
         drift_sample: raw.drift_sample,
     })
 }

@@ -118,6 +118,38 @@ impl Scope {
     }
 }
 
+/// The open units: per tenant with a current period and metered meter, from the period's
+/// start (not before `from_ms`) to `settle_ms` rounded down to the minute (Stripe's meter
+/// summaries end on minute boundaries); none where that is empty.
+pub fn open_units(
+    catalog: &Catalog,
+    scope: &Scope,
+    open_from: &HashMap<String, i64>,
+    from_ms: i64,
+    settle_ms: i64,
+) -> Vec<usage::Unit> {
+    let end = settle_ms - settle_ms.rem_euclid(60_000);
+    let mut units = Vec::new();
+    for (tenant, customer) in &scope.linked {
+        let Some(start) = open_from.get(tenant).map(|s| (*s).max(from_ms)) else {
+            continue;
+        };
+        if start >= end {
+            continue;
+        }
+        let metered = (catalog.meters.values()).filter(|m| m.stripe_event_name.is_some());
+        units.extend(metered.map(|meter| usage::Unit {
+            tenant_id: tenant.clone(),
+            customer_id: customer.clone(),
+            meter: meter.name.clone(),
+            start,
+            end,
+            invoice: None,
+        }));
+    }
+    units
+}
+
 /// The units usage is reconciled in: each invoice line of a price that bills a meter.
 pub fn usage_units(catalog: &Catalog, scope: &Scope, invoices: &[Billed]) -> Vec<usage::Unit> {
     let price_meter: HashMap<&str, &str> = (catalog.meters.values())

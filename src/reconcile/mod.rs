@@ -45,6 +45,8 @@ pub enum Finding {
     ArrivedAfterInvoice,
     InvoiceMissing,
     VendorMismatch,
+    VendorMissing,
+    VendorExtra,
     InvoiceMismatch,
     Unexplained,
     // money
@@ -70,6 +72,8 @@ impl Finding {
             Self::ArrivedAfterInvoice => "arrived_after_invoice",
             Self::InvoiceMissing => "invoice_missing",
             Self::VendorMismatch => "vendor_mismatch",
+            Self::VendorMissing => "vendor_missing",
+            Self::VendorExtra => "vendor_extra",
             Self::InvoiceMismatch => "invoice_mismatch",
             Self::Unexplained => "unexplained",
             Self::MissingPayment => "missing_payment",
@@ -139,6 +143,8 @@ pub struct Reconciler {
     pub wake: Arc<Notify>,
     /// Ask the vendor for its meter totals (one call per tenant, meter and period).
     pub vendor_usage: bool,
+    /// The open period is compared with the vendor's meter totals up to this long before now.
+    pub settle_delay: Duration,
     /// How many tenants (in tenant order) a run over every tenant checks for drift.
     pub drift_sample: usize,
 }
@@ -176,7 +182,8 @@ impl Reconciler {
     }
 
     /// Usage: the usage log and the push ledger of the window against the invoice lines that
-    /// bill a meter and the vendor's meter totals.
+    /// bill a meter and the vendor's meter totals; with the vendor's totals, also each tenant's
+    /// open period up to the settle point (now less `settle_delay`).
     async fn usage_items(
         &self,
         params: &Params,
@@ -184,8 +191,14 @@ impl Reconciler {
         invoices: &[money::Billed],
     ) -> Result<Vec<Item>, WorkError> {
         let db = &self.db;
-        let units = inputs::usage_units(&self.catalog, scope, invoices);
+        let mut units = inputs::usage_units(&self.catalog, scope, invoices);
         let open_from = scope.open_from(db).await?;
+        if self.vendor.is_some() && self.vendor_usage {
+            let settle = now_ms() - self.settle_delay.as_millis() as i64;
+            let end = params.to_ms.min(settle);
+            let open = inputs::open_units(&self.catalog, scope, &open_from, params.from_ms, end);
+            units.extend(open);
+        }
         let tenant = params.tenant.as_deref();
         let vendor_usage = self.vendor_usage_of(&units).await?;
         let mut ledger = usage::Ledger::new(&self.catalog.meters, units, &open_from);

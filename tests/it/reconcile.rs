@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use reqwest::Method;
 use serde_json::{Value, json};
-use wiremock::matchers::{body_string_contains, method, path, path_regex};
+use wiremock::matchers::{body_string_contains, method, path, path_regex, query_param};
 use wiremock::{Mock, MockServer, ResponseTemplate};
 
 use crate::helpers::{
@@ -22,6 +22,7 @@ on_both_backends!(
     a_clean_period_gives_an_empty_report,
     drift_is_reported_and_repaired_unless_dry_run,
     the_vendors_meter_totals_are_compared,
+    the_open_period_is_compared_with_the_vendors_meter_up_to_the_settle_point,
 );
 
 const DAY: i64 = 86_400;
@@ -803,6 +804,146 @@ async fn the_vendors_meter_totals_are_compared(backend: Backend) {
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect();
     assert_eq!(query["customer"], customer);
+    app.stop().await;
+}
+
+/// The current period of three tenants, whose Stripe meter holds less, more and as much as
+/// billsync pushed before the settle point; usage after it (a minute ago) is not compared.
+async fn the_open_period_is_compared_with_the_vendors_meter_up_to_the_settle_point(
+    backend: Backend,
+) {
+    let vendor = MockServer::start().await;
+    meter_events(&vendor, &[], &[]).await;
+    Mock::given(method("GET"))
+        .and(path("/v1/billing/meters"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"object": "list", "has_more": false,
+            "data": [{"id": "mtr_calls", "object": "billing.meter", "event_name": "calls"}]})),
+        )
+        .mount(&vendor)
+        .await;
+    let cases = [("less", 3), ("more", 8), ("equal", 5)];
+    let current = |tenant: &str| {
+        let mut s = subscription(
+            &format!("sub_{tenant}"),
+            &format!("cus_{tenant}"),
+            "price_pro",
+            "active",
+            1,
+        );
+        s["items"]["data"][0]["current_period_start"] = json!(now() / 60 * 60 - 10 * DAY);
+        s["items"]["data"][0]["current_period_end"] = json!(now() / 60 * 60 + 20 * DAY);
+        s
+    };
+    for (tenant, total) in cases {
+        let customer = format!("cus_{tenant}");
+        Mock::given(method("GET"))
+            .and(path("/v1/billing/meters/mtr_calls/event_summaries"))
+            .and(query_param("customer", customer.as_str()))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(json!({"object": "list",
+                "has_more": false, "data": [{"object": "billing.meter_event_summary",
+                "aggregated_value": total}]})),
+            )
+            .mount(&vendor)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1/subscriptions"))
+            .and(query_param("customer", customer.as_str()))
+            .respond_with(ResponseTemplate::new(200).set_body_json(
+                json!({"object": "list", "has_more": false, "data": [current(tenant)]}),
+            ))
+            .with_priority(1)
+            .mount(&vendor)
+            .await;
+    }
+    let app = service(backend, &vendor, |s| s.reconcile.vendor_usage = true).await;
+    let mut seed = Seed { app: &app, n: 0 };
+    for (tenant, _) in cases {
+        seed.tenant(tenant).await;
+        seed.deliver("customer.subscription.created", current(tenant))
+            .await;
+        wait_for("the subscription", || async {
+            app.get_json(&format!("/v1/tenants/{tenant}")).await["subscription"]["status"]
+                == "active"
+        })
+        .await;
+        seed.usage(tenant, now() - 2 * DAY, &[5]).await;
+        // In flight: after the settle point (5 minutes ago by default).
+        seed.usage(tenant, now() - 60, &[7]).await;
+    }
+    let db = billsync::store::Db::connect(&app.settings.database)
+        .await
+        .unwrap();
+    wait_for("every push to be sent", || async {
+        let pushes = (db.usage().pushes_between(0, i64::MAX, None).await).unwrap();
+        pushes.len() == 2 * cases.len() && pushes.iter().all(|p| p.status == "sent")
+    })
+    .await;
+    let early = (db.usage().pushes_between(0, i64::MAX, Some("less")).await)
+        .unwrap()
+        .into_iter()
+        .find(|p| p.value == "5")
+        .unwrap();
+
+    // Just sent, Stripe's summaries may not show the pushes yet: only more than was pushed is
+    // a finding.
+    let run = reconcile(&app, window()).await;
+    assert_eq!(
+        found(&run),
+        BTreeMap::from([("vendor_extra".to_owned(), vec!["more".to_owned()])]),
+        "{run:#}"
+    );
+    // As if sent before the settle point.
+    let backdate = "UPDATE usage_pushes SET sent_at = sent_at - 600000";
+    match &db {
+        billsync::store::Db::Sqlite(pool) => sqlx::query(backdate).execute(pool).await.map(drop),
+        billsync::store::Db::Postgres(pool) => sqlx::query(backdate).execute(pool).await.map(drop),
+    }
+    .unwrap();
+    db.close().await;
+
+    let run = reconcile(&app, window()).await;
+    assert_eq!(
+        found(&run),
+        BTreeMap::from([
+            ("vendor_extra".to_owned(), vec!["more".to_owned()]),
+            ("vendor_missing".to_owned(), vec!["less".to_owned()]),
+        ]),
+        "{run:#}"
+    );
+    let missing = (run["items"].as_array().unwrap().iter())
+        .find(|i| i["finding"] == "vendor_missing")
+        .unwrap();
+    assert_eq!(
+        (
+            missing["accepted"].as_str(),
+            missing["pushed"].as_str(),
+            missing["vendor"].as_str(),
+            missing["invoiced"].as_str()
+        ),
+        (Some("5"), Some("5"), Some("3"), None),
+        "{missing:#}"
+    );
+    assert_eq!(missing["meter"], "calls");
+    let sent = &missing["evidence"]["sent_pushes"];
+    assert_eq!(sent.as_array().unwrap().len(), 1, "{missing:#}");
+    assert_eq!(sent[0]["push_id"], early.push_id.as_str());
+    assert_eq!(sent[0]["value"], "5");
+    assert!(sent[0]["timestamp"].is_string() && sent[0]["sent_at"].is_string());
+    assert_eq!(missing["evidence"]["push_ids"], json!([early.push_id]));
+
+    // Stripe is asked up to the settle point, on a minute boundary.
+    let asked = vendor.received_requests().await.unwrap_or_default();
+    let summary = (asked.iter())
+        .find(|r| r.url.path().ends_with("/event_summaries"))
+        .unwrap();
+    let query: BTreeMap<String, String> = (summary.url.query_pairs())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let end: i64 = query["end_time"].parse().unwrap();
+    assert_eq!(end % 60, 0);
+    assert!(end <= now() - 300 && end > now() - 600, "{query:?}");
     app.stop().await;
 }
 

@@ -15,8 +15,9 @@ use crate::store::{PushRow, UsageRow};
 /// Most event ids an item lists as evidence (the count is always given).
 const MAX_EVENT_IDS: usize = 100;
 
-/// One billed period of one meter for one tenant: an invoice line, or (for usage no invoice
-/// covers) the stretch of closed time it fell in.
+/// One billed period of one meter for one tenant: an invoice line; or, without one, the open
+/// period from its start to the settle point (or, in a finished ledger, the stretch of closed
+/// time that usage no invoice covers fell in).
 #[derive(Debug, Clone)]
 pub struct Unit {
     pub tenant_id: String,
@@ -25,6 +26,7 @@ pub struct Unit {
     /// Unix ms, `[start, end)`.
     pub start: i64,
     pub end: i64,
+    /// `None`: the open period, not invoiced yet.
     pub invoice: Option<InvoiceLine>,
 }
 
@@ -169,9 +171,12 @@ impl<'a> Ledger<'a> {
             tally.pushes.push(push);
             return;
         }
-        if let Some(tally) = self
-            .uncovered
-            .get_mut(&(push.tenant_id.clone(), push.meter.clone()))
+        // A push in open time carries usage not billed yet, not the closed time's.
+        let open = (self.open_from.get(&push.tenant_id)).is_some_and(|from| at >= *from);
+        if !open
+            && let Some(tally) = self
+                .uncovered
+                .get_mut(&(push.tenant_id.clone(), push.meter.clone()))
         {
             tally.pushes.push(push);
         }
@@ -289,12 +294,13 @@ fn compare(meter: &Meter, unit: &Unit, tally: &Tally, vendor: Option<Decimal>) -
     let invoiced = unit.invoice.as_ref().and_then(|line| line.quantity);
     let zero = Decimal::ZERO;
     let p = pushed.unwrap_or(zero);
+    let Some(line) = &unit.invoice else {
+        return compare_open(meter, unit, tally, accepted, vendor);
+    };
     if let Some((finding, cause)) = not_pushed(tally, accepted, pushed) {
         return Some(item(finding, unit, tally, accepted, pushed, vendor, cause));
     }
-    if let Some(v) = vendor
-        && v != p
-    {
+    if vendor_differs(p, p, vendor).is_some() {
         return Some(item(
             Finding::VendorMismatch,
             unit,
@@ -306,8 +312,8 @@ fn compare(meter: &Meter, unit: &Unit, tally: &Tally, vendor: Option<Decimal>) -
         ));
     }
     let billed = vendor.unwrap_or(p);
-    match (&unit.invoice, invoiced) {
-        (Some(line), Some(invoiced)) if invoiced != billed => {
+    match invoiced {
+        Some(invoiced) if invoiced != billed => {
             let late = tally
                 .pushes
                 .iter()
@@ -370,6 +376,69 @@ fn item(
                 "invoice_line": unit.invoice.as_ref().and_then(|l| l.line_id.clone()),
             },
         }),
+    }
+}
+
+/// The open period: only what Stripe acknowledged against what its meter holds, since its
+/// accepted usage may still be on its way (a push after the settle point carries events from
+/// before it). A push sent after the settle point may not be in Stripe's summaries yet: its
+/// meter may hold what was pushed with or without it.
+fn compare_open(
+    meter: &Meter,
+    unit: &Unit,
+    tally: &Tally,
+    accepted: Option<Decimal>,
+    vendor: Option<Decimal>,
+) -> Option<Item> {
+    let pushed = pushed(meter, &tally.pushes);
+    let settled: Vec<PushRow> = (tally.pushes.iter())
+        .filter(|p| p.sent_at.is_some_and(|at| at < unit.end))
+        .cloned()
+        .collect();
+    let with = pushed.unwrap_or_default();
+    let without = self::pushed(meter, &settled).unwrap_or_default();
+    let (finding, cause) = vendor_differs(with.min(without), with.max(without), vendor)?;
+    let mut item = item(finding, unit, tally, accepted, pushed, vendor, cause);
+    let mut sent: Vec<&PushRow> = (tally.pushes.iter())
+        .filter(|p| p.status == "sent")
+        .collect();
+    sent.sort_by_key(|p| std::cmp::Reverse((p.timestamp, p.created_at, p.push_id.as_str())));
+    let shown: Vec<Value> = (sent.iter().take(MAX_EVENT_IDS))
+        .map(|p| {
+            json!({
+                "push_id": p.push_id,
+                "value": p.value,
+                "timestamp": rfc3339(p.timestamp * 1000),
+                "sent_at": p.sent_at.map(rfc3339),
+            })
+        })
+        .collect();
+    item.detail["evidence"]["sent_pushes"] = json!(shown);
+    item.detail["evidence"]["sent_push_count"] = json!(sent.len());
+    Some(item)
+}
+
+/// The one comparison of what Stripe acknowledged with what its meter holds: a vendor figure
+/// below `low` is missing usage, above `high` extra usage (for billed periods `low` = `high`,
+/// and either is a `vendor_mismatch`).
+fn vendor_differs(
+    low: Decimal,
+    high: Decimal,
+    vendor: Option<Decimal>,
+) -> Option<(Finding, &'static str)> {
+    let v = vendor?;
+    if v < low {
+        Some((
+            Finding::VendorMissing,
+            "Stripe's meter holds less than billsync pushed and Stripe acknowledged",
+        ))
+    } else if v > high {
+        Some((
+            Finding::VendorExtra,
+            "Stripe's meter holds more than billsync pushed",
+        ))
+    } else {
+        None
     }
 }
 
