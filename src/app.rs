@@ -134,7 +134,7 @@ async fn recover(state: &AppState) -> Result<(), AppError> {
     // SQLite has one process: whatever is running was this file's last process. On PostgreSQL
     // a run is another replica's until it stops beating.
     let silent_since = match db.backend() {
-        crate::store::Backend::Sqlite => now,
+        crate::store::Backend::Sqlite => i64::MAX,
         crate::store::Backend::Postgres => now - 30_000,
     };
     let interrupted = db

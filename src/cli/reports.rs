@@ -45,14 +45,29 @@ pub(super) async fn reconcile(
         .map_err(|e| Failure::CouldNotRun(e.to_string()))?;
     state.db.close().await;
     let items: Vec<serde_json::Value> = report.items.iter().map(|i| i.to_json()).collect();
+    print_reconciliation(&run_id, &report.summary, &items, format);
+    if items.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::Findings)
+    }
+}
+
+/// Prints a reconciliation's report as a table, JSON (`{"id","summary","items"}`) or CSV.
+fn print_reconciliation(
+    run_id: &str,
+    summary: &impl serde::Serialize,
+    items: &[serde_json::Value],
+    format: Format,
+) {
     match format {
         Format::Json => {
-            let out = serde_json::json!({"id": run_id, "summary": report.summary, "items": items});
+            let out = serde_json::json!({"id": run_id, "summary": summary, "items": items});
             println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         }
         Format::Csv => {
             println!("area,finding,tenant_id,subject,cause,detail");
-            for item in &items {
+            for item in items {
                 println!(
                     "{},{},{},{},{},{}",
                     csv(&item["area"]),
@@ -70,7 +85,7 @@ pub(super) async fn reconcile(
                 "{:<8} {:<22} {:<20} {:<40} cause",
                 "area", "finding", "tenant", "subject"
             );
-            for item in &items {
+            for item in items {
                 println!(
                     "{:<8} {:<22} {:<20} {:<40} {}",
                     item["area"].as_str().unwrap_or_default(),
@@ -81,11 +96,6 @@ pub(super) async fn reconcile(
                 );
             }
         }
-    }
-    if items.is_empty() {
-        Ok(())
-    } else {
-        Err(Failure::Findings)
     }
 }
 
