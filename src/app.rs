@@ -192,6 +192,29 @@ fn spawn_workers(workers: &mut JoinSet<()>, state: &AppState, shutdown: &Cancell
                 .run_scheduled(interval, window, token)
         });
     }
+    let settings_r = &settings.reconcile;
+    match settings_r.open_check_interval {
+        Some(interval) if state.vendor.is_some() && settings_r.vendor_usage => {
+            let (job_state, budget, window) = (
+                state.clone(),
+                settings_r.open_check_budget,
+                settings_r.open_check_window,
+            );
+            spawn_singleton(workers, state, shutdown, "open_check", move |token| {
+                let check = crate::reconcile::OpenCheck {
+                    reconciler: job_state.reconciler(),
+                    interval,
+                    budget,
+                    window,
+                };
+                check.run(token)
+            });
+        }
+        Some(_) => tracing::info!(
+            "open period check off: it needs a Stripe key and reconcile.vendor_usage"
+        ),
+        None => {}
+    }
     #[cfg(unix)]
     workers.spawn(reload_on_sighup(state.clone(), shutdown.clone()));
 }

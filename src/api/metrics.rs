@@ -121,6 +121,9 @@ async fn refresh_gauges(state: &AppState) {
                 findings as f64,
             );
         }
+        crate::reconcile::OpenCheckState::load(&state.db)
+            .await?
+            .export(metrics);
         Ok::<_, StoreError>(())
     };
     match tokio::time::timeout(std::time::Duration::from_secs(1), refresh).await {

@@ -176,6 +176,8 @@ pub(super) struct RawReconcile {
     pub(super) vendor_usage: bool,
     pub(super) settle_delay: String,
     pub(super) drift_sample: usize,
+    pub(super) open_check_interval: String,
+    pub(super) open_check_budget: usize,
 }
 
 #[derive(Deserialize)]

@@ -64,6 +64,14 @@ pub struct ReconcileSettings {
     pub settle_delay: Duration,
     /// Tenants a run over every tenant checks for drift (first in tenant order).
     pub drift_sample: usize,
+    /// How often the open periods of tenants with newly settled pushes are checked; `None`:
+    /// never.
+    pub open_check_interval: Option<Duration>,
+    /// Most vendor meter-summary calls the open period check makes per `open_check_window`.
+    pub open_check_budget: usize,
+    /// The window the budget is counted over: one minute (not a configuration key; tests
+    /// shorten it).
+    pub open_check_window: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -240,12 +240,22 @@ fn claims(raw: RawClaims) -> Result<ClaimSettings, ConfigError> {
 
 fn reconcile(raw: RawReconcile) -> Result<ReconcileSettings, ConfigError> {
     let interval = duration("reconcile.interval", &raw.interval)?;
+    let open_check_interval = duration("reconcile.open_check_interval", &raw.open_check_interval)?;
+    if raw.open_check_budget == 0 {
+        return Err(ConfigError::new(
+            "reconcile.open_check_budget",
+            "must be at least 1 (turn the check off with open_check_interval = \"0s\")",
+        ));
+    }
     Ok(ReconcileSettings {
         interval: (!interval.is_zero()).then_some(interval),
         window: positive("reconcile.window", &raw.window)?,
         vendor_usage: raw.vendor_usage,
         settle_delay: duration("reconcile.settle_delay", &raw.settle_delay)?,
         drift_sample: raw.drift_sample,
+        open_check_interval: (!open_check_interval.is_zero()).then_some(open_check_interval),
+        open_check_budget: raw.open_check_budget,
+        open_check_window: Duration::from_secs(60),
     })
 }
 

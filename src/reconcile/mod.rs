@@ -9,6 +9,7 @@
 pub mod drift;
 mod inputs;
 pub mod money;
+mod open_check;
 pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::store::{Db, RunRow, StoreError, now_ms};
 use crate::stripe::BillingVendor;
 use inputs::Scope;
+pub use open_check::{OpenCheck, State as OpenCheckState};
 
 /// How often a running reconciliation records that it is still at work.
 const RUN_BEAT: Duration = Duration::from_secs(5);
@@ -35,7 +37,7 @@ const RUN_BEAT: Duration = Duration::from_secs(5);
 const RUN_SILENCE: Duration = Duration::from_secs(30);
 
 /// What a reconciliation can find.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Finding {
     // usage
@@ -199,10 +201,64 @@ impl Reconciler {
             let open = inputs::open_units(&self.catalog, scope, &open_from, params.from_ms, end);
             units.extend(open);
         }
-        let tenant = params.tenant.as_deref();
-        let vendor_usage = self.vendor_usage_of(&units).await?;
-        let mut ledger = usage::Ledger::new(&self.catalog.meters, units, &open_from);
         let (from, to) = (params.from_ms, params.to_ms);
+        self.compare_units(from, to, params.tenant.as_deref(), units, &open_from)
+            .await
+    }
+
+    /// The open units of one tenant's `meters`, from its current period's start to the settle
+    /// point (as of `now_ms`), as a run makes them; empty without a current period.
+    pub async fn open_units_of(
+        &self,
+        tenant: &str,
+        meters: &[String],
+        now_ms: i64,
+    ) -> Result<(Vec<usage::Unit>, HashMap<String, i64>), WorkError> {
+        let scope = Scope::of(&self.db, Some(tenant)).await?;
+        let open_from = scope.open_from(&self.db).await?;
+        let settle = now_ms - self.settle_delay.as_millis() as i64;
+        let mut units = inputs::open_units(&self.catalog, &scope, &open_from, i64::MIN, settle);
+        units.retain(|u| meters.contains(&u.meter));
+        Ok((units, open_from))
+    }
+
+    /// The items of one tenant's open units (from [`Reconciler::open_units_of`]): the same
+    /// ledger and comparison as a run's, one vendor call per unit.
+    pub async fn open_items(
+        &self,
+        tenant: &str,
+        units: Vec<usage::Unit>,
+        open_from: &HashMap<String, i64>,
+    ) -> Result<Vec<Item>, WorkError> {
+        let (Some(from), Some(to)) = (
+            units.iter().map(|u| u.start).min(),
+            units.iter().map(|u| u.end).max(),
+        ) else {
+            return Ok(Vec::new());
+        };
+        let items = self
+            .compare_units(from, to, Some(tenant), units, open_from)
+            .await?;
+        // Only the open units' own findings: usage outside them is a run's business.
+        Ok(items
+            .into_iter()
+            .filter(|i| matches!(i.finding, Finding::VendorMissing | Finding::VendorExtra))
+            .collect())
+    }
+
+    /// Folds the events and pushes of `[from, to)` into `units` and compares them with the
+    /// vendor's meter totals.
+    async fn compare_units(
+        &self,
+        from: i64,
+        to: i64,
+        tenant: Option<&str>,
+        units: Vec<usage::Unit>,
+        open_from: &HashMap<String, i64>,
+    ) -> Result<Vec<Item>, WorkError> {
+        let db = &self.db;
+        let vendor_usage = self.vendor_usage_of(&units).await?;
+        let mut ledger = usage::Ledger::new(&self.catalog.meters, units, open_from);
         db.usage()
             .each_between(from, to, tenant, |event| ledger.add_event(event))
             .await?;

@@ -302,6 +302,26 @@ impl Usage<'_> {
         Ok(rows)
     }
 
+    /// The (tenant, meter) pairs with a push the vendor took (`sent_at`) in `[from_ms, to_ms)`,
+    /// in that order.
+    pub async fn sent_between(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT DISTINCT tenant_id, meter FROM usage_pushes \
+                 WHERE sent_at >= $1 AND sent_at < $2 ORDER BY tenant_id, meter",
+            )
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
     /// Pushes of windows starting in `[from_ms, to_ms)`, and every push an event of that window
     /// names (a late push of a period-value meter starts in an earlier window).
     pub async fn pushes_between(

@@ -1,0 +1,209 @@
+//! The continuous check of open periods: between scheduled runs, the open period of each tenant
+//! and meter whose pushes have settled since the last pass is compared with the vendor's meter,
+//! as a run compares it, within a budget of vendor calls per window. Its findings are logged and
+//! counted in `billsync_reconcile_open_findings`; no run is stored.
+//!
+//! Its state (the watermark, the pairs carried over, the budget spent and the current findings)
+//! is one `sync_state` row, so that a replica taking the lease over goes on where it stopped.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::{Finding, Item, Reconciler};
+use crate::error::WorkError;
+use crate::metrics::Metrics;
+use crate::store::{Db, StoreError, now_ms};
+
+/// The `sync_state` row holding the check's [`State`].
+pub const STATE: &str = "reconcile.open_check";
+
+const GAUGE: &str = "billsync_reconcile_open_findings";
+const GAUGE_HELP: &str = "Tenant and meter open periods in this state as of their last check.";
+
+/// What a pass leaves for the next, whichever replica runs it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Pushes sent from here on (Unix ms) have not been looked at yet.
+    pub watermark: i64,
+    /// (tenant, meter) pairs due for a check that the budget left for later, oldest first.
+    pub pending: VecDeque<(String, String)>,
+    /// The budget's current window: its start (Unix ms) and the calls spent in it.
+    pub window_start: i64,
+    pub spent: usize,
+    /// (tenant, meter) → its open finding, as of its last check.
+    pub findings: BTreeMap<String, BTreeMap<String, Finding>>,
+}
+
+impl State {
+    pub async fn load(db: &Db) -> Result<Self, StoreError> {
+        let stored = db.sync_state().get(STATE).await?;
+        Ok(stored
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default())
+    }
+
+    /// How many open periods are in each finding.
+    pub fn counts(&self) -> [(Finding, usize); 2] {
+        [Finding::VendorMissing, Finding::VendorExtra].map(|kind| {
+            let n = (self.findings.values().flat_map(|m| m.values()))
+                .filter(|f| **f == kind)
+                .count();
+            (kind, n)
+        })
+    }
+
+    /// Sets `billsync_reconcile_open_findings` from the findings.
+    pub fn export(&self, metrics: &Metrics) {
+        for (finding, n) in self.counts() {
+            metrics.set(
+                GAUGE,
+                GAUGE_HELP,
+                &[("finding", finding.as_str())],
+                n as f64,
+            );
+        }
+    }
+}
+
+/// The job: a pass every `interval`, at most `budget` vendor calls per `window`.
+pub struct OpenCheck {
+    pub reconciler: Reconciler,
+    pub interval: Duration,
+    pub budget: usize,
+    pub window: Duration,
+}
+
+impl OpenCheck {
+    /// Runs a pass every `interval` until `shutdown` (the lease's token).
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(self.interval) => {}
+            }
+            if let Err(error) = self.pass(&shutdown).await {
+                tracing::warn!(error = %error, "open period check failed; retrying next interval");
+            }
+        }
+    }
+
+    /// One pass: the pairs whose pushes settled since the watermark join those carried over,
+    /// and as many as the budget allows are checked; returns how many were checked.
+    pub async fn pass(&self, shutdown: &CancellationToken) -> Result<usize, WorkError> {
+        let db = &self.reconciler.db;
+        let mut state = State::load(db).await?;
+        let now = now_ms();
+        // A push sent before the settle point (on the minute, as the open units end) is in the
+        // vendor's summaries: its pair is due.
+        let settle = now - self.reconciler.settle_delay.as_millis() as i64;
+        let settle = settle - settle.rem_euclid(60_000);
+        if settle > state.watermark {
+            for pair in db.usage().sent_between(state.watermark, settle).await? {
+                if !state.pending.contains(&pair) {
+                    state.pending.push_back(pair);
+                }
+            }
+            state.watermark = settle;
+        }
+        if now >= state.window_start + self.window.as_millis() as i64 {
+            state.window_start = now;
+            state.spent = 0;
+        }
+        let mut checked = 0;
+        while let Some((tenant, _)) = state.pending.front().cloned() {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            // A tenant's due meters are checked together: one call per open unit.
+            let meters: Vec<String> = (state.pending.iter())
+                .filter(|(t, _)| *t == tenant)
+                .map(|(_, m)| m.clone())
+                .collect();
+            let (mut units, open_from) =
+                self.reconciler.open_units_of(&tenant, &meters, now).await?;
+            // One call per open unit; a tenant with more than the budget is checked in parts.
+            let affordable = self.budget.saturating_sub(state.spent);
+            if affordable == 0 && !units.is_empty() {
+                break;
+            }
+            let later: Vec<String> = (units.split_off(units.len().min(affordable)).into_iter())
+                .map(|u| u.meter)
+                .collect();
+            state.spent += units.len();
+            let items = self
+                .reconciler
+                .open_items(&tenant, units, &open_from)
+                .await?;
+            let now_checked: Vec<String> = (meters.into_iter())
+                .filter(|m| !later.contains(m))
+                .collect();
+            state
+                .pending
+                .retain(|(t, m)| *t != tenant || later.contains(m));
+            record(&mut state, &tenant, &now_checked, &items);
+            checked += now_checked.len();
+        }
+        if shutdown.is_cancelled() {
+            // The lease may be another replica's now: it goes on from the stored state.
+            return Ok(checked);
+        }
+        db.sync_state()
+            .set(
+                STATE,
+                &serde_json::to_string(&state).unwrap_or_default(),
+                now_ms(),
+            )
+            .await?;
+        state.export(&self.reconciler.metrics);
+        if !state.pending.is_empty() {
+            tracing::debug!(
+                checked,
+                left = state.pending.len(),
+                "open period check: the budget is spent, the rest waits"
+            );
+        }
+        Ok(checked)
+    }
+}
+
+/// Keeps the findings of one tenant's checked `meters` (a meter without an item is fine now),
+/// and logs what changed.
+fn record(state: &mut State, tenant: &str, meters: &[String], items: &[Item]) {
+    let current = state.findings.entry(tenant.to_owned()).or_default();
+    for meter in meters {
+        let item = items.iter().find(|i| i.detail["meter"] == meter.as_str());
+        let before = current.get(meter).copied();
+        match item {
+            Some(item) => {
+                if before != Some(item.finding) {
+                    tracing::warn!(
+                        tenant,
+                        meter = meter.as_str(),
+                        finding = item.finding.as_str(),
+                        pushed = %item.detail["pushed"],
+                        vendor = %item.detail["vendor"],
+                        period_start = %item.detail["period_start"],
+                        "open period differs from the vendor's meter"
+                    );
+                }
+                current.insert(meter.clone(), item.finding);
+            }
+            None => {
+                if let Some(before) = current.remove(meter) {
+                    tracing::info!(
+                        tenant,
+                        meter = meter.as_str(),
+                        was = before.as_str(),
+                        "open period agrees with the vendor's meter again"
+                    );
+                }
+            }
+        }
+    }
+    if current.is_empty() {
+        state.findings.remove(tenant);
+    }
+}
