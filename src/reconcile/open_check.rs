@@ -18,7 +18,7 @@ use crate::metrics::Metrics;
 use crate::store::{Db, StoreError, now_ms};
 
 /// The `sync_state` row holding the check's [`State`].
-pub const STATE: &str = "reconcile.open_check";
+pub const STATE: &str = "open_check.state";
 
 const GAUGE: &str = "billsync_reconcile_open_findings";
 const GAUGE_HELP: &str = "Tenant and meter open periods in this state as of their last check.";
