@@ -23,6 +23,8 @@ on_both_backends!(
     drift_is_reported_and_repaired_unless_dry_run,
     the_vendors_meter_totals_are_compared,
     the_open_period_is_compared_with_the_vendors_meter_up_to_the_settle_point,
+    the_continuous_check_shows_open_findings_in_metrics,
+    the_continuous_check_spends_its_budget_and_carries_the_rest_over,
 );
 
 const DAY: i64 = 86_400;
@@ -1163,5 +1165,173 @@ async fn runs_are_listed_newest_first_a_page_at_a_time_and_filtered(backend: Bac
         .await
         .unwrap();
     assert_eq!(anonymous.status(), 401);
+    app.stop().await;
+}
+
+/// A service whose tenants each have a current period, 5 pushed and sent before the settle
+/// point (backdated), and the given total on Stripe's meter; the continuous check is off until
+/// the test turns it on and restarts.
+async fn settled_open_periods(
+    backend: Backend,
+    vendor: &MockServer,
+    totals: &[(&str, i64)],
+) -> TestApp {
+    meter_events(vendor, &[], &[]).await;
+    Mock::given(method("GET"))
+        .and(path("/v1/billing/meters"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"object": "list", "has_more": false,
+            "data": [{"id": "mtr_calls", "object": "billing.meter", "event_name": "calls"}]})),
+        )
+        .mount(vendor)
+        .await;
+    let current = |tenant: &str| {
+        let mut s = subscription(
+            &format!("sub_{tenant}"),
+            &format!("cus_{tenant}"),
+            "price_pro",
+            "active",
+            1,
+        );
+        s["items"]["data"][0]["current_period_start"] = json!(now() / 60 * 60 - 10 * DAY);
+        s["items"]["data"][0]["current_period_end"] = json!(now() / 60 * 60 + 20 * DAY);
+        s
+    };
+    for (tenant, total) in totals {
+        let customer = format!("cus_{tenant}");
+        Mock::given(method("GET"))
+            .and(path("/v1/billing/meters/mtr_calls/event_summaries"))
+            .and(query_param("customer", customer.as_str()))
+            .respond_with(
+                ResponseTemplate::new(200).set_body_json(json!({"object": "list",
+                "has_more": false, "data": [{"object": "billing.meter_event_summary",
+                "aggregated_value": total}]})),
+            )
+            .mount(vendor)
+            .await;
+        Mock::given(method("GET"))
+            .and(path("/v1/subscriptions"))
+            .and(query_param("customer", customer.as_str()))
+            .respond_with(ResponseTemplate::new(200).set_body_json(
+                json!({"object": "list", "has_more": false, "data": [current(tenant)]}),
+            ))
+            .with_priority(1)
+            .mount(vendor)
+            .await;
+    }
+    let app = service(backend, vendor, |s| {
+        s.reconcile.vendor_usage = true;
+        s.reconcile.open_check_interval = None;
+    })
+    .await;
+    let mut seed = Seed { app: &app, n: 0 };
+    for (tenant, _) in totals {
+        seed.tenant(tenant).await;
+        seed.deliver("customer.subscription.created", current(tenant))
+            .await;
+        wait_for("the subscription", || async {
+            app.get_json(&format!("/v1/tenants/{tenant}")).await["subscription"]["status"]
+                == "active"
+        })
+        .await;
+        seed.usage(tenant, now() - 2 * DAY, &[5]).await;
+    }
+    let db = billsync::store::Db::connect(&app.settings.database)
+        .await
+        .unwrap();
+    wait_for("every push to be sent", || async {
+        let pushes = (db.usage().pushes_between(0, i64::MAX, None).await).unwrap();
+        pushes.len() == totals.len() && pushes.iter().all(|p| p.status == "sent")
+    })
+    .await;
+    // As if sent before the settle point.
+    let backdate = "UPDATE usage_pushes SET sent_at = sent_at - 600000";
+    match &db {
+        billsync::store::Db::Sqlite(pool) => sqlx::query(backdate).execute(pool).await.map(drop),
+        billsync::store::Db::Postgres(pool) => sqlx::query(backdate).execute(pool).await.map(drop),
+    }
+    .unwrap();
+    db.close().await;
+    app
+}
+
+/// The value of one series in `/metrics`.
+async fn gauge(app: &TestApp, series: &str) -> Option<f64> {
+    let text = app.metrics().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+}
+
+const MISSING: &str = r#"billsync_reconcile_open_findings{finding="vendor_missing"} "#;
+const EXTRA: &str = r#"billsync_reconcile_open_findings{finding="vendor_extra"} "#;
+
+/// How many meter summaries Stripe was asked for.
+async fn summary_calls(vendor: &MockServer) -> usize {
+    let asked = vendor.received_requests().await.unwrap_or_default();
+    (asked.iter())
+        .filter(|r| r.url.path().ends_with("/event_summaries"))
+        .count()
+}
+
+/// With the check on, a pass compares each tenant's settled open period with Stripe's meter,
+/// as a run would, and the metric counts what it found; no run is stored.
+async fn the_continuous_check_shows_open_findings_in_metrics(backend: Backend) {
+    let vendor = MockServer::start().await;
+    let totals = [("less", 3), ("more", 8), ("equal", 5)];
+    let mut app = settled_open_periods(backend, &vendor, &totals).await;
+    assert_eq!(summary_calls(&vendor).await, 0);
+    app.settings.reconcile.open_check_interval = Some(std::time::Duration::from_millis(200));
+    let app = app.restart().await;
+
+    wait_for("the open findings in /metrics", || async {
+        gauge(&app, MISSING).await == Some(1.0) && gauge(&app, EXTRA).await == Some(1.0)
+    })
+    .await;
+    assert_eq!(summary_calls(&vendor).await, totals.len());
+    let runs = app.get_json("/v1/reconciliations").await;
+    assert_eq!(runs["data"], json!([]), "{runs:#}");
+    app.stop().await;
+}
+
+/// With a budget of 2 calls a window and 5 tenants due, a pass asks Stripe twice and carries
+/// the other 3 over (in the stored state, which a restarted service goes on from); once the
+/// window has passed, later passes check them, each tenant once.
+async fn the_continuous_check_spends_its_budget_and_carries_the_rest_over(backend: Backend) {
+    let vendor = MockServer::start().await;
+    let totals = [("t1", 0), ("t2", 0), ("t3", 0), ("t4", 0), ("t5", 0)];
+    let mut app = settled_open_periods(backend, &vendor, &totals).await;
+    app.settings.reconcile.open_check_interval = Some(std::time::Duration::from_millis(200));
+    app.settings.reconcile.open_check_budget = 2;
+    // One window for the whole first part: no more calls can be made in it.
+    app.settings.reconcile.open_check_window = std::time::Duration::from_secs(3600);
+    let mut app = app.restart().await;
+
+    let db = billsync::store::Db::connect(&app.settings.database)
+        .await
+        .unwrap();
+    let state = || async {
+        billsync::reconcile::OpenCheckState::load(&db)
+            .await
+            .unwrap()
+    };
+    wait_for("the first pass", || async { state().await.watermark > 0 }).await;
+    let first = state().await;
+    assert_eq!(first.pending.len(), 3, "{first:?}");
+    assert_eq!(first.spent, 2, "{first:?}");
+    assert_eq!(summary_calls(&vendor).await, 2);
+    wait_for("the metric", || async {
+        gauge(&app, MISSING).await == Some(2.0)
+    })
+    .await;
+
+    app.settings.reconcile.open_check_window = std::time::Duration::from_millis(300);
+    let app = app.restart().await;
+    wait_for("every tenant checked", || async {
+        gauge(&app, MISSING).await == Some(5.0)
+    })
+    .await;
+    assert!(state().await.pending.is_empty());
+    assert_eq!(summary_calls(&vendor).await, totals.len());
+    db.close().await;
     app.stop().await;
 }
