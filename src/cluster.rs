@@ -1,9 +1,9 @@
 //! Several replicas on one PostgreSQL.
 //!
 //! - Singleton jobs (events poller, drift sweep, pusher, usage snapshot, scheduled
-//!   reconciliation) each run on the one replica holding their lease ([`with_lease`]); when it
-//!   dies, its leases are free at once and another replica takes each at its next try (every
-//!   [`LEASE_RETRY`]).
+//!   reconciliation, open period check) each run on the one replica holding their lease
+//!   ([`with_lease`]); when it dies, its leases are free at once and another replica takes each
+//!   at its next try (every [`LEASE_RETRY`]).
 //! - Work queues (inbox, outbox, pushes) are claimed row by row with `FOR UPDATE SKIP LOCKED`
 //!   (see the stores), and the claim is renewed while the work runs ([`ClaimRenewal`]): a
 //!   healthy replica's work is never taken over, a dead one's is once its claim runs out.

@@ -140,7 +140,14 @@ async fn postgres_singleton_jobs_run_once_and_move_when_their_replica_dies() {
     })
     .await;
     let b = a.replica().await;
-    for lease in ["poller", "sweep", "pusher", "snapshot", "reconcile"] {
+    for lease in [
+        "poller",
+        "sweep",
+        "pusher",
+        "snapshot",
+        "reconcile",
+        "open_check",
+    ] {
         wait_for(&format!("one holder of {lease}"), || async {
             holds(&a, lease).await || holds(&b, lease).await
         })
