@@ -6,7 +6,7 @@
 //! Its state (the watermark, the pairs carried over, the budget spent and the current findings)
 //! is one `sync_state` row, so that a replica taking the lease over goes on where it stopped.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -101,8 +101,9 @@ impl OpenCheck {
         let settle = now - self.reconciler.settle_delay.as_millis() as i64;
         let settle = settle - settle.rem_euclid(60_000);
         if settle > state.watermark {
+            let mut due: HashSet<(String, String)> = state.pending.iter().cloned().collect();
             for pair in db.usage().sent_between(state.watermark, settle).await? {
-                if !state.pending.contains(&pair) {
+                if due.insert(pair.clone()) {
                     state.pending.push_back(pair);
                 }
             }
@@ -150,13 +151,8 @@ impl OpenCheck {
             // The lease may be another replica's now: it goes on from the stored state.
             return Ok(checked);
         }
-        db.sync_state()
-            .set(
-                STATE,
-                &serde_json::to_string(&state).unwrap_or_default(),
-                now_ms(),
-            )
-            .await?;
+        let stored = serde_json::to_string(&state).expect("the open check's state serializes");
+        db.sync_state().set(STATE, &stored, now_ms()).await?;
         state.export(&self.reconciler.metrics);
         if !state.pending.is_empty() {
             tracing::debug!(
@@ -205,5 +201,50 @@ fn record(state: &mut State, tenant: &str, meters: &[String], items: &[Item]) {
     }
     if current.is_empty() {
         state.findings.remove(tenant);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn item(finding: Finding, meter: &str) -> Item {
+        Item {
+            area: "usage",
+            finding,
+            tenant_id: Some("acme".to_owned()),
+            detail: json!({"meter": meter}),
+        }
+    }
+
+    #[test]
+    fn a_check_keeps_what_it_finds_and_forgets_what_agrees_again() {
+        let mut state = State::default();
+        let meters = ["calls".to_owned(), "seats".to_owned()];
+        let found = [
+            item(Finding::VendorMissing, "calls"),
+            item(Finding::VendorExtra, "seats"),
+        ];
+        record(&mut state, "acme", &meters, &found);
+        record(&mut state, "globex", &meters[..1], &found[..1]);
+        assert_eq!(
+            state.counts(),
+            [(Finding::VendorMissing, 2), (Finding::VendorExtra, 1)]
+        );
+
+        // Only the checked meters change: `seats` of acme stays as last checked.
+        record(&mut state, "acme", &meters[..1], &[]);
+        record(&mut state, "globex", &meters[..1], &[]);
+        assert_eq!(
+            state.counts(),
+            [(Finding::VendorMissing, 0), (Finding::VendorExtra, 1)]
+        );
+        assert!(!state.findings.contains_key("globex"));
+
+        let stored = serde_json::to_string(&state).unwrap();
+        let loaded: State = serde_json::from_str(&stored).unwrap();
+        assert_eq!(loaded.counts(), state.counts());
     }
 }
