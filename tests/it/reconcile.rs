@@ -815,50 +815,9 @@ async fn the_open_period_is_compared_with_the_vendors_meter_up_to_the_settle_poi
     backend: Backend,
 ) {
     let vendor = MockServer::start().await;
-    meter_events(&vendor, &[], &[]).await;
-    Mock::given(method("GET"))
-        .and(path("/v1/billing/meters"))
-        .respond_with(
-            ResponseTemplate::new(200).set_body_json(json!({"object": "list", "has_more": false,
-            "data": [{"id": "mtr_calls", "object": "billing.meter", "event_name": "calls"}]})),
-        )
-        .mount(&vendor)
-        .await;
     let cases = [("less", 3), ("more", 8), ("equal", 5)];
-    let current = |tenant: &str| {
-        let mut s = subscription(
-            &format!("sub_{tenant}"),
-            &format!("cus_{tenant}"),
-            "price_pro",
-            "active",
-            1,
-        );
-        s["items"]["data"][0]["current_period_start"] = json!(now() / 60 * 60 - 10 * DAY);
-        s["items"]["data"][0]["current_period_end"] = json!(now() / 60 * 60 + 20 * DAY);
-        s
-    };
-    for (tenant, total) in cases {
-        let customer = format!("cus_{tenant}");
-        Mock::given(method("GET"))
-            .and(path("/v1/billing/meters/mtr_calls/event_summaries"))
-            .and(query_param("customer", customer.as_str()))
-            .respond_with(
-                ResponseTemplate::new(200).set_body_json(json!({"object": "list",
-                "has_more": false, "data": [{"object": "billing.meter_event_summary",
-                "aggregated_value": total}]})),
-            )
-            .mount(&vendor)
-            .await;
-        Mock::given(method("GET"))
-            .and(path("/v1/subscriptions"))
-            .and(query_param("customer", customer.as_str()))
-            .respond_with(ResponseTemplate::new(200).set_body_json(
-                json!({"object": "list", "has_more": false, "data": [current(tenant)]}),
-            ))
-            .with_priority(1)
-            .mount(&vendor)
-            .await;
-    }
+    mount_open_periods(&vendor, &cases).await;
+    let current = open_period_subscription;
     let app = service(backend, &vendor, |s| s.reconcile.vendor_usage = true).await;
     let mut seed = Seed { app: &app, n: 0 };
     for (tenant, _) in cases {
@@ -1168,14 +1127,9 @@ async fn runs_are_listed_newest_first_a_page_at_a_time_and_filtered(backend: Bac
     app.stop().await;
 }
 
-/// A service whose tenants each have a current period, 5 pushed and sent before the settle
-/// point (backdated), and the given total on Stripe's meter; the continuous check is off until
-/// the test turns it on and restarts.
-async fn settled_open_periods(
-    backend: Backend,
-    vendor: &MockServer,
-    totals: &[(&str, i64)],
-) -> TestApp {
+/// Stripe for the open-period tests: the `calls` meter, each tenant's total on it, and each
+/// tenant's subscription with a current period from ten days ago to twenty days ahead.
+async fn mount_open_periods(vendor: &MockServer, totals: &[(&str, i64)]) {
     meter_events(vendor, &[], &[]).await;
     Mock::given(method("GET"))
         .and(path("/v1/billing/meters"))
@@ -1185,18 +1139,7 @@ async fn settled_open_periods(
         )
         .mount(vendor)
         .await;
-    let current = |tenant: &str| {
-        let mut s = subscription(
-            &format!("sub_{tenant}"),
-            &format!("cus_{tenant}"),
-            "price_pro",
-            "active",
-            1,
-        );
-        s["items"]["data"][0]["current_period_start"] = json!(now() / 60 * 60 - 10 * DAY);
-        s["items"]["data"][0]["current_period_end"] = json!(now() / 60 * 60 + 20 * DAY);
-        s
-    };
+    let current = open_period_subscription;
     for (tenant, total) in totals {
         let customer = format!("cus_{tenant}");
         Mock::given(method("GET"))
@@ -1219,6 +1162,32 @@ async fn settled_open_periods(
             .mount(vendor)
             .await;
     }
+}
+
+/// A tenant's subscription as `mount_open_periods` lists it.
+fn open_period_subscription(tenant: &str) -> Value {
+    let mut s = subscription(
+        &format!("sub_{tenant}"),
+        &format!("cus_{tenant}"),
+        "price_pro",
+        "active",
+        1,
+    );
+    s["items"]["data"][0]["current_period_start"] = json!(now() / 60 * 60 - 10 * DAY);
+    s["items"]["data"][0]["current_period_end"] = json!(now() / 60 * 60 + 20 * DAY);
+    s
+}
+
+/// A service whose tenants each have a current period, 5 pushed and sent before the settle
+/// point (backdated), and the given total on Stripe's meter; the continuous check is off until
+/// the test turns it on and restarts.
+async fn settled_open_periods(
+    backend: Backend,
+    vendor: &MockServer,
+    totals: &[(&str, i64)],
+) -> TestApp {
+    mount_open_periods(vendor, totals).await;
+    let current = open_period_subscription;
     let app = service(backend, vendor, |s| {
         s.reconcile.vendor_usage = true;
         s.reconcile.open_check_interval = None;
