@@ -10,6 +10,20 @@ use serde_json::Value;
 use crate::binary::{Running, billsync};
 use crate::helpers::{Backend, TestApp, TestDatabase};
 
+/// `billsync serve` in `dir` with nothing set but a free port; the child, the address it
+/// listens on, and the log lines read until it said so.
+fn serve_on_port_0(dir: &std::path::Path) -> (Running, String, Vec<String>) {
+    let mut child = billsync(dir, &["serve"], &[("BILLSYNC_LISTEN", "127.0.0.1:0")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Running)
+        .unwrap();
+    let mut seen = Vec::new();
+    let address = listening_address(&mut child, &mut seen);
+    (child, address, seen)
+}
+
 /// Reads JSON log lines until the "billsync listening" one and returns its address.
 fn listening_address(child: &mut Child, seen: &mut Vec<String>) -> String {
     let stdout = child.stdout.take().expect("piped stdout");
@@ -52,18 +66,7 @@ fn terminate_and_wait(child: &mut Child) -> (std::process::ExitStatus, Duration)
 async fn serve_starts_with_zero_set_up_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     // Only the port is chosen, so that tests never collide on 8080.
-    let mut child = billsync(
-        dir.path(),
-        &["serve"],
-        &[("BILLSYNC_LISTEN", "127.0.0.1:0")],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .map(Running)
-    .unwrap();
-    let mut seen = Vec::new();
-    let address = listening_address(&mut child, &mut seen);
+    let (mut child, address, seen) = serve_on_port_0(dir.path());
     assert!(
         seen.iter().any(|l| l.contains("vendor sync is off")),
         "the missing Stripe key is said at start: {seen:#?}"
@@ -543,18 +546,7 @@ fn config_check_prints_the_effective_configuration_without_secrets() {
 #[test]
 fn healthcheck_exits_0_only_while_readyz_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = billsync(
-        dir.path(),
-        &["serve"],
-        &[("BILLSYNC_LISTEN", "127.0.0.1:0")],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null())
-    .spawn()
-    .map(Running)
-    .unwrap();
-    let mut seen = Vec::new();
-    let address = listening_address(&mut child, &mut seen);
+    let (mut child, address, _) = serve_on_port_0(dir.path());
 
     // The address from the configuration, as the Docker HEALTHCHECK runs it.
     let by_listen = billsync(

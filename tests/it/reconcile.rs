@@ -817,19 +817,10 @@ async fn the_open_period_is_compared_with_the_vendors_meter_up_to_the_settle_poi
     let vendor = MockServer::start().await;
     let cases = [("less", 3), ("more", 8), ("equal", 5)];
     mount_open_periods(&vendor, &cases).await;
-    let current = open_period_subscription;
     let app = service(backend, &vendor, |s| s.reconcile.vendor_usage = true).await;
     let mut seed = Seed { app: &app, n: 0 };
     for (tenant, _) in cases {
-        seed.tenant(tenant).await;
-        seed.deliver("customer.subscription.created", current(tenant))
-            .await;
-        wait_for("the subscription", || async {
-            app.get_json(&format!("/v1/tenants/{tenant}")).await["subscription"]["status"]
-                == "active"
-        })
-        .await;
-        seed.usage(tenant, now() - 2 * DAY, &[5]).await;
+        subscribed_with_settled_usage(&mut seed, tenant).await;
         // In flight: after the settle point (5 minutes ago by default).
         seed.usage(tenant, now() - 60, &[7]).await;
     }
@@ -1164,6 +1155,21 @@ async fn mount_open_periods(vendor: &MockServer, totals: &[(&str, i64)]) {
     }
 }
 
+/// The tenant, its subscription from `mount_open_periods` (waited for), and 5 calls two days
+/// ago, well before the settle point.
+async fn subscribed_with_settled_usage(seed: &mut Seed<'_>, tenant: &str) {
+    seed.tenant(tenant).await;
+    let subscription = open_period_subscription(tenant);
+    seed.deliver("customer.subscription.created", subscription)
+        .await;
+    let app = seed.app;
+    wait_for("the subscription", || async {
+        app.get_json(&format!("/v1/tenants/{tenant}")).await["subscription"]["status"] == "active"
+    })
+    .await;
+    seed.usage(tenant, now() - 2 * DAY, &[5]).await;
+}
+
 /// A tenant's subscription as `mount_open_periods` lists it.
 fn open_period_subscription(tenant: &str) -> Value {
     let mut s = subscription(
@@ -1187,7 +1193,6 @@ async fn settled_open_periods(
     totals: &[(&str, i64)],
 ) -> TestApp {
     mount_open_periods(vendor, totals).await;
-    let current = open_period_subscription;
     let app = service(backend, vendor, |s| {
         s.reconcile.vendor_usage = true;
         s.reconcile.open_check_interval = None;
@@ -1195,15 +1200,7 @@ async fn settled_open_periods(
     .await;
     let mut seed = Seed { app: &app, n: 0 };
     for (tenant, _) in totals {
-        seed.tenant(tenant).await;
-        seed.deliver("customer.subscription.created", current(tenant))
-            .await;
-        wait_for("the subscription", || async {
-            app.get_json(&format!("/v1/tenants/{tenant}")).await["subscription"]["status"]
-                == "active"
-        })
-        .await;
-        seed.usage(tenant, now() - 2 * DAY, &[5]).await;
+        subscribed_with_settled_usage(&mut seed, tenant).await;
     }
     let db = billsync::store::Db::connect(&app.settings.database)
         .await
