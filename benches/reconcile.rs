@@ -171,6 +171,7 @@ async fn run(backend: Backend, tenants: usize, per_tenant: usize) -> (f64, f64, 
         to_ms: now_ms,
         tenant: None,
         dry_run: true,
+        invoice: None,
     };
     // Reset the peak so that it measures the run alone (Linux: "5" clears VmHWM).
     let _ = std::fs::write("/proc/self/clear_refs", "5");

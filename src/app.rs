@@ -206,6 +206,7 @@ fn spawn_workers(workers: &mut JoinSet<()>, state: &AppState, shutdown: &Cancell
                     interval,
                     budget,
                     window,
+                    drafts: job_state.drafts_wake.clone(),
                 };
                 check.run(token)
             });

@@ -45,6 +45,8 @@ pub struct Services {
     pub wake: Arc<Notify>,
     /// Wakes the outbox worker when a command is accepted.
     pub outbox_wake: Arc<Notify>,
+    /// Wakes the open period check when a draft invoice is applied.
+    pub drafts_wake: Arc<Notify>,
     pub metering: Metering,
     pub entitlements: Entitlements,
     /// Per-key request budgets (`api.rate_limit`).
@@ -134,6 +136,7 @@ impl AppState {
             vendor,
             wake: Arc::new(Notify::new()),
             outbox_wake: Arc::new(Notify::new()),
+            drafts_wake: Arc::new(Notify::new()),
             metering,
             entitlements,
             key_limiter: Default::default(),
@@ -153,6 +156,7 @@ impl AppState {
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
             entitlements: Some(self.entitlements.clone()),
+            drafts: Some(self.drafts_wake.clone()),
         }
     }
 
@@ -193,6 +197,8 @@ impl AppState {
             vendor_usage: settings.vendor_usage,
             settle_delay: settings.settle_delay,
             drift_sample: settings.drift_sample,
+            repair: settings.repair,
+            max_retry_delay: self.settings.sync.max_retry_delay,
         }
     }
 

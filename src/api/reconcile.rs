@@ -244,6 +244,7 @@ fn params(body: &RunIn) -> Result<Params, ApiError> {
         to_ms,
         tenant,
         dry_run: body.dry_run,
+        invoice: None,
     })
 }
 

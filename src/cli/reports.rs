@@ -24,6 +24,7 @@ pub(super) async fn reconcile(
         to_ms: time("to", to)?,
         tenant,
         dry_run,
+        invoice: None,
     };
     if params.to_ms <= params.from_ms {
         return Err(Failure::Invalid("--to must be after --from".to_owned()));

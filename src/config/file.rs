@@ -178,6 +178,7 @@ pub(super) struct RawReconcile {
     pub(super) drift_sample: usize,
     pub(super) open_check_interval: String,
     pub(super) open_check_budget: usize,
+    pub(super) repair: bool,
 }
 
 #[derive(Deserialize)]

@@ -72,6 +72,8 @@ pub struct ReconcileSettings {
     /// The window the budget is counted over: one minute (not a configuration key; tests
     /// shorten it).
     pub open_check_window: Duration,
+    /// Push usage Stripe acknowledged and lost again, before its invoice is final.
+    pub repair: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -255,6 +255,7 @@ fn reconcile(raw: RawReconcile) -> Result<ReconcileSettings, ConfigError> {
         drift_sample: raw.drift_sample,
         open_check_interval: (!open_check_interval.is_zero()).then_some(open_check_interval),
         open_check_budget: raw.open_check_budget,
+        repair: raw.repair,
         open_check_window: Duration::from_secs(60),
     })
 }

@@ -313,6 +313,8 @@ impl Pusher {
             sent_at: None,
             period_start: Some(group.period.start),
             period_end: Some(group.period.end),
+            kind: "usage".to_owned(),
+            evidence: None,
         };
         Ok(Some(NewPush {
             row: push,
@@ -397,43 +399,11 @@ impl Pusher {
         push: PushRow,
         renewal: &crate::cluster::ClaimRenewal,
     ) -> Result<&'static str, StoreError> {
-        let event = MeterEvent {
-            event_name: push.event_name.clone(),
-            customer_id: push.customer_id.clone(),
-            value: push.value.clone(),
-            timestamp: push.timestamp,
-            identifier: push.push_id.clone(),
-        };
-        let (status, error, next) = match self.vendor.report_usage(&event).await {
-            Ok(()) => ("sent", None, now_ms()),
-            // Stripe keeps one event per identifier: a refusal for that reason means it has it.
-            Err(VendorError::Rejected { message, .. }) if is_duplicate_identifier(&message) => {
-                ("sent", None, now_ms())
-            }
-            Err(error @ VendorError::Rejected { .. }) => {
-                ("rejected", Some(error.to_string()), now_ms())
-            }
-            Err(error) => {
-                let delay = crate::retry::after_failures(push.attempts, self.max_retry_delay);
-                (
-                    "pending",
-                    Some(error.to_string()),
-                    now_ms() + delay.as_millis() as i64,
-                )
-            }
-        };
-        self.metering.metrics.inc(
-            "billsync_usage_pushes_total",
-            "Meter events sent to the vendor, by outcome (pending: to be retried).",
-            &[("outcome", status)],
-        );
+        let outcome = deliver(self.vendor.as_ref(), &push, self.max_retry_delay).await;
         renewal.let_go(&push.push_id);
-        self.metering
-            .db
-            .usage()
-            .settle_push(&push.push_id, status, error.as_deref(), next, now_ms())
-            .await?;
-        Ok(status)
+        let metering = &self.metering;
+        outcome.record(&metering.db, &metering.metrics, &push).await?;
+        Ok(outcome.status)
     }
 
     pub async fn record_backlog(&self) -> Result<(), StoreError> {
@@ -458,6 +428,67 @@ impl Pusher {
             age,
         );
         Ok(())
+    }
+}
+
+/// What sending one push came to.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// `sent`, `rejected` (the vendor refused it) or `pending` (retry at `next`).
+    pub status: &'static str,
+    pub error: Option<String>,
+    pub next: i64,
+}
+
+impl Delivery {
+    /// Counts the outcome and settles the push row with it.
+    pub async fn record(
+        &self,
+        db: &crate::store::Db,
+        metrics: &crate::metrics::Metrics,
+        push: &PushRow,
+    ) -> Result<(), StoreError> {
+        metrics.inc(
+            "billsync_usage_pushes_total",
+            "Meter events sent to the vendor, by outcome (pending: to be retried).",
+            &[("outcome", self.status)],
+        );
+        let usage = db.usage();
+        (usage.settle_push(&push.push_id, self.status, self.error.as_deref(), self.next, now_ms()))
+            .await
+    }
+}
+
+/// Sends one push as a meter event, its identifier also the idempotency key.
+pub async fn deliver(
+    vendor: &dyn BillingVendor,
+    push: &PushRow,
+    max_retry_delay: Duration,
+) -> Delivery {
+    let event = MeterEvent {
+        event_name: push.event_name.clone(),
+        customer_id: push.customer_id.clone(),
+        value: push.value.clone(),
+        timestamp: push.timestamp,
+        identifier: push.push_id.clone(),
+    };
+    let (status, error, next) = match vendor.report_usage(&event).await {
+        Ok(()) => ("sent", None, now_ms()),
+        // Stripe keeps one event per identifier: a refusal for that reason means it has it.
+        Err(VendorError::Rejected { message, .. }) if is_duplicate_identifier(&message) => {
+            ("sent", None, now_ms())
+        }
+        Err(error @ VendorError::Rejected { .. }) => ("rejected", Some(error.to_string()), now_ms()),
+        Err(error) => {
+            let delay = crate::retry::after_failures(push.attempts, max_retry_delay);
+            let next = now_ms() + delay.as_millis() as i64;
+            ("pending", Some(error.to_string()), next)
+        }
+    };
+    Delivery {
+        status,
+        error,
+        next,
     }
 }
 

@@ -64,6 +64,7 @@ pub async fn check(
                 continue;
             }
             items.push(Item {
+                repair: None,
                 area: "drift",
                 finding: Finding::Drift,
                 tenant_id: Some(tenant.clone()),

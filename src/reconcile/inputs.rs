@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde_json::Value;
 
 use super::money::Billed;
-use super::usage;
+use super::usage::{self, OpenPeriods};
 use crate::catalog::Catalog;
 use crate::domain::{Payment, Subscription};
 use crate::store::{Db, StoreError};
@@ -70,6 +70,25 @@ impl Scope {
             .collect())
     }
 
+    /// One invoice of the tenants, with its tenant (none when it is not theirs).
+    pub async fn invoice(&self, db: &Db, invoice_id: &str) -> Result<Vec<Billed>, StoreError> {
+        let tenant_of = self.tenant_of();
+        let kind = ObjectKind::Invoice.as_str();
+        let row = db.mirror().get(kind, invoice_id).await?;
+        Ok(row
+            .into_iter()
+            .filter_map(|row| {
+                let tenant = tenant_of.get(row.customer_id.as_deref()?)?.to_string();
+                let raw: Value = serde_json::from_str(&row.payload).ok()?;
+                let invoice = objects::invoice(&raw);
+                Some(Billed {
+                    tenant_id: tenant,
+                    invoice,
+                })
+            })
+            .collect())
+    }
+
     /// The tenants' charges, payment intents and credit notes created since `from_s`.
     pub async fn payments(&self, db: &Db, from_s: i64) -> Result<Vec<Payment>, StoreError> {
         let tenant_of = self.tenant_of();
@@ -88,9 +107,9 @@ impl Scope {
             .collect())
     }
 
-    /// Where each tenant's unbilled usage starts (Unix ms): the start of the current period of
-    /// its liveliest subscription (newest among equals), as the tenant view picks it.
-    pub async fn open_from(&self, db: &Db) -> Result<HashMap<String, i64>, StoreError> {
+    /// Each tenant's current period (Unix ms), where its unbilled usage starts: that of its
+    /// liveliest subscription (newest among equals), as the tenant view picks it.
+    pub async fn open_periods(&self, db: &Db) -> Result<OpenPeriods, StoreError> {
         let tenant_of = self.tenant_of();
         let kinds = [ObjectKind::Subscription.as_str()];
         let rows = db
@@ -113,7 +132,11 @@ impl Scope {
         Ok(current
             .into_iter()
             .filter(|(_, s)| s.liveness() > 0)
-            .filter_map(|(tenant, s)| Some((tenant.to_owned(), s.current_period_start? * 1000)))
+            .filter_map(|(tenant, s)| {
+                let start = s.current_period_start? * 1000;
+                let end = s.current_period_end.map_or(i64::MAX, |e| e * 1000);
+                Some((tenant.to_owned(), (start, end)))
+            })
             .collect())
     }
 }
@@ -124,16 +147,17 @@ impl Scope {
 pub fn open_units(
     catalog: &Catalog,
     scope: &Scope,
-    open_from: &HashMap<String, i64>,
+    open: &OpenPeriods,
     from_ms: i64,
     settle_ms: i64,
 ) -> Vec<usage::Unit> {
     let end = settle_ms - settle_ms.rem_euclid(60_000);
     let mut units = Vec::new();
     for (tenant, customer) in &scope.linked {
-        let Some(start) = open_from.get(tenant).map(|s| (*s).max(from_ms)) else {
+        let Some(&(start, period_end)) = open.get(tenant) else {
             continue;
         };
+        let start = start.max(from_ms);
         if start >= end {
             continue;
         }
@@ -144,14 +168,22 @@ pub fn open_units(
             meter: meter.name.clone(),
             start,
             end,
+            period_end,
+            settle_at: end,
             invoice: None,
         }));
     }
     units
 }
 
-/// The units usage is reconciled in: each invoice line of a price that bills a meter.
-pub fn usage_units(catalog: &Catalog, scope: &Scope, invoices: &[Billed]) -> Vec<usage::Unit> {
+/// The units usage is reconciled in: each invoice line of a price that bills a meter. A draft's
+/// pushes sent from `settle_ms` on may not be in the vendor's totals yet.
+pub fn usage_units(
+    catalog: &Catalog,
+    scope: &Scope,
+    invoices: &[Billed],
+    settle_ms: i64,
+) -> Vec<usage::Unit> {
     let price_meter: HashMap<&str, &str> = (catalog.meters.values())
         .flat_map(|m| (m.stripe_prices.iter()).map(move |p| (p.as_str(), m.name.as_str())))
         .collect();
@@ -176,11 +208,15 @@ pub fn usage_units(catalog: &Catalog, scope: &Scope, invoices: &[Billed]) -> Vec
                 meter: meter.to_string(),
                 start: start * 1000,
                 end: end * 1000,
+                period_end: end * 1000,
+                settle_at: settle_ms,
                 invoice: Some(usage::InvoiceLine {
                     invoice_id: invoice.id.clone(),
                     line_id: line.id.clone(),
                     quantity: line.quantity,
                     billed_at,
+                    // A status billsync does not know is taken as final: never repaired.
+                    is_final: invoice.status.as_deref() != Some("draft"),
                 }),
             });
         }

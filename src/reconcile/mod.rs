@@ -100,6 +100,8 @@ pub struct Item {
     pub finding: Finding,
     pub tenant_id: Option<String>,
     pub detail: Value,
+    /// A usage finding's proposed repair, until it is carried out (see [`usage::Repairs`]).
+    pub repair: Option<usage::Repair>,
 }
 
 impl Item {
@@ -124,8 +126,10 @@ pub struct Params {
     pub from_ms: i64,
     pub to_ms: i64,
     pub tenant: Option<String>,
-    /// Report drift without repairing it.
+    /// Report drift and lost usage without repairing them.
     pub dry_run: bool,
+    /// Only this invoice's metered lines (a draft's check): no payments, no drift.
+    pub invoice: Option<String>,
 }
 
 /// A finished report: the summary and the items, in report order.
@@ -149,6 +153,10 @@ pub struct Reconciler {
     pub settle_delay: Duration,
     /// How many tenants (in tenant order) a run over every tenant checks for drift.
     pub drift_sample: usize,
+    /// Push usage Stripe lost again (`reconcile.repair`; see [`usage::Repairs`]).
+    pub repair: bool,
+    /// The longest a repair the vendor did not take waits before it is retried.
+    pub max_retry_delay: Duration,
 }
 
 impl Reconciler {
@@ -156,6 +164,9 @@ impl Reconciler {
     pub async fn report(&self, params: &Params) -> Result<Report, WorkError> {
         let db = &self.db;
         let scope = Scope::of(db, params.tenant.as_deref()).await?;
+        if let Some(invoice) = &params.invoice {
+            return self.invoice_report(params, &scope, invoice).await;
+        }
         // Invoices created in the window, and the payments of the same customers since then.
         let from_s = params.from_ms.div_euclid(1000);
         let to_s = params.to_ms.div_euclid(1000);
@@ -183,9 +194,44 @@ impl Reconciler {
         Ok(Report { summary, items })
     }
 
+    /// One invoice's metered lines against the usage of their periods, repaired (while it is a
+    /// draft) as a run repairs; a repair says whether it landed while the invoice was a draft.
+    async fn invoice_report(
+        &self,
+        params: &Params,
+        scope: &Scope,
+        invoice_id: &str,
+    ) -> Result<Report, WorkError> {
+        let db = &self.db;
+        let billed = scope.invoice(db, invoice_id).await?;
+        let settle = now_ms() - self.settle_delay.as_millis() as i64;
+        let units = inputs::usage_units(&self.catalog, scope, &billed, settle);
+        let (Some(from), Some(to)) = (
+            units.iter().map(|u| u.start).min(),
+            units.iter().map(|u| u.end).max(),
+        ) else {
+            let summary = summarize(params, &[], 0, 0, billed.len(), 0, self.vendor_usage);
+            return Ok(Report { summary, items: Vec::new() });
+        };
+        let open = scope.open_periods(db).await?;
+        let tenant = params.tenant.as_deref();
+        let mut items = self.compare_units(from, to, tenant, units, &open).await?;
+        self.repairs(params.dry_run).carry_out(&mut items).await?;
+        let status = scope.invoice(db, invoice_id).await?;
+        let still_draft = (status.first()).is_some_and(|b| b.invoice.status.as_deref() == Some("draft"));
+        for item in &mut items {
+            if item.detail["repair"]["status"] == "sent" {
+                item.detail["repair"]["before_finalization"] = json!(still_draft);
+            }
+        }
+        let mut summary = summarize(params, &items, items.len(), 0, billed.len(), 0, true);
+        summary["invoice"] = json!(invoice_id);
+        Ok(Report { summary, items })
+    }
+
     /// Usage: the usage log and the push ledger of the window against the invoice lines that
     /// bill a meter and the vendor's meter totals; with the vendor's totals, also each tenant's
-    /// open period up to the settle point (now less `settle_delay`).
+    /// open period up to the settle point (now less `settle_delay`). Repairs what it may.
     async fn usage_items(
         &self,
         params: &Params,
@@ -193,17 +239,30 @@ impl Reconciler {
         invoices: &[money::Billed],
     ) -> Result<Vec<Item>, WorkError> {
         let db = &self.db;
-        let mut units = inputs::usage_units(&self.catalog, scope, invoices);
-        let open_from = scope.open_from(db).await?;
+        let settle = now_ms() - self.settle_delay.as_millis() as i64;
+        let mut units = inputs::usage_units(&self.catalog, scope, invoices, settle);
+        let open = scope.open_periods(db).await?;
         if self.vendor.is_some() && self.vendor_usage {
-            let settle = now_ms() - self.settle_delay.as_millis() as i64;
             let end = params.to_ms.min(settle);
-            let open = inputs::open_units(&self.catalog, scope, &open_from, params.from_ms, end);
-            units.extend(open);
+            units.extend(inputs::open_units(&self.catalog, scope, &open, params.from_ms, end));
         }
         let (from, to) = (params.from_ms, params.to_ms);
-        self.compare_units(from, to, params.tenant.as_deref(), units, &open_from)
-            .await
+        let tenant = params.tenant.as_deref();
+        let mut items = self.compare_units(from, to, tenant, units, &open).await?;
+        self.repairs(params.dry_run).carry_out(&mut items).await?;
+        Ok(items)
+    }
+
+    /// How this reconciler carries out repairs.
+    fn repairs(&self, dry_run: bool) -> usage::Repairs<'_> {
+        usage::Repairs {
+            db: &self.db,
+            vendor: self.vendor.as_ref(),
+            metrics: &self.metrics,
+            enabled: self.repair,
+            dry_run,
+            max_retry_delay: self.max_retry_delay,
+        }
     }
 
     /// The open units of one tenant's `meters`, from its current period's start to the settle
@@ -213,22 +272,22 @@ impl Reconciler {
         tenant: &str,
         meters: &[String],
         now_ms: i64,
-    ) -> Result<(Vec<usage::Unit>, HashMap<String, i64>), WorkError> {
+    ) -> Result<(Vec<usage::Unit>, usage::OpenPeriods), WorkError> {
         let scope = Scope::of(&self.db, Some(tenant)).await?;
-        let open_from = scope.open_from(&self.db).await?;
+        let open = scope.open_periods(&self.db).await?;
         let settle = now_ms - self.settle_delay.as_millis() as i64;
-        let mut units = inputs::open_units(&self.catalog, &scope, &open_from, i64::MIN, settle);
+        let mut units = inputs::open_units(&self.catalog, &scope, &open, i64::MIN, settle);
         units.retain(|u| meters.contains(&u.meter));
-        Ok((units, open_from))
+        Ok((units, open))
     }
 
     /// The items of one tenant's open units (from [`Reconciler::open_units_of`]): the same
-    /// ledger and comparison as a run's, one vendor call per unit.
+    /// ledger and comparison as a run's, one vendor call per unit; repaired as a run repairs.
     pub async fn open_items(
         &self,
         tenant: &str,
         units: Vec<usage::Unit>,
-        open_from: &HashMap<String, i64>,
+        open: &usage::OpenPeriods,
     ) -> Result<Vec<Item>, WorkError> {
         let (Some(from), Some(to)) = (
             units.iter().map(|u| u.start).min(),
@@ -237,13 +296,14 @@ impl Reconciler {
             return Ok(Vec::new());
         };
         let items = self
-            .compare_units(from, to, Some(tenant), units, open_from)
+            .compare_units(from, to, Some(tenant), units, open)
             .await?;
         // Only the open units' own findings: usage outside them is a run's business.
-        Ok(items
-            .into_iter()
+        let mut items: Vec<Item> = (items.into_iter())
             .filter(|i| matches!(i.finding, Finding::VendorMissing | Finding::VendorExtra))
-            .collect())
+            .collect();
+        self.repairs(false).carry_out(&mut items).await?;
+        Ok(items)
     }
 
     /// Folds the events and pushes of `[from, to)` into `units` and compares them with the
@@ -254,11 +314,11 @@ impl Reconciler {
         to: i64,
         tenant: Option<&str>,
         units: Vec<usage::Unit>,
-        open_from: &HashMap<String, i64>,
+        open: &usage::OpenPeriods,
     ) -> Result<Vec<Item>, WorkError> {
         let db = &self.db;
         let vendor_usage = self.vendor_usage_of(&units).await?;
-        let mut ledger = usage::Ledger::new(&self.catalog.meters, units, open_from);
+        let mut ledger = usage::Ledger::new(&self.catalog.meters, units, open, now_ms());
         db.usage()
             .each_between(from, to, tenant, |event| ledger.add_event(event))
             .await?;
@@ -450,6 +510,7 @@ impl Reconciler {
                 to_ms,
                 tenant: None,
                 dry_run: false,
+                invoice: None,
             };
             if let Err(error) = self.run(&params, "schedule").await {
                 tracing::warn!(error = %error, "scheduled reconciliation failed");
@@ -504,7 +565,11 @@ fn summarize(
     vendor_usage: bool,
 ) -> Value {
     let mut findings: BTreeMap<&str, (u64, BTreeMap<String, i64>)> = BTreeMap::new();
+    let mut repairs: BTreeMap<&str, u64> = BTreeMap::new();
     for item in items {
+        if let Some(status) = item.detail["repair"]["status"].as_str() {
+            *repairs.entry(status).or_default() += 1;
+        }
         let entry = findings.entry(item.finding.as_str()).or_default();
         entry.0 += 1;
         if item.area == "money"
@@ -537,5 +602,6 @@ fn summarize(
         "drift_checked_tenants": drift_checked,
         "vendor_usage_asked": vendor_usage,
         "findings": by_finding,
+        "repairs": repairs,
     })
 }

@@ -114,6 +114,7 @@ fn findings(
     }
     let paid = Paid::of(invoice, payments, intents);
     let make = |finding: Finding, cause: String| Item {
+        repair: None,
         area: "money",
         finding,
         tenant_id: Some(billed.tenant_id.clone()),

@@ -1,18 +1,25 @@
 //! The continuous check of open periods: between scheduled runs, the open period of each tenant
 //! and meter whose pushes have settled since the last pass is compared with the vendor's meter,
 //! as a run compares it, within a budget of vendor calls per window. Its findings are logged and
-//! counted in `billsync_reconcile_open_findings`; no run is stored.
+//! counted in `billsync_reconcile_open_findings`; no run is stored. With `reconcile.repair` on,
+//! what Stripe lost is pushed again (see `usage::repair`).
+//!
+//! Draft invoices come first: each is checked once, as soon as the applier records it (it wakes
+//! the check) or the next pass sees it, as a stored run (trigger `draft_invoice`) over its
+//! metered lines, and repaired while Stripe still holds it as a draft (about an hour).
 //!
 //! Its state (the watermark, the pairs carried over, the budget spent and the current findings)
 //! is one `sync_state` row, so that a replica taking the lease over goes on where it stopped.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{Finding, Item, Reconciler};
+use super::{Finding, Item, Params, Reconciler};
 use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::store::{Db, StoreError, now_ms};
@@ -35,6 +42,9 @@ pub struct State {
     pub spent: usize,
     /// (tenant, meter) → its open finding, as of its last check.
     pub findings: BTreeMap<String, BTreeMap<String, Finding>>,
+    /// The draft invoices checked, with their runs; forgotten once they are final.
+    #[serde(default)]
+    pub drafts: BTreeMap<String, String>,
 }
 
 impl State {
@@ -74,6 +84,8 @@ pub struct OpenCheck {
     pub interval: Duration,
     pub budget: usize,
     pub window: Duration,
+    /// Woken when a draft invoice is applied.
+    pub drafts: Arc<Notify>,
 }
 
 impl OpenCheck {
@@ -83,6 +95,7 @@ impl OpenCheck {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(self.interval) => {}
+                () = self.drafts.notified() => {}
             }
             if let Err(error) = self.pass(&shutdown).await {
                 tracing::warn!(error = %error, "open period check failed; retrying next interval");
@@ -113,7 +126,7 @@ impl OpenCheck {
             state.window_start = now;
             state.spent = 0;
         }
-        let mut checked = 0;
+        let mut checked = self.check_drafts(&mut state, shutdown).await?;
         while let Some((tenant, _)) = state.pending.front().cloned() {
             if shutdown.is_cancelled() {
                 break;
@@ -160,6 +173,49 @@ impl OpenCheck {
                 left = state.pending.len(),
                 "open period check: the budget is spent, the rest waits"
             );
+        }
+        Ok(checked)
+    }
+}
+
+impl OpenCheck {
+    /// Checks each draft invoice not checked yet (oldest first, within the budget: one call per
+    /// metered meter), as a stored run; returns how many it checked.
+    async fn check_drafts(
+        &self,
+        state: &mut State,
+        shutdown: &CancellationToken,
+    ) -> Result<usize, WorkError> {
+        let drafts = self.reconciler.db.periods().drafts().await?;
+        let current: HashSet<&str> = drafts.iter().map(|(_, i)| i.as_str()).collect();
+        state.drafts.retain(|invoice, _| current.contains(invoice.as_str()));
+        let meters = self.reconciler.catalog.meters.values();
+        let cost = meters.filter(|m| m.stripe_event_name.is_some()).count();
+        let mut checked = 0;
+        for (tenant, invoice) in drafts {
+            if state.drafts.contains_key(&invoice) {
+                continue;
+            }
+            if shutdown.is_cancelled() || state.spent + cost > self.budget {
+                break;
+            }
+            let params = Params {
+                from_ms: 0,
+                to_ms: now_ms(),
+                tenant: Some(tenant),
+                dry_run: false,
+                invoice: Some(invoice.clone()),
+            };
+            state.spent += cost;
+            let (run_id, report) = self.reconciler.run(&params, "draft_invoice").await?;
+            tracing::info!(
+                invoice = invoice.as_str(),
+                run_id = run_id.as_str(),
+                findings = report.items.len(),
+                "draft invoice checked against billsync's usage"
+            );
+            state.drafts.insert(invoice, run_id);
+            checked += 1;
         }
         Ok(checked)
     }
@@ -212,6 +268,7 @@ mod tests {
 
     fn item(finding: Finding, meter: &str) -> Item {
         Item {
+            repair: None,
             area: "usage",
             finding,
             tenant_id: Some("acme".to_owned()),

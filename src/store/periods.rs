@@ -85,6 +85,22 @@ impl<'a> Periods<'a> {
         Ok(all)
     }
 
+    /// The draft invoices that bill a linked tenant's period: (tenant, invoice), oldest period
+    /// first.
+    pub async fn drafts(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT t.tenant_id, p.invoice_id FROM billing_periods p \
+                 JOIN tenants t ON t.customer_id = p.customer_id \
+                 WHERE p.invoice_status = 'draft' AND p.invoice_id IS NOT NULL \
+                 ORDER BY p.period_end, p.invoice_id",
+            )
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows)
+    }
+
     /// Records periods of customers (the states already in the mirror when an upgrade from a
     /// version that kept none starts).
     pub async fn record(

@@ -26,6 +26,10 @@ pub struct PushRow {
     /// planned before periods were kept).
     pub period_start: Option<i64>,
     pub period_end: Option<i64>,
+    /// `usage` (carries events) or `repair` (reconciliation's, carrying none).
+    pub kind: String,
+    /// A repair's finding, as JSON.
+    pub evidence: Option<String>,
 }
 
 /// A push to plan, with the events it carries.
@@ -62,8 +66,44 @@ impl UnpushedKey {
 macro_rules! push_columns {
     () => {
         "push_id, tenant_id, meter, customer_id, event_name, window_start, value, timestamp, event_count, \
-         status, attempts, last_error, next_attempt_at, created_at, sent_at, period_start, period_end"
+         status, attempts, last_error, next_attempt_at, created_at, sent_at, period_start, period_end, \
+         kind, evidence"
     };
+}
+
+/// Inserts a push row unless one with its identifier exists; the rows written (0 or 1).
+macro_rules! insert_push {
+    ($executor:expr, $push:expr) => {{
+        let push: &PushRow = $push;
+        sqlx::query(concat!(
+            "INSERT INTO usage_pushes (",
+            push_columns!(),
+            ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19) ON CONFLICT (push_id) DO NOTHING"
+        ))
+        .bind(&push.push_id)
+        .bind(&push.tenant_id)
+        .bind(&push.meter)
+        .bind(&push.customer_id)
+        .bind(&push.event_name)
+        .bind(push.window_start)
+        .bind(&push.value)
+        .bind(push.timestamp)
+        .bind(push.event_count)
+        .bind(&push.status)
+        .bind(push.attempts)
+        .bind(&push.last_error)
+        .bind(push.next_attempt_at)
+        .bind(push.created_at)
+        .bind(push.sent_at)
+        .bind(push.period_start)
+        .bind(push.period_end)
+        .bind(&push.kind)
+        .bind(&push.evidence)
+        .execute($executor)
+        .await?
+        .rows_affected()
+    }};
 }
 
 impl Usage<'_> {
@@ -140,32 +180,7 @@ impl Usage<'_> {
                     .execute(&mut *tx)
                     .await?;
                 }
-                let inserted = sqlx::query(concat!(
-                    "INSERT INTO usage_pushes (",
-                    push_columns!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
-                     ON CONFLICT (push_id) DO NOTHING"
-                ))
-                .bind(&push.push_id)
-                .bind(&push.tenant_id)
-                .bind(&push.meter)
-                .bind(&push.customer_id)
-                .bind(&push.event_name)
-                .bind(push.window_start)
-                .bind(&push.value)
-                .bind(push.timestamp)
-                .bind(push.event_count)
-                .bind(&push.status)
-                .bind(push.attempts)
-                .bind(&push.last_error)
-                .bind(push.next_attempt_at)
-                .bind(push.created_at)
-                .bind(push.sent_at)
-                .bind(push.period_start)
-                .bind(push.period_end)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                let inserted = insert_push!(&mut *tx, push);
                 // A push carries one tenant's events: tie them to it by id, a chunk at a time.
                 let mut tied = 0;
                 for chunk in events.chunks(CHUNK) {
@@ -280,6 +295,30 @@ impl Usage<'_> {
             .map(drop)
         })?;
         Ok(())
+    }
+
+    /// Records a repair push (see `reconcile::repair`) unless its identifier is already in the
+    /// ledger; `true` when written.
+    pub async fn insert_repair(&self, push: &PushRow) -> Result<bool, StoreError> {
+        let inserted = on_pool!(self.db, |pool| {
+            async { Ok::<_, sqlx::Error>(insert_push!(pool, push)) }.await
+        })?;
+        Ok(inserted == 1)
+    }
+
+    /// One push row by its identifier.
+    pub async fn push(&self, push_id: &str) -> Result<Option<PushRow>, StoreError> {
+        let row = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, PushRow>(concat!(
+                "SELECT ",
+                push_columns!(),
+                " FROM usage_pushes WHERE push_id = $1"
+            ))
+            .bind(push_id)
+            .fetch_optional(pool)
+            .await
+        })?;
+        Ok(row)
     }
 
     /// Push rows of a tenant and meter (for the ledger and tests).

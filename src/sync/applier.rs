@@ -39,6 +39,9 @@ pub struct Applier {
     pub wake: Arc<Notify>,
     /// Told which tenants' read models the applied states change.
     pub entitlements: Option<Entitlements>,
+    /// Woken when a draft invoice is applied (the open period check repairs before Stripe
+    /// finalizes it).
+    pub drafts: Option<Arc<Notify>>,
 }
 
 /// What a group of rows for one object comes to.
@@ -161,8 +164,18 @@ impl Applier {
     }
 
     /// Drops the read models the applied states feed: a tenant's own objects change its model;
-    /// a product, price or plan may change anyone's.
+    /// a product, price or plan may change anyone's. A draft invoice wakes the draft check.
     fn invalidate(&self, items: &[Apply], outcomes: &[ApplyOutcome]) {
+        let draft = |(item, outcome): (&Apply, &ApplyOutcome)| {
+            outcome.written
+                && item.state.object_type == "invoice"
+                && item.state.status.as_deref() == Some("draft")
+        };
+        if let Some(drafts) = &self.drafts
+            && items.iter().zip(outcomes).any(draft)
+        {
+            drafts.notify_one();
+        }
         let Some(entitlements) = &self.entitlements else {
             return;
         };

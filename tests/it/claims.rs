@@ -83,6 +83,8 @@ async fn seed(db: &Db) {
         sent_at: None,
         period_start: None,
         period_end: None,
+        kind: "usage".to_owned(),
+        evidence: None,
     };
     let push = billsync::store::NewPush {
         row: push,

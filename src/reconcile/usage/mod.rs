@@ -12,6 +12,9 @@ use crate::catalog::{Aggregation, Meter};
 use crate::domain::rfc3339;
 use crate::store::{PushRow, UsageRow};
 
+mod repair;
+pub use repair::{Repair, Repairs};
+
 /// Most event ids an item lists as evidence (the count is always given).
 const MAX_EVENT_IDS: usize = 100;
 
@@ -26,6 +29,11 @@ pub struct Unit {
     /// Unix ms, `[start, end)`.
     pub start: i64,
     pub end: i64,
+    /// The end of the billing period the unit is in (Unix ms): a repair is stamped before it.
+    pub period_end: i64,
+    /// Pushes sent from here on (Unix ms) may not be in the vendor's totals yet: the open
+    /// unit's end; for a draft invoice's line, now less the settle delay.
+    pub settle_at: i64,
     /// `None`: the open period, not invoiced yet.
     pub invoice: Option<InvoiceLine>,
 }
@@ -37,6 +45,8 @@ pub struct InvoiceLine {
     pub quantity: Option<Decimal>,
     /// When the invoice was finalized (or created), Unix ms: usage pushed later missed it.
     pub billed_at: i64,
+    /// Final (not a draft): what it bills can no longer change, so it is never repaired.
+    pub is_final: bool,
 }
 
 /// What the events and pushes of one unit add up to, folded as they stream past, with the
@@ -56,6 +66,8 @@ struct Tally {
     /// evidence.
     unpushed_ids: BTreeSet<String>,
     pushes: Vec<PushRow>,
+    /// Reconciliation's repairs of the unit (see [`Repair`]): not usage, kept apart.
+    repairs: Vec<PushRow>,
 }
 
 impl Tally {
@@ -98,15 +110,21 @@ pub struct Ledger<'a> {
     units: HashMap<String, HashMap<String, Vec<(Unit, Tally)>>>,
     /// Usage in closed time no unit covers, by (tenant, meter).
     uncovered: BTreeMap<(String, String), Tally>,
-    /// Per tenant, the start of its current period (Unix ms): usage after it is not billed yet.
-    open_from: &'a HashMap<String, i64>,
+    /// Per tenant, its current period: usage after its start is not billed yet.
+    open: &'a OpenPeriods,
+    /// Now, Unix ms: a period-value repair is stamped after it.
+    now: i64,
 }
+
+/// Per tenant, the current period of its liveliest subscription, `[start, end)` in Unix ms.
+pub type OpenPeriods = HashMap<String, (i64, i64)>;
 
 impl<'a> Ledger<'a> {
     pub fn new(
         meters: &'a BTreeMap<String, Meter>,
         units: Vec<Unit>,
-        open_from: &'a HashMap<String, i64>,
+        open: &'a OpenPeriods,
+        now: i64,
     ) -> Self {
         let mut by_tenant: HashMap<String, HashMap<String, Vec<(Unit, Tally)>>> = HashMap::new();
         for unit in units {
@@ -124,7 +142,8 @@ impl<'a> Ledger<'a> {
             meters,
             units: by_tenant,
             uncovered: BTreeMap::new(),
-            open_from,
+            open,
+            now,
         }
     }
 
@@ -147,10 +166,7 @@ impl<'a> Ledger<'a> {
             tally.add(event);
             return;
         }
-        let open = self
-            .open_from
-            .get(&event.tenant_id)
-            .is_some_and(|from| event.occurred_at >= *from);
+        let open = (self.open.get(&event.tenant_id)).is_some_and(|p| event.occurred_at >= p.0);
         if !open {
             self.uncovered
                 .entry((event.tenant_id.clone(), event.meter.clone()))
@@ -159,8 +175,18 @@ impl<'a> Ledger<'a> {
         }
     }
 
-    /// A push belongs where its events are: by the time it was stamped with.
+    /// A push belongs where its events are: by the time it was stamped with. A repair belongs
+    /// to the unit it repaired: by the start it names.
     pub fn add_push(&mut self, push: PushRow) {
+        if push.kind == "repair" {
+            let unit = (self.units.get_mut(&push.tenant_id))
+                .and_then(|m| m.get_mut(&push.meter))
+                .and_then(|list| list.iter_mut().find(|(u, _)| u.start == push.window_start));
+            if let Some((_, tally)) = unit {
+                tally.repairs.push(push);
+            }
+            return;
+        }
         let at = push.timestamp * 1000;
         if let Some(list) = self
             .units
@@ -172,7 +198,7 @@ impl<'a> Ledger<'a> {
             return;
         }
         // A push in open time carries usage not billed yet, not the closed time's.
-        let open = (self.open_from.get(&push.tenant_id)).is_some_and(|from| at >= *from);
+        let open = (self.open.get(&push.tenant_id)).is_some_and(|p| at >= p.0);
         if !open
             && let Some(tally) = self
                 .uncovered
@@ -193,7 +219,7 @@ impl<'a> Ledger<'a> {
                 let vendor = vendor_usage
                     .get(&(unit.tenant_id.clone(), unit.meter.clone(), unit.start))
                     .copied();
-                items.extend(compare(meter, &unit, &tally, vendor));
+                items.extend(compare(meter, &unit, &tally, vendor, self.now));
             }
         }
         for ((tenant, meter_name), tally) in self.uncovered {
@@ -210,6 +236,8 @@ impl<'a> Ledger<'a> {
                 meter: meter_name,
                 start: tally.first_at.unwrap_or(0),
                 end: tally.last_at.unwrap_or(0) + 1,
+                period_end: tally.last_at.unwrap_or(0) + 1,
+                settle_at: tally.last_at.unwrap_or(0) + 1,
                 invoice: None,
             };
             let pushed = pushed(meter, &tally.pushes);
@@ -288,20 +316,34 @@ fn aggregate(meter: &Meter, tally: &Tally) -> Option<Decimal> {
 }
 
 /// The item for one unit, or `None` when its four figures agree.
-fn compare(meter: &Meter, unit: &Unit, tally: &Tally, vendor: Option<Decimal>) -> Option<Item> {
+fn compare(
+    meter: &Meter,
+    unit: &Unit,
+    tally: &Tally,
+    vendor: Option<Decimal>,
+    now: i64,
+) -> Option<Item> {
     let accepted = aggregate(meter, tally);
     let pushed = pushed(meter, &tally.pushes);
     let invoiced = unit.invoice.as_ref().and_then(|line| line.quantity);
-    let zero = Decimal::ZERO;
-    let p = pushed.unwrap_or(zero);
-    let Some(line) = &unit.invoice else {
-        return compare_open(meter, unit, tally, accepted, vendor);
+    let p = pushed.unwrap_or_default();
+    let line = match &unit.invoice {
+        // Not invoiced yet, or a draft whose usage may still change: what Stripe holds is
+        // compared first, since it can still be repaired.
+        None => return compare_settling(meter, unit, tally, accepted, vendor, now),
+        Some(line) if !line.is_final => {
+            return compare_settling(meter, unit, tally, accepted, vendor, now).or_else(|| {
+                let (finding, cause) = not_pushed(tally, accepted, pushed)?;
+                Some(item(finding, unit, tally, accepted, pushed, vendor, cause))
+            });
+        }
+        Some(line) => line,
     };
     if let Some((finding, cause)) = not_pushed(tally, accepted, pushed) {
         return Some(item(finding, unit, tally, accepted, pushed, vendor, cause));
     }
     if vendor_differs(p, p, vendor).is_some() {
-        return Some(item(
+        let mut item = item(
             Finding::VendorMismatch,
             unit,
             tally,
@@ -309,7 +351,9 @@ fn compare(meter: &Meter, unit: &Unit, tally: &Tally, vendor: Option<Decimal>) -
             pushed,
             vendor,
             "Stripe's meter holds another figure than billsync pushed",
-        ));
+        );
+        item.detail["remedy"] = json!(FINAL_REMEDY);
+        return Some(item);
     }
     let billed = vendor.unwrap_or(p);
     match invoiced {
@@ -335,6 +379,11 @@ fn compare(meter: &Meter, unit: &Unit, tally: &Tally, vendor: Option<Decimal>) -
     }
 }
 
+/// What a final invoice's period gets instead of a repair.
+const FINAL_REMEDY: &str = "the period's invoice is final and is never repaired: settle the \
+                            difference by hand (a credit note, or an invoice item for usage \
+                            Stripe lost)";
+
 fn item(
     finding: Finding,
     unit: &Unit,
@@ -353,10 +402,20 @@ fn item(
         .filter(|p| p.status != "sent" && p.status != "superseded")
         .map(|p| json!({"push_id": p.push_id, "status": p.status, "last_error": p.last_error}))
         .collect();
+    let repairs: Vec<Value> = (tally.repairs.iter())
+        .map(|r| {
+            let before = unit.invoice.as_ref().map(|line| {
+                r.sent_at.is_some_and(|at| at < line.billed_at || !line.is_final)
+            });
+            json!({"push_id": r.push_id, "value": r.value, "status": r.status,
+                   "sent_at": r.sent_at.map(rfc3339), "before_finalization": before})
+        })
+        .collect();
     Item {
         area: "usage",
         finding,
         tenant_id: Some(unit.tenant_id.clone()),
+        repair: None,
         detail: json!({
             "meter": unit.meter,
             "period_start": rfc3339(unit.start),
@@ -374,30 +433,34 @@ fn item(
                 "pushes_not_sent": not_sent,
                 "invoice": unit.invoice.as_ref().map(|l| l.invoice_id.clone()),
                 "invoice_line": unit.invoice.as_ref().and_then(|l| l.line_id.clone()),
+                "repairs": repairs,
             },
         }),
     }
 }
 
-/// The open period: only what Stripe acknowledged against what its meter holds, since its
-/// accepted usage may still be on its way (a push after the settle point carries events from
-/// before it). A push sent after the settle point may not be in Stripe's summaries yet: its
-/// meter may hold what was pushed with or without it.
-fn compare_open(
+/// The open period, or a draft invoice's line: only what Stripe acknowledged against what its
+/// meter holds, since accepted usage may still be on its way (a push after the settle point
+/// carries events from before it). A push sent after the settle point may not be in Stripe's
+/// summaries yet: its meter may hold what was pushed with or without it. Missing usage gets a
+/// proposed [`Repair`].
+fn compare_settling(
     meter: &Meter,
     unit: &Unit,
     tally: &Tally,
     accepted: Option<Decimal>,
     vendor: Option<Decimal>,
+    now: i64,
 ) -> Option<Item> {
     let pushed = pushed(meter, &tally.pushes);
     let settled: Vec<PushRow> = (tally.pushes.iter())
-        .filter(|p| p.sent_at.is_some_and(|at| at < unit.end))
+        .filter(|p| p.sent_at.is_some_and(|at| at < unit.settle_at))
         .cloned()
         .collect();
     let with = pushed.unwrap_or_default();
     let without = self::pushed(meter, &settled).unwrap_or_default();
-    let (finding, cause) = vendor_differs(with.min(without), with.max(without), vendor)?;
+    let low = with.min(without);
+    let (finding, cause) = vendor_differs(low, with.max(without), vendor)?;
     let mut item = item(finding, unit, tally, accepted, pushed, vendor, cause);
     let mut sent: Vec<&PushRow> = (tally.pushes.iter())
         .filter(|p| p.status == "sent")
@@ -415,6 +478,14 @@ fn compare_open(
         .collect();
     item.detail["evidence"]["sent_pushes"] = json!(shown);
     item.detail["evidence"]["sent_push_count"] = json!(sent.len());
+    if finding == Finding::VendorMissing
+        && let Some(vendor) = vendor
+    {
+        match repair::proposal(meter, unit, tally, low, vendor, now) {
+            Ok(push) => item.repair = Some(Repair { push }),
+            Err(why) => item.detail["repair"] = json!({"status": "none", "reason": why}),
+        }
+    }
     Some(item)
 }
 

@@ -6,6 +6,9 @@ use crate::catalog::Catalog;
 const START: i64 = 1_700_000_000_000;
 const END: i64 = START + 10 * 86_400_000;
 const BILLED: i64 = END + 3_600_000;
+/// The open units' period goes on after their settle point (END).
+const PERIOD_END: i64 = END + 20 * 86_400_000;
+const NOW: i64 = END + 300_000;
 
 fn meters() -> BTreeMap<String, Meter> {
     Catalog::parse("[meters.calls]\naggregation = \"sum\"\nstripe_event_name = \"calls\"\n")
@@ -24,11 +27,14 @@ fn unit(invoiced: Option<i64>) -> Vec<Unit> {
         meter: "calls".into(),
         start: START,
         end: END,
+        period_end: PERIOD_END,
+        settle_at: END,
         invoice: Some(InvoiceLine {
             invoice_id: "in_1".into(),
             line_id: Some("il_1".into()),
             quantity: Some(Decimal::from(invoiced)),
             billed_at: BILLED,
+            is_final: true,
         }),
     }]
 }
@@ -66,6 +72,8 @@ fn push(id: &str, value: i64, status: &str, sent_at: Option<i64>) -> PushRow {
         sent_at,
         period_start: None,
         period_end: None,
+        kind: "usage".to_owned(),
+        evidence: None,
     }
 }
 
@@ -78,7 +86,7 @@ fn run(
 ) -> Vec<&'static str> {
     let meters = meters();
     let open = HashMap::new();
-    let mut ledger = Ledger::new(&meters, unit(invoiced), &open);
+    let mut ledger = Ledger::new(&meters, unit(invoiced), &open, NOW);
     for e in events {
         ledger.add_event(e);
     }
@@ -204,7 +212,7 @@ fn each_usage_finding_alone() {
 fn evidence_lists_the_smallest_unpushed_ids_whatever_the_order() {
     let meters = meters();
     let open = HashMap::new();
-    let mut ledger = Ledger::new(&meters, unit(Some(0)), &open);
+    let mut ledger = Ledger::new(&meters, unit(Some(0)), &open, NOW);
     for i in (0..150).rev() {
         ledger.add_event(event(&format!("e{i:03}"), 1, None));
     }
@@ -221,10 +229,10 @@ fn evidence_lists_the_smallest_unpushed_ids_whatever_the_order() {
 /// The open period `[START, END)` (END the settle point): only pushed against the vendor.
 fn run_open(events: Vec<UsageRow>, pushes: Vec<PushRow>, vendor: i64) -> Vec<Item> {
     let meters = meters();
-    let open = HashMap::from([("t".to_owned(), START)]);
+    let open = HashMap::from([("t".to_owned(), (START, PERIOD_END))]);
     let mut units = unit(Some(0));
     units[0].invoice = None;
-    let mut ledger = Ledger::new(&meters, units, &open);
+    let mut ledger = Ledger::new(&meters, units, &open, NOW);
     for e in events {
         ledger.add_event(e);
     }
@@ -281,11 +289,11 @@ fn period_value_meters_compare_their_latest_sent_value_in_the_open_period() {
         Catalog::parse("[meters.calls]\naggregation = \"max\"\nstripe_event_name = \"calls\"\n")
             .unwrap()
             .meters;
-    let open = HashMap::from([("t".to_owned(), START)]);
+    let open = HashMap::from([("t".to_owned(), (START, PERIOD_END))]);
     let run = |vendor: i64| {
         let mut units = unit(Some(0));
         units[0].invoice = None;
-        let mut ledger = Ledger::new(&meters, units, &open);
+        let mut ledger = Ledger::new(&meters, units, &open, NOW);
         let mut later = push("q", 9, "sent", Some(START + 9000));
         later.timestamp += 60;
         ledger.add_push(push("p", 4, "sent", Some(START + 5000)));
@@ -301,4 +309,99 @@ fn period_value_meters_compare_their_latest_sent_value_in_the_open_period() {
     assert!(run(9).is_empty());
     assert_eq!(run(4), ["vendor_missing"]);
     assert_eq!(run(13), ["vendor_extra"]);
+}
+
+/// The open period's `vendor_missing` proposes the missing difference, stamped just before the
+/// settle point, with an identifier that follows the finding; a repair on its way holds back
+/// another, and a settled one counts as what Stripe should hold.
+#[test]
+fn missing_usage_gets_a_repair_derived_from_the_finding() {
+    let sent = Some(START + 5000);
+    let pushes = || vec![push("p", 5, "sent", sent), push("q", 2, "sent", sent)];
+    let missing = run_open(vec![], pushes(), 3);
+    let repair = &missing[0].repair.as_ref().expect("a repair").push;
+    assert_eq!(repair.kind, "repair");
+    assert_eq!(repair.value, "4");
+    assert_eq!(repair.timestamp, (END - 1000) / 1000);
+    assert_eq!(repair.window_start, START);
+    assert!(repair.push_id.starts_with("bsr_") && repair.push_id.len() <= 100);
+    let again = run_open(vec![], pushes(), 3);
+    assert_eq!(again[0].repair.as_ref().unwrap().push.push_id, repair.push_id);
+    let other = run_open(vec![], pushes(), 4);
+    assert_ne!(other[0].repair.as_ref().unwrap().push.push_id, repair.push_id);
+
+    let repaired = |status: &str, sent_at: Option<i64>| {
+        let mut r = repair.clone();
+        r.status = status.to_owned();
+        r.sent_at = sent_at;
+        let mut all = pushes();
+        all.push(r);
+        all
+    };
+    // On its way: pending, or sent after the settle point.
+    for (status, at) in [("pending", None), ("sent", Some(END + 1))] {
+        let items = run_open(vec![], repaired(status, at), 3);
+        assert_eq!(items[0].finding, Finding::VendorMissing);
+        assert!(items[0].repair.is_none(), "{status}");
+        assert_eq!(items[0].detail["repair"]["status"], "none");
+    }
+    // Settled and kept by Stripe: nothing is missing; the repair is not usage.
+    assert!(run_open(vec![], repaired("sent", Some(END - 1)), 7).is_empty());
+    // Settled and lost again: the same finding, the same identifier (a no-op at Stripe).
+    let lost = run_open(vec![], repaired("sent", Some(END - 1)), 3);
+    assert_eq!(lost[0].repair.as_ref().unwrap().push.push_id, repair.push_id);
+    assert_eq!(lost[0].detail["evidence"]["repairs"][0]["push_id"], repair.push_id.as_str());
+}
+
+/// A draft invoice's line is compared and repaired like the open period; a final invoice's is
+/// never repaired, only reported with its remedy.
+#[test]
+fn only_a_draft_invoice_is_repaired() {
+    let run = |is_final: bool| {
+        let meters = meters();
+        let open = HashMap::new();
+        let mut units = unit(Some(3));
+        let line = units[0].invoice.as_mut().unwrap();
+        line.is_final = is_final;
+        let mut ledger = Ledger::new(&meters, units, &open, NOW);
+        ledger.add_event(event("a", 5, Some("p")));
+        ledger.add_push(push("p", 5, "sent", Some(START + 5000)));
+        let vendor = HashMap::from([(
+            ("t".to_owned(), "calls".to_owned(), START),
+            Decimal::from(3),
+        )]);
+        ledger.finish(&vendor)
+    };
+    let draft = run(false);
+    assert_eq!(draft[0].finding, Finding::VendorMissing);
+    assert_eq!(draft[0].repair.as_ref().unwrap().push.value, "2");
+    let last = draft[0].repair.as_ref().unwrap().push.timestamp;
+    assert_eq!(last, (END - 1000) / 1000, "stamped inside the invoice's period");
+    let final_ = run(true);
+    assert_eq!(final_[0].finding, Finding::VendorMismatch);
+    assert!(final_[0].repair.is_none());
+    assert!(final_[0].detail["remedy"].as_str().unwrap().contains("never repaired"));
+}
+
+/// A period-value meter's repair pushes the period's value again, stamped now.
+#[test]
+fn a_period_value_repair_pushes_the_value_again_after_the_last_push() {
+    let meters =
+        Catalog::parse("[meters.calls]\naggregation = \"max\"\nstripe_event_name = \"calls\"\n")
+            .unwrap()
+            .meters;
+    let open = HashMap::from([("t".to_owned(), (START, PERIOD_END))]);
+    let mut units = unit(Some(0));
+    units[0].invoice = None;
+    let mut ledger = Ledger::new(&meters, units, &open, NOW);
+    let mut latest = push("q", 9, "sent", Some(START + 9000));
+    latest.timestamp += 60;
+    ledger.add_push(push("p", 4, "sent", Some(START + 5000)));
+    ledger.add_push(latest);
+    let vendor = HashMap::from([(("t".to_owned(), "calls".to_owned(), START), Decimal::from(4))]);
+    let items = ledger.finish(&vendor);
+    let repair = &items[0].repair.as_ref().unwrap().push;
+    assert_eq!(repair.value, "9");
+    // As late as now allows: Stripe's `last` takes it over every earlier push.
+    assert_eq!(repair.timestamp, NOW / 1000);
 }
