@@ -402,7 +402,9 @@ impl Pusher {
         let outcome = deliver(self.vendor.as_ref(), &push, self.max_retry_delay).await;
         renewal.let_go(&push.push_id);
         let metering = &self.metering;
-        outcome.record(&metering.db, &metering.metrics, &push).await?;
+        outcome
+            .record(&metering.db, &metering.metrics, &push)
+            .await?;
         Ok(outcome.status)
     }
 
@@ -454,8 +456,14 @@ impl Delivery {
             &[("outcome", self.status)],
         );
         let usage = db.usage();
-        (usage.settle_push(&push.push_id, self.status, self.error.as_deref(), self.next, now_ms()))
-            .await
+        (usage.settle_push(
+            &push.push_id,
+            self.status,
+            self.error.as_deref(),
+            self.next,
+            now_ms(),
+        ))
+        .await
     }
 }
 
@@ -478,7 +486,9 @@ pub async fn deliver(
         Err(VendorError::Rejected { message, .. }) if is_duplicate_identifier(&message) => {
             ("sent", None, now_ms())
         }
-        Err(error @ VendorError::Rejected { .. }) => ("rejected", Some(error.to_string()), now_ms()),
+        Err(error @ VendorError::Rejected { .. }) => {
+            ("rejected", Some(error.to_string()), now_ms())
+        }
         Err(error) => {
             let delay = crate::retry::after_failures(push.attempts, max_retry_delay);
             let next = now_ms() + delay.as_millis() as i64;

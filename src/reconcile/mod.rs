@@ -211,14 +211,18 @@ impl Reconciler {
             units.iter().map(|u| u.end).max(),
         ) else {
             let summary = summarize(params, &[], 0, 0, billed.len(), 0, self.vendor_usage);
-            return Ok(Report { summary, items: Vec::new() });
+            return Ok(Report {
+                summary,
+                items: Vec::new(),
+            });
         };
         let open = scope.open_periods(db).await?;
         let tenant = params.tenant.as_deref();
         let mut items = self.compare_units(from, to, tenant, units, &open).await?;
         self.repairs(params.dry_run).carry_out(&mut items).await?;
         let status = scope.invoice(db, invoice_id).await?;
-        let still_draft = (status.first()).is_some_and(|b| b.invoice.status.as_deref() == Some("draft"));
+        let still_draft =
+            (status.first()).is_some_and(|b| b.invoice.status.as_deref() == Some("draft"));
         for item in &mut items {
             if item.detail["repair"]["status"] == "sent" {
                 item.detail["repair"]["before_finalization"] = json!(still_draft);
@@ -244,7 +248,13 @@ impl Reconciler {
         let open = scope.open_periods(db).await?;
         if self.vendor.is_some() && self.vendor_usage {
             let end = params.to_ms.min(settle);
-            units.extend(inputs::open_units(&self.catalog, scope, &open, params.from_ms, end));
+            units.extend(inputs::open_units(
+                &self.catalog,
+                scope,
+                &open,
+                params.from_ms,
+                end,
+            ));
         }
         let (from, to) = (params.from_ms, params.to_ms);
         let tenant = params.tenant.as_deref();

@@ -55,6 +55,11 @@ impl State {
             .unwrap_or_default())
     }
 
+    pub async fn save(&self, db: &Db) -> Result<(), StoreError> {
+        let stored = serde_json::to_string(self).expect("the open check's state serializes");
+        db.sync_state().set(STATE, &stored, now_ms()).await
+    }
+
     /// How many open periods are in each finding.
     pub fn counts(&self) -> [(Finding, usize); 2] {
         [Finding::VendorMissing, Finding::VendorExtra].map(|kind| {
@@ -164,8 +169,7 @@ impl OpenCheck {
             // The lease may be another replica's now: it goes on from the stored state.
             return Ok(checked);
         }
-        let stored = serde_json::to_string(&state).expect("the open check's state serializes");
-        db.sync_state().set(STATE, &stored, now_ms()).await?;
+        state.save(db).await?;
         state.export(&self.reconciler.metrics);
         if !state.pending.is_empty() {
             tracing::debug!(
@@ -188,7 +192,9 @@ impl OpenCheck {
     ) -> Result<usize, WorkError> {
         let drafts = self.reconciler.db.periods().drafts().await?;
         let current: HashSet<&str> = drafts.iter().map(|(_, i)| i.as_str()).collect();
-        state.drafts.retain(|invoice, _| current.contains(invoice.as_str()));
+        state
+            .drafts
+            .retain(|invoice, _| current.contains(invoice.as_str()));
         let meters = self.reconciler.catalog.meters.values();
         let cost = meters.filter(|m| m.stripe_event_name.is_some()).count();
         let mut checked = 0;

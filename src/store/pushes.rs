@@ -159,52 +159,53 @@ impl Usage<'_> {
     pub async fn plan_pushes(&self, pushes: &[NewPush]) -> Result<bool, StoreError> {
         let planned = on_pool!(self.db, |pool| {
             async {
-            let mut tx = pool.begin().await?;
-            for NewPush {
-                row: push,
-                events,
-                replaces_earlier,
-            } in pushes
-            {
-                if *replaces_earlier && push.status == "pending" {
-                    sqlx::query(
-                        "UPDATE usage_pushes SET status = 'superseded', last_error = $5 \
+                let mut tx = pool.begin().await?;
+                for NewPush {
+                    row: push,
+                    events,
+                    replaces_earlier,
+                } in pushes
+                {
+                    if *replaces_earlier && push.status == "pending" {
+                        sqlx::query(
+                            "UPDATE usage_pushes SET status = 'superseded', last_error = $5 \
                          WHERE tenant_id = $1 AND meter = $2 AND period_start = $3 \
                          AND status = 'pending' AND push_id <> $4",
-                    )
-                    .bind(&push.tenant_id)
-                    .bind(&push.meter)
-                    .bind(push.period_start)
-                    .bind(&push.push_id)
-                    .bind(format!("replaced before it was sent by {}", push.push_id))
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                let inserted = insert_push!(&mut *tx, push);
-                // A push carries one tenant's events: tie them to it by id, a chunk at a time.
-                let mut tied = 0;
-                for chunk in events.chunks(CHUNK) {
-                    let mut update = sqlx::QueryBuilder::new("UPDATE usage_events SET push_id = ");
-                    update.push_bind(&push.push_id);
-                    update.push(" WHERE push_id IS NULL AND tenant_id = ");
-                    update.push_bind(&push.tenant_id);
-                    update.push(" AND event_id IN (");
-                    let mut ids = update.separated(", ");
-                    for (_, event_id) in chunk {
-                        ids.push_bind(event_id);
+                        )
+                        .bind(&push.tenant_id)
+                        .bind(&push.meter)
+                        .bind(push.period_start)
+                        .bind(&push.push_id)
+                        .bind(format!("replaced before it was sent by {}", push.push_id))
+                        .execute(&mut *tx)
+                        .await?;
                     }
-                    update.push(")");
-                    tied += update.build().execute(&mut *tx).await?.rows_affected();
+                    let inserted = insert_push!(&mut *tx, push);
+                    // A push carries one tenant's events: tie them to it by id, a chunk at a time.
+                    let mut tied = 0;
+                    for chunk in events.chunks(CHUNK) {
+                        let mut update =
+                            sqlx::QueryBuilder::new("UPDATE usage_events SET push_id = ");
+                        update.push_bind(&push.push_id);
+                        update.push(" WHERE push_id IS NULL AND tenant_id = ");
+                        update.push_bind(&push.tenant_id);
+                        update.push(" AND event_id IN (");
+                        let mut ids = update.separated(", ");
+                        for (_, event_id) in chunk {
+                            ids.push_bind(event_id);
+                        }
+                        update.push(")");
+                        tied += update.build().execute(&mut *tx).await?.rows_affected();
+                    }
+                    if inserted == 0 || tied != events.len() as u64 {
+                        tx.rollback().await?;
+                        return Ok::<_, sqlx::Error>(false);
+                    }
                 }
-                if inserted == 0 || tied != events.len() as u64 {
-                    tx.rollback().await?;
-                    return Ok::<_, sqlx::Error>(false);
-                }
+                tx.commit().await?;
+                Ok(true)
             }
-            tx.commit().await?;
-            Ok(true)
-        }
-        .await
+            .await
         })?;
         Ok(planned)
     }

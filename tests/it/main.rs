@@ -16,6 +16,7 @@ mod health;
 mod openapi;
 mod quantities;
 mod reconcile;
+mod repair;
 mod replicas;
 mod revenue;
 mod security;

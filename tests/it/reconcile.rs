@@ -27,7 +27,7 @@ on_both_backends!(
     the_continuous_check_spends_its_budget_and_carries_the_rest_over,
 );
 
-const DAY: i64 = 86_400;
+pub(crate) const DAY: i64 = 86_400;
 
 /// A tenant, its usage, and the (quantity, finalization time) of its invoice, if any.
 type UsageCase<'a> = (&'a str, &'a [i64], Option<(i64, i64)>);
@@ -50,12 +50,12 @@ late_window = "90d"
 stripe_prices = ["price_calls"]
 "#;
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
 /// A service with the catalog above, webhooks and a vendor.
-async fn service(
+pub(crate) async fn service(
     backend: Backend,
     vendor: &MockServer,
     adjust: impl FnOnce(&mut billsync::config::Settings),
@@ -171,13 +171,13 @@ fn charge(
     charge
 }
 
-struct Seed<'a> {
-    app: &'a TestApp,
-    n: usize,
+pub(crate) struct Seed<'a> {
+    pub(crate) app: &'a TestApp,
+    pub(crate) n: usize,
 }
 
 impl Seed<'_> {
-    async fn deliver(&mut self, kind: &str, object: Value) {
+    pub(crate) async fn deliver(&mut self, kind: &str, object: Value) {
         self.n += 1;
         self.app
             .deliver(&event(
@@ -189,7 +189,7 @@ impl Seed<'_> {
             .await;
     }
 
-    async fn tenant(&mut self, tenant: &str) -> String {
+    pub(crate) async fn tenant(&mut self, tenant: &str) -> String {
         let id = format!("cus_{tenant}");
         self.deliver("customer.created", customer(&id, tenant))
             .await;
@@ -201,7 +201,7 @@ impl Seed<'_> {
         id
     }
 
-    async fn usage(&mut self, tenant: &str, at: i64, quantities: &[i64]) {
+    pub(crate) async fn usage(&mut self, tenant: &str, at: i64, quantities: &[i64]) {
         let events: Vec<Value> = quantities
             .iter()
             .enumerate()
@@ -223,7 +223,7 @@ impl Seed<'_> {
     }
 }
 
-async fn reconcile(app: &TestApp, body: Value) -> Value {
+pub(crate) async fn reconcile(app: &TestApp, body: Value) -> Value {
     // Every delivered webhook applied first: a webhook is acknowledged before it is applied.
     wait_for("the inbox to be applied", || async {
         app.get_json("/v1/sync/status").await["inbox"]["pending"] == 0
@@ -263,13 +263,13 @@ fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn window() -> Value {
+pub(crate) fn window() -> Value {
     let at = |s: i64| chrono::DateTime::from_timestamp(s, 0).unwrap().to_rfc3339();
     json!({"from": at(now() - 60 * DAY), "to": at(now())})
 }
 
 /// finding → tenants, from a report.
-fn found(run: &Value) -> BTreeMap<String, Vec<String>> {
+pub(crate) fn found(run: &Value) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for item in run["items"].as_array().unwrap() {
         out.entry(item["finding"].as_str().unwrap().to_owned())
@@ -1157,7 +1157,7 @@ async fn mount_open_periods(vendor: &MockServer, totals: &[(&str, i64)]) {
 
 /// The tenant, its subscription from `mount_open_periods` (waited for), and 5 calls two days
 /// ago, well before the settle point.
-async fn subscribed_with_settled_usage(seed: &mut Seed<'_>, tenant: &str) {
+pub(crate) async fn subscribed_with_settled_usage(seed: &mut Seed<'_>, tenant: &str) {
     seed.tenant(tenant).await;
     let subscription = open_period_subscription(tenant);
     seed.deliver("customer.subscription.created", subscription)
@@ -1171,7 +1171,7 @@ async fn subscribed_with_settled_usage(seed: &mut Seed<'_>, tenant: &str) {
 }
 
 /// A tenant's subscription as `mount_open_periods` lists it.
-fn open_period_subscription(tenant: &str) -> Value {
+pub(crate) fn open_period_subscription(tenant: &str) -> Value {
     let mut s = subscription(
         &format!("sub_{tenant}"),
         &format!("cus_{tenant}"),
@@ -1222,13 +1222,13 @@ async fn settled_open_periods(
 }
 
 /// The value of one series in `/metrics`.
-async fn gauge(app: &TestApp, series: &str) -> Option<f64> {
+pub(crate) async fn gauge(app: &TestApp, series: &str) -> Option<f64> {
     let text = app.metrics().await;
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
 }
 
-const MISSING: &str = r#"billsync_reconcile_open_findings{finding="vendor_missing"} "#;
+pub(crate) const MISSING: &str = r#"billsync_reconcile_open_findings{finding="vendor_missing"} "#;
 const EXTRA: &str = r#"billsync_reconcile_open_findings{finding="vendor_extra"} "#;
 
 /// How many meter summaries Stripe was asked for.

@@ -405,7 +405,8 @@ fn item(
     let repairs: Vec<Value> = (tally.repairs.iter())
         .map(|r| {
             let before = unit.invoice.as_ref().map(|line| {
-                r.sent_at.is_some_and(|at| at < line.billed_at || !line.is_final)
+                r.sent_at
+                    .is_some_and(|at| at < line.billed_at || !line.is_final)
             });
             json!({"push_id": r.push_id, "value": r.value, "status": r.status,
                    "sent_at": r.sent_at.map(rfc3339), "before_finalization": before})

@@ -46,7 +46,8 @@ pub(super) fn proposal(
         return Err("the meter is not pushed to Stripe");
     };
     let on_its_way = (tally.repairs.iter()).any(|r| {
-        r.status == "pending" || (r.status == "sent" && r.sent_at.is_none_or(|at| at >= unit.settle_at))
+        r.status == "pending"
+            || (r.status == "sent" && r.sent_at.is_none_or(|at| at >= unit.settle_at))
     });
     if on_its_way {
         return Err("an earlier repair is on its way: Stripe's totals may not show it yet");
@@ -99,7 +100,9 @@ fn identifier(unit: &Unit, settled: Decimal, vendor: Decimal, value: Decimal) ->
     let mut digest = Sha256::new();
     let figures = [settled, vendor, value].map(|d| d.normalize().to_string());
     let start = unit.start.to_string();
-    let parts = [&unit.tenant_id, &unit.meter, &start].into_iter().chain(&figures);
+    let parts = [&unit.tenant_id, &unit.meter, &start]
+        .into_iter()
+        .chain(&figures);
     for part in parts {
         digest.update(part.as_bytes());
         digest.update([0]);

@@ -326,9 +326,15 @@ fn missing_usage_gets_a_repair_derived_from_the_finding() {
     assert_eq!(repair.window_start, START);
     assert!(repair.push_id.starts_with("bsr_") && repair.push_id.len() <= 100);
     let again = run_open(vec![], pushes(), 3);
-    assert_eq!(again[0].repair.as_ref().unwrap().push.push_id, repair.push_id);
+    assert_eq!(
+        again[0].repair.as_ref().unwrap().push.push_id,
+        repair.push_id
+    );
     let other = run_open(vec![], pushes(), 4);
-    assert_ne!(other[0].repair.as_ref().unwrap().push.push_id, repair.push_id);
+    assert_ne!(
+        other[0].repair.as_ref().unwrap().push.push_id,
+        repair.push_id
+    );
 
     let repaired = |status: &str, sent_at: Option<i64>| {
         let mut r = repair.clone();
@@ -349,8 +355,14 @@ fn missing_usage_gets_a_repair_derived_from_the_finding() {
     assert!(run_open(vec![], repaired("sent", Some(END - 1)), 7).is_empty());
     // Settled and lost again: the same finding, the same identifier (a no-op at Stripe).
     let lost = run_open(vec![], repaired("sent", Some(END - 1)), 3);
-    assert_eq!(lost[0].repair.as_ref().unwrap().push.push_id, repair.push_id);
-    assert_eq!(lost[0].detail["evidence"]["repairs"][0]["push_id"], repair.push_id.as_str());
+    assert_eq!(
+        lost[0].repair.as_ref().unwrap().push.push_id,
+        repair.push_id
+    );
+    assert_eq!(
+        lost[0].detail["evidence"]["repairs"][0]["push_id"],
+        repair.push_id.as_str()
+    );
 }
 
 /// A draft invoice's line is compared and repaired like the open period; a final invoice's is
@@ -376,11 +388,20 @@ fn only_a_draft_invoice_is_repaired() {
     assert_eq!(draft[0].finding, Finding::VendorMissing);
     assert_eq!(draft[0].repair.as_ref().unwrap().push.value, "2");
     let last = draft[0].repair.as_ref().unwrap().push.timestamp;
-    assert_eq!(last, (END - 1000) / 1000, "stamped inside the invoice's period");
+    assert_eq!(
+        last,
+        (END - 1000) / 1000,
+        "stamped inside the invoice's period"
+    );
     let final_ = run(true);
     assert_eq!(final_[0].finding, Finding::VendorMismatch);
     assert!(final_[0].repair.is_none());
-    assert!(final_[0].detail["remedy"].as_str().unwrap().contains("never repaired"));
+    assert!(
+        final_[0].detail["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("never repaired")
+    );
 }
 
 /// A period-value meter's repair pushes the period's value again, stamped now.
@@ -398,7 +419,10 @@ fn a_period_value_repair_pushes_the_value_again_after_the_last_push() {
     latest.timestamp += 60;
     ledger.add_push(push("p", 4, "sent", Some(START + 5000)));
     ledger.add_push(latest);
-    let vendor = HashMap::from([(("t".to_owned(), "calls".to_owned(), START), Decimal::from(4))]);
+    let vendor = HashMap::from([(
+        ("t".to_owned(), "calls".to_owned(), START),
+        Decimal::from(4),
+    )]);
     let items = ledger.finish(&vendor);
     let repair = &items[0].repair.as_ref().unwrap().push;
     assert_eq!(repair.value, "9");
