@@ -226,7 +226,10 @@ async fn lost_usage_is_found_and_repaired_once_and_the_next_pass_changes_nothing
         (repair.status.as_str(), repair.value.as_str()),
         ("sent", "5")
     );
-    assert_eq!(meter.received("bsr_"), std::slice::from_ref(&repair.push_id));
+    assert_eq!(
+        meter.received("bsr_"),
+        std::slice::from_ref(&repair.push_id)
+    );
     let evidence: Value = serde_json::from_str(repair.evidence.as_deref().unwrap()).unwrap();
     assert_eq!(
         (evidence["finding"].as_str(), evidence["vendor"].as_str()),
