@@ -10,7 +10,7 @@ use super::money::Billed;
 use super::usage::{self, OpenPeriods};
 use crate::catalog::Catalog;
 use crate::domain::{Payment, Subscription};
-use crate::store::{Db, StoreError};
+use crate::store::{Db, MirrorRow, StoreError};
 use crate::stripe::{ObjectKind, objects};
 
 /// The tenants a run covers, with their customers.
@@ -49,34 +49,26 @@ impl Scope {
         from_s: i64,
         to_s: i64,
     ) -> Result<Vec<Billed>, StoreError> {
-        let tenant_of = self.tenant_of();
         let kinds = [ObjectKind::Invoice.as_str()];
         let rows = db
             .mirror()
             .created_since(&kinds, from_s, self.filter())
             .await?;
-        Ok(rows
-            .into_iter()
-            .filter(|row| row.created.is_some_and(|c| c < to_s))
-            .filter_map(|row| {
-                let tenant = tenant_of.get(row.customer_id.as_deref()?)?.to_string();
-                let raw: Value = serde_json::from_str(&row.payload).ok()?;
-                let invoice = objects::invoice(&raw);
-                Some(Billed {
-                    tenant_id: tenant,
-                    invoice,
-                })
-            })
-            .collect())
+        let in_window = rows.into_iter().filter(|row| row.created.is_some_and(|c| c < to_s));
+        Ok(self.billed(in_window))
     }
 
     /// One invoice of the tenants, with its tenant (none when it is not theirs).
     pub async fn invoice(&self, db: &Db, invoice_id: &str) -> Result<Vec<Billed>, StoreError> {
-        let tenant_of = self.tenant_of();
         let kind = ObjectKind::Invoice.as_str();
         let row = db.mirror().get(kind, invoice_id).await?;
-        Ok(row
-            .into_iter()
+        Ok(self.billed(row))
+    }
+
+    /// The invoice rows of the tenants' customers, read, with their tenants.
+    fn billed(&self, rows: impl IntoIterator<Item = MirrorRow>) -> Vec<Billed> {
+        let tenant_of = self.tenant_of();
+        (rows.into_iter())
             .filter_map(|row| {
                 let tenant = tenant_of.get(row.customer_id.as_deref()?)?.to_string();
                 let raw: Value = serde_json::from_str(&row.payload).ok()?;
@@ -86,7 +78,7 @@ impl Scope {
                     invoice,
                 })
             })
-            .collect())
+            .collect()
     }
 
     /// The tenants' charges, payment intents and credit notes created since `from_s`.
