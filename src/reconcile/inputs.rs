@@ -54,7 +54,9 @@ impl Scope {
             .mirror()
             .created_since(&kinds, from_s, self.filter())
             .await?;
-        let in_window = rows.into_iter().filter(|row| row.created.is_some_and(|c| c < to_s));
+        let in_window = rows
+            .into_iter()
+            .filter(|row| row.created.is_some_and(|c| c < to_s));
         Ok(self.billed(in_window))
     }
 

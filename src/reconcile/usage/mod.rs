@@ -13,6 +13,7 @@ use crate::domain::rfc3339;
 use crate::store::{PushRow, UsageRow};
 
 mod repair;
+mod run;
 pub use repair::{Repair, Repairs};
 
 /// Most event ids an item lists as evidence (the count is always given).
