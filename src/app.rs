@@ -116,7 +116,9 @@ pub async fn run(
             shutdown.clone(),
         ));
     }
-    spawn_workers(&mut workers, &state, &shutdown);
+    // Before any stream can be opened: the hub follows every change after it.
+    let stream_from = db.changes().bounds().await?.1.unwrap_or(0);
+    spawn_workers(&mut workers, &state, stream_from, &shutdown);
     warn_about_closed_doors(&state.settings);
     let grace = state.settings.shutdown.grace;
     tracing::info!(address = %listener.local_addr()?, backend = ?db.backend(), "billsync listening");
@@ -157,10 +159,24 @@ async fn recover(state: &AppState) -> Result<(), AppError> {
 
 /// The workers: the applier and the outbox on every replica (they claim row by row), the
 /// singleton jobs under their leases, and the catalog's reload on SIGHUP.
-fn spawn_workers(workers: &mut JoinSet<()>, state: &AppState, shutdown: &CancellationToken) {
+fn spawn_workers(
+    workers: &mut JoinSet<()>,
+    state: &AppState,
+    stream_from: i64,
+    shutdown: &CancellationToken,
+) {
     let settings = state.settings.clone();
     workers.spawn(state.applier().run(shutdown.clone()));
     workers.spawn(checkpoints(state.db.clone(), shutdown.clone()));
+    let streams = &settings.entitlements;
+    state.metering.counters.watch();
+    workers.spawn(state.stream.clone().run(
+        state.entitlements.clone(),
+        stream_from,
+        streams.stream_coalesce,
+        streams.stream_retention,
+        shutdown.clone(),
+    ));
     let (metering, interval) = (state.metering.clone(), settings.metering.snapshot_interval);
     spawn_singleton(workers, state, shutdown, "snapshot", move |token| {
         metering.clone().run_snapshots(interval, token)

@@ -47,6 +47,8 @@ pub struct Services {
     pub outbox_wake: Arc<Notify>,
     /// Wakes the open period check when a draft invoice is applied.
     pub drafts_wake: Arc<Notify>,
+    /// Feeds the entitlement streams (`GET /v1/entitlements/stream`).
+    pub stream: Arc<crate::entitlements::stream::Hub>,
     pub metering: Metering,
     pub entitlements: Entitlements,
     /// Per-key request budgets (`api.rate_limit`).
@@ -129,6 +131,7 @@ impl AppState {
             Arc::new(SyncHealth::default()),
             vendor.is_some(),
         );
+        let stream_buffer = settings.entitlements.stream_buffer;
         Ok(Self(Arc::new(Services {
             settings: Arc::new(settings),
             db,
@@ -137,6 +140,7 @@ impl AppState {
             wake: Arc::new(Notify::new()),
             outbox_wake: Arc::new(Notify::new()),
             drafts_wake: Arc::new(Notify::new()),
+            stream: Arc::new(crate::entitlements::stream::Hub::new(stream_buffer)),
             metering,
             entitlements,
             key_limiter: Default::default(),

@@ -25,6 +25,11 @@ impl KeyScope {
         self.tenants.is_some()
     }
 
+    /// The tenants a limited key may see; `None`: every tenant.
+    pub fn only(&self) -> Option<&[String]> {
+        self.tenants.as_deref().map(Vec::as_slice)
+    }
+
     pub fn allows(&self, tenant_id: &str) -> bool {
         self.tenants
             .as_ref()

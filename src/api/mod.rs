@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod pagination;
 pub mod reconcile;
 pub mod revenue;
+pub mod stream;
 pub mod sync;
 pub mod tenants;
 pub mod usage;
@@ -145,6 +146,7 @@ pub fn routes() -> Vec<Route> {
             "/v1/entitlements/check",
             post(entitlements::check_batch),
         ),
+        route(Method::GET, "/v1/entitlements/stream", get(stream::stream)),
         route(
             Method::POST,
             "/webhooks/stripe",

@@ -153,6 +153,10 @@ pub(super) struct RawEntitlements {
     pub(super) granting_statuses: Vec<String>,
     pub(super) past_due_grace: String,
     pub(super) stale_after: String,
+    pub(super) stream_coalesce: String,
+    pub(super) stream_heartbeat: String,
+    pub(super) stream_retention: String,
+    pub(super) stream_buffer: usize,
 }
 
 #[derive(Deserialize)]

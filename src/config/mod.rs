@@ -107,6 +107,14 @@ pub struct EntitlementSettings {
     pub granting_statuses: Vec<String>,
     pub past_due_grace: Duration,
     pub stale_after: Duration,
+    /// The entitlement stream sends a tenant's usage at most once per this, per meter.
+    pub stream_coalesce: Duration,
+    /// An idle stream gets a comment this often.
+    pub stream_heartbeat: Duration,
+    /// How long the change log keeps changes: a cursor older than this gets a new snapshot.
+    pub stream_retention: Duration,
+    /// Events a stream may have waiting for its consumer before it is disconnected.
+    pub stream_buffer: usize,
 }
 
 #[derive(Debug, Clone)]

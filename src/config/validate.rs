@@ -202,6 +202,18 @@ fn entitlements(raw: RawEntitlements) -> Result<EntitlementSettings, ConfigError
         granting_statuses: raw.granting_statuses,
         past_due_grace: duration("entitlements.past_due_grace", &raw.past_due_grace)?,
         stale_after: positive("entitlements.stale_after", &raw.stale_after)?,
+        stream_coalesce: positive("entitlements.stream_coalesce", &raw.stream_coalesce)?,
+        stream_heartbeat: positive("entitlements.stream_heartbeat", &raw.stream_heartbeat)?,
+        stream_retention: positive("entitlements.stream_retention", &raw.stream_retention)?,
+        stream_buffer: match raw.stream_buffer {
+            16..=65_536 => raw.stream_buffer,
+            _ => {
+                return Err(ConfigError::new(
+                    "entitlements.stream_buffer",
+                    "must be between 16 and 65536",
+                ));
+            }
+        },
     })
 }
 

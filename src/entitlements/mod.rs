@@ -5,6 +5,7 @@
 
 mod compute;
 pub mod model;
+pub mod stream;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};

@@ -142,6 +142,18 @@ impl Series {
 #[derive(Debug, Default)]
 pub struct Counters {
     series: RwLock<HashMap<String, HashMap<String, Series>>>,
+    /// Once someone watches (the entitlement stream), which tenants' meters changed since it
+    /// last looked.
+    watching: std::sync::atomic::AtomicBool,
+    touched: std::sync::Mutex<Touched>,
+}
+
+/// The tenants' meters whose counts changed since [`Counters::take_touched`] was last called;
+/// `all`: every count may have (the counters were rebuilt).
+#[derive(Debug, Default)]
+pub struct Touched {
+    pub meters: HashMap<String, std::collections::HashSet<String>>,
+    pub all: bool,
 }
 
 impl Counters {
@@ -151,6 +163,9 @@ impl Counters {
     }
 
     pub fn merge(&self, tenant: &str, meter: &str, hour: i64, bucket: &Bucket) {
+        if self.watching.load(std::sync::atomic::Ordering::Relaxed) {
+            self.touch(tenant, meter);
+        }
         let mut all = self.series.write().expect("counters lock");
         if !all.contains_key(tenant) {
             all.insert(tenant.to_owned(), HashMap::new());
@@ -220,10 +235,42 @@ impl Counters {
     pub fn replace_with(&self, other: Counters) {
         let fresh = other.series.into_inner().expect("counters lock");
         *self.series.write().expect("counters lock") = fresh;
+        self.touch_all();
     }
 
     pub fn clear(&self) {
         self.series.write().expect("counters lock").clear();
+        self.touch_all();
+    }
+
+    fn touch_all(&self) {
+        if self.watching.load(std::sync::atomic::Ordering::Relaxed) {
+            self.touched.lock().expect("touched lock").all = true;
+        }
+    }
+
+    fn touch(&self, tenant: &str, meter: &str) {
+        let mut touched = self.touched.lock().expect("touched lock");
+        match touched.meters.get_mut(tenant) {
+            Some(meters) if meters.contains(meter) => {}
+            Some(meters) => {
+                meters.insert(meter.to_owned());
+            }
+            None => {
+                let meters = std::collections::HashSet::from([meter.to_owned()]);
+                touched.meters.insert(tenant.to_owned(), meters);
+            }
+        }
+    }
+
+    /// From now on, keeps which tenants' meters change, for [`Self::take_touched`].
+    pub fn watch(&self) {
+        (self.watching).store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What changed since the last call (nothing before [`Self::watch`]).
+    pub fn take_touched(&self) -> Touched {
+        std::mem::take(&mut *self.touched.lock().expect("touched lock"))
     }
 }
 

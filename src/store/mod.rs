@@ -5,6 +5,7 @@
 //! keeps its native driver (types, `LISTEN/NOTIFY`, advisory locks).
 
 mod apply;
+mod changes;
 mod claims;
 mod commands;
 mod inbox;
@@ -31,6 +32,7 @@ use sqlx::sqlite::{
 use crate::config::DatabaseSettings;
 
 pub use apply::{Apply, ApplyOutcome, Confirmed, TenantClaim};
+pub use changes::{ChangeRow, Changes};
 pub use claims::{Claims, Queue};
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
@@ -398,6 +400,10 @@ impl Db {
 
     pub fn tenants(&self) -> Tenants<'_> {
         Tenants::new(self)
+    }
+
+    pub fn changes(&self) -> Changes<'_> {
+        Changes::new(self)
     }
 
     pub fn claims(&self) -> Claims<'_> {

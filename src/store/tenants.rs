@@ -148,6 +148,20 @@ impl<'a> Tenants<'a> {
         Ok(rows)
     }
 
+    /// Up to `limit` tenant ids after `after`, in order.
+    pub async fn ids_after(&self, after: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String,)>(
+                "SELECT tenant_id FROM tenants WHERE tenant_id > $1 ORDER BY tenant_id LIMIT $2",
+            )
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
+    }
+
     /// The customer ids of every tenant linked to one.
     pub async fn linked_customers(&self) -> Result<Vec<String>, StoreError> {
         let rows = on_pool!(self.db, |pool| {

@@ -128,6 +128,19 @@ pub struct Usage<'a> {
 }
 
 impl<'a> Usage<'a> {
+    /// The tenants with usage received (stored) at or after `received_ms`.
+    pub async fn tenants_since(&self, received_ms: i64) -> Result<Vec<String>, StoreError> {
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String,)>(
+                "SELECT DISTINCT tenant_id FROM usage_events WHERE received_at >= $1",
+            )
+            .bind(received_ms)
+            .fetch_all(pool)
+            .await
+        })?;
+        Ok(rows.into_iter().map(|(t,)| t).collect())
+    }
+
     pub(super) fn new(db: &'a Db) -> Self {
         Self { db }
     }

@@ -22,6 +22,7 @@ mod revenue;
 mod security;
 mod simulation;
 mod statuses;
+mod stream;
 mod sync;
 mod tenants;
 mod usage;
