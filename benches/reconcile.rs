@@ -4,6 +4,7 @@
 //!
 //!     cargo bench --bench reconcile
 //!     cargo bench --bench reconcile -- quick     # 100,000 events over 1,000 tenants
+//!     cargo bench --bench reconcile -- open      # the open-period check (reconcile/open.rs)
 //!
 //! Needs PostgreSQL (BILLSYNC_BENCH_DATABASE_URL, an admin URL; default
 //! postgres://postgres@127.0.0.1:5432/postgres). The vendor is not asked (no Stripe key): the
@@ -17,6 +18,8 @@ use billsync::store::{Apply, Db, ObjectState};
 use serde_json::json;
 
 mod common;
+#[path = "reconcile/open.rs"]
+mod open;
 #[path = "common/tenants.rs"]
 mod tenants;
 
@@ -43,6 +46,7 @@ macro_rules! bulk {
         }
     };
 }
+pub(crate) use bulk;
 
 fn object(kind: &str, id: &str, customer: &str, created: i64, payload: serde_json::Value) -> Apply {
     Apply {
@@ -188,7 +192,12 @@ async fn run(backend: Backend, tenants: usize, per_tenant: usize) -> (f64, f64, 
 #[tokio::main]
 async fn main() {
     state::init_crypto();
-    let quick = std::env::args().any(|a| a == "quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "quick");
+    if args.iter().any(|a| a == "open") {
+        open::main(quick, &args).await;
+        return;
+    }
     let (tenants, per_tenant) = if quick { (1_000, 100) } else { (10_000, 100) };
     println!(
         "billsync reconciliation benchmark: {} usage events over {tenants} tenants, {tenants} invoices and payments, 0.1% seeded differences",
