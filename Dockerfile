@@ -2,8 +2,10 @@
 #   docker build -t billsync .
 #   docker run --rm -p 8080:8080 -v billsync-data:/app/data -e BILLSYNC_API__KEYS=... billsync
 
-# cargo-chef: the dependencies are built in a layer of their own, keyed only by Cargo.toml and
-# Cargo.lock, so that a change to billsync's source rebuilds billsync alone.
+# cargo-chef: the dependencies are built in a layer of their own, keyed only by the manifests
+# (the root's and those of the workspace members in crates/) and Cargo.lock, so that a change to
+# billsync's source rebuilds billsync alone. Both `COPY . .` bring crates/ with src/ (see
+# .dockerignore): the server depends on crates/billsync-rules by path.
 FROM rust:1.95-bookworm AS chef
 RUN cargo install cargo-chef --locked --version 0.1.78
 WORKDIR /src

@@ -1,7 +1,6 @@
 //! Plain types with parse constructors; no I/O.
 
 pub mod billing;
-mod ceiling;
 mod quantity;
 mod tenant;
 mod time;
@@ -10,7 +9,8 @@ pub use billing::{
     BillingPeriod, CreditNote, CreditNoteLine, Invoice, InvoiceLine, Payment, Refund, Subscription,
     SubscriptionItem, invoice_is_final, liveness_of,
 };
-pub use ceiling::Ceiling;
+// Shared with the client crate, with the rest of the entitlement decision.
+pub use billsync_rules::Ceiling;
 pub use quantity::{MAX_DIGITS, QuantityError, parse_quantity};
 pub use tenant::{Email, TenantId, TenantName};
 pub use time::{parse_time, rfc3339, rfc3339_secs};

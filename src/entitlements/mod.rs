@@ -15,10 +15,13 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 
 use crate::catalog::Catalog;
-use crate::domain::Ceiling;
 use crate::metering::Metering;
 use crate::store::{Db, StoreError, now_ms};
 use model::{FeatureValue, Features, Grant};
+
+// The decision itself lives in its own crate, shared with the client.
+pub use billsync_rules::Standing;
+use billsync_rules::{Ceiling, TenantRules, Verdict, reason};
 
 /// The plan catalog's features and plans, typed.
 #[derive(Debug, Clone, Default)]
@@ -84,18 +87,6 @@ pub struct Policy {
     pub stale_after: Duration,
 }
 
-/// Why a tenant has what it has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Standing {
-    /// A subscription that grants access.
-    Subscribed,
-    /// No granting subscription, but a free plan.
-    Free,
-    NoSubscription,
-    /// A subscription that does not grant access, and no free plan.
-    Inactive,
-}
-
 /// One tenant's read model.
 #[derive(Debug, Clone)]
 pub struct TenantModel {
@@ -114,6 +105,17 @@ pub struct TenantModel {
     /// When time alone changes the answer (the period ends, a past_due grace runs out): the
     /// model is recomputed on the first check after it.
     pub expires_at: i64,
+}
+
+impl TenantModel {
+    /// What the shared rules need of this model.
+    pub fn rules(&self) -> TenantRules<'_> {
+        TenantRules {
+            standing: self.standing,
+            synced: self.as_of.is_some(),
+            features: &self.features,
+        }
+    }
 }
 
 /// Shared signal of whether vendor sync is working, set by the sync workers.
@@ -171,13 +173,33 @@ fn rfc3339_ms<S: serde::Serializer>(at: &Option<i64>, serializer: S) -> Result<S
 impl Decision {
     pub const UNKNOWN_TENANT: Decision = Decision {
         allowed: false,
-        reason: "unknown_tenant",
+        reason: reason::UNKNOWN_TENANT,
         limit: None,
         used: None,
         remaining: None,
         as_of: None,
         stale: false,
     };
+
+    /// The rules' verdict, with how fresh the data it was decided on is.
+    pub fn new(verdict: Verdict, as_of: Option<i64>, stale: bool) -> Self {
+        let Verdict {
+            allowed,
+            reason,
+            limit,
+            used,
+            remaining,
+        } = verdict;
+        Self {
+            allowed,
+            reason,
+            limit,
+            used,
+            remaining,
+            as_of,
+            stale,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -333,81 +355,28 @@ impl Entitlements {
         now: i64,
         used: Option<Decimal>,
     ) -> Decision {
-        let given = used;
         let (as_of, stale) = self.freshness(model, now);
-        let answer =
-            |allowed, reason, limit, used: Option<Decimal>, remaining: Option<Decimal>| Decision {
-                allowed,
-                reason,
-                limit,
-                used: used.map(|u| u.normalize()),
-                remaining: remaining.map(|r| r.normalize()),
-                as_of,
-                stale,
-            };
-        if model.as_of.is_none() && model.standing != Standing::Free {
-            let open = self.plans().fail_open.iter().any(|f| f == feature);
-            return answer(
-                open,
-                if open { "ok" } else { "no_subscription" },
-                None,
-                None,
-                None,
-            );
-        }
-        match model.standing {
-            Standing::NoSubscription => return answer(false, "no_subscription", None, None, None),
-            Standing::Inactive => return answer(false, "subscription_inactive", None, None, None),
-            Standing::Subscribed | Standing::Free => {}
-        }
-        match model.features.get(feature) {
-            None | Some(Grant::Boolean { enabled: false }) => {
-                answer(false, "feature_not_in_plan", None, None, None)
-            }
-            Some(Grant::Boolean { enabled: true }) => answer(true, "ok", None, None, None),
-            Some(Grant::Quota { limit, meter }) => {
-                let used = given.unwrap_or_else(|| self.used(model, meter));
-                match limit {
-                    None => answer(true, "ok", None, Some(used), None),
-                    Some(limit) => {
-                        let limit_d = Decimal::from(*limit);
-                        let remaining = (limit_d - used).max(Decimal::ZERO);
-                        let allowed = used + quantity <= limit_d;
-                        let reason = if allowed { "ok" } else { "limit_exceeded" };
-                        answer(allowed, reason, Some(*limit), Some(used), Some(remaining))
-                    }
-                }
-            }
-        }
+        let verdict = model.rules().decide(
+            feature,
+            quantity,
+            || self.fails_open(feature),
+            |meter| used.unwrap_or_else(|| self.used(model, meter)),
+        );
+        Decision::new(verdict, as_of, stale)
     }
 
     /// The most the feature's meter figure may be for `quantity` more to be allowed, by the
     /// same rules as [`Self::decide_with_used`] (which allows exactly when the ceiling admits
     /// `used`): what check-and-record compares the usage log with, under its lock.
     pub fn ceiling(&self, model: &TenantModel, feature: &str, quantity: Decimal) -> Ceiling {
-        if model.as_of.is_none() && model.standing != Standing::Free {
-            let open = self.plans().fail_open.iter().any(|f| f == feature);
-            return if open {
-                Ceiling::Unlimited
-            } else {
-                Ceiling::Never
-            };
-        }
-        if matches!(
-            model.standing,
-            Standing::NoSubscription | Standing::Inactive
-        ) {
-            return Ceiling::Never;
-        }
-        match model.features.get(feature) {
-            None | Some(Grant::Boolean { enabled: false }) => Ceiling::Never,
-            Some(Grant::Boolean { enabled: true }) | Some(Grant::Quota { limit: None, .. }) => {
-                Ceiling::Unlimited
-            }
-            Some(Grant::Quota {
-                limit: Some(limit), ..
-            }) => Ceiling::AtMost(Decimal::from(*limit) - quantity),
-        }
+        model
+            .rules()
+            .ceiling(feature, quantity, || self.fails_open(feature))
+    }
+
+    /// Whether the catalog lets `feature` fail open while a tenant's vendor state is unknown.
+    fn fails_open(&self, feature: &str) -> bool {
+        self.plans().fail_open.iter().any(|f| f == feature)
     }
 
     /// A check from memory alone: `None` when the tenant's model is not loaded (cold).

@@ -47,18 +47,7 @@ impl FeatureValue {
     }
 }
 
-/// What a tenant gets of one feature.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Grant {
-    Boolean {
-        enabled: bool,
-    },
-    /// `limit: None` is unlimited; `meter` is what counts usage against it.
-    Quota {
-        limit: Option<i64>,
-        meter: String,
-    },
-}
+pub use billsync_rules::Grant;
 
 /// Features by name, as one source states them.
 pub type Features = BTreeMap<String, FeatureValue>;
