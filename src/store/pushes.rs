@@ -370,18 +370,29 @@ impl Usage<'_> {
         to_ms: i64,
         tenant: Option<&str>,
     ) -> Result<Vec<PushRow>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, PushRow>(concat!(
+        // Two statements: SQLite answers `tenant_id = $3` from its index, not `($3 IS NULL OR
+        // tenant_id = $3)`.
+        let sql = match tenant {
+            Some(_) => concat!(
                 "SELECT ",
                 push_columns!(),
-                " FROM usage_pushes WHERE window_start >= $1 AND window_start < $2 \
-                 AND ($3 IS NULL OR tenant_id = $3) ORDER BY tenant_id, meter, window_start, push_id"
-            ))
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(tenant)
-            .fetch_all(pool)
-            .await
+                " FROM usage_pushes WHERE tenant_id = $3 AND window_start >= $1 AND window_start < $2 \
+                 ORDER BY tenant_id, meter, window_start, push_id"
+            ),
+            None => concat!(
+                "SELECT ",
+                push_columns!(),
+                " FROM usage_pushes WHERE window_start >= $1 AND window_start < $2 AND $3 IS NULL \
+                 ORDER BY tenant_id, meter, window_start, push_id"
+            ),
+        };
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, PushRow>(sql)
+                .bind(from_ms)
+                .bind(to_ms)
+                .bind(tenant)
+                .fetch_all(pool)
+                .await
         })?;
         Ok(rows)
     }

@@ -136,14 +136,23 @@ impl<'a> Tenants<'a> {
     /// Every tenant linked to a customer (or only `only`), as (tenant, customer), in tenant
     /// order.
     pub async fn linked(&self, only: Option<&str>) -> Result<Vec<(String, String)>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, (String, String)>(
+        // Two statements: SQLite answers `tenant_id = $1` from the key, not `($1 IS NULL OR
+        // tenant_id = $1)`.
+        let sql = match only {
+            Some(_) => {
+                "SELECT tenant_id, customer_id FROM tenants WHERE tenant_id = $1 \
+                 AND customer_id IS NOT NULL"
+            }
+            None => {
                 "SELECT tenant_id, customer_id FROM tenants WHERE customer_id IS NOT NULL \
-                 AND ($1 IS NULL OR tenant_id = $1) ORDER BY tenant_id",
-            )
-            .bind(only)
-            .fetch_all(pool)
-            .await
+                 AND $1 IS NULL ORDER BY tenant_id"
+            }
+        };
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String, String)>(sql)
+                .bind(only)
+                .fetch_all(pool)
+                .await
         })?;
         Ok(rows)
     }

@@ -303,17 +303,26 @@ impl<'a> Usage<'a> {
         mut each: impl FnMut(UsageRow),
     ) -> Result<(), StoreError> {
         use futures_util::TryStreamExt;
-        on_pool!(self.db, |pool| {
-            let mut rows = sqlx::query_as::<_, UsageRow>(concat!(
+        // Two statements, not `($3 IS NULL OR tenant_id = $3)`, which SQLite cannot answer
+        // from the tenant's index.
+        let sql = match tenant {
+            Some(_) => concat!(
                 "SELECT ",
                 usage_columns!(),
-                " FROM usage_events WHERE occurred_at >= $1 AND occurred_at < $2 \
-                 AND ($3 IS NULL OR tenant_id = $3)"
-            ))
-            .bind(from_ms)
-            .bind(to_ms)
-            .bind(tenant)
-            .fetch(pool);
+                " FROM usage_events WHERE tenant_id = $3 AND occurred_at >= $1 AND occurred_at < $2"
+            ),
+            None => concat!(
+                "SELECT ",
+                usage_columns!(),
+                " FROM usage_events WHERE occurred_at >= $1 AND occurred_at < $2 AND $3 IS NULL"
+            ),
+        };
+        on_pool!(self.db, |pool| {
+            let mut rows = sqlx::query_as::<_, UsageRow>(sql)
+                .bind(from_ms)
+                .bind(to_ms)
+                .bind(tenant)
+                .fetch(pool);
             while let Some(fact) = rows.try_next().await? {
                 each(fact);
             }
