@@ -270,6 +270,12 @@ impl TestApp {
     }
 }
 
+/// Whether the response is a stream of Server-Sent Events (its body never ends).
+pub fn is_event_stream(response: &Response) -> bool {
+    (response.headers().get("content-type"))
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
 /// The JSON error body's `(status, code, field)`, for compact assertions.
 pub async fn error_of(response: Response) -> (u16, String, Option<String>) {
     let status = response.status().as_u16();

@@ -70,7 +70,11 @@ async fn every_documented_route_is_answered_by_a_handler() {
             .await
             .unwrap();
         let status = response.status().as_u16();
-        let body = response.text().await.unwrap();
+        // A stream does not end: that it answers with one is the proof.
+        let body = match crate::helpers::is_event_stream(&response) {
+            true => String::new(),
+            false => response.text().await.unwrap(),
+        };
         assert!(
             !body.contains("route_not_found") && !body.contains("method_not_allowed"),
             "{method} {path} is documented but the router does not serve it ({status}): {body}"

@@ -134,7 +134,11 @@ impl Prober<'_> {
         }
         let response = request.send().await.expect("request");
         let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap_or(Value::Null);
+        // A stream (Server-Sent Events) does not end: its status is all there is to see.
+        let body: Value = match crate::helpers::is_event_stream(&response) {
+            true => Value::Null,
+            false => response.json().await.unwrap_or(Value::Null),
+        };
         if status == 202
             && let Some(id) = body["id"].as_str()
             && !self.ids.iter().any(|known| known == id)
