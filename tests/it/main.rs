@@ -7,6 +7,7 @@ mod helpers;
 mod catalog;
 mod claims;
 mod cli;
+mod client;
 mod commands;
 mod docs;
 mod e2e;

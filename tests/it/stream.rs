@@ -109,7 +109,7 @@ fn tenants(frames: &[Frame]) -> Vec<String> {
         .collect()
 }
 
-async fn service(
+pub(crate) async fn service(
     backend: Backend,
     adjust: impl FnOnce(&mut billsync::config::Settings),
 ) -> TestApp {
@@ -135,7 +135,7 @@ async fn usage(app: &TestApp, tenant: &str, quantity: i64) {
 }
 
 /// A customer of `tenant` with a `price_pro` subscription (api_calls 1000, sso), by webhooks.
-async fn subscribe(app: &TestApp, tenant: &str, price: &str) {
+pub(crate) async fn subscribe(app: &TestApp, tenant: &str, price: &str) {
     let cus = format!("cus_{tenant}");
     let now = chrono::Utc::now().timestamp();
     let stamp = uuid::Uuid::new_v4().simple();

@@ -1,0 +1,336 @@
+//! The in-memory copy of every tenant's entitlements, kept by the stream's events, and the
+//! usage this process recorded that the copy has not seen yet.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use billsync_rules::{Grant, Standing, TenantRules};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use crate::Check;
+
+/// One tenant as the stream sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantState {
+    pub standing: Standing,
+    pub synced: bool,
+    pub features: BTreeMap<String, Grant>,
+    /// The server's usage of each quota's meter in the period.
+    pub used: HashMap<String, Decimal>,
+    pub as_of: Option<Arc<str>>,
+    pub stale: bool,
+}
+
+/// How long usage the server accepted is still added to its figure, when no newer figure came
+/// (a repeated id changes nothing, so no figure follows it): longer than the stream's
+/// coalescing (100 ms by default) and its delivery.
+const ACCEPTED_GRACE: Duration = Duration::from_secs(5);
+
+/// This process's usage of one tenant's meter that the server's figures may not hold yet.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Local {
+    /// Recorded, not yet accepted by the server.
+    pending: Decimal,
+    /// Accepted by the server, not yet in a figure the stream sent.
+    accepted: Decimal,
+    /// When usage was last accepted.
+    accepted_at: Option<Instant>,
+}
+
+impl Local {
+    fn counted(&self) -> Decimal {
+        let recent = self
+            .accepted_at
+            .is_some_and(|at| at.elapsed() < ACCEPTED_GRACE);
+        self.pending + if recent { self.accepted } else { Decimal::ZERO }
+    }
+}
+
+/// What an event did, for the stream's loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    Nothing,
+    /// `hello`: the server's heartbeat interval.
+    Hello {
+        heartbeat: Duration,
+    },
+    /// `ready`: the copy is complete.
+    Ready {
+        resumed: bool,
+    },
+    /// `bye`: the server lets the stream go.
+    Bye {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct Replica {
+    tenants: HashMap<String, TenantState>,
+    /// A snapshot being received (after `reset`, or on a stream opened without a cursor): it
+    /// replaces `tenants` at `ready`, so checks meanwhile answer from the previous copy.
+    staging: Option<HashMap<String, TenantState>>,
+    fail_open: HashSet<String>,
+    /// The server's `stale_after_ms`.
+    pub stale_after: Option<Duration>,
+    local: HashMap<(String, String), Local>,
+}
+
+#[derive(Deserialize)]
+struct HelloIn {
+    #[serde(default)]
+    fail_open: Vec<String>,
+    stale_after_ms: Option<u64>,
+    heartbeat_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct TenantIn {
+    tenant_id: String,
+    standing: String,
+    synced: bool,
+    features: BTreeMap<String, FeatureIn>,
+    as_of: Option<String>,
+    #[serde(default)]
+    stale: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum FeatureIn {
+    Boolean {
+        enabled: bool,
+    },
+    Quota {
+        limit: Option<i64>,
+        meter: String,
+        used: Option<String>,
+    },
+}
+
+#[derive(Deserialize)]
+struct UsageIn {
+    tenant_id: String,
+    meter: String,
+    used: String,
+}
+
+#[derive(Deserialize)]
+struct TenantIdIn {
+    tenant_id: String,
+}
+
+#[derive(Deserialize)]
+struct ReadyIn {
+    #[serde(default)]
+    resumed: bool,
+}
+
+#[derive(Deserialize)]
+struct ByeIn {
+    reason: String,
+}
+
+fn standing(name: &str) -> Standing {
+    match name {
+        "subscribed" => Standing::Subscribed,
+        "free" => Standing::Free,
+        "inactive" => Standing::Inactive,
+        // `no_subscription`, and any standing a newer server may add: fail closed.
+        _ => Standing::NoSubscription,
+    }
+}
+
+fn decimal(text: &str) -> Result<Decimal, String> {
+    Decimal::from_str(text).map_err(|e| format!("`{text}` is not a decimal: {e}"))
+}
+
+fn parse<'a, T: Deserialize<'a>>(kind: &str, data: &'a str) -> Result<T, String> {
+    serde_json::from_str(data).map_err(|e| format!("a `{kind}` event that is not valid: {e}"))
+}
+
+impl TenantIn {
+    fn into_state(self) -> Result<(String, TenantState), String> {
+        let mut used = HashMap::new();
+        let mut features = BTreeMap::new();
+        for (name, feature) in self.features {
+            let grant = match feature {
+                FeatureIn::Boolean { enabled } => Grant::Boolean { enabled },
+                FeatureIn::Quota {
+                    limit,
+                    meter,
+                    used: figure,
+                } => {
+                    let figure = figure.as_deref().map(decimal).transpose()?;
+                    used.insert(meter.clone(), figure.unwrap_or_default());
+                    Grant::Quota { limit, meter }
+                }
+            };
+            features.insert(name, grant);
+        }
+        let state = TenantState {
+            standing: standing(&self.standing),
+            synced: self.synced,
+            features,
+            used,
+            as_of: self.as_of.map(Arc::from),
+            stale: self.stale,
+        };
+        Ok((self.tenant_id, state))
+    }
+}
+
+impl Replica {
+    /// Applies one event of the stream. An event that cannot be read is an error: the stream
+    /// is then read again from the last cursor rather than kept half-applied.
+    pub fn apply(&mut self, event: &str, data: &str) -> Result<Applied, String> {
+        match event {
+            "hello" => {
+                let hello: HelloIn = parse(event, data)?;
+                self.fail_open = hello.fail_open.into_iter().collect();
+                self.stale_after = hello.stale_after_ms.map(Duration::from_millis);
+                let heartbeat = Duration::from_millis(hello.heartbeat_ms.unwrap_or(15_000));
+                return Ok(Applied::Hello { heartbeat });
+            }
+            "reset" => self.staging = Some(HashMap::new()),
+            "tenant" => {
+                let (tenant, state) = parse::<TenantIn>(event, data)?.into_state()?;
+                self.forget_accepted(&tenant);
+                match &mut self.staging {
+                    Some(staging) => staging.insert(tenant, state),
+                    None => self.tenants.insert(tenant, state),
+                };
+            }
+            "removed" => {
+                let TenantIdIn { tenant_id } = parse(event, data)?;
+                self.tenants.remove(&tenant_id);
+                if let Some(staging) = &mut self.staging {
+                    staging.remove(&tenant_id);
+                }
+            }
+            "usage" => {
+                let usage: UsageIn = parse(event, data)?;
+                let used = decimal(&usage.used)?;
+                let key = (usage.tenant_id, usage.meter);
+                if let Some(local) = self.local.get_mut(&key) {
+                    local.accepted = Decimal::ZERO;
+                }
+                if let Some(state) = self.tenants.get_mut(&key.0) {
+                    state.used.insert(key.1, used);
+                }
+            }
+            "ready" => {
+                let ReadyIn { resumed } = parse(event, data)?;
+                if let Some(staging) = self.staging.take() {
+                    self.tenants = staging;
+                }
+                return Ok(Applied::Ready { resumed });
+            }
+            "bye" => {
+                let ByeIn { reason } = parse(event, data)?;
+                return Ok(Applied::Bye { reason });
+            }
+            _ => {} // newer servers may send more: tolerated
+        }
+        Ok(Applied::Nothing)
+    }
+
+    /// A stream begins: one opened without a cursor sends a whole snapshot, which replaces
+    /// the copy at `ready`; one that resumes applies in place.
+    pub fn begin(&mut self, snapshot: bool) {
+        self.staging = snapshot.then(HashMap::new);
+    }
+
+    /// A figure sent by the server counts everything it accepted before: what this process
+    /// sent is no longer added on top.
+    fn forget_accepted(&mut self, tenant: &str) {
+        for ((t, _), local) in self.local.iter_mut() {
+            if t == tenant {
+                local.accepted = Decimal::ZERO;
+            }
+        }
+    }
+
+    /// Usage recorded here, counted at once (until the server has it).
+    pub fn add_pending(&mut self, tenant: &str, meter: &str, quantity: Decimal) {
+        let key = (tenant.to_owned(), meter.to_owned());
+        self.local.entry(key).or_default().pending += quantity;
+    }
+
+    /// The server answered a batch: `accepted` usage moves from pending to accepted (counted
+    /// until the stream's next figure), refused usage is no longer counted.
+    pub fn settle(&mut self, tenant: &str, meter: &str, quantity: Decimal, accepted: bool) {
+        let key = (tenant.to_owned(), meter.to_owned());
+        let Some(local) = self.local.get_mut(&key) else {
+            return;
+        };
+        local.pending -= quantity;
+        if accepted {
+            local.accepted += quantity;
+            local.accepted_at = Some(Instant::now());
+        }
+        if local.pending.is_zero() && local.accepted.is_zero() {
+            self.local.remove(&key);
+        }
+    }
+
+    /// The server's own figure after a check-and-record: it holds everything accepted so far.
+    pub fn set_used(&mut self, tenant: &str, meter: &str, used: Decimal) {
+        if let Some(state) = self.tenants.get_mut(tenant) {
+            state.used.insert(meter.to_owned(), used);
+            if let Some(local) = self.local.get_mut(&(tenant.to_owned(), meter.to_owned())) {
+                local.accepted = Decimal::ZERO;
+            }
+        }
+    }
+
+    pub fn tenant(&self, tenant: &str) -> Option<&TenantState> {
+        self.tenants.get(tenant)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tenants.len()
+    }
+
+    /// The check answered from the copy; `None` for a tenant it does not hold.
+    pub fn check(&self, tenant: &str, feature: &str, quantity: Decimal) -> Option<Check> {
+        let state = self.tenants.get(tenant)?;
+        let rules = TenantRules {
+            standing: state.standing,
+            synced: state.synced,
+            features: &state.features,
+        };
+        let verdict = rules.decide(
+            feature,
+            quantity,
+            || self.fail_open.contains(feature),
+            |meter| self.used(tenant, state, meter),
+        );
+        Some(Check {
+            allowed: verdict.allowed,
+            reason: verdict.reason.into(),
+            limit: verdict.limit,
+            used: verdict.used,
+            remaining: verdict.remaining,
+            as_of: state.as_of.clone(),
+            stale: state.stale,
+            recorded: None,
+        })
+    }
+
+    /// The server's figure plus what this process recorded that the figure may lack.
+    fn used(&self, tenant: &str, state: &TenantState, meter: &str) -> Decimal {
+        let server = state.used.get(meter).copied().unwrap_or_default();
+        if self.local.is_empty() {
+            return server;
+        }
+        let key = (tenant.to_owned(), meter.to_owned());
+        server + self.local.get(&key).map_or(Decimal::ZERO, Local::counted)
+    }
+}
+
+#[cfg(test)]
+mod tests;
