@@ -89,9 +89,11 @@ pub async fn stream(
     let settings = &state.settings.entitlements;
     let heartbeat = settings.stream_heartbeat;
     let (tx, rx) = mpsc::channel(settings.stream_buffer);
-    // Subscribed before anything is read: no change falls in between.
+    // Subscribed before anything is read: no change falls in between. A database that cannot
+    // be read answers 503 here, before the stream starts.
     let changes = state.stream.subscribe();
-    tokio::spawn(Connection { state, scope, tx }.run(changes, cursor));
+    let upto = state.db.changes().bounds().await?.1.unwrap_or(0);
+    tokio::spawn(Connection { state, scope, tx }.run(changes, cursor, upto));
     let events = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|event| (Ok(event), rx))
     });
@@ -120,8 +122,13 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(self, mut changes: broadcast::Receiver<Arc<Change>>, cursor: Option<Cursor>) {
-        let Err(Stop::Bye(reason, at)) = self.serve(&mut changes, cursor).await else {
+    async fn run(
+        self,
+        mut changes: broadcast::Receiver<Arc<Change>>,
+        cursor: Option<Cursor>,
+        upto: i64,
+    ) {
+        let Err(Stop::Bye(reason, at)) = self.serve(&mut changes, cursor, upto).await else {
             return;
         };
         let bye = json!({"reason": reason, "cursor": at.map(|c| c.to_string())});
@@ -135,15 +142,16 @@ impl Connection {
         }
     }
 
-    /// `hello`; the snapshot, or what the client missed since its cursor; `ready`; then each
-    /// change, until the client goes away or is let go.
+    /// `hello`; the snapshot, or what the client missed since its cursor (up to `upto`, the
+    /// newest change when the stream was subscribed); `ready`; then each change, until the
+    /// client goes away or is let go.
     async fn serve(
         &self,
         changes: &mut broadcast::Receiver<Arc<Change>>,
         cursor: Option<Cursor>,
+        upto: i64,
     ) -> Result<(), Stop> {
         let started = now_ms();
-        let upto = self.state.db.changes().bounds().await?.1.unwrap_or(0);
         self.wait_send(event("hello", &self.hello())).await?;
         let resumed = match cursor {
             Some(from) if self.resumable(from, started).await? => {
