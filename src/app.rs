@@ -1,5 +1,7 @@
 //! Serves HTTP, runs the workers (singleton jobs under leases), and shuts down cleanly.
 
+use std::sync::Arc;
+
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -10,6 +12,7 @@ use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::state::{AppError, AppState};
 use crate::store::Db;
+use crate::stripe::BillingVendor;
 
 /// On SIGHUP, reads the catalog file again: features and plans take effect at once (every
 /// read model is recomputed); meter changes need a restart.
@@ -182,39 +185,59 @@ fn spawn_workers(
         metering.clone().run_snapshots(interval, token)
     });
     match &state.vendor {
-        Some(vendor) => {
-            tracing::info!(api_base = %settings.stripe.api_base, "Stripe API key configured: vendor sync is on");
-            let (job_state, job_vendor) = (state.clone(), vendor.clone());
-            spawn_singleton(workers, state, shutdown, "poller", move |token| {
-                job_state.poller(job_vendor.clone()).run(token)
-            });
-            let (job_state, job_vendor) = (state.clone(), vendor.clone());
-            spawn_singleton(workers, state, shutdown, "sweep", move |token| {
-                job_state.sweep(job_vendor.clone()).run(token)
-            });
-            let (job_state, job_vendor) = (state.clone(), vendor.clone());
-            spawn_singleton(workers, state, shutdown, "pusher", move |token| {
-                job_state.pusher(job_vendor.clone()).run(token)
-            });
-            workers.spawn(state.outbox(vendor.clone()).run(shutdown.clone()));
-        }
+        Some(vendor) => spawn_vendor_jobs(workers, state, vendor, shutdown),
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
     }
-    if let Some(interval) = settings.reconcile.interval {
-        let (job_state, window) = (state.clone(), settings.reconcile.window);
+    spawn_reconciliation_jobs(workers, state, shutdown);
+    #[cfg(unix)]
+    workers.spawn(reload_on_sighup(state.clone(), shutdown.clone()));
+}
+
+/// The jobs that talk to Stripe: the poller, the sweep and the pusher (one replica each), and
+/// the outbox (every replica, each command claimed by one).
+fn spawn_vendor_jobs(
+    workers: &mut JoinSet<()>,
+    state: &AppState,
+    vendor: &Arc<dyn BillingVendor>,
+    shutdown: &CancellationToken,
+) {
+    tracing::info!(api_base = %state.settings.stripe.api_base, "Stripe API key configured: vendor sync is on");
+    let (job_state, job_vendor) = (state.clone(), vendor.clone());
+    spawn_singleton(workers, state, shutdown, "poller", move |token| {
+        job_state.poller(job_vendor.clone()).run(token)
+    });
+    let (job_state, job_vendor) = (state.clone(), vendor.clone());
+    spawn_singleton(workers, state, shutdown, "sweep", move |token| {
+        job_state.sweep(job_vendor.clone()).run(token)
+    });
+    let (job_state, job_vendor) = (state.clone(), vendor.clone());
+    spawn_singleton(workers, state, shutdown, "pusher", move |token| {
+        job_state.pusher(job_vendor.clone()).run(token)
+    });
+    workers.spawn(state.outbox(vendor.clone()).run(shutdown.clone()));
+}
+
+/// The scheduled reconciliation and the open-period check, when configured, one replica each.
+fn spawn_reconciliation_jobs(
+    workers: &mut JoinSet<()>,
+    state: &AppState,
+    shutdown: &CancellationToken,
+) {
+    let settings = &state.settings.reconcile;
+    if let Some(interval) = settings.interval {
+        let (job_state, window) = (state.clone(), settings.window);
         spawn_singleton(workers, state, shutdown, "reconcile", move |token| {
             job_state
                 .reconciler()
                 .run_scheduled(interval, window, token)
         });
     }
-    let settings_r = &settings.reconcile;
-    match settings_r.open_check_interval {
-        Some(interval) if state.vendor.is_some() && settings_r.vendor_usage => {
+    match settings.open_check_interval {
+        Some(interval) if state.vendor.is_some() && settings.vendor_usage => {
             let (job_state, budget, window) = (
                 state.clone(),
-                settings_r.open_check_budget,
-                settings_r.open_check_window,
+                settings.open_check_budget,
+                settings.open_check_window,
             );
             spawn_singleton(workers, state, shutdown, "open_check", move |token| {
                 let check = crate::reconcile::OpenCheck {
@@ -232,8 +255,6 @@ fn spawn_workers(
         ),
         None => {}
     }
-    #[cfg(unix)]
-    workers.spawn(reload_on_sighup(state.clone(), shutdown.clone()));
 }
 
 /// Says at start what a deployment has left closed.

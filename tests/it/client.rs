@@ -431,3 +431,66 @@ async fn a_stale_replica_asks_the_server_and_falls_back_to_memory(backend: Backe
     client.shutdown().await.unwrap();
     app.stop().await;
 }
+
+/// Two replicas on one PostgreSQL. The replica the client streams from is killed; a change
+/// made on the other meanwhile reaches the client when it resumes there from its cursor (no
+/// second snapshot), and usage buffered while both were out of reach arrives exactly once.
+/// Then every replica is gone at once and a new one starts: the client resumes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_client_resumes_on_another_replica_and_after_all_were_killed() {
+    let first = service(Backend::Postgres, |_| {}).await;
+    let second = first.replica().await;
+    assert_eq!(first.put_tenant("acme", json!({})).await.status(), 201);
+    let proxy = Proxy::start(&first).await;
+    let client = Client::connect(&proxy.url(), API_KEY, options())
+        .await
+        .unwrap();
+    client.record("acme", "calls", d(1), "on-first").unwrap();
+    wait_for("the first event to be sent", || async {
+        client.stats().sent == 1
+    })
+    .await;
+
+    proxy.down();
+    let _database = first.crash();
+    subscribe(&second, "acme", "price_pro").await;
+    client.record("acme", "calls", d(2), "while-away").unwrap();
+    wait_for("a reconnect attempt", || async {
+        client.stats().reconnects >= 1
+    })
+    .await;
+    assert!(!client.check_in_memory("acme", "sso", d(1)).allowed);
+    proxy.up(&second);
+    wait_for("the client to resume on the second replica", || async {
+        let stats = client.stats();
+        stats.connected && stats.resumes == 1 && stats.buffered == 0
+    })
+    .await;
+    wait_for("the change made meanwhile to arrive", || async {
+        client.check_in_memory("acme", "sso", d(1)).allowed
+    })
+    .await;
+    assert_eq!(ledger_total(&second, "acme").await, "3");
+
+    proxy.down();
+    let second = second.restart().await;
+    client.record("acme", "calls", d(4), "all-down").unwrap();
+    proxy.up(&second);
+    wait_for("the client to resume on the restarted replica", || async {
+        let stats = client.stats();
+        stats.connected && stats.resumes == 2 && stats.buffered == 0
+    })
+    .await;
+    assert_eq!(ledger_total(&second, "acme").await, "7");
+    wait_for("the client's figure to settle at 7", || async {
+        client.check_in_memory("acme", "api_calls", d(0)).used == Some(d(7))
+    })
+    .await;
+    let stats = client.stats();
+    assert_eq!(
+        (stats.readies, stats.resumes, stats.sent, stats.dropped),
+        (3, 2, 3, 0)
+    );
+    client.shutdown().await.unwrap();
+    second.stop().await;
+}

@@ -5,7 +5,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
-use crate::helpers::{Backend, TestApp, on_both_backends, venv_bin, wait_for};
+use crate::helpers::{API_KEY, Backend, TestApp, on_both_backends, venv_bin, wait_for};
 
 on_both_backends!(
     e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant,
@@ -106,6 +106,10 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
     })
     .await;
     stripe.send_webhooks_to(&app).await;
+    // A product backend's in-process client: its answers follow the dashboard's changes too.
+    let client = billsync_client::Client::connect(&app.url(""), API_KEY, Default::default())
+        .await
+        .unwrap();
 
     let created = stripe.flow(&["setup", "e2e-tenant"]);
     wait_for("the subscription on plan_basic", || async {
@@ -130,6 +134,13 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
         app.check("e2e-tenant", "sso").await["reason"],
         "feature_not_in_plan"
     );
+    wait_for("the client to answer for plan_basic", || async {
+        client
+            .check_in_memory("e2e-tenant", "api_calls", 1.into())
+            .limit
+            == Some(100)
+    })
+    .await;
 
     // localstripe never emits customer.subscription.updated: the sweep must find the change.
     let sub = created["subscription"].as_str().unwrap();
@@ -141,6 +152,19 @@ async fn e2e_a_dashboard_customer_subscription_and_plan_change_reach_the_tenant(
             .is_some_and(|t| t["subscription"]["items"][0]["price"] == "plan_pro")
     })
     .await;
+    wait_for("the client to answer for plan_pro", || async {
+        client
+            .check_in_memory("e2e-tenant", "sso", 1.into())
+            .allowed
+    })
+    .await;
+    assert_eq!(
+        client
+            .check_in_memory("e2e-tenant", "api_calls", 1.into())
+            .limit,
+        Some(1000)
+    );
+    client.shutdown().await.unwrap();
 
     let events = app
         .get_json("/v1/tenants/e2e-tenant/events?limit=100")

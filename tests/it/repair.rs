@@ -156,11 +156,19 @@ async fn ledger(app: &TestApp, kind: &str) -> Vec<billsync::store::PushRow> {
 
 /// Every usage push sent, then backdated as if sent before the settle point.
 async fn settle_pushes(app: &TestApp, count: usize) {
+    pushes_sent(app, count).await;
+    backdate_pushes(app).await;
+}
+
+async fn pushes_sent(app: &TestApp, count: usize) {
     wait_for("every push to be sent", || async {
         let pushes = ledger(app, "usage").await;
         pushes.len() == count && pushes.iter().all(|p| p.status == "sent")
     })
     .await;
+}
+
+async fn backdate_pushes(app: &TestApp) {
     execute(app, "UPDATE usage_pushes SET sent_at = sent_at - 600000").await;
 }
 
@@ -338,9 +346,17 @@ async fn renewed_with_lost_usage(
     })
     .await;
     seed.usage(tenant, p1.1 - DAY, &[5]).await;
-    settle_pushes(&app, 1).await;
+    pushes_sent(&app, 1).await;
+    // Renewed before the pushes settle: no pass of the check may find P1 still open.
+    let period = |t: Value| t["subscription"]["current_period_start"].clone();
+    let first = period(app.get_json(&format!("/v1/tenants/{tenant}")).await);
     seed.deliver("customer.subscription.updated", subscription_in(tenant, p2))
         .await;
+    wait_for("the renewal", || async {
+        period(app.get_json(&format!("/v1/tenants/{tenant}")).await) != first
+    })
+    .await;
+    backdate_pushes(&app).await;
     (app, meter)
 }
 
