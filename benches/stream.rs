@@ -57,7 +57,12 @@ impl Server {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_billsync"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_billsync"));
+        // The benchmark's own BILLSYNC_BENCH_* settings are not the server's.
+        for (name, _) in std::env::vars().filter(|(n, _)| n.starts_with("BILLSYNC_")) {
+            command.env_remove(name);
+        }
+        let mut child = command
             .arg("serve")
             .env("BILLSYNC_LISTEN", format!("127.0.0.1:{port}"))
             .env("BILLSYNC_DATABASE__URL", &db.url)
@@ -69,39 +74,53 @@ impl Server {
             .stdout(Stdio::null())
             .spawn()
             .expect("the billsync binary");
-        let server = Self {
+        let http = reqwest::Client::new();
+        while http
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("billsync serve ended while starting: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
             child,
             base: format!("http://127.0.0.1:{port}"),
             db,
             _dir: dir,
-        };
-        let http = reqwest::Client::new();
-        while http.get(server.url("/readyz")).send().await.is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        server
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    /// The server's resident memory (MiB) and CPU time so far (seconds), from /proc.
+    /// The server's resident memory (MiB) and CPU time so far (seconds).
     fn usage(&self) -> (f64, f64) {
-        let pid = self.child.id();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss_kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0.0);
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let ticks: f64 = (after.split_whitespace().skip(11).take(2))
-            .filter_map(|v| v.parse::<f64>().ok())
-            .sum();
-        (rss_kib / 1024.0, ticks / 100.0)
+        process_usage(&self.child.id().to_string())
+    }
+
+    /// `perf record` of the server while `during` runs, when BILLSYNC_BENCH_PERF names the
+    /// file to write (`perf report -i FILE` reads it).
+    async fn profiled<T>(&self, during: impl Future<Output = T>) -> T {
+        let Ok(file) = std::env::var("BILLSYNC_BENCH_PERF") else {
+            return during.await;
+        };
+        let pid = self.child.id().to_string();
+        let mut perf = Command::new("perf")
+            .args(["record", "-F", "999", "-o", &file, "-p", &pid])
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("perf");
+        let result = during.await;
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+        result
     }
 
     async fn stop(mut self) {
@@ -111,6 +130,24 @@ impl Server {
         let _ = self.child.wait();
         self.db.drop_now().await;
     }
+}
+
+/// A process's resident memory (MiB) and CPU time so far (seconds), from /proc (`pid` may be
+/// `self`).
+fn process_usage(pid: &str) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: f64 = (after.split_whitespace().skip(11).take(2))
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    (rss_kib / 1024.0, ticks / 100.0)
 }
 
 /// Migrates the database and inserts the tenants, with the service's own code.
@@ -145,9 +182,9 @@ async fn check(backend: Backend) {
     let server = Server::start(backend, TENANTS, 0).await;
     let before = tenants::resident_mib();
     let started = Instant::now();
-    let client = Client::connect(&server.url(""), API_KEY, options())
-        .await
-        .unwrap();
+    let url = server.url("");
+    let connecting = Client::connect(&url, API_KEY, options());
+    let client = server.profiled(connecting).await.unwrap();
     let snapshot = started.elapsed();
     assert_eq!(client.stats().tenants, TENANTS);
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -293,26 +330,22 @@ async fn streams(backend: Backend) {
     let server = Server::start(backend, TENANTS, 0).await;
     let (idle_rss, _) = server.usage();
     let events = Arc::new(AtomicU64::new(0));
-    let ended = Arc::new(AtomicU64::new(0));
+    let (ready, ended) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
+    let started = Instant::now();
     for _ in 0..STREAMS {
-        let (events, ended) = (events.clone(), ended.clone());
+        let counters = (events.clone(), ready.clone(), ended.clone());
         let request = (http.get(server.url("/v1/entitlements/stream"))).bearer_auth(API_KEY);
-        tokio::spawn(async move {
-            if let Ok(mut response) = request.send().await {
-                let mut last = 0u8;
-                while let Ok(Some(chunk)) = response.chunk().await {
-                    events.fetch_add(frame_ends(last, &chunk), Ordering::Relaxed);
-                    last = chunk.last().copied().unwrap_or(last);
-                }
-            }
-            ended.fetch_add(1, Ordering::Relaxed);
-        });
+        tokio::spawn(consume(request, counters));
     }
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    while ready.load(Ordering::Relaxed) < STREAMS as u64 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let snapshots = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let rest = measure(&server, Duration::from_secs(10), &events).await;
     let load = tokio::spawn(usage_load(server.url("/v1/usage"), TENANTS));
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -320,22 +353,49 @@ async fn streams(backend: Backend) {
     load.abort();
     println!(
         "streams ({backend:?}): {STREAMS} streams, {TENANTS} tenants; server resident {idle_rss:.0} MiB \
-         before the streams"
+         before the streams; every stream ready (snapshot sent) after {:.1} s",
+        snapshots.as_secs_f64()
     );
-    println!(
-        "  at rest: {:.0} MiB resident, CPU {:.1}% of one core, {:.0} frames/s delivered",
-        rest.0, rest.1, rest.2
-    );
-    println!(
-        "  1,000 tenants' usage changing every second: {:.0} MiB resident, CPU {:.1}% of one core, \
-         {:.0} frames/s delivered; streams ended: {}",
-        busy.0,
-        busy.1,
-        busy.2,
-        ended.load(Ordering::Relaxed)
-    );
+    for (what, w) in [
+        ("at rest", rest),
+        ("1,000 tenants' usage changing every second", busy),
+    ] {
+        println!(
+            "  {what}: server {:.0} MiB resident, CPU {:.1}% of one core; {:.0} frames/s received \
+             (the consumers and the load: CPU {:.1}%)",
+            w.rss, w.cpu, w.frames, w.own_cpu
+        );
+    }
+    println!("  streams ended: {}", ended.load(Ordering::Relaxed));
     server.stop().await;
 }
+
+/// Reads one stream to its end, counting its frames and its `ready`.
+async fn consume(
+    request: reqwest::RequestBuilder,
+    (events, ready, ended): (Counter, Counter, Counter),
+) {
+    if let Ok(mut response) = request.send().await {
+        // The stream's last bytes, kept until its `ready` has been seen.
+        let (mut last, mut tail) = (0u8, Some(Vec::new()));
+        while let Ok(Some(chunk)) = response.chunk().await {
+            events.fetch_add(frame_ends(last, &chunk), Ordering::Relaxed);
+            last = chunk.last().copied().unwrap_or(last);
+            if let Some(seen) = &mut tail {
+                seen.extend_from_slice(&chunk);
+                if seen.windows(12).any(|w| w == b"event: ready") {
+                    ready.fetch_add(1, Ordering::Relaxed);
+                    tail = None;
+                } else {
+                    seen.drain(..seen.len().saturating_sub(12));
+                }
+            }
+        }
+    }
+    ended.fetch_add(1, Ordering::Relaxed);
+}
+
+type Counter = Arc<AtomicU64>;
 
 /// The blank lines that end SSE frames in `chunk`, `last` being the byte before it.
 fn frame_ends(last: u8, chunk: &[u8]) -> u64 {
@@ -343,20 +403,31 @@ fn frame_ends(last: u8, chunk: &[u8]) -> u64 {
     starts + chunk.windows(2).filter(|w| w == b"\n\n").count() as u64
 }
 
-/// Over `window`: the server's resident memory at the end, its CPU share (% of one core) and
-/// the frames per second the streams received.
-async fn measure(server: &Server, window: Duration, events: &AtomicU64) -> (f64, f64, f64) {
-    let (_, cpu_before) = server.usage();
+/// What [`measure`] saw over its window.
+struct Window {
+    /// The server's resident memory at the end, MiB.
+    rss: f64,
+    /// The server's CPU, % of one core.
+    cpu: f64,
+    /// This process's CPU (the streams' consumer and the load), % of one core.
+    own_cpu: f64,
+    /// Frames the streams received per second.
+    frames: f64,
+}
+
+async fn measure(server: &Server, window: Duration, events: &AtomicU64) -> Window {
+    let ((_, cpu_before), (_, own_before)) = (server.usage(), process_usage("self"));
     let events_before = events.load(Ordering::Relaxed);
     tokio::time::sleep(window).await;
-    let (rss, cpu_after) = server.usage();
+    let ((rss, cpu_after), (_, own_after)) = (server.usage(), process_usage("self"));
     let frames = events.load(Ordering::Relaxed) - events_before;
     let secs = window.as_secs_f64();
-    (
+    Window {
         rss,
-        (cpu_after - cpu_before) / secs * 100.0,
-        frames as f64 / secs,
-    )
+        cpu: (cpu_after - cpu_before) / secs * 100.0,
+        own_cpu: (own_after - own_before) / secs * 100.0,
+        frames: frames as f64 / secs,
+    }
 }
 
 /// One usage event per tenant every second, in ten batches spread over the second.

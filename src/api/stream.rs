@@ -14,7 +14,7 @@ use axum::Extension;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
@@ -33,6 +33,9 @@ const PROTOCOL: u32 = 1;
 const USAGE_MARGIN_MS: i64 = 5_000;
 /// Tenants (and changes) read per query.
 const PAGE: u32 = 500;
+/// Tenant models a snapshot computes at once (each a few queries when not cached); below the
+/// default pool of 10 connections, so that other requests still find one.
+const SNAPSHOT_CONCURRENCY: usize = 4;
 /// How long a live stream may take to read every state again (a product, price or plan
 /// changed) before it is let go.
 const RESEND_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -216,8 +219,12 @@ impl Connection {
         let mut after = String::new();
         loop {
             let page = self.state.db.tenants().ids_after(&after, PAGE).await?;
-            for tenant in &page {
-                self.send_state(tenant, None).await?;
+            // Cold models cost a few queries each: several at once, sent in order.
+            let mut states = futures_util::stream::iter(page.iter().cloned())
+                .map(|tenant| async move { self.state_event(&tenant, None).await })
+                .buffered(SNAPSHOT_CONCURRENCY);
+            while let Some(event) = states.next().await {
+                self.wait_send(event?).await?;
             }
             match page.last() {
                 Some(last) if page.len() == PAGE as usize => after = last.clone(),
@@ -265,6 +272,12 @@ impl Connection {
 
     /// One tenant's state now (`removed` when it is gone), waiting for the consumer.
     async fn send_state(&self, tenant: &str, id: Option<Cursor>) -> Result<(), Stop> {
+        let event = self.state_event(tenant, id).await?;
+        self.wait_send(event).await
+    }
+
+    /// One tenant's state now, as an event (`removed` when it is gone).
+    async fn state_event(&self, tenant: &str, id: Option<Cursor>) -> Result<Event, Stop> {
         let entitlements = &self.state.entitlements;
         let event = match entitlements.model(tenant).await? {
             Some(model) => {
@@ -273,11 +286,10 @@ impl Connection {
             }
             None => event("removed", &json!({"tenant_id": tenant})),
         };
-        let event = match id {
+        Ok(match id {
             Some(id) => event.id(id.to_string()),
             None => event,
-        };
-        self.wait_send(event).await
+        })
     }
 
     /// Forwards the hub's changes the key may see, newer than `at`.
