@@ -290,6 +290,7 @@ pub async fn sync_status(
         .collect();
     let seconds_since = |t: Option<i64>| t.map(|t| ((now - t).max(0) as f64) / 1000.0);
     let (commands_pending, oldest_command) = state.db.commands().backlog().await?;
+    let (pushes_pending, oldest_push) = state.db.usage().pending_pushes().await?;
     Ok(Json(json!({
         "vendor": {
             "configured": state.vendor.is_some(),
@@ -311,6 +312,10 @@ pub async fn sync_status(
             "pending": commands_pending,
             "oldest_pending_at": oldest_command.map(rfc3339),
         },
+        "usage_pusher": {
+            "pending": pushes_pending,
+            "oldest_pending_at": oldest_push.map(rfc3339),
+        },
         "invalid_metadata": state.entitlements.invalid_metadata(),
         "lag_seconds": {
             "sync": seconds_since(stats.newest_applied_event),
@@ -320,4 +325,67 @@ pub async fn sync_status(
             "outbox": seconds_since(oldest_command),
         },
     })))
+}
+
+/// The answer to a retry: the event, now due.
+#[derive(Debug, Serialize)]
+pub struct RetryOut {
+    pub event_id: String,
+    pub event_type: String,
+    /// Still `failed` until the applier's next pass settles it.
+    pub outcome: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: String,
+}
+
+/// `POST /v1/sync/events/{event_id}/retry`: a failed inbox event is applied again now rather
+/// than at its backoff's time. Logged with the key that asked. Like the sync status that lists
+/// failed events, it spans every tenant, so a tenant-scoped key may not use it.
+pub async fn retry_event(
+    State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
+    Path(event_id): Path<String>,
+) -> Result<(axum::http::StatusCode, Json<RetryOut>), ApiError> {
+    if scope.is_limited() {
+        let message = "a tenant-scoped key cannot retry inbox events";
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            message,
+        ));
+    }
+    let not_found = || ApiError::not_found("event_not_found", format!("no event `{event_id}`"));
+    if event_id.len() > 255 {
+        return Err(not_found());
+    }
+    let row = match state.db.inbox().retry_now(&event_id, now_ms()).await? {
+        Ok(Some(row)) => row,
+        Ok(None) => return Err(not_found()),
+        Err(status) => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "event_not_failed",
+                format!("event `{event_id}` is {status}, not failed: there is nothing to retry"),
+            ));
+        }
+    };
+    tracing::info!(
+        key = scope.key_id(),
+        event_id = %row.event_id,
+        attempts = row.attempts,
+        "failed event retried now"
+    );
+    state.wake.notify_one();
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(RetryOut {
+            event_id: row.event_id,
+            event_type: row.event_type,
+            outcome: row.status,
+            attempts: row.attempts,
+            last_error: row.last_error,
+            next_attempt_at: rfc3339(row.next_attempt_at),
+        }),
+    ))
 }
