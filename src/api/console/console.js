@@ -50,7 +50,7 @@ function showMessage(text) {
 
 function render(...nodes) {
   const view = document.getElementById("view");
-  view.replaceChildren(...nodes);
+  view.replaceChildren(...nodes.filter((n) => n !== null && n !== undefined));
 }
 
 const fmtTime = (t) => (t ? t.replace("T", " ").replace(/\.\d+Z$/, "Z") : "—");
@@ -242,7 +242,7 @@ async function tenantPage(id) {
     h("h2", { id: "tenant-title" }, `Tenant ${tenant.tenant_id}`),
     h("p", {}, `${tenant.name || "—"} · ${tenant.email || "—"} · Stripe customer ${tenant.customer_id || "none"} · synced ${fmtTime(tenant.synced_at)}`),
     subscriptionView(tenant),
-    h("h3", {}, `Entitlements (plan ${ents.plan}, ${ents.status}${ents.stale ? ", stale" : ""})`),
+    h("h3", {}, `Entitlements (plan ${ents.plan}, ${ents.status || "no subscription"}${ents.stale ? ", stale" : ""})`),
     entitlementsView(ents),
     h("h3", {}, "Usage"),
     h("p", {}, "Per ", h("a", { href: `#/tenants/${t}?group_by=day` }, "day"), " · ", h("a", { href: `#/tenants/${t}?group_by=hour` }, "hour")),
@@ -301,28 +301,29 @@ function usageView(u) {
     usageChart(u));
 }
 
+// Each bucket sits at its time within the window, so empty hours or days show as gaps.
 function usageChart(u) {
-  const buckets = u.buckets.filter((b) => Number(b.quantity) !== 0 || u.buckets.length <= 60);
   const W = 800, H = 200, pad = 30;
-  const max = Math.max(1, ...buckets.map((b) => Number(b.quantity)));
-  const bw = buckets.length ? (W - 2 * pad) / buckets.length : 0;
+  const t0 = Date.parse(u.from), t1 = Date.parse(u.to);
+  const span = Math.max(t1 - t0, 1);
+  const step = u.group_by === "hour" ? 3600e3 : 86400e3;
+  const max = Math.max(1, ...u.buckets.map((b) => Number(b.quantity)));
+  const xOf = (t) => pad + ((t - t0) / span) * (W - 2 * pad);
+  const bw = Math.max(((W - 2 * pad) * step) / span - 1, 1);
   const svg = s("svg", { class: "chart usage-chart", viewBox: `0 0 ${W} ${H}`, role: "img", "data-meter": u.meter,
     "data-total": u.total, "aria-label": `Usage of ${u.meter} per ${u.group_by}: ${u.total} in total` },
   s("line", { class: "axis", x1: pad, y1: H - pad, x2: W - pad, y2: H - pad }),
-  s("text", { x: 2, y: pad }, String(max)), s("text", { x: 2, y: H - pad }, "0"));
-  buckets.forEach((b, i) => {
-    const x = pad + i * bw;
+  s("text", { x: 2, y: pad }, String(max)), s("text", { x: 2, y: H - pad }, "0"),
+  s("text", { x: pad, y: H - 8 }, fmtTime(u.from)), s("text", { x: W - pad - 150, y: H - 8 }, fmtTime(u.to)));
+  for (const b of u.buckets) {
+    const x = xOf(Date.parse(b.start));
     const hp = (Number(b.pushed) / max) * (H - 2 * pad);
     const hu = (Number(b.unpushed) / max) * (H - 2 * pad);
-    const title = s("title", {}, `${fmtTime(b.start)}: ${b.quantity} (${b.pushed} pushed, ${b.unpushed} not yet)`);
-    const g = s("g", { class: "bucket", "data-start": b.start, "data-quantity": b.quantity }, title);
-    g.append(s("rect", { class: "pushed", x: x + 1, y: H - pad - hp, width: Math.max(bw - 2, 1), height: hp }));
-    g.append(s("rect", { class: "unpushed", x: x + 1, y: H - pad - hp - hu, width: Math.max(bw - 2, 1), height: hu }));
+    const g = s("g", { class: "bucket", "data-start": b.start, "data-quantity": b.quantity },
+      s("title", {}, `${fmtTime(b.start)}: ${b.quantity} (${b.pushed} pushed, ${b.unpushed} not yet)`));
+    g.append(s("rect", { class: "pushed", x, y: H - pad - hp, width: bw, height: hp }));
+    g.append(s("rect", { class: "unpushed", x, y: H - pad - hp - hu, width: bw, height: hu }));
     svg.append(g);
-  });
-  if (buckets.length) {
-    svg.append(s("text", { x: pad, y: H - 8 }, fmtTime(buckets[0].start)));
-    svg.append(s("text", { x: W - pad - 150, y: H - 8 }, fmtTime(buckets[buckets.length - 1].start)));
   }
   return svg;
 }
