@@ -290,6 +290,7 @@ pub async fn sync_status(
         .collect();
     let seconds_since = |t: Option<i64>| t.map(|t| ((now - t).max(0) as f64) / 1000.0);
     let (commands_pending, oldest_command) = state.db.commands().backlog().await?;
+    let commands_failed = state.db.commands().failed_count().await?;
     let (pushes_pending, oldest_push) = state.db.usage().pending_pushes().await?;
     Ok(Json(json!({
         "vendor": {
@@ -311,6 +312,7 @@ pub async fn sync_status(
         "outbox": {
             "pending": commands_pending,
             "oldest_pending_at": oldest_command.map(rfc3339),
+            "failed": commands_failed,
         },
         "usage_pusher": {
             "pending": pushes_pending,

@@ -296,6 +296,7 @@ async fn the_overview_shows_the_apis_figures(browser: &Browser, app: &TestApp) {
         ("#inbox-failed", &status["inbox"]["failed"]),
         ("#inbox-pending", &status["inbox"]["pending"]),
         ("#outbox-pending", &status["outbox"]["pending"]),
+        ("#outbox-failed", &status["outbox"]["failed"]),
         ("#pusher-pending", &status["usage_pusher"]["pending"]),
     ] {
         assert_eq!(browser.text(css).await, figure(value), "{css}");

@@ -172,6 +172,7 @@ async function drawOverview() {
       card("Inbox failed", status.inbox.failed, "inbox-failed"),
       card("Outbox pending", status.outbox.pending, "outbox-pending"),
       card("Oldest command", fmtTime(status.outbox.oldest_pending_at), "outbox-oldest"),
+      card("Outbox failed", status.outbox.failed, "outbox-failed"),
       card("Usage pusher backlog", pusher.pending, "pusher-pending"),
       card("Oldest unpushed", fmtTime(pusher.oldest_pending_at), "pusher-oldest"),
       card("Stripe", status.vendor.configured ? "configured" : "not configured", "vendor")),
