@@ -358,7 +358,8 @@ pub async fn retry_event(
         ));
     }
     let not_found = || ApiError::not_found("event_not_found", format!("no event `{event_id}`"));
-    if event_id.len() > 255 {
+    // No stored id is longer, or holds a control character (PostgreSQL refuses NUL).
+    if event_id.len() > 255 || event_id.chars().any(char::is_control) {
         return Err(not_found());
     }
     let row = match state.db.inbox().retry_now(&event_id, now_ms()).await? {

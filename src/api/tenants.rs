@@ -224,7 +224,7 @@ impl From<TenantRecord> for TenantItemOut {
     }
 }
 
-/// The longest `q` taken: longer than any id, name or email it could match the start of.
+/// The longest `q` taken, in characters: as long as the longest email.
 const MAX_QUERY: usize = 254;
 
 /// `GET /v1/tenants?q=&limit=&cursor=`: tenants in tenant id order whose id or Stripe
@@ -236,10 +236,10 @@ pub async fn list_tenants(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<PageOut<TenantItemOut>>, ApiError> {
     let q = query.get("q").map(|q| q.trim()).unwrap_or("");
-    if q.len() > MAX_QUERY || q.chars().any(char::is_control) {
+    if q.chars().count() > MAX_QUERY || q.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
             "invalid_value",
-            format!("q must be at most {MAX_QUERY} bytes, without control characters"),
+            format!("q must be at most {MAX_QUERY} characters, without control characters"),
         )
         .with_field("q"));
     }

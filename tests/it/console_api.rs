@@ -214,6 +214,12 @@ async fn a_failed_event_is_retried_now_on_request(backend: Backend) {
         error_of(unknown).await,
         (404, "event_not_found".into(), None)
     );
+    let odd = app
+        .v1(Method::POST, "/v1/sync/events/evt%00nul/retry")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(odd).await, (404, "event_not_found".into(), None));
     app.stop().await;
 }
 
