@@ -48,6 +48,13 @@ function showMessage(text) {
   m.hidden = !text;
 }
 
+// What an action did; kept above the page (the overview's refresh does not wipe it).
+function showNotice(text) {
+  const n = document.getElementById("notice");
+  n.textContent = text || "";
+  n.hidden = !text;
+}
+
 function render(...nodes) {
   const view = document.getElementById("view");
   view.replaceChildren(...nodes.filter((n) => n !== null && n !== undefined));
@@ -124,6 +131,7 @@ function route() {
   document.getElementById("nav").hidden = false;
   stopRefresh();
   showMessage("");
+  showNotice("");
   const [path, query] = location.hash.replace(/^#/, "").split("?");
   const parts = path.split("/").filter(Boolean).map(decodeURIComponent);
   const params = new URLSearchParams(query || "");
@@ -201,9 +209,10 @@ function findingsByKind(run) {
 async function retryEvent(eventId) {
   if (!confirm(`Retry event ${eventId} now? The applier will apply it again at once.`)) return;
   const out = await api(`/v1/sync/events/${encodeURIComponent(eventId)}/retry`, { method: "POST" }).catch(failed);
-  if (out) showMessage("");
-  if (out) document.getElementById("view").prepend(h("p", { id: "retry-result", class: "ok", role: "status" },
-    `Event ${out.event_id} is due now; the applier retries it.`));
+  if (!out) return;
+  showMessage("");
+  showNotice(`Event ${out.event_id} is due now; the applier retries it.`);
+  drawOverview().catch(failed);
 }
 
 // ---- Tenants -----------------------------------------------------------------------------
