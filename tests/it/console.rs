@@ -25,7 +25,12 @@ fn screenshots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots")
 }
 
+/// `BILLSYNC_TEST_CHROMEDRIVER` if set (a path that does not exist: skip), else `chromedriver`
+/// on the PATH, else Debian's `/usr/bin/chromedriver`.
 fn chromedriver() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("BILLSYNC_TEST_CHROMEDRIVER") {
+        return Some(PathBuf::from(path)).filter(|p| p.is_file());
+    }
     let on_path = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join("chromedriver"))
