@@ -314,6 +314,7 @@ pub async fn sync_status(
             "oldest_pending_at": oldest_command.map(rfc3339),
             "failed": commands_failed,
         },
+        "this_replica": this_replica(&state),
         "usage_pusher": {
             "pending": pushes_pending,
             "oldest_pending_at": oldest_push.map(rfc3339),
@@ -327,6 +328,23 @@ pub async fn sync_status(
             "outbox": seconds_since(oldest_command),
         },
     })))
+}
+
+/// The replica answering and the singleton jobs it runs now (the leases it holds, as its
+/// `billsync_lease_held` gauge says). With several replicas, each answers for itself.
+fn this_replica(state: &AppState) -> Value {
+    let mut jobs: Vec<String> = state
+        .metrics
+        .gauge("billsync_lease_held")
+        .into_iter()
+        .filter(|(_, held)| *held > 0.0)
+        .filter_map(|(labels, _)| {
+            let name = labels.strip_prefix("lease=\"")?.strip_suffix('"')?;
+            Some(name.to_owned())
+        })
+        .collect();
+    jobs.sort();
+    json!({ "id": &*state.metering.origin, "jobs": jobs })
 }
 
 /// The answer to a retry: the event, now due.

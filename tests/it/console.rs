@@ -328,6 +328,9 @@ async fn the_overview_shows_the_apis_figures(browser: &Browser, app: &TestApp) {
     ] {
         assert_eq!(browser.text(css).await, figure(value), "{css}");
     }
+    let jobs = browser.text("#jobs").await;
+    let id = status["this_replica"]["id"].as_str().expect("replica id");
+    assert!(jobs.contains(id) && jobs.contains("snapshot"), "{jobs}");
     let failed = browser.text("#failed-events").await;
     assert!(
         failed.contains("evt_broken") && failed.contains("500"),

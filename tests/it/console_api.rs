@@ -193,6 +193,17 @@ async fn a_failed_event_is_retried_now_on_request(backend: Backend) {
         app.get_tenant("flaky").await.status() == 200
     })
     .await;
+    wait_for(
+        "the status to name the poller among this replica's jobs",
+        || async {
+            let status = app.get_json("/v1/sync/status").await;
+            status["this_replica"]["id"].is_string()
+                && status["this_replica"]["jobs"]
+                    .as_array()
+                    .is_some_and(|jobs| jobs.iter().any(|j| j == "poller"))
+        },
+    )
+    .await;
     let found = app.get_json("/v1/tenants?q=cus_fl").await;
     assert_eq!(ids(&found), ["flaky"], "found by its Stripe customer id");
 

@@ -192,7 +192,9 @@ async function drawOverview() {
           onclick: () => retryEvent(ev.event_id) }, `Retry ${ev.event_id} now`))]), "failed-events"),
     h("h3", {}, "Open reconciliation findings"),
     findingsByKind(latest),
-    h("p", { class: "muted" }, "Which replica holds which job: see billsync_lease_held at /metrics on each replica."),
+    h("h3", {}, "Jobs"),
+    h("p", { id: "jobs" }, `Replica ${status.this_replica.id} runs: ${status.this_replica.jobs.join(", ") || "no singleton job"}.`,
+      h("span", { class: "muted" }, " With several replicas, each answers for itself (billsync_lease_held at its /metrics).")),
   );
 }
 
