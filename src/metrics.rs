@@ -93,6 +93,18 @@ impl Metrics {
             .insert(labels(pairs), value);
     }
 
+    /// A gauge's series: each one's label values in order, and its value.
+    pub fn gauge(&self, name: &str) -> Vec<(String, f64)> {
+        let families = self.families.lock().expect("metrics lock");
+        families.gauges.get(name).map_or_else(Vec::new, |family| {
+            family
+                .series
+                .iter()
+                .map(|(labels, value)| (labels.clone(), *value))
+                .collect()
+        })
+    }
+
     pub fn observe(
         &self,
         name: &'static str,

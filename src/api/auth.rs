@@ -17,9 +17,17 @@ use crate::state::AppState;
 pub struct KeyScope {
     /// `None`: every tenant.
     tenants: Option<Arc<Vec<String>>>,
+    /// Names the key in logs without revealing it: the start of its SHA-256 digest.
+    key_id: String,
 }
 
 impl KeyScope {
+    /// The key in logs: `sha256:` and the first 12 hex digits of its digest, as `api.keys`
+    /// may be written (`sha256:<hex>`), so an operator can tell which configured key acted.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
     /// Whether the key is limited to some tenants.
     pub fn is_limited(&self) -> bool {
         self.tenants.is_some()
@@ -62,8 +70,12 @@ pub async fn require_api_key(
             .into_response();
     };
     let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let key_id = format!("sha256:{}", &hex::encode(digest)[..12]);
     let scope = if key_matches(&digest, api.key_digests.iter()) {
-        KeyScope::default()
+        KeyScope {
+            tenants: None,
+            key_id,
+        }
     } else if let Some((_, tenants)) = api
         .tenant_keys
         .iter()
@@ -71,6 +83,7 @@ pub async fn require_api_key(
     {
         KeyScope {
             tenants: Some(Arc::new(tenants.clone())),
+            key_id,
         }
     } else {
         return ApiError::unauthorized("the bearer key is not valid").into_response();

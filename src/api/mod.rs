@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod commands;
+pub mod console;
 pub mod entitlements;
 pub mod error;
 pub mod health;
@@ -57,6 +58,7 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/healthz", get(health::healthz)),
         route(Method::GET, "/readyz", get(health::readyz)),
         route(Method::GET, "/metrics", get(metrics::render)),
+        route(Method::GET, "/v1/tenants", get(tenants::list_tenants)),
         route(
             Method::GET,
             "/v1/tenants/{tenant_id}",
@@ -108,6 +110,11 @@ pub fn routes() -> Vec<Route> {
             get(commands::get_command),
         ),
         route(Method::GET, "/v1/sync/status", get(sync::sync_status)),
+        route(
+            Method::POST,
+            "/v1/sync/events/{event_id}/retry",
+            post(sync::retry_event),
+        ),
         route(Method::GET, "/v1/revenue", get(revenue::revenue)),
         route(
             Method::GET,
@@ -186,6 +193,7 @@ pub fn router(state: AppState) -> Router {
 
     let max_body = state.settings.api.max_body_bytes;
     router
+        .merge(console::router(state.settings.console.enabled))
         .fallback(|| async { ApiError::from_status(axum::http::StatusCode::NOT_FOUND) })
         // Inside the metrics middleware, so that it finds the id on the response it logs.
         .layer(PropagateRequestIdLayer::x_request_id())

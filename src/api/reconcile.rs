@@ -45,6 +45,7 @@ pub async fn start(
     let params = params(&body)?;
     let reconciler = state.reconciler();
     let run_id = reconciler.begin(&params, "api").await?;
+    tracing::info!(key = scope.key_id(), run_id, "reconciliation started");
     tokio::spawn({
         let run_id = run_id.clone();
         async move {

@@ -290,6 +290,8 @@ pub async fn sync_status(
         .collect();
     let seconds_since = |t: Option<i64>| t.map(|t| ((now - t).max(0) as f64) / 1000.0);
     let (commands_pending, oldest_command) = state.db.commands().backlog().await?;
+    let commands_failed = state.db.commands().failed_count().await?;
+    let (pushes_pending, oldest_push) = state.db.usage().pending_pushes().await?;
     Ok(Json(json!({
         "vendor": {
             "configured": state.vendor.is_some(),
@@ -310,6 +312,12 @@ pub async fn sync_status(
         "outbox": {
             "pending": commands_pending,
             "oldest_pending_at": oldest_command.map(rfc3339),
+            "failed": commands_failed,
+        },
+        "this_replica": this_replica(&state),
+        "usage_pusher": {
+            "pending": pushes_pending,
+            "oldest_pending_at": oldest_push.map(rfc3339),
         },
         "invalid_metadata": state.entitlements.invalid_metadata(),
         "lag_seconds": {
@@ -320,4 +328,85 @@ pub async fn sync_status(
             "outbox": seconds_since(oldest_command),
         },
     })))
+}
+
+/// The replica answering and the singleton jobs it runs now (the leases it holds, as its
+/// `billsync_lease_held` gauge says). With several replicas, each answers for itself.
+fn this_replica(state: &AppState) -> Value {
+    let mut jobs: Vec<String> = state
+        .metrics
+        .gauge("billsync_lease_held")
+        .into_iter()
+        .filter(|(_, held)| *held > 0.0)
+        .filter_map(|(labels, _)| {
+            let name = labels.strip_prefix("lease=\"")?.strip_suffix('"')?;
+            Some(name.to_owned())
+        })
+        .collect();
+    jobs.sort();
+    json!({ "id": &*state.metering.origin, "jobs": jobs })
+}
+
+/// The answer to a retry: the event, now due.
+#[derive(Debug, Serialize)]
+pub struct RetryOut {
+    pub event_id: String,
+    pub event_type: String,
+    /// Still `failed` until the applier's next pass settles it.
+    pub outcome: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub next_attempt_at: String,
+}
+
+/// `POST /v1/sync/events/{event_id}/retry`: a failed inbox event is applied again now rather
+/// than at its backoff's time. Logged with the key that asked. Like the sync status that lists
+/// failed events, it spans every tenant, so a tenant-scoped key may not use it.
+pub async fn retry_event(
+    State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
+    Path(event_id): Path<String>,
+) -> Result<(axum::http::StatusCode, Json<RetryOut>), ApiError> {
+    if scope.is_limited() {
+        let message = "a tenant-scoped key cannot retry inbox events";
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            message,
+        ));
+    }
+    let not_found = || ApiError::not_found("event_not_found", format!("no event `{event_id}`"));
+    // No stored id is longer, or holds a control character (PostgreSQL refuses NUL).
+    if event_id.len() > 255 || event_id.chars().any(char::is_control) {
+        return Err(not_found());
+    }
+    let row = match state.db.inbox().retry_now(&event_id, now_ms()).await? {
+        Ok(Some(row)) => row,
+        Ok(None) => return Err(not_found()),
+        Err(status) => {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "event_not_failed",
+                format!("event `{event_id}` is {status}, not failed: there is nothing to retry"),
+            ));
+        }
+    };
+    tracing::info!(
+        key = scope.key_id(),
+        event_id = %row.event_id,
+        attempts = row.attempts,
+        "failed event retried now"
+    );
+    state.wake.notify_one();
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(RetryOut {
+            event_id: row.event_id,
+            event_type: row.event_type,
+            outcome: row.status,
+            attempts: row.attempts,
+            last_error: row.last_error,
+            next_attempt_at: rfc3339(row.next_attempt_at),
+        }),
+    ))
 }

@@ -2,7 +2,9 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use rust_decimal::prelude::ToPrimitive;
 use serde::{Deserialize, Serialize};
@@ -11,6 +13,8 @@ use super::auth::KeyScope;
 use super::commands::{CommandOut, customer_sync, pending_of};
 use super::error::ApiError;
 use super::json::ApiJson;
+use super::pagination::{DEFAULT_LIMIT, MAX_LIMIT};
+use super::sync::PageOut;
 use crate::domain::{Email, Subscription, TenantId, TenantName, rfc3339, rfc3339_secs};
 use crate::state::AppState;
 use crate::store::{TenantRecord, Upserted, now_ms};
@@ -194,4 +198,117 @@ async fn view(state: &AppState, record: TenantRecord) -> Result<TenantOut, ApiEr
     out.subscription = chosen.map(|(_, s)| s.into());
     out.synced_at = synced_at.map(rfc3339);
     Ok(out)
+}
+
+/// One tenant in a list: who it is, without its subscription.
+#[derive(Debug, Serialize)]
+pub struct TenantItemOut {
+    pub tenant_id: String,
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub customer_id: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<TenantRecord> for TenantItemOut {
+    fn from(r: TenantRecord) -> Self {
+        Self {
+            tenant_id: r.tenant_id,
+            name: r.name,
+            email: r.email,
+            customer_id: r.customer_id,
+            created_at: rfc3339(r.created_at),
+            updated_at: rfc3339(r.updated_at),
+        }
+    }
+}
+
+/// The longest `q` taken, in characters: as long as the longest email.
+const MAX_QUERY: usize = 254;
+
+/// `GET /v1/tenants?q=&limit=&cursor=`: tenants in tenant id order whose id or Stripe
+/// customer id starts with `q`, or whose name or email does ignoring case; every tenant
+/// without `q`. A tenant-scoped key sees only its tenants.
+pub async fn list_tenants(
+    State(state): State<AppState>,
+    Extension(scope): Extension<KeyScope>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<PageOut<TenantItemOut>>, ApiError> {
+    let q = query.get("q").map(|q| q.trim()).unwrap_or("");
+    if q.chars().count() > MAX_QUERY || q.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            format!("q must be at most {MAX_QUERY} characters, without control characters"),
+        )
+        .with_field("q"));
+    }
+    let limit = match query.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_LIMIT).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request("invalid_value", format!("limit must be 1 to {MAX_LIMIT}"))
+                    .with_field("limit")
+            })?,
+    };
+    let after = match query.get("cursor") {
+        None => String::new(),
+        Some(raw) => TenantId::parse(raw)
+            .map_err(|_| {
+                ApiError::bad_request("invalid_value", "cursor is not one this API gave out")
+                    .with_field("cursor")
+            })?
+            .as_str()
+            .to_owned(),
+    };
+    let mut rows = match scope.only() {
+        None => state.db.tenants().search(q, &after, limit + 1).await?,
+        Some(only) => scoped_search(&state, only, q, &after).await?,
+    };
+    let next_cursor = (rows.len() > limit as usize).then(|| {
+        rows.truncate(limit as usize);
+        rows.last().map(|r| r.tenant_id.clone())
+    });
+    let data = rows.into_iter().map(TenantItemOut::from).collect();
+    Ok(Json(PageOut {
+        data,
+        next_cursor: next_cursor.flatten(),
+    }))
+}
+
+/// The search for a tenant-scoped key: its few tenants, matched here as the database would.
+async fn scoped_search(
+    state: &AppState,
+    only: &[String],
+    q: &str,
+    after: &str,
+) -> Result<Vec<TenantRecord>, ApiError> {
+    let lower = q.to_ascii_lowercase();
+    let starts = |v: &Option<String>, p: &str, fold: bool| {
+        v.as_deref().is_some_and(|v| match fold {
+            true => v.to_ascii_lowercase().starts_with(p),
+            false => v.starts_with(p),
+        })
+    };
+    let mut rows = Vec::new();
+    for id in only {
+        let Ok(id) = TenantId::parse(id) else {
+            continue;
+        };
+        let Some(r) = state.db.tenants().get(&id).await? else {
+            continue;
+        };
+        let matched = r.tenant_id.starts_with(q)
+            || starts(&r.customer_id, q, false)
+            || starts(&r.name, &lower, true)
+            || starts(&r.email, &lower, true);
+        if matched && r.tenant_id.as_str() > after {
+            rows.push(r);
+        }
+    }
+    rows.sort_by(|a, b| a.tenant_id.as_bytes().cmp(b.tenant_id.as_bytes()));
+    Ok(rows)
 }

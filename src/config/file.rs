@@ -82,6 +82,13 @@ pub(super) struct Raw {
     pub(super) outbox: RawOutbox,
     pub(super) claims: RawClaims,
     pub(super) reconcile: RawReconcile,
+    pub(super) console: RawConsole,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConsole {
+    pub(super) enabled: bool,
 }
 
 #[derive(Deserialize)]

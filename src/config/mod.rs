@@ -50,6 +50,7 @@ pub struct Settings {
     pub outbox: OutboxSettings,
     pub claims: ClaimSettings,
     pub reconcile: ReconcileSettings,
+    pub console: ConsoleSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -190,6 +191,13 @@ pub enum LogFormat {
     Auto,
     Json,
     Text,
+}
+
+/// The web console at `/console` (`console.*`).
+#[derive(Debug, Clone)]
+pub struct ConsoleSettings {
+    /// Whether billsync serves `/console`; off: those paths answer 404 like any unknown route.
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone)]

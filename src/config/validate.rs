@@ -11,9 +11,10 @@ use super::file::{
     RawReconcile, RawRuntime, RawStripe, RawSync,
 };
 use super::{
-    ApiSettings, CatalogSettings, ClaimSettings, ConfigError, DEFAULT_CATALOG, DatabaseSettings,
-    EntitlementSettings, LogSettings, MeteringSettings, OutboxSettings, ReconcileSettings,
-    RuntimeSettings, Secret, Settings, ShutdownSettings, StripeSettings, SyncSettings,
+    ApiSettings, CatalogSettings, ClaimSettings, ConfigError, ConsoleSettings, DEFAULT_CATALOG,
+    DatabaseSettings, EntitlementSettings, LogSettings, MeteringSettings, OutboxSettings,
+    ReconcileSettings, RuntimeSettings, Secret, Settings, ShutdownSettings, StripeSettings,
+    SyncSettings,
 };
 
 impl Raw {
@@ -40,6 +41,9 @@ impl Raw {
             outbox: outbox(self.outbox)?,
             claims: claims(self.claims)?,
             reconcile: reconcile(self.reconcile)?,
+            console: ConsoleSettings {
+                enabled: self.console.enabled,
+            },
             log: log(self.log)?,
             shutdown: ShutdownSettings {
                 grace: duration("shutdown.grace", &self.shutdown.grace)?,

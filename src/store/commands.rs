@@ -347,4 +347,14 @@ impl<'a> Commands<'a> {
         })?;
         Ok(row)
     }
+
+    /// How many commands ended `failed` (the vendor refused them, or gave up), ever.
+    pub async fn failed_count(&self) -> Result<i64, StoreError> {
+        let (n,): (i64,) = on_pool!(self.db, |pool| {
+            sqlx::query_as("SELECT COUNT(*) FROM commands WHERE status = 'failed'")
+                .fetch_one(pool)
+                .await
+        })?;
+        Ok(n)
+    }
 }

@@ -262,6 +262,39 @@ impl<'a> Inbox<'a> {
         Ok(stats)
     }
 
+    /// Makes a failed row due now, for the applier's next pass. `Err(status)` when the row is
+    /// there but not failed; `Ok(None)` when there is no such row.
+    pub async fn retry_now(
+        &self,
+        event_id: &str,
+        now_ms: i64,
+    ) -> Result<Result<Option<InboxRow>, String>, StoreError> {
+        let found = on_pool!(self.db, |pool| {
+            let due = sqlx::query_as::<_, InboxRow>(concat!(
+                "UPDATE inbox_events SET next_attempt_at = $2 WHERE event_id = $1 \
+                 AND status = 'failed' RETURNING ",
+                columns!()
+            ))
+            .bind(event_id)
+            .bind(now_ms)
+            .fetch_optional(pool)
+            .await?;
+            if due.is_some() {
+                return Ok(Ok(due));
+            }
+            let status: Option<(String,)> =
+                sqlx::query_as("SELECT status FROM inbox_events WHERE event_id = $1")
+                    .bind(event_id)
+                    .fetch_optional(pool)
+                    .await?;
+            Ok::<_, sqlx::Error>(match status {
+                Some((status,)) => Err(status),
+                None => Ok(None),
+            })
+        })?;
+        Ok(found)
+    }
+
     /// Rows that failed and wait for a retry, oldest first.
     pub async fn failed(&self, limit: u32) -> Result<Vec<InboxRow>, StoreError> {
         let rows = on_pool!(self.db, |pool| {

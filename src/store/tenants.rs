@@ -183,6 +183,65 @@ impl<'a> Tenants<'a> {
         Ok(rows.into_iter().map(|(c,)| c).collect())
     }
 
+    /// Tenants whose id or customer id starts with `q`, or whose name or email does ignoring
+    /// ASCII case, after the tenant id `after`, in tenant id order (byte order on both
+    /// backends); every tenant when `q` is empty. Each match is a range over an index.
+    pub async fn search(
+        &self,
+        q: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<TenantRecord>, StoreError> {
+        let c = match self.db {
+            Db::Sqlite(_) => "",
+            Db::Postgres(_) => " COLLATE \"C\"",
+        };
+        if q.is_empty() {
+            let sql = format!(
+                "SELECT {} FROM tenants WHERE tenant_id{c} > $1 ORDER BY tenant_id{c} LIMIT $2",
+                columns!()
+            );
+            let rows = on_pool!(self.db, |pool| {
+                sqlx::query_as::<_, TenantRecord>(sqlx::AssertSqlSafe(sql))
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await
+            })?;
+            return Ok(rows);
+        }
+        let arm = |expr: &str, lo: &str, hi: &str| {
+            format!(
+                "SELECT {} FROM tenants WHERE {expr}{c} >= {lo} AND {expr}{c} < {hi} \
+                 AND tenant_id{c} > $5",
+                columns!()
+            )
+        };
+        let sql = format!(
+            "SELECT * FROM ({} UNION {} UNION {} UNION {}) AS found \
+             ORDER BY tenant_id{c} LIMIT $6",
+            arm("tenant_id", "$1", "$2"),
+            arm("customer_id", "$1", "$2"),
+            arm("lower(name)", "$3", "$4"),
+            arm("lower(email)", "$3", "$4"),
+        );
+        let lower = q.to_ascii_lowercase();
+        // The largest character: every string that starts with the prefix sorts below this.
+        let upper = |p: &str| format!("{p}\u{10FFFF}");
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, TenantRecord>(sqlx::AssertSqlSafe(sql))
+                .bind(q)
+                .bind(upper(q))
+                .bind(&lower)
+                .bind(upper(&lower))
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+        })?;
+        Ok(rows)
+    }
+
     /// Which of `ids` are known tenants.
     pub async fn existing(
         &self,

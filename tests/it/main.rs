@@ -9,6 +9,8 @@ mod claims;
 mod cli;
 mod client;
 mod commands;
+mod console;
+mod console_api;
 mod docs;
 mod e2e;
 mod entitlements;

@@ -5,7 +5,10 @@ use serde_json::json;
 use crate::helpers::*;
 
 /// Routes whose handlers read no body.
-const TAKE_NO_BODY: &[&str] = &["/v1/tenants/{tenant_id}/subscription/resume"];
+const TAKE_NO_BODY: &[&str] = &[
+    "/v1/tenants/{tenant_id}/subscription/resume",
+    "/v1/sync/events/{event_id}/retry",
+];
 
 const SCOPED_KEY: &str = "scoped-key-for-alpha";
 

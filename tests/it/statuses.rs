@@ -196,6 +196,7 @@ impl Prober<'_> {
                 ]
                 .concat(),
             ),
+            ("{event_id}", vec!["evt_broken", "evt_nope"]),
             (
                 "{run_id}",
                 [
@@ -373,6 +374,18 @@ async fn every_status_a_route_answers_is_listed_for_it_in_openapi_yaml() {
     assert_eq!(app.put_tenant("acme", json!({})).await.status(), 201);
     wait_for("acme's customer", || async {
         app.get_json("/v1/tenants/acme").await["customer_id"].is_string()
+    })
+    .await;
+    // An event whose object the vendor refuses to show: a failed event, for the retry route.
+    app.deliver(&crate::helpers::event(
+        "evt_broken",
+        "customer.updated",
+        1_700_000_000,
+        crate::helpers::customer("cus_broken", "broken"),
+    ))
+    .await;
+    wait_for("a failed event", || async {
+        app.get_json("/v1/sync/status").await["inbox"]["failed"] == 1
     })
     .await;
     let mut prober = Prober {
