@@ -8,9 +8,11 @@
 //! - `streams`: 1,000 concurrent streams on one server, its memory and CPU at rest and while
 //!   1,000 tenants' usage changes every second.
 //!
-//!     cargo bench --bench stream                  # everything, on PostgreSQL
-//!     cargo bench --bench stream -- change usage  # some sections
-//!     BILLSYNC_BENCH_BACKEND=sqlite cargo bench --bench stream
+//! ```sh
+//! cargo bench --bench stream                  # everything, on PostgreSQL
+//! cargo bench --bench stream -- change usage  # some sections
+//! BILLSYNC_BENCH_BACKEND=sqlite cargo bench --bench stream
+//! ```
 //!
 //! Needs PostgreSQL (BILLSYNC_BENCH_DATABASE_URL, an admin URL; default
 //! postgres://postgres@127.0.0.1:5432/postgres) unless the backend is SQLite.
@@ -188,23 +190,31 @@ async fn check(backend: Backend) {
     let snapshot = started.elapsed();
     assert_eq!(client.stats().tenants, TENANTS);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = tenants::resident_mib();
+    let holding = tenants::resident_mib();
     let names: Vec<String> = (0..TENANTS).map(|i| format!("t{i}")).collect();
-    let (checks, timer) = time_checks(&client, &names, 1_000_000);
+    // Three rounds of a million checks; the round with the median p99 is shown.
+    let mut rounds: Vec<_> = (0..3)
+        .map(|_| time_checks(&client, &names, 1_000_000))
+        .collect();
+    rounds.sort_by_key(|(q, _)| q[1]);
+    let (checks, timer) = rounds.swap_remove(1);
+    client.shutdown().await.unwrap();
+    drop(client);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = tenants::resident_mib();
     println!(
-        "check ({backend:?}): {TENANTS} tenants; first snapshot {:.2} s; client memory +{:.0} MiB \
-         ({before:.0} → {after:.0} MiB resident)",
+        "check ({backend:?}): {TENANTS} tenants; first snapshot {:.2} s; this process resident \
+         {before:.0} MiB before the client, {holding:.0} MiB with its replica, {after:.0} MiB once \
+         it is dropped",
         snapshot.as_secs_f64(),
-        after - before
     );
     println!(
-        "  local check (quota): p50 {:.3} µs  p99 {:.3} µs  p99.9 {:.3} µs  (timer alone: {:.3} µs)",
+        "  local check (quota), median of three rounds of 1,000,000: p50 {:.3} µs  p99 {:.3} µs  p99.9 {:.3} µs  (timer alone: {:.3} µs)",
         micros(checks[0]),
         micros(checks[1]),
         micros(checks[2]),
         micros(timer)
     );
-    client.shutdown().await.unwrap();
     server.stop().await;
 }
 
@@ -215,8 +225,11 @@ fn time_checks(client: &Client, names: &[String], n: usize) -> (Vec<Duration>, D
     let mut i = 0;
     for _ in 0..n {
         i = (i + 7919) % names.len();
+        // A caller's tenant id is in its cache (it just read it from the request).
+        let tenant = std::hint::black_box(names[i].as_str());
+        std::hint::black_box(tenant.as_bytes().last());
         let started = Instant::now();
-        let answer = client.check_in_memory(&names[i], "api_calls", Decimal::ONE);
+        let answer = client.check_in_memory(tenant, "api_calls", Decimal::ONE);
         samples.push(started.elapsed());
         std::hint::black_box(answer);
         let started = Instant::now();

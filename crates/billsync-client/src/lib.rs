@@ -297,13 +297,9 @@ impl Client {
         {
             // The server's figure holds this record: the replica need not wait for the stream.
             let mut replica = shared.replica_write();
-            let meter =
-                replica
-                    .tenant(tenant)
-                    .and_then(|state| match state.features.get(feature) {
-                        Some(billsync_rules::Grant::Quota { meter, .. }) => Some(meter.clone()),
-                        _ => None,
-                    });
+            let meter = (replica.tenant(tenant))
+                .and_then(|state| state.grants.meter(feature))
+                .map(str::to_owned);
             if let Some(meter) = meter {
                 replica.set_used(tenant, &meter, used);
             }

@@ -100,7 +100,19 @@ pub struct TenantRules<'a> {
     /// Whether the tenant's vendor state was ever confirmed (the server: `as_of.is_some()`).
     pub synced: bool,
     /// The tenant's grants by feature name.
-    pub features: &'a BTreeMap<String, Grant>,
+    pub features: &'a dyn Grants,
+}
+
+/// A tenant's grants, found by feature name: a map (the server), or any store a client keeps
+/// them in.
+pub trait Grants: std::fmt::Debug {
+    fn grant(&self, feature: &str) -> Option<&Grant>;
+}
+
+impl Grants for BTreeMap<String, Grant> {
+    fn grant(&self, feature: &str) -> Option<&Grant> {
+        self.get(feature)
+    }
 }
 
 /// What the standing alone decides, before the feature's grant is looked at.
@@ -128,7 +140,7 @@ impl TenantRules<'_> {
             Gate::Closed(why) => return Verdict::bare(false, why),
             Gate::ByGrant => {}
         }
-        match self.features.get(feature) {
+        match self.features.grant(feature) {
             None | Some(Grant::Boolean { enabled: false }) => {
                 Verdict::bare(false, reason::FEATURE_NOT_IN_PLAN)
             }
@@ -171,7 +183,7 @@ impl TenantRules<'_> {
             Gate::Closed(_) => return Ceiling::Never,
             Gate::ByGrant => {}
         }
-        match self.features.get(feature) {
+        match self.features.grant(feature) {
             None | Some(Grant::Boolean { enabled: false }) => Ceiling::Never,
             Some(Grant::Boolean { enabled: true }) | Some(Grant::Quota { limit: None, .. }) => {
                 Ceiling::Unlimited
