@@ -24,6 +24,60 @@ pub struct TenantState {
     pub grants: Grants,
 }
 
+/// A tenant id, inside the map's own memory when it is short (most are): finding a tenant
+/// then reads no allocation of its own.
+#[derive(Debug, Clone)]
+enum TenantKey {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<[u8]>),
+}
+
+const INLINE: usize = 30;
+
+impl TenantKey {
+    fn new(id: String) -> Self {
+        let mut bytes = [0; INLINE];
+        match bytes.get_mut(..id.len()) {
+            Some(start) => {
+                start.copy_from_slice(id.as_bytes());
+                Self::Inline {
+                    len: id.len() as u8,
+                    bytes,
+                }
+            }
+            None => Self::Heap(id.into_bytes().into_boxed_slice()),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..*len as usize],
+            Self::Heap(bytes) => bytes,
+        }
+    }
+}
+
+// Hashed and compared as its bytes, so that the map is searched with a `&[u8]`.
+impl PartialEq for TenantKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for TenantKey {}
+
+impl std::hash::Hash for TenantKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.bytes().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for TenantKey {
+    fn borrow(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 /// A tenant's features with, for quotas, the server's usage of their meter in the period.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grants(Box<[Slot]>);
@@ -115,10 +169,10 @@ pub enum Applied {
 
 #[derive(Debug, Default)]
 pub struct Replica {
-    tenants: HashMap<String, TenantState>,
+    tenants: HashMap<TenantKey, TenantState>,
     /// A snapshot being received (after `reset`, or on a stream opened without a cursor): it
     /// replaces `tenants` at `ready`, so checks meanwhile answer from the previous copy.
-    staging: Option<HashMap<String, TenantState>>,
+    staging: Option<HashMap<TenantKey, TenantState>>,
     fail_open: HashSet<String>,
     /// Feature names, one allocation each for every tenant.
     names: HashSet<Arc<str>>,
@@ -259,16 +313,17 @@ impl Replica {
                 let tenant = parse::<TenantIn>(event, data)?;
                 let (tenant, state) = tenant.into_state(&mut self.names)?;
                 self.forget_accepted(&tenant);
+                let key = TenantKey::new(tenant);
                 match &mut self.staging {
-                    Some(staging) => staging.insert(tenant, state),
-                    None => self.tenants.insert(tenant, state),
+                    Some(staging) => staging.insert(key, state),
+                    None => self.tenants.insert(key, state),
                 };
             }
             "removed" => {
                 let TenantIdIn { tenant_id } = parse(event, data)?;
-                self.tenants.remove(&tenant_id);
+                self.tenants.remove(tenant_id.as_bytes());
                 if let Some(staging) = &mut self.staging {
-                    staging.remove(&tenant_id);
+                    staging.remove(tenant_id.as_bytes());
                 }
             }
             "usage" => {
@@ -278,7 +333,7 @@ impl Replica {
                 if let Some(local) = self.local.get_mut(&key) {
                     local.accepted = Decimal::ZERO;
                 }
-                if let Some(state) = self.tenants.get_mut(&key.0) {
+                if let Some(state) = self.tenants.get_mut(key.0.as_bytes()) {
                     state.grants.set_used(&key.1, used);
                 }
             }
@@ -339,7 +394,7 @@ impl Replica {
 
     /// The server's own figure after a check-and-record: it holds everything accepted so far.
     pub fn set_used(&mut self, tenant: &str, meter: &str, used: Decimal) {
-        if let Some(state) = self.tenants.get_mut(tenant) {
+        if let Some(state) = self.tenants.get_mut(tenant.as_bytes()) {
             state.grants.set_used(meter, used);
             if let Some(local) = self.local.get_mut(&(tenant.to_owned(), meter.to_owned())) {
                 local.accepted = Decimal::ZERO;
@@ -348,7 +403,7 @@ impl Replica {
     }
 
     pub fn tenant(&self, tenant: &str) -> Option<&TenantState> {
-        self.tenants.get(tenant)
+        self.tenants.get(tenant.as_bytes())
     }
 
     pub fn len(&self) -> usize {
@@ -357,7 +412,7 @@ impl Replica {
 
     /// The check answered from the copy; `None` for a tenant it does not hold.
     pub fn check(&self, tenant: &str, feature: &str, quantity: Decimal) -> Option<Check> {
-        let state = self.tenants.get(tenant)?;
+        let state = self.tenants.get(tenant.as_bytes())?;
         let rules = TenantRules {
             standing: state.standing,
             synced: state.synced,

@@ -149,3 +149,30 @@ fn bye_and_bad_events_are_reported() {
         Applied::Nothing
     );
 }
+
+#[test]
+fn tenant_ids_short_and_long_are_found_updated_and_removed() {
+    let mut replica = replica();
+    // 30 bytes fit inside the map's memory; 31 and 64 do not.
+    for id in ["a", &"b".repeat(30), &"c".repeat(31), &"d".repeat(64)] {
+        let tenant =
+            acme(10, "3").replace(r#""tenant_id":"acme""#, &format!(r#""tenant_id":"{id}""#));
+        replica.apply("tenant", &tenant).unwrap();
+        assert_eq!(
+            replica.check(id, "api_calls", d(1)).unwrap().used,
+            Some(d(3))
+        );
+        let usage = format!(r#"{{"tenant_id":"{id}","meter":"calls","used":"9"}}"#);
+        replica.apply("usage", &usage).unwrap();
+        assert_eq!(
+            replica.check(id, "api_calls", d(1)).unwrap().used,
+            Some(d(9))
+        );
+        assert!(replica.check(&id[1..], "api_calls", d(1)).is_none());
+        replica
+            .apply("removed", &format!(r#"{{"tenant_id":"{id}"}}"#))
+            .unwrap();
+        assert!(replica.check(id, "api_calls", d(1)).is_none());
+    }
+    assert_eq!(replica.len(), 1, "acme alone is left");
+}
