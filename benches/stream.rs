@@ -360,9 +360,13 @@ async fn streams(backend: Backend) {
     let snapshots = started.elapsed();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let rest = measure(&server, Duration::from_secs(10), &events).await;
-    let load = tokio::spawn(usage_load(server.url("/v1/usage"), TENANTS));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let load = usage_load(server.url("/v1/usage"), TENANTS, accepted.clone());
+    let load = tokio::spawn(load);
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let accepted_before = accepted.load(Ordering::Relaxed);
     let busy = measure(&server, Duration::from_secs(20), &events).await;
+    let accepted = (accepted.load(Ordering::Relaxed) - accepted_before) as f64 / 20.0;
     load.abort();
     println!(
         "streams ({backend:?}): {STREAMS} streams, {TENANTS} tenants; server resident {idle_rss:.0} MiB \
@@ -379,7 +383,10 @@ async fn streams(backend: Backend) {
             w.rss, w.cpu, w.frames, w.own_cpu
         );
     }
-    println!("  streams ended: {}", ended.load(Ordering::Relaxed));
+    println!(
+        "  usage events accepted under load: {accepted:.0}/s; streams ended: {}",
+        ended.load(Ordering::Relaxed)
+    );
     server.stop().await;
 }
 
@@ -443,8 +450,9 @@ async fn measure(server: &Server, window: Duration, events: &AtomicU64) -> Windo
     }
 }
 
-/// One usage event per tenant every second, in ten batches spread over the second.
-async fn usage_load(url: String, tenants: usize) {
+/// One usage event per tenant every second, in ten batches spread over the second; counts the
+/// events the server accepted.
+async fn usage_load(url: String, tenants: usize, accepted: Arc<AtomicU64>) {
     let http = reqwest::Client::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     for round in 0u64.. {
@@ -457,14 +465,21 @@ async fn usage_load(url: String, tenants: usize) {
                 "meter": "calls", "quantity": 1})
             })
             .collect();
-        let response = (http.post(&url))
+        // Each batch on its own: a slow answer does not hold back the next batches.
+        let request = (http.post(&url))
             .bearer_auth(API_KEY)
-            .json(&json!({"events": events}))
-            .send()
-            .await;
-        if let Err(error) = response.and_then(|r| r.error_for_status()) {
-            eprintln!("usage load: {error}");
-        }
+            .json(&json!({"events": events}));
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            match request.send().await.and_then(|r| r.error_for_status()) {
+                Ok(answer) => {
+                    let answer: serde_json::Value = answer.json().await.unwrap_or_default();
+                    let count = answer["accepted"].as_u64().unwrap_or(0);
+                    accepted.fetch_add(count, Ordering::Relaxed);
+                }
+                Err(error) => eprintln!("usage load: {error}"),
+            }
+        });
     }
 }
 
