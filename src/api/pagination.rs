@@ -15,22 +15,23 @@ pub struct PageRequest {
     pub before: Option<(i64, String)>,
 }
 
+/// The `limit` query parameter: 1 to [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent.
+pub fn limit_from_query(query: &HashMap<String, String>) -> Result<u32, ApiError> {
+    let Some(raw) = query.get("limit") else {
+        return Ok(DEFAULT_LIMIT);
+    };
+    raw.parse::<u32>()
+        .ok()
+        .filter(|n| (1..=MAX_LIMIT).contains(n))
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid_value", format!("limit must be 1 to {MAX_LIMIT}"))
+                .with_field("limit")
+        })
+}
+
 impl PageRequest {
     pub fn from_query(query: &HashMap<String, String>) -> Result<Self, ApiError> {
-        let limit = match query.get("limit") {
-            None => DEFAULT_LIMIT,
-            Some(raw) => raw
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=MAX_LIMIT).contains(n))
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_value",
-                        format!("limit must be 1 to {MAX_LIMIT}"),
-                    )
-                    .with_field("limit")
-                })?,
-        };
+        let limit = limit_from_query(query)?;
         let before = match query.get("cursor") {
             None => None,
             Some(raw) => Some(decode(raw).ok_or_else(|| {

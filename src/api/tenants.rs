@@ -13,7 +13,7 @@ use super::auth::KeyScope;
 use super::commands::{CommandOut, customer_sync, pending_of};
 use super::error::ApiError;
 use super::json::ApiJson;
-use super::pagination::{DEFAULT_LIMIT, MAX_LIMIT};
+use super::pagination::limit_from_query;
 use super::sync::PageOut;
 use crate::domain::{Email, Subscription, TenantId, TenantName, rfc3339, rfc3339_secs};
 use crate::state::AppState;
@@ -243,17 +243,7 @@ pub async fn list_tenants(
         )
         .with_field("q"));
     }
-    let limit = match query.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(raw) => raw
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=MAX_LIMIT).contains(n))
-            .ok_or_else(|| {
-                ApiError::bad_request("invalid_value", format!("limit must be 1 to {MAX_LIMIT}"))
-                    .with_field("limit")
-            })?,
-    };
+    let limit = limit_from_query(&query)?;
     let after = match query.get("cursor") {
         None => String::new(),
         Some(raw) => TenantId::parse(raw)
