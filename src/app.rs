@@ -69,6 +69,7 @@ fn spawn_singleton<F, Fut>(
     workers.spawn(crate::cluster::with_lease(
         state.db.clone(),
         name,
+        state.metering.origin.clone(),
         state.metrics.clone(),
         shutdown.clone(),
         job,

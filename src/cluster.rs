@@ -26,6 +26,16 @@ use crate::metering::{Heard, Metering};
 use crate::metrics::Metrics;
 use crate::store::{Db, LeaseSeat, Queue, StoreError, TxSnapshot, now_ms};
 
+/// Every singleton job's lease name (`spawn_singleton` in app.rs).
+pub const SINGLETON_JOBS: &[&str] = &[
+    "open_check",
+    "poller",
+    "pusher",
+    "reconcile",
+    "snapshot",
+    "sweep",
+];
+
 /// How often a replica without a lease tries to take it, and how often a holder checks that
 /// it still holds it.
 pub const LEASE_RETRY: Duration = Duration::from_secs(2);
@@ -78,6 +88,7 @@ pub fn replica_id() -> String {
 pub async fn with_lease<F, Fut>(
     db: Db,
     name: &'static str,
+    holder: Arc<str>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     job: F,
@@ -94,7 +105,7 @@ pub async fn with_lease<F, Fut>(
         )
     };
     held(0.0);
-    let mut seat = LeaseSeat::new(&db, name);
+    let mut seat = LeaseSeat::new(&db, name, &holder);
     let mut standing_by = false;
     while !shutdown.is_cancelled() {
         match seat.try_take().await {

@@ -315,6 +315,7 @@ pub async fn sync_status(
             "failed": commands_failed,
         },
         "this_replica": this_replica(&state),
+        "jobs": jobs(&state).await?,
         "usage_pusher": {
             "pending": pushes_pending,
             "oldest_pending_at": oldest_push.map(rfc3339),
@@ -345,6 +346,30 @@ fn this_replica(state: &AppState) -> Value {
         .collect();
     jobs.sort();
     json!({ "id": &*state.metering.origin, "jobs": jobs })
+}
+
+/// Each singleton job and the replica running it (`null`: none runs it now: it is not
+/// configured, or its replica died and another has not taken it yet). On PostgreSQL from the
+/// database's advisory locks, so that every replica gives the same answer; on SQLite this
+/// process runs every job it started.
+async fn jobs(state: &AppState) -> Result<Value, ApiError> {
+    let held = crate::store::lease_holders(&state.db).await?;
+    let here = this_replica(state);
+    let jobs: Vec<Value> = (crate::cluster::SINGLETON_JOBS.iter())
+        .map(|job| {
+            let replica = match &state.db {
+                crate::store::Db::Sqlite(_) => (here["jobs"].as_array())
+                    .is_some_and(|mine| mine.iter().any(|j| j == job))
+                    .then(|| here["id"].clone()),
+                crate::store::Db::Postgres(_) => {
+                    let key = crate::store::lease_key(job);
+                    (held.iter().find(|(k, _)| *k == key)).map(|(_, holder)| json!(holder))
+                }
+            };
+            json!({ "job": job, "replica": replica })
+        })
+        .collect();
+    Ok(json!(jobs))
 }
 
 /// The answer to a retry: the event, now due.

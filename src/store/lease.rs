@@ -14,6 +14,9 @@ use super::{Db, StoreError};
 /// One replica's seat for one lease: it keeps its connection between tries.
 pub struct LeaseSeat {
     key: i64,
+    /// The replica's id, the lease connection's `application_name`: other replicas read who
+    /// holds a lease from `pg_locks` ([`holders`]).
+    holder: String,
     backend: Seat,
 }
 
@@ -36,7 +39,7 @@ pub fn lease_key(name: &str) -> i64 {
 }
 
 impl LeaseSeat {
-    pub fn new(db: &Db, name: &str) -> Self {
+    pub fn new(db: &Db, name: &str, holder: &str) -> Self {
         let backend = match db {
             Db::Sqlite(_) => Seat::Local,
             Db::Postgres(pool) => Seat::Postgres {
@@ -46,6 +49,7 @@ impl LeaseSeat {
         };
         Self {
             key: lease_key(name),
+            holder: holder.chars().take(63).collect(),
             backend,
         }
     }
@@ -56,7 +60,12 @@ impl LeaseSeat {
             return Ok(true);
         };
         if conn.is_none() {
-            *conn = Some(pool.acquire().await?.detach());
+            let mut opened = pool.acquire().await?.detach();
+            sqlx::query("SELECT set_config('application_name', $1, false)")
+                .bind(&self.holder)
+                .execute(&mut opened)
+                .await?;
+            *conn = Some(opened);
         }
         let connection = conn.as_mut().expect("connection just opened");
         let taken = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
@@ -123,4 +132,25 @@ impl XactLock {
         self.0.commit().await?;
         Ok(())
     }
+}
+
+/// The advisory locks held in this database and the `application_name` of the session holding
+/// each: `(key, holder)`. Empty on SQLite (one process holds every lease).
+pub async fn holders(db: &Db) -> Result<Vec<(i64, String)>, StoreError> {
+    let Db::Postgres(pool) = db else {
+        return Ok(Vec::new());
+    };
+    // A bigint advisory key is split in two: its high half in classid, its low half in objid.
+    let rows: Vec<(i64, i64, String)> = sqlx::query_as(
+        "SELECT l.classid::bigint, l.objid::bigint, COALESCE(a.application_name, '') \
+         FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(high, low, holder)| ((((high as u64) << 32) | low as u64) as i64, holder))
+        .collect())
 }

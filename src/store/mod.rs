@@ -36,7 +36,7 @@ pub use changes::{ChangeRow, Changes};
 pub use claims::{Claims, Queue};
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
-pub use lease::{LeaseSeat, XactLock, lease_key};
+pub use lease::{LeaseSeat, XactLock, holders as lease_holders, lease_key};
 pub use mirror::{Mirror, MirrorRow, ObjectState, PageKinds, SyncState};
 pub use periods::{PeriodRow, Periods};
 pub use pushes::{NewPush, PushRow, UnpushedKey};

@@ -157,6 +157,17 @@ async fn postgres_singleton_jobs_run_once_and_move_when_their_replica_dies() {
             "{lease} is held twice"
         );
     }
+    // Both replicas' sync status says which replica runs each job, the same for both.
+    let (id_a, id_b) = (replica_id(&a).await, replica_id(&b).await);
+    assert_ne!(id_a, id_b);
+    for asked in [&a, &b] {
+        let jobs = job_replicas(asked).await;
+        for (job, replica) in &jobs {
+            let expected = if holds(&a, job).await { &id_a } else { &id_b };
+            assert_eq!(replica.as_ref(), Some(expected), "{job}: {jobs:?}");
+        }
+        assert_eq!(jobs.len(), 6, "{jobs:?}");
+    }
     // The holder of the poller dies without a word; the other takes over (well within 15 s).
     let (holder, other) = if holds(&a, "poller").await {
         (a, b)
@@ -168,7 +179,29 @@ async fn postgres_singleton_jobs_run_once_and_move_when_their_replica_dies() {
         holds(&other, "poller").await
     })
     .await;
+    let id = replica_id(&other).await;
+    wait_for("the status to name the survivor for every job", || async {
+        let jobs = job_replicas(&other).await;
+        jobs.values().all(|replica| replica.as_ref() == Some(&id))
+    })
+    .await;
     other.stop().await;
+}
+
+async fn replica_id(app: &TestApp) -> String {
+    let status = app.get_json("/v1/sync/status").await;
+    status["this_replica"]["id"].as_str().unwrap().to_owned()
+}
+
+/// `jobs` of the sync status: each job and the replica running it.
+async fn job_replicas(app: &TestApp) -> std::collections::BTreeMap<String, Option<String>> {
+    let status = app.get_json("/v1/sync/status").await;
+    (status["jobs"].as_array().unwrap().iter())
+        .map(|j| {
+            let replica = j["replica"].as_str().map(str::to_owned);
+            (j["job"].as_str().unwrap().to_owned(), replica)
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,8 +193,8 @@ async function drawOverview() {
     h("h3", {}, "Open reconciliation findings"),
     findingsByKind(latest),
     h("h3", {}, "Jobs"),
-    h("p", { id: "jobs" }, `Replica ${status.this_replica.id} runs: ${status.this_replica.jobs.join(", ") || "no singleton job"}.`,
-      h("span", { class: "muted" }, " With several replicas, each answers for itself (billsync_lease_held at its /metrics).")),
+    table(["Job", "Runs on replica"], status.jobs.map((j) => [j.job, j.replica || "none now"]), "jobs"),
+    h("p", { class: "muted" }, `This page's figures came from replica ${status.this_replica.id}.`),
   );
 }
 
