@@ -115,6 +115,7 @@ impl AppState {
             origin: crate::cluster::replica_id().into(),
             record_locks: Arc::default(),
             record_queue: Arc::default(),
+            revenue: Arc::default(),
         };
         let plans =
             PlanCatalog::from_catalog(&metering.catalog).map_err(|message| CatalogError {
@@ -166,6 +167,7 @@ impl AppState {
             wake: self.wake.clone(),
             entitlements: Some(self.entitlements.clone()),
             drafts: Some(self.drafts_wake.clone()),
+            revenue: Some(self.metering.revenue.clone()),
         }
     }
 

@@ -8,7 +8,10 @@ use crate::helpers::{
     Backend, TestApp, customer, error_of, event, on_both_backends, take_webhooks, wait_for,
 };
 
-on_both_backends!(the_report_follows_invoices_credit_notes_and_refunds);
+on_both_backends!(
+    the_report_follows_invoices_credit_notes_and_refunds,
+    the_schedule_is_reused_until_a_webhook_changes_an_invoice,
+);
 
 /// 2024-01-01T00:00:00Z.
 const JAN_1: i64 = 1_704_067_200;
@@ -214,5 +217,61 @@ async fn the_report_follows_invoices_credit_notes_and_refunds(backend: Backend) 
         Some("eur,2024-01-01,2024-02-01,3100,0,0,0,3100,3100,0,0"),
         "{text}"
     );
+    app.stop().await;
+}
+
+/// `billsync_revenue_rebuilds_total` as `/metrics` shows it (0 before the first rebuild).
+async fn rebuilds(app: &TestApp) -> u64 {
+    let metrics = app.metrics().await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("billsync_revenue_rebuilds_total{} "))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Requests in a row answer from one built schedule (each view, all tenants or one, is built
+/// once); a new invoice delivered by webhook drops it, and the next answer shows the invoice.
+async fn the_schedule_is_reused_until_a_webhook_changes_an_invoice(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        take_webhooks(s);
+        s.stripe.refetch = false;
+    })
+    .await;
+    let mut n = 0;
+    applied(
+        &app,
+        &mut n,
+        "customer.created",
+        customer("cus_c", "cached"),
+    )
+    .await;
+    let feb_1 = JAN_1 + 31 * DAY;
+    let jan = invoice("in_c1", "cus_c", 3100, JAN_1, feb_1, "eur");
+    applied(&app, &mut n, "invoice.finalized", jan).await;
+
+    let path = "/v1/revenue?from=2024-01-01&to=2024-03-01&group_by=month";
+    let tenant_path = "/v1/tenants/cached/revenue?from=2024-01-01&to=2024-03-01";
+    let before = rebuilds(&app).await;
+    let first = app.get_json(path).await;
+    let tenant_first = app.get_json(tenant_path).await;
+    assert_eq!(rebuilds(&app).await, before + 2, "one build per view");
+    assert_eq!(app.get_json(path).await, first);
+    assert_eq!(app.get_json(tenant_path).await, tenant_first);
+    let other_window = app
+        .get_json("/v1/revenue?from=2024-01-01&to=2024-02-01")
+        .await;
+    assert_eq!(other_window["periods"][0]["recognised"]["total"], 3100);
+    assert_eq!(rebuilds(&app).await, before + 2, "no change, no rebuild");
+    assert_eq!(first["periods"][1]["recognised"]["total"], 0, "{first}");
+
+    let feb = invoice("in_c2", "cus_c", 2900, feb_1, feb_1 + 29 * DAY, "eur");
+    applied(&app, &mut n, "invoice.finalized", feb).await;
+    let after = app.get_json(path).await;
+    assert_eq!(rebuilds(&app).await, before + 3);
+    assert_eq!(after["periods"][1]["recognised"]["total"], 2900, "{after}");
+    let tenant_after = app.get_json(tenant_path).await;
+    assert_eq!(tenant_after["lines"].as_array().unwrap().len(), 2);
+    assert_eq!(app.get_json(path).await, after);
+    assert_eq!(rebuilds(&app).await, before + 4);
     app.stop().await;
 }
