@@ -11,6 +11,7 @@ use crate::helpers::{
 on_both_backends!(
     the_report_follows_invoices_credit_notes_and_refunds,
     the_schedule_is_reused_until_a_webhook_changes_an_invoice,
+    late_usage_in_a_metered_lines_period_changes_the_kept_schedule,
 );
 
 /// 2024-01-01T00:00:00Z.
@@ -273,5 +274,74 @@ async fn the_schedule_is_reused_until_a_webhook_changes_an_invoice(backend: Back
     assert_eq!(tenant_after["lines"].as_array().unwrap().len(), 2);
     assert_eq!(app.get_json(path).await, after);
     assert_eq!(rebuilds(&app).await, before + 4);
+    app.stop().await;
+}
+
+/// Posts one `calls` event of 10 for the tenant `metered` at `at` (Unix seconds).
+async fn post_calls(app: &TestApp, id: &str, at: i64) {
+    let at = chrono::DateTime::from_timestamp(at, 0)
+        .unwrap()
+        .to_rfc3339();
+    let body = json!({"events": [{"id": id, "tenant_id": "metered", "meter": "calls",
+        "quantity": 10, "timestamp": at}]});
+    let response = app.v1(Method::POST, "/v1/usage").json(&body).send().await;
+    assert_eq!(
+        response.unwrap().json::<Value>().await.unwrap()["accepted"],
+        1
+    );
+}
+
+/// A metered line's revenue follows its period's usage: usage that arrives late inside that
+/// period drops the kept schedule and moves revenue to its day; usage after it does not.
+async fn late_usage_in_a_metered_lines_period_changes_the_kept_schedule(backend: Backend) {
+    let vendor = wiremock::MockServer::start().await;
+    let app = crate::reconcile::service(backend, &vendor, |_| {}).await;
+    let mut seed = crate::reconcile::Seed { app: &app, n: 0 };
+    seed.tenant("metered").await;
+    let start = (crate::reconcile::now() / DAY - 20) * DAY;
+    let end = start + 10 * DAY;
+    post_calls(&app, "early", start + 2 * DAY + 3600).await;
+    seed.deliver("invoice.finalized", json!({"id": "in_m", "object": "invoice",
+        "customer": "cus_metered", "status": "paid", "currency": "eur", "total": 1000,
+        "amount_due": 1000, "amount_paid": 1000, "created": end, "status_transitions": {"finalized_at": end},
+        "lines": {"object": "list", "data": [{"id": "il_m", "object": "line_item", "amount": 1000,
+            "currency": "eur", "quantity": 10, "price": {"id": "price_calls"},
+            "period": {"start": start, "end": end}}]}}))
+        .await;
+    let date = |s: i64| {
+        chrono::DateTime::from_timestamp(s, 0)
+            .unwrap()
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    let path = format!(
+        "/v1/revenue?from={}&to={}&group_by=day",
+        date(start),
+        date(end)
+    );
+    let on_day =
+        |report: &Value, day: i64| report["periods"][day as usize]["recognised"]["usage"].clone();
+    wait_for("the invoice", || async {
+        on_day(&app.get_json(&path).await, 2) == 1000
+    })
+    .await;
+    let kept = rebuilds(&app).await;
+
+    post_calls(&app, "after", crate::reconcile::now()).await;
+    assert_eq!(on_day(&app.get_json(&path).await, 2), 1000);
+    assert_eq!(
+        rebuilds(&app).await,
+        kept,
+        "usage after the period changes nothing"
+    );
+
+    post_calls(&app, "late", start + 5 * DAY + 3600).await;
+    let report = app.get_json(&path).await;
+    assert_eq!(
+        (on_day(&report, 2), on_day(&report, 5)),
+        (json!(500), json!(500)),
+        "{report}"
+    );
+    assert_eq!(rebuilds(&app).await, kept + 1);
     app.stop().await;
 }
