@@ -323,6 +323,7 @@ pub async fn follow_changes(
             match rebuilt {
                 Ok((replayed, snapshot)) => {
                     entitlements.invalidate_all();
+                    metering.revenue.changed();
                     tracing::info!(
                         replayed,
                         "usage counters rebuilt after a missed notification"
@@ -348,8 +349,15 @@ pub async fn follow_changes(
             Ok(Some(notification)) => {
                 let payload = notification.payload();
                 match notification.channel() {
-                    ENTITLEMENTS_CHANNEL if payload == "*" => entitlements.invalidate_all(),
-                    ENTITLEMENTS_CHANNEL => entitlements.invalidate(payload),
+                    // A tenant or a mirrored object changed on another replica.
+                    ENTITLEMENTS_CHANNEL if payload == "*" => {
+                        entitlements.invalidate_all();
+                        metering.revenue.changed();
+                    }
+                    ENTITLEMENTS_CHANNEL => {
+                        entitlements.invalidate(payload);
+                        metering.revenue.changed();
+                    }
                     HEALTH_CHANNEL => match payload.strip_prefix("ok ").map(str::parse::<i64>) {
                         Some(Ok(at)) => entitlements.health.confirmed(at),
                         _ => entitlements.health.failed(),

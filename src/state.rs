@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
@@ -53,6 +53,9 @@ pub struct Services {
     pub entitlements: Entitlements,
     /// Per-key request budgets (`api.rate_limit`).
     pub key_limiter: crate::api::auth::KeyLimiter,
+    /// One permit per reconciliation run the API may compute at once
+    /// (`reconcile.max_concurrent_runs`); a run holds its permit until it ends.
+    pub run_slots: Arc<Semaphore>,
 }
 
 /// Why the service could not start or stopped with an error.
@@ -112,6 +115,7 @@ impl AppState {
             origin: crate::cluster::replica_id().into(),
             record_locks: Arc::default(),
             record_queue: Arc::default(),
+            revenue: Arc::default(),
         };
         let plans =
             PlanCatalog::from_catalog(&metering.catalog).map_err(|message| CatalogError {
@@ -132,6 +136,7 @@ impl AppState {
             vendor.is_some(),
         );
         let stream_buffer = settings.entitlements.stream_buffer;
+        let run_slots = Arc::new(Semaphore::new(settings.reconcile.max_concurrent_runs));
         Ok(Self(Arc::new(Services {
             settings: Arc::new(settings),
             db,
@@ -144,6 +149,7 @@ impl AppState {
             metering,
             entitlements,
             key_limiter: Default::default(),
+            run_slots,
         })))
     }
 
@@ -161,6 +167,7 @@ impl AppState {
             wake: self.wake.clone(),
             entitlements: Some(self.entitlements.clone()),
             drafts: Some(self.drafts_wake.clone()),
+            revenue: Some(self.metering.revenue.clone()),
         }
     }
 

@@ -24,6 +24,8 @@ use crate::store::RunRow;
 
 const DEFAULT_ITEMS: u32 = 100;
 const MAX_ITEMS: u32 = 1000;
+/// What a refused `POST /v1/reconciliations` is told to wait: about one short run.
+const RETRY_AFTER_SECS: u32 = 5;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +45,10 @@ pub async fn start(
 ) -> Result<Response, ApiError> {
     forbid_scoped(&scope)?;
     let params = params(&body)?;
+    // Taken before the run is stored: a refused call leaves nothing behind.
+    let Ok(slot) = state.run_slots.clone().try_acquire_owned() else {
+        return Ok(too_many_runs(state.settings.reconcile.max_concurrent_runs));
+    };
     let reconciler = state.reconciler();
     let run_id = reconciler.begin(&params, "api").await?;
     tracing::info!(key = scope.key_id(), run_id, "reconciliation started");
@@ -52,6 +58,7 @@ pub async fn start(
             if let Err(error) = reconciler.finish(&run_id, &params).await {
                 tracing::warn!(run_id, error = %error, "reconciliation failed");
             }
+            drop(slot);
         }
     });
     let run = state
@@ -65,6 +72,23 @@ pub async fn start(
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
+}
+
+/// 429 `too_many_runs`: every slot is computing a run; one frees when a run ends.
+fn too_many_runs(limit: usize) -> Response {
+    let mut response = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_runs",
+        format!(
+            "{limit} reconciliations are running (reconcile.max_concurrent_runs); retry after \
+             {RETRY_AFTER_SECS} s"
+        ),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
 }
 
 pub async fn get(

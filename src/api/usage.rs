@@ -26,6 +26,9 @@ use crate::store::{UsageRow, now_ms};
 pub const MAX_BODY: usize = 32 * 1024 * 1024;
 /// Longest range `GET .../usage` folds.
 const MAX_RANGE_MS: i64 = 366 * 24 * HOUR_MS;
+/// Events read from the database at a time while folding a range: the memory a request holds
+/// is one page and the buckets, however many events the range has.
+pub const FOLD_PAGE: u32 = 1000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,9 +147,7 @@ pub async fn get_usage(
             ));
         }
     };
-    let usage = state.db.usage();
-    let rows = (usage.of_tenant(&tenant.tenant_id, &meter.name, from, to)).await?;
-    let (spans, whole) = split_by_span(meter, &rows, from, step);
+    let (spans, whole) = fold_pages(&state, (&tenant.tenant_id, meter), (from, to), step).await?;
     let buckets = spans
         .into_iter()
         .map(|(start, split)| BucketOut {
@@ -188,16 +189,44 @@ fn time(query: &HashMap<String, String>, field: &str) -> Result<Option<i64>, Api
         .transpose()
 }
 
-/// Folds the rows into spans of `step` from `from` on, and into the whole range, each with its
-/// pushed and unpushed parts.
+/// Folds the range's events a page at a time into spans of `step` from `from` on, and into
+/// the whole range, each with its pushed and unpushed parts.
+async fn fold_pages(
+    state: &AppState,
+    (tenant_id, meter): (&str, &Meter),
+    (from, to): (i64, i64),
+    step: i64,
+) -> Result<(BTreeMap<i64, Split>, Split), ApiError> {
+    let usage = state.db.usage();
+    let mut spans: BTreeMap<i64, Split> = BTreeMap::new();
+    let mut whole = Split::default();
+    let mut after: Option<(i64, String)> = None;
+    loop {
+        let rows = usage
+            .page_of_tenant(
+                (tenant_id, &meter.name),
+                (from, to),
+                after.as_ref(),
+                FOLD_PAGE,
+            )
+            .await?;
+        split_by_span(meter, &rows, (from, step), (&mut spans, &mut whole));
+        if rows.len() < FOLD_PAGE as usize {
+            return Ok((spans, whole));
+        }
+        after = rows
+            .last()
+            .map(|(r, _)| (r.occurred_at, r.event_id.clone()));
+    }
+}
+
+/// Folds the rows into spans of `step` from `from` on, and into the whole range.
 fn split_by_span(
     meter: &Meter,
     rows: &[(UsageRow, Option<String>)],
-    from: i64,
-    step: i64,
-) -> (BTreeMap<i64, Split>, Split) {
-    let mut spans: BTreeMap<i64, Split> = BTreeMap::new();
-    let mut whole = Split::default();
+    (from, step): (i64, i64),
+    (spans, whole): (&mut BTreeMap<i64, Split>, &mut Split),
+) {
     for (row, push_status) in rows {
         let sample = Sample {
             quantity: Decimal::from_str(&row.quantity).unwrap_or_default(),
@@ -207,7 +236,7 @@ fn split_by_span(
         };
         let bucket = Bucket::of(meter.aggregation, sample);
         let start = from + (row.occurred_at - from).div_euclid(step) * step;
-        for split in [spans.entry(start).or_default(), &mut whole] {
+        for split in [spans.entry(start).or_default(), &mut *whole] {
             split.events += 1;
             fold(&mut split.all, &bucket);
             // A superseded push's events went out in the newer value of their period.
@@ -218,5 +247,4 @@ fn split_by_span(
             }
         }
     }
-    (spans, whole)
 }

@@ -187,6 +187,7 @@ pub(super) struct RawReconcile {
     pub(super) vendor_usage: bool,
     pub(super) settle_delay: String,
     pub(super) drift_sample: usize,
+    pub(super) max_concurrent_runs: usize,
     pub(super) open_check_interval: String,
     pub(super) open_check_budget: usize,
     pub(super) repair: bool,

@@ -65,6 +65,9 @@ pub struct ReconcileSettings {
     pub settle_delay: Duration,
     /// Tenants a run over every tenant checks for drift (first in tenant order).
     pub drift_sample: usize,
+    /// Most runs started through `POST /v1/reconciliations` that this replica computes at
+    /// once; past it the call is answered 429 `too_many_runs`.
+    pub max_concurrent_runs: usize,
     /// How often the open periods of tenants with newly settled pushes are checked; `None`:
     /// never.
     pub open_check_interval: Option<Duration>,

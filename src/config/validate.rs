@@ -257,6 +257,12 @@ fn claims(raw: RawClaims) -> Result<ClaimSettings, ConfigError> {
 fn reconcile(raw: RawReconcile) -> Result<ReconcileSettings, ConfigError> {
     let interval = duration("reconcile.interval", &raw.interval)?;
     let open_check_interval = duration("reconcile.open_check_interval", &raw.open_check_interval)?;
+    if raw.max_concurrent_runs == 0 {
+        return Err(ConfigError::new(
+            "reconcile.max_concurrent_runs",
+            "must be at least 1",
+        ));
+    }
     if raw.open_check_budget == 0 {
         return Err(ConfigError::new(
             "reconcile.open_check_budget",
@@ -269,6 +275,7 @@ fn reconcile(raw: RawReconcile) -> Result<ReconcileSettings, ConfigError> {
         vendor_usage: raw.vendor_usage,
         settle_delay: duration("reconcile.settle_delay", &raw.settle_delay)?,
         drift_sample: raw.drift_sample,
+        max_concurrent_runs: raw.max_concurrent_runs,
         open_check_interval: (!open_check_interval.is_zero()).then_some(open_check_interval),
         open_check_budget: raw.open_check_budget,
         repair: raw.repair,

@@ -99,6 +99,9 @@ impl Metering {
         for (tenant, meter, hour, bucket) in &entries {
             self.counters.merge(tenant, meter, *hour, bucket);
         }
+        if let Some(earliest) = entries.iter().map(|(_, _, hour, _)| *hour).min() {
+            self.revenue.usage_arrived(earliest);
+        }
         Heard::Counted
     }
 }
@@ -133,6 +136,7 @@ mod tests {
             origin: origin.into(),
             record_locks: Arc::default(),
             record_queue: Arc::default(),
+            revenue: Arc::default(),
         }
     }
 

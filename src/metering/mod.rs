@@ -66,6 +66,8 @@ pub struct Metering {
     pub record_locks: Arc<RecordLocks>,
     /// Check-and-records waiting for a batch transaction (PostgreSQL).
     pub record_queue: Arc<RecordQueue>,
+    /// Told when usage arrives, for the revenue schedules of metered lines.
+    pub revenue: Arc<crate::revenue::RevenueCache>,
 }
 
 impl Metering {
@@ -95,6 +97,10 @@ impl Metering {
         }
         let (rows, meters) = self.admit(&valid, visible, &mut outcome).await?;
         let inserted = self.store(&rows).await?;
+        let earliest = rows.iter().zip(&inserted).filter(|(_, new)| **new);
+        if let Some(earliest) = earliest.map(|(row, _)| row.occurred_at).min() {
+            self.revenue.usage_arrived(earliest);
+        }
         for ((row, meter), new) in rows.iter().zip(&meters).zip(&inserted) {
             if !new {
                 outcome.duplicates += 1;

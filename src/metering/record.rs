@@ -203,6 +203,7 @@ impl Metering {
 
     /// Counts a recorded event in the counters and the metrics, as ingest does.
     fn count_recorded(&self, row: &UsageRow) {
+        self.revenue.usage_arrived(row.occurred_at);
         if let Some(meter) = self.catalog.meters.get(&row.meter) {
             let sample = sample_of(row);
             self.counters

@@ -28,6 +28,15 @@ pub async fn load(
     catalog: &Catalog,
     tenant: Option<&str>,
 ) -> Result<Schedule, StoreError> {
+    Ok(load_spanned(db, catalog, tenant).await?.0)
+}
+
+/// [`load`], and the end (Unix ms) of the usage its metered lines read, if any.
+pub async fn load_spanned(
+    db: &Db,
+    catalog: &Catalog,
+    tenant: Option<&str>,
+) -> Result<(Schedule, Option<i64>), StoreError> {
     let linked = db.tenants().linked(tenant).await?;
     let tenant_of: HashMap<&str, &str> = linked
         .iter()
@@ -78,7 +87,8 @@ pub async fn load(
     for (owner, invoice, _) in &kept.metered {
         builder.invoice(&inputs, owner, invoice);
     }
-    Ok(builder.finish(&kept.notes, &kept.charges))
+    let usage_until_ms = span.map(|(_, end)| end * 1000);
+    Ok((builder.finish(&kept.notes, &kept.charges), usage_until_ms))
 }
 
 /// `(tenant, meter)` → usage per day.

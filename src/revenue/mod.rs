@@ -1,10 +1,11 @@
 //! Revenue recognition: each finalized invoice line becomes a schedule of daily amounts (what
 //! was earned when), and credit notes, refunds and voids take revenue back from their own date
 //! on. Everything is integer minor units per currency, and a line's days add up to the line
-//! exactly. The schedule is rebuilt from the mirror (and the usage log, for metered lines) on
-//! every request: the same invoices give the same schedule.
+//! exactly. The schedule is built from the mirror (and the usage log, for metered lines) and
+//! kept until they change ([`cache`]): the same invoices give the same schedule.
 
 mod adjustments;
+pub mod cache;
 mod lines;
 mod load;
 pub mod report;
@@ -19,6 +20,7 @@ use serde_json::Value;
 
 use crate::stripe::objects;
 
+pub use cache::RevenueCache;
 pub use load::load;
 pub use report::{Group, Report, report};
 

@@ -230,27 +230,34 @@ impl<'a> Usage<'a> {
         Ok(())
     }
 
-    /// A tenant's events of one meter that happened in `[from_ms, to_ms)`, with the status of
-    /// the push that carried each (NULL: not pushed).
-    pub async fn of_tenant(
+    /// A page of a tenant's events of one meter that happened in `[from_ms, to_ms)`, with the
+    /// status of the push that carried each (NULL: not pushed), in (time, event id) order
+    /// strictly after `after`; at most `limit` rows, so a year of usage is read a page at a time.
+    pub async fn page_of_tenant(
         &self,
-        tenant_id: &str,
-        meter: &str,
-        from_ms: i64,
-        to_ms: i64,
+        (tenant_id, meter): (&str, &str),
+        (from_ms, to_ms): (i64, i64),
+        after: Option<&(i64, String)>,
+        limit: u32,
     ) -> Result<Vec<(UsageRow, Option<String>)>, StoreError> {
+        // Without a cursor, start before any event id at the window's first millisecond.
+        let (after_at, after_id) = after.map_or((from_ms - 1, ""), |(at, id)| (*at, id.as_str()));
         let rows = on_pool!(self.db, |pool| {
             sqlx::query_as::<_, UsageWith>(
                 "SELECT e.tenant_id, e.event_id, e.meter, e.quantity, e.occurred_at, e.unique_value, e.properties, \
                  e.received_at, e.push_id, p.status AS extra FROM usage_events e \
                  LEFT JOIN usage_pushes p ON p.push_id = e.push_id \
                  WHERE e.tenant_id = $1 AND e.meter = $2 AND e.occurred_at >= $3 AND e.occurred_at < $4 \
-                 ORDER BY e.occurred_at",
+                 AND (e.occurred_at > $5 OR (e.occurred_at = $5 AND e.event_id > $6)) \
+                 ORDER BY e.occurred_at, e.event_id LIMIT $7",
             )
             .bind(tenant_id)
             .bind(meter)
             .bind(from_ms)
             .bind(to_ms)
+            .bind(after_at)
+            .bind(after_id)
+            .bind(i64::from(limit))
             .fetch_all(pool)
             .await
         })?;

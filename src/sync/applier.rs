@@ -42,6 +42,8 @@ pub struct Applier {
     /// Woken when a draft invoice is applied (the open period check repairs before Stripe
     /// finalizes it).
     pub drafts: Option<Arc<Notify>>,
+    /// Told when an applied state changes what revenue is built from.
+    pub revenue: Option<Arc<crate::revenue::RevenueCache>>,
 }
 
 /// What a group of rows for one object comes to.
@@ -175,6 +177,18 @@ impl Applier {
             && items.iter().zip(outcomes).any(draft)
         {
             drafts.notify_one();
+        }
+        let revenue_input = |(item, outcome): (&Apply, &ApplyOutcome)| {
+            outcome.written
+                && matches!(
+                    item.state.object_type.as_str(),
+                    "invoice" | "credit_note" | "charge" | "customer"
+                )
+        };
+        if let Some(revenue) = &self.revenue
+            && items.iter().zip(outcomes).any(revenue_input)
+        {
+            revenue.changed();
         }
         let Some(entitlements) = &self.entitlements else {
             return;

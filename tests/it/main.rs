@@ -16,6 +16,7 @@ mod e2e;
 mod entitlements;
 mod exactness;
 mod health;
+mod limits;
 mod openapi;
 mod quantities;
 mod reconcile;

@@ -8,7 +8,11 @@ use crate::helpers::{
     Backend, TestApp, customer, error_of, event, on_both_backends, take_webhooks, wait_for,
 };
 
-on_both_backends!(the_report_follows_invoices_credit_notes_and_refunds);
+on_both_backends!(
+    the_report_follows_invoices_credit_notes_and_refunds,
+    the_schedule_is_reused_until_a_webhook_changes_an_invoice,
+    late_usage_in_a_metered_lines_period_changes_the_kept_schedule,
+);
 
 /// 2024-01-01T00:00:00Z.
 const JAN_1: i64 = 1_704_067_200;
@@ -214,5 +218,130 @@ async fn the_report_follows_invoices_credit_notes_and_refunds(backend: Backend) 
         Some("eur,2024-01-01,2024-02-01,3100,0,0,0,3100,3100,0,0"),
         "{text}"
     );
+    app.stop().await;
+}
+
+/// `billsync_revenue_rebuilds_total` as `/metrics` shows it (0 before the first rebuild).
+async fn rebuilds(app: &TestApp) -> u64 {
+    let metrics = app.metrics().await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("billsync_revenue_rebuilds_total{} "))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// Requests in a row answer from one built schedule (each view, all tenants or one, is built
+/// once); a new invoice delivered by webhook drops it, and the next answer shows the invoice.
+async fn the_schedule_is_reused_until_a_webhook_changes_an_invoice(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        take_webhooks(s);
+        s.stripe.refetch = false;
+    })
+    .await;
+    let mut n = 0;
+    applied(
+        &app,
+        &mut n,
+        "customer.created",
+        customer("cus_c", "cached"),
+    )
+    .await;
+    let feb_1 = JAN_1 + 31 * DAY;
+    let jan = invoice("in_c1", "cus_c", 3100, JAN_1, feb_1, "eur");
+    applied(&app, &mut n, "invoice.finalized", jan).await;
+
+    let path = "/v1/revenue?from=2024-01-01&to=2024-03-01&group_by=month";
+    let tenant_path = "/v1/tenants/cached/revenue?from=2024-01-01&to=2024-03-01";
+    let before = rebuilds(&app).await;
+    let first = app.get_json(path).await;
+    let tenant_first = app.get_json(tenant_path).await;
+    assert_eq!(rebuilds(&app).await, before + 2, "one build per view");
+    assert_eq!(app.get_json(path).await, first);
+    assert_eq!(app.get_json(tenant_path).await, tenant_first);
+    let other_window = app
+        .get_json("/v1/revenue?from=2024-01-01&to=2024-02-01")
+        .await;
+    assert_eq!(other_window["periods"][0]["recognised"]["total"], 3100);
+    assert_eq!(rebuilds(&app).await, before + 2, "no change, no rebuild");
+    assert_eq!(first["periods"][1]["recognised"]["total"], 0, "{first}");
+
+    let feb = invoice("in_c2", "cus_c", 2900, feb_1, feb_1 + 29 * DAY, "eur");
+    applied(&app, &mut n, "invoice.finalized", feb).await;
+    let after = app.get_json(path).await;
+    assert_eq!(rebuilds(&app).await, before + 3);
+    assert_eq!(after["periods"][1]["recognised"]["total"], 2900, "{after}");
+    let tenant_after = app.get_json(tenant_path).await;
+    assert_eq!(tenant_after["lines"].as_array().unwrap().len(), 2);
+    assert_eq!(app.get_json(path).await, after);
+    assert_eq!(rebuilds(&app).await, before + 4);
+    app.stop().await;
+}
+
+/// Posts one `calls` event of 10 for the tenant `metered` at `at` (Unix seconds).
+async fn post_calls(app: &TestApp, id: &str, at: i64) {
+    let at = chrono::DateTime::from_timestamp(at, 0)
+        .unwrap()
+        .to_rfc3339();
+    let body = json!({"events": [{"id": id, "tenant_id": "metered", "meter": "calls",
+        "quantity": 10, "timestamp": at}]});
+    let response = app.v1(Method::POST, "/v1/usage").json(&body).send().await;
+    assert_eq!(
+        response.unwrap().json::<Value>().await.unwrap()["accepted"],
+        1
+    );
+}
+
+/// A metered line's revenue follows its period's usage: usage that arrives late inside that
+/// period drops the kept schedule and moves revenue to its day; usage after it does not.
+async fn late_usage_in_a_metered_lines_period_changes_the_kept_schedule(backend: Backend) {
+    let vendor = wiremock::MockServer::start().await;
+    let app = crate::reconcile::service(backend, &vendor, |_| {}).await;
+    let mut seed = crate::reconcile::Seed { app: &app, n: 0 };
+    seed.tenant("metered").await;
+    let start = (crate::reconcile::now() / DAY - 20) * DAY;
+    let end = start + 10 * DAY;
+    post_calls(&app, "early", start + 2 * DAY + 3600).await;
+    seed.deliver("invoice.finalized", json!({"id": "in_m", "object": "invoice",
+        "customer": "cus_metered", "status": "paid", "currency": "eur", "total": 1000,
+        "amount_due": 1000, "amount_paid": 1000, "created": end, "status_transitions": {"finalized_at": end},
+        "lines": {"object": "list", "data": [{"id": "il_m", "object": "line_item", "amount": 1000,
+            "currency": "eur", "quantity": 10, "price": {"id": "price_calls"},
+            "period": {"start": start, "end": end}}]}}))
+        .await;
+    let date = |s: i64| {
+        chrono::DateTime::from_timestamp(s, 0)
+            .unwrap()
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    let path = format!(
+        "/v1/revenue?from={}&to={}&group_by=day",
+        date(start),
+        date(end)
+    );
+    let on_day =
+        |report: &Value, day: i64| report["periods"][day as usize]["recognised"]["usage"].clone();
+    wait_for("the invoice", || async {
+        on_day(&app.get_json(&path).await, 2) == 1000
+    })
+    .await;
+    let kept = rebuilds(&app).await;
+
+    post_calls(&app, "after", crate::reconcile::now()).await;
+    assert_eq!(on_day(&app.get_json(&path).await, 2), 1000);
+    assert_eq!(
+        rebuilds(&app).await,
+        kept,
+        "usage after the period changes nothing"
+    );
+
+    post_calls(&app, "late", start + 5 * DAY + 3600).await;
+    let report = app.get_json(&path).await;
+    assert_eq!(
+        (on_day(&report, 2), on_day(&report, 5)),
+        (json!(500), json!(500)),
+        "{report}"
+    );
+    assert_eq!(rebuilds(&app).await, kept + 1);
     app.stop().await;
 }

@@ -28,6 +28,7 @@ on_both_backends!(
     max_unique_and_last_meters_push_the_period_value,
     the_ledger_shows_pushed_and_unpushed_usage_over_http,
     big_batches_are_taken_and_oversized_ones_refused,
+    a_ledger_over_thousands_of_events_counts_each_once,
 );
 
 fn now_rfc3339(offset_secs: i64) -> String {
@@ -701,5 +702,85 @@ async fn big_batches_are_taken_and_oversized_ones_refused(backend: Backend) {
         (400, "too_many_events", Some("events"))
     );
     assert_eq!(ledger(&app, "bulk", "calls").await["total"], "10000");
+    app.stop().await;
+}
+
+/// The ledger reads a range a page at a time; thousands of events, many sharing a millisecond
+/// across page boundaries, are each counted once, as one fold over all of them would.
+async fn a_ledger_over_thousands_of_events_counts_each_once(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |s| {
+        use_test_catalog(s);
+        s.metering.max_batch = 10_000;
+    })
+    .await;
+    app.put_tenant("big", json!({})).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let (from, to, hour) = (now - 24 * 3_600_000, now + 3_600_000, 3_600_000);
+    // Three events to a millisecond, so that page boundaries (every 1,000 rows) fall in a tie.
+    let at = |i: i64| now - 60_000 - (i / 3) * 7_919;
+    let mut events = Vec::new();
+    let mut expected_hours = std::collections::BTreeMap::<i64, (u64, Decimal)>::new();
+    let mut total = Decimal::ZERO;
+    for i in 0..3_500i64 {
+        let quantity = Decimal::new(i % 7 * 10 + 5, 1);
+        let occurred = at(i);
+        let time = chrono::DateTime::from_timestamp_millis(occurred).unwrap();
+        events.push(
+            json!({"id": format!("e{i:05}"), "tenant_id": "big", "meter": "calls",
+            "quantity": quantity.to_string(), "timestamp": time.to_rfc3339(),
+            "properties": {"user_id": format!("u{}", i % 50)}}),
+        );
+        events.push(
+            json!({"id": format!("u{i:05}"), "tenant_id": "big", "meter": "users",
+            "quantity": 1, "timestamp": time.to_rfc3339(),
+            "properties": {"user_id": format!("u{}", i % 50)}}),
+        );
+        let slot = expected_hours
+            .entry(from + (occurred - from).div_euclid(hour) * hour)
+            .or_default();
+        (slot.0, slot.1) = (slot.0 + 1, slot.1 + quantity);
+        total += quantity;
+    }
+    assert_eq!(post_usage(&app, events).await["accepted"], 7_000);
+    let range = |meter: &str| {
+        let rfc = |ms| {
+            chrono::DateTime::from_timestamp_millis(ms)
+                .unwrap()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        };
+        format!(
+            "/v1/tenants/big/usage?meter={meter}&group_by=hour&from={}&to={}",
+            rfc(from),
+            rfc(to)
+        )
+    };
+    let calls = app.get_json(&range("calls")).await;
+    assert_eq!(calls["total"], total.normalize().to_string());
+    assert_eq!(calls["unpushed"], calls["total"]);
+    let buckets: std::collections::BTreeMap<i64, (u64, Decimal)> = calls["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let start = chrono::DateTime::parse_from_rfc3339(b["start"].as_str().unwrap())
+                .unwrap()
+                .timestamp_millis();
+            let quantity = Decimal::from_str(b["quantity"].as_str().unwrap()).unwrap();
+            (start, (b["events"].as_u64().unwrap(), quantity))
+        })
+        .collect();
+    assert_eq!(
+        buckets, expected_hours,
+        "every hour holds each of its events once"
+    );
+    let users = app.get_json(&range("users")).await;
+    assert_eq!(users["total"], "50");
+    let events: u64 = users["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["events"].as_u64().unwrap())
+        .sum();
+    assert_eq!(events, 3_500);
     app.stop().await;
 }
