@@ -175,6 +175,9 @@ pub struct SyncSettings {
     pub poll_interval: Duration,
     pub poll_overlap: Duration,
     pub sweep_interval: Duration,
+    /// Stripe calls the drift sweep may make per minute (each pass spends its share of it,
+    /// `sweep_budget × sweep_interval / 1 min`, and always checks at least one tenant).
+    pub sweep_budget: u32,
     pub apply_batch: u32,
     pub max_retry_delay: Duration,
 }
