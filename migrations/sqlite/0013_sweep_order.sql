@@ -2,4 +2,6 @@
 -- swept_at is when the sweep last read one's customer and subscriptions (Unix milliseconds;
 -- NULL: never), kept here so that the order survives restarts and moves between replicas.
 ALTER TABLE tenants ADD COLUMN swept_at BIGINT;
-CREATE INDEX tenants_sweep_order ON tenants (swept_at) WHERE customer_id IS NOT NULL;
+-- The order the sweep reads them in: never visited first, then the least recently visited.
+CREATE INDEX tenants_sweep_order ON tenants (COALESCE(swept_at, 0), tenant_id)
+    WHERE customer_id IS NOT NULL;

@@ -20,6 +20,7 @@ use crate::helpers::{
 on_both_backends!(
     the_sweep_stays_within_its_budget_and_checks_every_known_tenant_within_the_bound,
     a_changed_subscription_with_no_event_is_found_by_a_sweep_of_its_tenant,
+    a_tenant_with_recent_activity_is_checked_before_its_turn,
 );
 
 /// Answers `GET /v1/customers/cus_<n>` with the customer of tenant `t<n>`.
@@ -243,5 +244,58 @@ async fn a_changed_subscription_with_no_event_is_found_by_a_sweep_of_its_tenant(
         .map(|e| &e["source"])
         .collect();
     assert!(sources.iter().any(|s| *s == "sweep"), "{events}");
+    app.stop().await;
+}
+
+async fn a_tenant_with_recent_activity_is_checked_before_its_turn(backend: Backend) {
+    let vendor = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path_regex("^/v1/customers/cus_[0-9]+$"))
+        .respond_with(Customers)
+        .mount(&vendor)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/subscriptions"))
+        .respond_with(list(vec![]))
+        .mount(&vendor)
+        .await;
+    let app = TestApp::spawn_with(backend, |s| {
+        use_vendor(s, &vendor.uri());
+        take_webhooks(s);
+        s.stripe.refetch = false;
+        // Eight calls a pass of 30 s: four tenants, one of them ahead of its turn.
+        s.sync.sweep_budget = 16;
+    })
+    .await;
+    let (state, sweep) = stepped_sweep(&app, Duration::from_secs(30)).await;
+    link_tenants(&state.db, 8).await;
+    let tenants = state.db.tenants();
+    let ids = |range: std::ops::Range<usize>| range.map(|i| format!("t{i}")).collect::<Vec<_>>();
+    let now = billsync::store::now_ms();
+    tenants.mark_swept(&ids(0..4), now - 60_000).await.unwrap();
+    tenants.mark_swept(&ids(4..8), now - 30_000).await.unwrap();
+    // t6's customer changes after its last check (a webhook): activity.
+    let mut changed = customer("cus_6", "t6");
+    changed["name"] = json!("Renamed");
+    app.deliver(&event("evt_t6", "customer.updated", now / 1000, changed))
+        .await;
+    wait_for("the change to be mirrored", || async {
+        let mirror = state.db.mirror();
+        mirror.get("customer", "cus_6").await.unwrap().is_some()
+    })
+    .await;
+
+    let due = tenants.sweep_due(1, 4).await.unwrap();
+    let due: Vec<&str> = due.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        due,
+        ["t6", "t0", "t1", "t2"],
+        "the active one, then the oldest"
+    );
+    sweep.step().await.expect("a sweep pass");
+    // Those four were checked now; t3 waited longest and goes next.
+    let order = tenants.sweep_due(0, 8).await.unwrap();
+    let order: Vec<&str> = order.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(order, ["t3", "t4", "t5", "t7", "t0", "t1", "t2", "t6"]);
     app.stop().await;
 }
