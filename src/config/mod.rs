@@ -390,6 +390,18 @@ mod tests {
     }
 
     #[test]
+    fn the_sweep_budget_defaults_to_a_tenth_of_the_stripe_rate_limit() {
+        let s = Settings::load_from(Vec::new()).unwrap();
+        assert_eq!(s.sync.sweep_budget, 150);
+        let s = Settings::load_from(env(&[("BILLSYNC_STRIPE__RATE_LIMIT", "100")])).unwrap();
+        assert_eq!(s.sync.sweep_budget, 600);
+        let s = Settings::load_from(env(&[("BILLSYNC_SYNC__SWEEP_BUDGET", "40")])).unwrap();
+        assert_eq!(s.sync.sweep_budget, 40);
+        let err = Settings::load_from(env(&[("BILLSYNC_SYNC__SWEEP_BUDGET", "1501")])).unwrap_err();
+        assert_eq!(err.key, "sync.sweep_budget");
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
         assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86_400)));
