@@ -229,7 +229,7 @@ impl AppState {
             db: self.db.clone(),
             vendor,
             interval: self.settings.sync.sweep_interval,
-            tenant_key: self.settings.stripe.tenant_metadata_key.clone(),
+            budget: self.settings.sync.sweep_budget,
             metrics: self.metrics.clone(),
             wake: self.wake.clone(),
             health: self.entitlements.health.clone(),

@@ -301,6 +301,7 @@ pub async fn sync_status(
         "last_webhook_at": stats.last_webhook_at.map(rfc3339),
         "last_poll_at": last_poll.map(rfc3339),
         "last_sweep_at": last_sweep.map(rfc3339),
+        "sweep": sweep_coverage(&state).await?,
         "inbox": {
             "pending": stats.pending,
             "failed": stats.failed,
@@ -329,6 +330,24 @@ pub async fn sync_status(
             "outbox": seconds_since(oldest_command),
         },
     })))
+}
+
+/// What the drift sweep's budget covers: the known tenants, the longest one goes unchecked,
+/// and the oldest check among those checked (`never_swept`: not checked yet).
+async fn sweep_coverage(state: &AppState) -> Result<Value, ApiError> {
+    let (known, never, oldest) = state.db.tenants().sweep_coverage().await?;
+    let sync = &state.settings.sync;
+    let plan =
+        crate::sync::sweep_plan::plan(sync.sweep_budget, sync.sweep_interval, known.max(0) as u64);
+    Ok(json!({
+        "budget_per_minute": sync.sweep_budget,
+        "interval_seconds": sync.sweep_interval.as_secs_f64(),
+        "tenants_per_pass": plan.tenants_per_pass,
+        "known_tenants": known,
+        "never_swept": never,
+        "longest_unchecked_seconds": plan.longest_unchecked.as_secs_f64(),
+        "oldest_swept_at": oldest.map(rfc3339),
+    }))
 }
 
 /// The replica answering and the singleton jobs it runs now (the leases it holds, as its

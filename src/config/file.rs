@@ -134,6 +134,7 @@ pub(super) struct RawSync {
     pub(super) poll_interval: String,
     pub(super) poll_overlap: String,
     pub(super) sweep_interval: String,
+    pub(super) sweep_budget: u32,
     pub(super) apply_batch: u32,
     pub(super) max_retry_delay: String,
 }

@@ -178,6 +178,9 @@ pub struct SyncSettings {
     pub poll_interval: Duration,
     pub poll_overlap: Duration,
     pub sweep_interval: Duration,
+    /// Stripe calls the drift sweep may make per minute (each pass spends its share of it,
+    /// `sweep_budget × sweep_interval / 1 min`, and always checks at least one tenant).
+    pub sweep_budget: u32,
     pub apply_batch: u32,
     pub max_retry_delay: Duration,
 }
@@ -387,6 +390,18 @@ mod tests {
             let err = Settings::load_from(env(&[(name, value)])).unwrap_err();
             assert!(err.key.starts_with("claims."), "{err}");
         }
+    }
+
+    #[test]
+    fn the_sweep_budget_defaults_to_a_tenth_of_the_stripe_rate_limit() {
+        let s = Settings::load_from(Vec::new()).unwrap();
+        assert_eq!(s.sync.sweep_budget, 150);
+        let s = Settings::load_from(env(&[("BILLSYNC_STRIPE__RATE_LIMIT", "100")])).unwrap();
+        assert_eq!(s.sync.sweep_budget, 600);
+        let s = Settings::load_from(env(&[("BILLSYNC_SYNC__SWEEP_BUDGET", "40")])).unwrap();
+        assert_eq!(s.sync.sweep_budget, 40);
+        let err = Settings::load_from(env(&[("BILLSYNC_SYNC__SWEEP_BUDGET", "1501")])).unwrap_err();
+        assert_eq!(err.key, "sync.sweep_budget");
     }
 
     #[test]

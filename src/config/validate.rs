@@ -25,12 +25,13 @@ impl Raw {
                 format!("`{}` is not an address like 127.0.0.1:8080", self.listen),
             )
         })?;
+        let stripe_rate_limit = self.stripe.rate_limit;
         Ok(Settings {
             listen,
             database: database(self.database)?,
             api: api(self.api)?,
             stripe: stripe(self.stripe)?,
-            sync: sync(self.sync)?,
+            sync: sync(self.sync, stripe_rate_limit)?,
             catalog: CatalogSettings {
                 required: self.catalog.path != DEFAULT_CATALOG,
                 path: PathBuf::from(self.catalog.path),
@@ -163,7 +164,7 @@ fn stripe(raw: RawStripe) -> Result<StripeSettings, ConfigError> {
     })
 }
 
-fn sync(raw: RawSync) -> Result<SyncSettings, ConfigError> {
+fn sync(raw: RawSync, stripe_rate_limit: u32) -> Result<SyncSettings, ConfigError> {
     if !(1..=10_000).contains(&raw.apply_batch) {
         return Err(ConfigError::new(
             "sync.apply_batch",
@@ -174,9 +175,23 @@ fn sync(raw: RawSync) -> Result<SyncSettings, ConfigError> {
         poll_interval: positive("sync.poll_interval", &raw.poll_interval)?,
         poll_overlap: duration("sync.poll_overlap", &raw.poll_overlap)?,
         sweep_interval: positive("sync.sweep_interval", &raw.sweep_interval)?,
+        sweep_budget: sweep_budget(raw.sweep_budget, stripe_rate_limit)?,
         apply_batch: raw.apply_batch,
         max_retry_delay: positive("sync.max_retry_delay", &raw.max_retry_delay)?,
     })
+}
+
+/// 0 means a tenth of what `stripe.rate_limit` allows in a minute; more than all of it is refused.
+fn sweep_budget(budget: u32, stripe_rate_limit: u32) -> Result<u32, ConfigError> {
+    let per_minute = stripe_rate_limit.max(1).saturating_mul(60);
+    match budget {
+        0 => Ok((per_minute / 10).max(1)),
+        b if b > per_minute => Err(ConfigError::new(
+            "sync.sweep_budget",
+            format!("{b} calls a minute is more than stripe.rate_limit allows ({per_minute})"),
+        )),
+        b => Ok(b),
+    }
 }
 
 fn metering(raw: RawMetering) -> Result<MeteringSettings, ConfigError> {

@@ -171,16 +171,77 @@ impl<'a> Tenants<'a> {
         Ok(rows.into_iter().map(|(t,)| t).collect())
     }
 
-    /// The customer ids of every tenant linked to one.
-    pub async fn linked_customers(&self) -> Result<Vec<String>, StoreError> {
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, (String,)>(
-                "SELECT customer_id FROM tenants WHERE customer_id IS NOT NULL",
+    /// The known tenants (linked to a customer) the drift sweep should visit next, as
+    /// `(tenant_id, customer_id)`: up to `active` whose customer's mirrored objects changed
+    /// since their last visit (oldest visit first), then the least recently visited (never
+    /// visited first), `limit` in all.
+    pub async fn sweep_due(
+        &self,
+        active: u32,
+        limit: u32,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let active_rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT tenant_id, customer_id FROM tenants t WHERE customer_id IS NOT NULL \
+                 AND EXISTS (SELECT 1 FROM mirror_objects m WHERE m.customer_id = t.customer_id \
+                 AND m.synced_at > COALESCE(t.swept_at, 0)) \
+                 ORDER BY COALESCE(swept_at, 0), tenant_id LIMIT $1",
             )
+            .bind(i64::from(active.min(limit)))
             .fetch_all(pool)
             .await
         })?;
-        Ok(rows.into_iter().map(|(c,)| c).collect())
+        let oldest = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (String, String)>(
+                "SELECT tenant_id, customer_id FROM tenants WHERE customer_id IS NOT NULL \
+                 ORDER BY COALESCE(swept_at, 0), tenant_id LIMIT $1",
+            )
+            .bind(i64::from(limit) + active_rows.len() as i64)
+            .fetch_all(pool)
+            .await
+        })?;
+        let mut due = active_rows;
+        for row in oldest {
+            if due.len() >= limit as usize {
+                break;
+            }
+            if !due.iter().any(|(t, _)| *t == row.0) {
+                due.push(row);
+            }
+        }
+        Ok(due)
+    }
+
+    /// Records that the sweep visited these tenants at `at` (Unix ms).
+    pub async fn mark_swept(&self, tenant_ids: &[String], at: i64) -> Result<(), StoreError> {
+        for chunk in tenant_ids.chunks(500) {
+            let marks = (2..chunk.len() + 2)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!("UPDATE tenants SET swept_at = $1 WHERE tenant_id IN ({marks})");
+            on_pool!(self.db, |pool| {
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql.clone())).bind(at);
+                for id in chunk {
+                    query = query.bind(id);
+                }
+                query.execute(pool).await.map(|_| ())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// How many tenants are linked to a customer, how many of them the sweep never visited,
+    /// and the oldest visit among the others (Unix ms).
+    pub async fn sweep_coverage(&self) -> Result<(i64, i64, Option<i64>), StoreError> {
+        Ok(on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, (i64, i64, Option<i64>)>(
+                "SELECT COUNT(*), COUNT(*) - COUNT(swept_at), MIN(swept_at) FROM tenants \
+                 WHERE customer_id IS NOT NULL",
+            )
+            .fetch_one(pool)
+            .await
+        })?)
     }
 
     /// Tenants whose id or customer id starts with `q`, or whose name or email does ignoring

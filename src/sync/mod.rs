@@ -7,6 +7,7 @@ pub mod events;
 pub mod poller;
 pub mod replay;
 pub mod sweep;
+pub mod sweep_plan;
 
 use serde_json::Value;
 

@@ -1,6 +1,10 @@
 //! The drift sweep: some changes come with no event at all (lost beyond the events API's 30 days,
-//! or a vendor that never emits them). Every interval it lists the customers and live
-//! subscriptions, and queues each that belongs to a known tenant and differs from the mirror.
+//! or a vendor that never emits them). Every interval it checks a few known tenants (those
+//! linked to a customer), as many as its share of `sync.sweep_budget` pays for, least recently
+//! checked first and recently active ones sooner: their customer and live subscriptions are
+//! fetched, and each that differs from the mirror is queued. Its cost never grows with the
+//! Stripe account; the longest a tenant goes unchecked grows with the tenant count instead
+//! (see [`sweep_plan`](super::sweep_plan)).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,15 +14,15 @@ use serde_json::Value;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::applier::tenant_claim;
 use super::events;
+use super::sweep_plan::{self, CALLS_PER_TENANT, SweepPlan};
 use crate::entitlements::SyncHealth;
 use crate::error::WorkError;
 use crate::metrics::Metrics;
 use crate::mirror::observe;
 use crate::store::{Db, NewEvent, Source, now_ms};
 use crate::stripe::objects;
-use crate::stripe::{BillingVendor, Fetched, ListFilter, ObjectKind};
+use crate::stripe::{BillingVendor, Fetched, ListFilter, ObjectKind, VendorError};
 
 pub const LAST_RUN: &str = "sweep.last_run_at";
 
@@ -27,11 +31,19 @@ pub struct Sweep {
     pub db: Db,
     pub vendor: Arc<dyn BillingVendor>,
     pub interval: Duration,
-    pub tenant_key: String,
+    /// Stripe calls per minute (`sync.sweep_budget`).
+    pub budget: u32,
     pub metrics: Arc<Metrics>,
     pub wake: Arc<Notify>,
     /// Told whether vendor sync works, for the staleness of entitlement answers.
     pub health: Arc<SyncHealth>,
+}
+
+/// What one pass has spent and found so far.
+#[derive(Default)]
+struct Pass {
+    calls: u64,
+    queued: Vec<NewEvent>,
 }
 
 impl Sweep {
@@ -49,127 +61,170 @@ impl Sweep {
         }
     }
 
-    /// One sweep; returns how many objects differed from the mirror.
-    pub async fn step(&self) -> Result<usize, WorkError> {
-        // Every state listed below is at least as new as this: every known tenant's state is
-        // confirmed as of now. Each state is versioned by the request that listed it.
-        let started = now_ms();
-        let mut queued = Vec::new();
-        let known = self.customers(&mut queued).await?;
-        let listed = self.subscriptions(&known, &mut queued).await?;
-        self.unlisted_subscriptions(&known, &listed, &mut queued)
-            .await?;
+    /// The plan for the tenants known now.
+    pub async fn plan(&self) -> Result<SweepPlan, WorkError> {
+        let (known, _, _) = self.db.tenants().sweep_coverage().await?;
+        Ok(sweep_plan::plan(
+            self.budget,
+            self.interval,
+            known.max(0) as u64,
+        ))
+    }
 
-        // Every known tenant's customer and live subscriptions were just read: confirmed.
+    /// One pass; returns how many objects differed from the mirror.
+    pub async fn step(&self) -> Result<usize, WorkError> {
+        // Every state read below is at least as new as this. Each is versioned by its request.
+        let started = now_ms();
+        let plan = self.plan().await?;
+        let due = (self.db.tenants())
+            .sweep_due(plan.active_per_pass as u32, plan.tenants_per_pass as u32)
+            .await?;
+        let mut pass = Pass::default();
+        let mut visited = Vec::new();
+        let mut failure = None;
+        for (tenant, customer) in due {
+            if !visited.is_empty() && pass.calls + CALLS_PER_TENANT > plan.calls_per_pass {
+                break;
+            }
+            match self.check(&customer, &mut pass).await {
+                Ok(()) => visited.push(tenant),
+                // The vendor refused this one tenant's reads: it goes to the back of the queue.
+                Err(WorkError::Vendor(
+                    e @ (VendorError::Rejected { .. } | VendorError::Malformed(_)),
+                )) => {
+                    tracing::warn!(tenant, customer, error = %e, "drift sweep could not check a tenant");
+                    visited.push(tenant);
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            }
+        }
+        let changed = pass.queued.len();
+        self.db.inbox().insert(&pass.queued, now_ms()).await?;
+        self.db.tenants().mark_swept(&visited, started).await?;
+        self.record(&plan, &pass, changed);
+        if changed > 0 {
+            tracing::info!(changed, "drift sweep found changes no event had brought");
+            self.wake.notify_one();
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => {
+                self.confirmed(started).await?;
+                Ok(changed)
+            }
+        }
+    }
+
+    /// A pass that read all it set out to: the vendor answers, and webhooks and the poller
+    /// cover what changed elsewhere, so vendor sync counts as confirmed.
+    async fn confirmed(&self, started: i64) -> Result<(), WorkError> {
         self.health.confirmed(started);
-        let changed = queued.len();
-        self.db.inbox().insert(&queued, now_ms()).await?;
-        self.db
-            .sync_state()
+        let state = self.db.sync_state();
+        state
             .set(crate::cluster::CONFIRMED_AT, &started.to_string(), now_ms())
             .await?;
         crate::cluster::tell_health(&self.db, Some(started)).await;
-        self.db
-            .sync_state()
-            .set(LAST_RUN, &now_ms().to_string(), now_ms())
-            .await?;
-        self.metrics.add(
+        state.set(LAST_RUN, &now_ms().to_string(), now_ms()).await?;
+        Ok(())
+    }
+
+    fn record(&self, plan: &SweepPlan, pass: &Pass, changed: usize) {
+        let m = &self.metrics;
+        m.add(
             "billsync_sweep_changes_total",
             "Objects the drift sweep found different from the mirror.",
             &[],
             changed as u64,
         );
-        if changed > 0 {
-            tracing::info!(changed, "drift sweep found changes no event had brought");
-            self.wake.notify_one();
-        }
-        Ok(changed)
+        m.add(
+            "billsync_sweep_calls_total",
+            "Stripe calls the drift sweep made.",
+            &[],
+            pass.calls,
+        );
+        m.set(
+            "billsync_sweep_longest_unchecked_seconds",
+            "The longest a known tenant goes unchecked by the drift sweep, from its budget and the tenant count.",
+            &[],
+            plan.longest_unchecked.as_secs_f64(),
+        );
     }
 
-    /// Queues the customers of known tenants, and of customers that name a tenant, that differ
-    /// from the mirror; returns all those customers' ids.
-    async fn customers(&self, queued: &mut Vec<NewEvent>) -> Result<HashSet<String>, WorkError> {
-        let linked = self.db.tenants().linked_customers().await?;
-        let mut known: HashSet<String> = linked.into_iter().collect();
-        for (customer, listed_at) in self.list_all(ObjectKind::Customer).await? {
-            let id = objects::id_of(&customer).unwrap_or_default();
-            if tenant_claim(&customer, &self.tenant_key).is_some() {
-                known.insert(id);
-            } else if !known.contains(&id) {
-                continue;
-            }
-            self.queue_if_changed(ObjectKind::Customer, &customer, listed_at, queued)
+    /// Reads one customer and its live subscriptions, and queues what differs from the mirror.
+    async fn check(&self, customer: &str, pass: &mut Pass) -> Result<(), WorkError> {
+        pass.calls += 1;
+        let fetch = self.vendor.fetch(ObjectKind::Customer, customer);
+        if let (Fetched::Found(object), at) = observe(&self.db, fetch).await? {
+            self.queue_if_changed(ObjectKind::Customer, &object, at, &mut pass.queued)
                 .await?;
         }
-        Ok(known)
+        let listed = self.subscriptions(customer, pass).await?;
+        self.unlisted_subscriptions(customer, &listed, pass).await
     }
 
-    /// Queues the listed subscriptions of `known` customers that differ from the mirror;
-    /// returns their ids.
+    /// Queues the customer's listed (live) subscriptions that differ from the mirror; returns
+    /// their ids.
     async fn subscriptions(
         &self,
-        known: &HashSet<String>,
-        queued: &mut Vec<NewEvent>,
+        customer: &str,
+        pass: &mut Pass,
     ) -> Result<HashSet<String>, WorkError> {
+        let kind = ObjectKind::Subscription;
+        let filter = ListFilter {
+            customer: Some(customer.to_owned()),
+            all_statuses: false,
+        };
         let mut listed = HashSet::new();
-        for (subscription, listed_at) in self.list_all(ObjectKind::Subscription).await? {
-            let kind = ObjectKind::Subscription;
-            if !objects::customer_of(kind, &subscription).is_some_and(|c| known.contains(&c)) {
-                continue;
+        let mut after: Option<String> = None;
+        loop {
+            pass.calls += 1;
+            let list = self.vendor.list(kind, &filter, after.as_deref());
+            let (page, listed_at) = observe(&self.db, list).await?;
+            after = page.data.last().and_then(|o| objects::id_of(&o["id"]));
+            for subscription in &page.data {
+                listed.insert(objects::id_of(&subscription["id"]).unwrap_or_default());
+                self.queue_if_changed(kind, subscription, listed_at, &mut pass.queued)
+                    .await?;
             }
-            listed.insert(objects::id_of(&subscription).unwrap_or_default());
-            self.queue_if_changed(kind, &subscription, listed_at, queued)
-                .await?;
+            if !page.has_more || after.is_none() {
+                return Ok(listed);
+            }
         }
-        Ok(listed)
     }
 
     /// A live subscription the list no longer shows ended without an event reaching us: each
     /// is fetched, and queued if it differs.
     async fn unlisted_subscriptions(
         &self,
-        known: &HashSet<String>,
+        customer: &str,
         listed: &HashSet<String>,
-        queued: &mut Vec<NewEvent>,
+        pass: &mut Pass,
     ) -> Result<(), WorkError> {
         let kind = ObjectKind::Subscription;
-        for customer in known {
-            for row in self
-                .db
-                .mirror()
-                .of_customer(customer, kind.as_str())
-                .await?
-            {
-                let ended = matches!(
-                    row.status.as_deref(),
-                    Some("canceled" | "incomplete_expired")
-                );
-                if ended || listed.contains(&row.object_id) {
-                    continue;
-                }
-                let fetch = self.vendor.fetch(kind, &row.object_id);
-                if let (Fetched::Found(object), at) = observe(&self.db, fetch).await? {
-                    self.queue_if_changed(kind, &object, at, queued).await?;
-                }
+        for row in self
+            .db
+            .mirror()
+            .of_customer(customer, kind.as_str())
+            .await?
+        {
+            let ended = matches!(
+                row.status.as_deref(),
+                Some("canceled" | "incomplete_expired")
+            );
+            if ended || row.deleted || listed.contains(&row.object_id) {
+                continue;
+            }
+            pass.calls += 1;
+            let fetch = self.vendor.fetch(kind, &row.object_id);
+            if let (Fetched::Found(object), at) = observe(&self.db, fetch).await? {
+                self.queue_if_changed(kind, &object, at, &mut pass.queued)
+                    .await?;
             }
         }
         Ok(())
-    }
-
-    /// Every object of the kind, each with when the page holding it was asked for.
-    async fn list_all(&self, kind: ObjectKind) -> Result<Vec<(Value, i64)>, WorkError> {
-        let mut all = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let filter = ListFilter::default();
-            let list = self.vendor.list(kind, &filter, after.as_deref());
-            let (page, listed_at) = observe(&self.db, list).await?;
-            after = page.data.last().and_then(|o| objects::id_of(&o["id"]));
-            all.extend(page.data.into_iter().map(|object| (object, listed_at)));
-            if !page.has_more || after.is_none() {
-                return Ok(all);
-            }
-        }
     }
 
     async fn queue_if_changed(

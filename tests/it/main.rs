@@ -27,6 +27,7 @@ mod security;
 mod simulation;
 mod statuses;
 mod stream;
+mod sweep;
 mod sync;
 mod tenants;
 mod usage;
