@@ -137,19 +137,13 @@ impl Server {
 /// A process's resident memory (MiB) and CPU time so far (seconds), from /proc (`pid` may be
 /// `self`).
 fn process_usage(pid: &str) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command's closing parenthesis; utime and stime are the 12th and 13th.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let ticks: f64 = (after.split_whitespace().skip(11).take(2))
         .filter_map(|v| v.parse::<f64>().ok())
         .sum();
-    (rss_kib / 1024.0, ticks / 100.0)
+    (tenants::process_status_mib(pid, "VmRSS:"), ticks / 100.0)
 }
 
 /// Migrates the database and inserts the tenants, with the service's own code.

@@ -77,7 +77,12 @@ pub fn peak_mib() -> f64 {
 }
 
 fn status_mib(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    process_status_mib("self", field)
+}
+
+/// A `/proc/<pid>/status` field in kB, as MiB (`pid` may be `self`).
+pub fn process_status_mib(pid: &str, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix(field))

@@ -292,6 +292,8 @@ pub async fn sync_status(
     let (commands_pending, oldest_command) = state.db.commands().backlog().await?;
     let commands_failed = state.db.commands().failed_count().await?;
     let (pushes_pending, oldest_push) = state.db.usage().pending_pushes().await?;
+    let here = this_replica(&state);
+    let jobs = jobs(&state, &here).await?;
     Ok(Json(json!({
         "vendor": {
             "configured": state.vendor.is_some(),
@@ -315,8 +317,8 @@ pub async fn sync_status(
             "oldest_pending_at": oldest_command.map(rfc3339),
             "failed": commands_failed,
         },
-        "this_replica": this_replica(&state),
-        "jobs": jobs(&state).await?,
+        "this_replica": here,
+        "jobs": jobs,
         "usage_pusher": {
             "pending": pushes_pending,
             "oldest_pending_at": oldest_push.map(rfc3339),
@@ -371,9 +373,8 @@ fn this_replica(state: &AppState) -> Value {
 /// configured, or its replica died and another has not taken it yet). On PostgreSQL from the
 /// database's advisory locks, so that every replica gives the same answer; on SQLite this
 /// process runs every job it started.
-async fn jobs(state: &AppState) -> Result<Value, ApiError> {
+async fn jobs(state: &AppState, here: &Value) -> Result<Value, ApiError> {
     let held = crate::store::lease_holders(&state.db).await?;
-    let here = this_replica(state);
     let jobs: Vec<Value> = (crate::cluster::SINGLETON_JOBS.iter())
         .map(|job| {
             let replica = match &state.db {

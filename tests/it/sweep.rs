@@ -86,11 +86,8 @@ async fn sweep_calls(vendor: &MockServer) -> usize {
         .count()
 }
 
-async fn the_sweep_stays_within_its_budget_and_checks_every_known_tenant_within_the_bound(
-    backend: Backend,
-) {
-    const TENANTS: usize = 1000;
-    const BUDGET: u32 = 1000;
+/// A Stripe fake that knows every customer `cus_<n>` and no subscription.
+async fn customers_without_subscriptions() -> MockServer {
     let vendor = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path_regex("^/v1/customers/cus_[0-9]+$"))
@@ -102,6 +99,15 @@ async fn the_sweep_stays_within_its_budget_and_checks_every_known_tenant_within_
         .respond_with(list(vec![]))
         .mount(&vendor)
         .await;
+    vendor
+}
+
+async fn the_sweep_stays_within_its_budget_and_checks_every_known_tenant_within_the_bound(
+    backend: Backend,
+) {
+    const TENANTS: usize = 1000;
+    const BUDGET: u32 = 1000;
+    let vendor = customers_without_subscriptions().await;
     let app = TestApp::spawn_with(backend, |s| {
         use_vendor(s, &vendor.uri());
         s.stripe.refetch = false;
@@ -248,17 +254,7 @@ async fn a_changed_subscription_with_no_event_is_found_by_a_sweep_of_its_tenant(
 }
 
 async fn a_tenant_with_recent_activity_is_checked_before_its_turn(backend: Backend) {
-    let vendor = MockServer::start().await;
-    Mock::given(method("GET"))
-        .and(path_regex("^/v1/customers/cus_[0-9]+$"))
-        .respond_with(Customers)
-        .mount(&vendor)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/v1/subscriptions"))
-        .respond_with(list(vec![]))
-        .mount(&vendor)
-        .await;
+    let vendor = customers_without_subscriptions().await;
     let app = TestApp::spawn_with(backend, |s| {
         use_vendor(s, &vendor.uri());
         take_webhooks(s);
