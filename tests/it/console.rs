@@ -325,9 +325,14 @@ async fn the_overview_shows_the_apis_figures(browser: &Browser, app: &TestApp) {
         ("#outbox-pending", &status["outbox"]["pending"]),
         ("#outbox-failed", &status["outbox"]["failed"]),
         ("#pusher-pending", &status["usage_pusher"]["pending"]),
+        ("#sweep-known", &status["sweep"]["known_tenants"]),
+        ("#sweep-never", &status["sweep"]["never_swept"]),
     ] {
         assert_eq!(browser.text(css).await, figure(value), "{css}");
     }
+    // One tenant and a sweep every hour: it is checked at least hourly.
+    assert_eq!(status["sweep"]["longest_unchecked_seconds"], 3600.0);
+    assert_eq!(browser.text("#sweep-bound").await, "1 h 0 min");
     let jobs = browser.text("#jobs").await;
     let id = status["this_replica"]["id"].as_str().expect("replica id");
     assert!(jobs.contains(id) && jobs.contains("snapshot"), "{jobs}");

@@ -61,7 +61,15 @@ function render(...nodes) {
 }
 
 const fmtTime = (t) => (t ? t.replace("T", " ").replace(/\.\d+Z$/, "Z") : "—");
-const fmtSecs = (x) => (x === null || x === undefined ? "—" : `${Number(x).toFixed(1)} s`);
+// Seconds, shown as "4.2 s" up to two minutes and as "2 h 59 min" beyond.
+const fmtSecs = (x) => {
+  if (x === null || x === undefined) return "—";
+  if (Number(x) < 120) return `${Number(x).toFixed(1)} s`;
+  const minutes = Math.ceil(Number(x) / 60);
+  if (minutes < 60) return `${minutes} min`;
+  const hours = Math.floor(minutes / 60);
+  return hours < 48 ? `${hours} h ${minutes % 60} min` : `${Math.floor(hours / 24)} days`;
+};
 // Money is integer minor units; shown with the currency, never converted through floats for sums.
 const fmtMoney = (minor, cur) => (minor === null || minor === undefined ? "—" : `${minor} ${String(cur || "").toUpperCase()} (minor units)`);
 
@@ -176,6 +184,9 @@ async function drawOverview() {
       card("Sync lag", fmtSecs(status.lag_seconds.sync), "lag-sync"),
       card("Poller lag", fmtSecs(status.lag_seconds.poller), "lag-poller"),
       card("Sweep lag", fmtSecs(status.lag_seconds.sweep), "lag-sweep"),
+      card("Known tenants", status.sweep.known_tenants, "sweep-known"),
+      card("Never swept", status.sweep.never_swept, "sweep-never"),
+      card("Longest unchecked (bound)", fmtSecs(status.sweep.longest_unchecked_seconds), "sweep-bound"),
       card("Inbox pending", status.inbox.pending, "inbox-pending"),
       card("Inbox failed", status.inbox.failed, "inbox-failed"),
       card("Outbox pending", status.outbox.pending, "outbox-pending"),
