@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 use super::CreditFeature;
 use super::balance::{Balance, SegmentUsage, allocate, breakpoints};
 use super::grants::CreditGrant;
-use crate::store::UsageRow;
+use crate::store::{Db, StoreError, UsageRow};
 
 /// The credit half of a check-and-record: the unit the event burns and every feature burning
 /// it (their usage shares the balance).
@@ -45,6 +45,18 @@ impl CreditCheck {
         let grants: Vec<CreditGrant> = grants.into_iter().filter(|g| g.unit == self.unit).collect();
         let points = breakpoints(&grants);
         (grants, points)
+    }
+
+    /// [`Self::judge`] with the grants and usage read from the store as they stand (outside a
+    /// transaction: under SQLite's lock, or for a check that records nothing).
+    pub async fn judge_from_store(&self, db: &Db, row: &UsageRow) -> Result<Burn, StoreError> {
+        let credits = db.credits();
+        let payloads = credits.grant_payloads(&row.tenant_id).await?;
+        let (grants, points) = self.grants_and_points(super::grants_of(&payloads));
+        let usage = credits
+            .usage_by_segment(&row.tenant_id, &self.meters(), &points)
+            .await?;
+        Ok(self.judge(&grants, &points, usage, row))
     }
 
     /// Judges `row` against the usage already stored: covered when burning it leaves no more

@@ -156,7 +156,7 @@ impl Metering {
                 let lock = self.record_lock(&row.tenant_id, &lock_name);
                 let _turn = lock.lock().await;
                 let burn = match &credit {
-                    Some(credit) => Some(self.judge_burn(credit, &row).await?),
+                    Some(credit) => Some(credit.judge_from_store(&self.db, &row).await?),
                     None => None,
                 };
                 let covered = burn.as_ref().is_none_or(|b| b.covered);
@@ -168,17 +168,6 @@ impl Metering {
                 Ok((recorded, burn))
             }
         }
-    }
-
-    /// SQLite: judges a burn from the grants and the usage log, under the caller's lock.
-    async fn judge_burn(&self, credit: &CreditCheck, row: &UsageRow) -> Result<Burn, StoreError> {
-        let credits = self.db.credits();
-        let payloads = credits.grant_payloads(&row.tenant_id).await?;
-        let (grants, points) = credit.grants_and_points(crate::credits::grants_of(&payloads));
-        let usage = credits
-            .usage_by_segment(&row.tenant_id, &credit.meters(), &points)
-            .await?;
-        Ok(credit.judge(&grants, &points, usage, row))
     }
 
     /// PostgreSQL: queues the check for the next batch transaction and, while no batch runs
