@@ -5,6 +5,7 @@
 //!     cargo bench --bench entitlements           # needs wrk (apt-get install wrk)
 //!     cargo bench --bench entitlements -- quick
 //!     cargo bench --bench entitlements -- record [postgres|sqlite]  # check-and-record alone
+//!     cargo bench --bench entitlements -- credits [postgres|sqlite] # credit-priced, beside it
 //!
 //! The service runs in this process, in release mode, on loopback; wrk shares the 2 cores.
 
@@ -16,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod common;
+#[path = "entitlements/credits.rs"]
+mod credits;
 #[path = "common/tenants.rs"]
 mod tenants;
 
@@ -37,7 +40,7 @@ end
 "#;
 
 /// Check-and-record: every request records one unit under an id of its own (thread, count).
-const WRK_RECORD_SCRIPT: &str = r#"
+pub(crate) const WRK_RECORD_SCRIPT: &str = r#"
 local n = tonumber(os.getenv("TENANTS"))
 local threads = 0
 setup = function(thread)
@@ -50,7 +53,7 @@ request = function()
   local t = (i * 7919 + tid * 104729) % n
   return wrk.format("POST", "/v1/tenants/t" .. t .. "/entitlements/check",
     {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. os.getenv("KEY")},
-    '{"feature":"api_calls","quantity":1,"record":{"id":"' .. os.getenv("RUN") .. '-' .. tid .. '-' .. i .. '"}}')
+    '{"feature":"' .. os.getenv("FEATURE") .. '","quantity":1,"record":{"id":"' .. os.getenv("RUN") .. '-' .. tid .. '-' .. i .. '"}}')
 end
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %d %f %d %d %d %d\n", summary.requests, summary.duration / 1e6,
@@ -88,6 +91,23 @@ fn wrk(
     tenants: usize,
     script: &std::path::Path,
 ) -> WrkRun {
+    wrk_feature(
+        address,
+        (threads, connections, seconds),
+        tenants,
+        script,
+        "api_calls",
+    )
+}
+
+/// [`wrk`] with the feature a record script checks.
+pub(crate) fn wrk_feature(
+    address: &str,
+    (threads, connections, seconds): (u32, u32, u32),
+    tenants: usize,
+    script: &std::path::Path,
+    feature: &str,
+) -> WrkRun {
     let output = Command::new("wrk")
         .args([
             &format!("-t{threads}"),
@@ -100,6 +120,7 @@ fn wrk(
         .env("TENANTS", tenants.to_string())
         .env("KEY", tenants::API_KEY)
         .env("RUN", uuid::Uuid::new_v4().simple().to_string())
+        .env("FEATURE", feature)
         .output()
         .expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -133,7 +154,7 @@ fn healthy(address: &str) -> bool {
 }
 
 /// `billsync::app::run` on a runtime of its own, built the way `billsync serve` builds it.
-struct Server {
+pub(crate) struct Server {
     address: String,
     shutdown: CancellationToken,
     thread: std::thread::JoinHandle<()>,
@@ -182,6 +203,21 @@ impl Server {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    if std::env::args().any(|a| a == "credits") {
+        println!("| measure | figure |");
+        println!("|---|---|");
+        let only = |name: &str| std::env::args().any(|a| a == name);
+        for backend in [Backend::Postgres, Backend::Sqlite] {
+            let named = format!("{backend:?}").to_lowercase();
+            if only(&named) || !(only("postgres") || only("sqlite")) {
+                let seconds = if quick { 3 } else { 10 };
+                // The hard-limit peer first, in the same run, on the same machine.
+                check_and_record(backend, seconds).await;
+                credits::check_and_record(backend, seconds).await;
+            }
+        }
+        return;
+    }
     if std::env::args().any(|a| a == "record") {
         println!("| measure | figure |");
         println!("|---|---|");
