@@ -203,7 +203,8 @@ impl Server {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "quick");
-    if std::env::args().any(|a| a == "credits") {
+    let with_credits = std::env::args().any(|a| a == "credits");
+    if with_credits || std::env::args().any(|a| a == "record") {
         println!("| measure | figure |");
         println!("|---|---|");
         let only = |name: &str| std::env::args().any(|a| a == name);
@@ -211,21 +212,11 @@ async fn main() {
             let named = format!("{backend:?}").to_lowercase();
             if only(&named) || !(only("postgres") || only("sqlite")) {
                 let seconds = if quick { 3 } else { 10 };
-                // The hard-limit peer first, in the same run, on the same machine.
+                // With credits, the hard-limit figure is the peer in the same run.
                 check_and_record(backend, seconds).await;
-                credits::check_and_record(backend, seconds).await;
-            }
-        }
-        return;
-    }
-    if std::env::args().any(|a| a == "record") {
-        println!("| measure | figure |");
-        println!("|---|---|");
-        let only = |name: &str| std::env::args().any(|a| a == name);
-        for backend in [Backend::Postgres, Backend::Sqlite] {
-            let named = format!("{backend:?}").to_lowercase();
-            if only(&named) || !(only("postgres") || only("sqlite")) {
-                check_and_record(backend, if quick { 3 } else { 10 }).await;
+                if with_credits {
+                    credits::check_and_record(backend, seconds).await;
+                }
             }
         }
         return;
@@ -308,20 +299,31 @@ async fn main() {
     drop(state);
 }
 
+/// The settings and a state for a check-and-record run on `database` with `catalog`, its log
+/// quiet: wrk stops mid-request, and the requests still queued when the server stops are not
+/// news.
+async fn record_state(
+    database: &Database,
+    dir: &std::path::Path,
+    catalog: &str,
+) -> (billsync::config::Settings, billsync::state::AppState) {
+    let path = dir.join("plans.toml");
+    std::fs::write(&path, catalog).unwrap();
+    let mut settings = tenants::settings(&database.url, &path);
+    settings.log.level = "error".to_owned();
+    let state = billsync::state::AppState::build(settings.clone())
+        .await
+        .unwrap();
+    (settings, state)
+}
+
 /// Check-and-record over HTTP: 64 connections over 1,000 tenants, every request recording one
 /// unit (the database lock, the count over the usage log and the insert, per request).
 async fn check_and_record(backend: Backend, seconds: u32) {
     const TENANTS: usize = 1_000;
     let database = Database::create(backend).await;
     let dir = tempfile::tempdir().unwrap();
-    let catalog = dir.path().join("plans.toml");
-    std::fs::write(&catalog, tenants::CATALOG).unwrap();
-    let mut settings = tenants::settings(&database.url, &catalog);
-    // wrk stops mid-request: the requests still queued when the server stops are not news.
-    settings.log.level = "error".to_owned();
-    let state = billsync::state::AppState::build(settings.clone())
-        .await
-        .unwrap();
+    let (settings, state) = record_state(&database, dir.path(), tenants::CATALOG).await;
     tenants::create_tenants(&state.db, TENANTS).await;
     drop(state);
     let script = dir.path().join("record.lua");

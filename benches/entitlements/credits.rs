@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use super::common::{Backend, Database, quantiles};
-use super::{Server, WRK_RECORD_SCRIPT, tenants, wrk_feature};
+
+use super::{Server, WRK_RECORD_SCRIPT, record_state, tenants, wrk_feature};
 
 const TENANTS: usize = 1_000;
 
@@ -48,13 +49,7 @@ async fn grant_credits(db: &billsync::store::Db) {
 pub async fn check_and_record(backend: Backend, seconds: u32) {
     let database = Database::create(backend).await;
     let dir = tempfile::tempdir().unwrap();
-    let catalog = dir.path().join("plans.toml");
-    std::fs::write(&catalog, CATALOG).unwrap();
-    let mut settings = tenants::settings(&database.url, &catalog);
-    settings.log.level = "error".to_owned();
-    let state = billsync::state::AppState::build(settings.clone())
-        .await
-        .unwrap();
+    let (settings, state) = record_state(&database, dir.path(), CATALOG).await;
     tenants::create_tenants(&state.db, TENANTS).await;
     tenants::link_customers(&state.db, TENANTS).await;
     grant_credits(&state.db).await;
