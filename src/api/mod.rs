@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod commands;
 pub mod console;
+pub mod credits;
 pub mod entitlements;
 pub mod error;
 pub mod health;
@@ -68,6 +69,11 @@ pub fn routes() -> Vec<Route> {
             Method::PUT,
             "/v1/tenants/{tenant_id}",
             put(tenants::put_tenant),
+        ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/credits",
+            get(credits::get_credits),
         ),
         route(
             Method::GET,

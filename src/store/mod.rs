@@ -8,6 +8,7 @@ mod apply;
 mod changes;
 mod claims;
 mod commands;
+mod credits;
 mod inbox;
 mod lease;
 mod mirror;
@@ -35,6 +36,7 @@ pub use apply::{Apply, ApplyOutcome, Confirmed, TenantClaim};
 pub use changes::{ChangeRow, Changes};
 pub use claims::{Claims, Queue};
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
+pub use credits::Credits;
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
 pub use lease::{LeaseSeat, XactLock, holders as lease_holders, lease_key};
 pub use mirror::{Mirror, MirrorRow, ObjectState, PageKinds, SyncState};
@@ -408,6 +410,10 @@ impl Db {
 
     pub fn claims(&self) -> Claims<'_> {
         Claims::new(self)
+    }
+
+    pub fn credits(&self) -> Credits<'_> {
+        Credits { db: self }
     }
 
     pub fn commands(&self) -> Commands<'_> {

@@ -3,6 +3,7 @@
 
 use super::usage::{CHUNK, figure_select, insert_usage, notify_usage, usage_columns};
 use super::{StoreError, Usage, UsageRow};
+use crate::credits::burn::{Burn, CreditCheck};
 use crate::domain::Ceiling;
 
 /// The figure after a check's record, when it follows from the figure before (sums, counts,
@@ -74,6 +75,8 @@ pub struct RecordCheck {
     pub lock_key: i64,
     /// The most the figure may be for the record to be stored.
     pub ceiling: Ceiling,
+    /// For a credit-priced feature: stored only when the tenant's credits cover it.
+    pub credit: Option<CreditCheck>,
 }
 
 /// What [`Usage::record_checked`] found and did. Figures are exact decimals as text (`None`:
@@ -86,6 +89,46 @@ pub struct CheckedRecord {
     pub stored: bool,
     pub before: Option<String>,
     pub after: Option<String>,
+    /// For a credit check: the balance before, and with the event (what it is after, if stored).
+    pub burn: Option<Burn>,
+}
+
+/// Judges every credit check of a batch on its transaction, from the grants and usage rows as
+/// they stand, in two statements whatever the batch's size.
+async fn burns_in(
+    tx: &mut sqlx::PgConnection,
+    checks: &[RecordCheck],
+) -> Result<Vec<Option<Burn>>, sqlx::Error> {
+    use super::credits::{SegmentAsk, grants_of_tenants, usage_by_segment_of};
+    let credit: Vec<(usize, &CreditCheck)> = (checks.iter().enumerate())
+        .filter_map(|(i, c)| c.credit.as_ref().map(|credit| (i, credit)))
+        .collect();
+    let mut burns = vec![None; checks.len()];
+    if credit.is_empty() {
+        return Ok(burns);
+    }
+    let tenants: Vec<String> = (credit.iter())
+        .map(|(i, _)| checks[*i].row.tenant_id.clone())
+        .collect();
+    let payloads = grants_of_tenants(&mut *tx, &tenants).await?;
+    let prepared: Vec<_> = (credit.iter())
+        .map(|(i, c)| {
+            let of_tenant = payloads.get(&checks[*i].row.tenant_id).cloned();
+            c.grants_and_points(crate::credits::grants_of(&of_tenant.unwrap_or_default()))
+        })
+        .collect();
+    let asks: Vec<SegmentAsk> = (credit.iter().zip(&prepared))
+        .map(|((i, c), (_, points))| SegmentAsk {
+            tenant: &checks[*i].row.tenant_id,
+            meters: c.meters(),
+            points,
+        })
+        .collect();
+    let usage = usage_by_segment_of(tx, &asks).await?;
+    for (((i, c), (grants, points)), usage) in credit.iter().zip(&prepared).zip(usage) {
+        burns[*i] = Some(c.judge(grants, points, usage, &checks[*i].row));
+    }
+    Ok(burns)
 }
 
 impl Usage<'_> {
@@ -118,11 +161,13 @@ impl Usage<'_> {
         .execute(&mut *tx)
         .await?;
         let before = figures_in(&mut tx, checks).await?;
+        let burns = burns_in(&mut tx, checks).await?;
         let allowed: Vec<usize> = (0..checks.len())
             .filter(|&i| {
                 let (existed, figure) = &before[i];
                 let figure = figure.as_deref().and_then(|f| f.parse().ok());
-                !existed && checks[i].ceiling.admits(figure)
+                let covered = burns[i].as_ref().is_none_or(|b| b.covered);
+                !existed && covered && checks[i].ceiling.admits(figure)
             })
             .collect();
         let rows: Vec<UsageRow> = allowed.iter().map(|&i| checks[i].row.clone()).collect();
@@ -145,8 +190,9 @@ impl Usage<'_> {
         Ok(before
             .into_iter()
             .zip(after)
+            .zip(burns)
             .enumerate()
-            .map(|(i, ((existed, before), (_, after)))| {
+            .map(|(i, (((existed, before), (_, after)), burn))| {
                 let stored = stored.contains(&i);
                 let after = match after_of(&checks[i], before.as_deref()) {
                     Some(figure) if stored => Some(figure),
@@ -159,6 +205,7 @@ impl Usage<'_> {
                     stored,
                     after,
                     before,
+                    burn,
                 }
             })
             .collect())

@@ -36,7 +36,7 @@ impl Respond for Customers {
     }
 }
 
-fn list(data: Vec<Value>) -> ResponseTemplate {
+pub(crate) fn list(data: Vec<Value>) -> ResponseTemplate {
     ResponseTemplate::new(200)
         .set_body_json(json!({"object": "list", "data": data, "has_more": false}))
 }
@@ -89,7 +89,7 @@ impl<R: Respond> Respond for Counted<R> {
 
 /// A Stripe fake that knows every customer `cus_<n>` and no subscription, and the count of
 /// the sweep's calls to it: customers fetched and subscriptions listed.
-async fn customers_without_subscriptions() -> (MockServer, Arc<AtomicUsize>) {
+pub(crate) async fn customers_without_subscriptions() -> (MockServer, Arc<AtomicUsize>) {
     let vendor = MockServer::builder()
         .disable_request_recording()
         .start()
