@@ -76,8 +76,8 @@ async fn stepped_sweep(app: &TestApp, interval: Duration) -> (AppState, Sweep) {
     (state, sweep)
 }
 
-/// Counts the calls a responder answers (the fake keeps no request log: 10,000 tenants make
-/// tens of thousands of calls).
+/// Counts the calls a responder answers (without a request log: 10,000 tenants make tens of
+/// thousands of calls).
 struct Counted<R>(R, Arc<AtomicUsize>);
 
 impl<R: Respond> Respond for Counted<R> {
@@ -90,10 +90,11 @@ impl<R: Respond> Respond for Counted<R> {
 /// A Stripe fake that knows every customer `cus_<n>` and no subscription, and the count of
 /// the sweep's calls to it: customers fetched and subscriptions listed.
 pub(crate) async fn customers_without_subscriptions() -> (MockServer, Arc<AtomicUsize>) {
-    let vendor = MockServer::builder()
-        .disable_request_recording()
-        .start()
-        .await;
+    customers_without_subscriptions_on(MockServer::start().await).await
+}
+
+/// [`customers_without_subscriptions`] on `vendor` (one without a request log, for many calls).
+async fn customers_without_subscriptions_on(vendor: MockServer) -> (MockServer, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     Mock::given(method("GET"))
         .and(path_regex("^/v1/customers/cus_[0-9]+$"))
@@ -113,7 +114,8 @@ async fn the_sweep_stays_within_its_budget_and_checks_every_known_tenant_within_
 ) {
     const TENANTS: usize = 10_000;
     const BUDGET: u32 = 10_000;
-    let (vendor, calls) = customers_without_subscriptions().await;
+    let unrecorded = MockServer::builder().disable_request_recording();
+    let (vendor, calls) = customers_without_subscriptions_on(unrecorded.start().await).await;
     let app = TestApp::spawn_with(backend, |s| {
         use_vendor(s, &vendor.uri());
         s.stripe.rate_limit = 50_000;
