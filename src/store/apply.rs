@@ -3,8 +3,6 @@
 //! or unlink the tenant a customer names, and mark the inbox rows it settles applied; for an
 //! outbox command's answer, also store its inbox row and end the command.
 
-use std::collections::BTreeMap;
-
 use super::commands::settle_command;
 use super::inbox::insert_event;
 use super::periods::upsert_periods;
@@ -53,8 +51,8 @@ pub struct Confirmed<'a> {
     pub unless_superseded: bool,
 }
 
-/// Inbox rows to mark applied, by the tenant and conflict to record on them.
-type Settled<'a> = BTreeMap<(Option<String>, Option<String>), Vec<&'a str>>;
+/// Inbox rows to mark applied, each with the tenant and conflict to record on it.
+type Settled<'a> = Vec<(&'a str, Option<String>, Option<String>)>;
 
 /// Stores a state unless the stored one is newer, on any transaction; evaluates to whether it
 /// was written. The same state again (an own command's echo, a refetch that found nothing new)
@@ -109,24 +107,29 @@ macro_rules! link_tenant {
         .await?;
         let mut conflict = None;
         if let Some(claim) = claim {
-            sqlx::query(
+            // A row comes back when the tenant is linked now; otherwise it is read.
+            let linked_now: Option<(Option<String>,)> = sqlx::query_as(
                 "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (tenant_id) DO UPDATE \
                  SET customer_id = excluded.customer_id, updated_at = excluded.updated_at \
-                 WHERE tenants.customer_id IS NULL",
+                 WHERE tenants.customer_id IS NULL RETURNING customer_id",
             )
             .bind(&claim.tenant_id)
             .bind(&claim.name)
             .bind(&claim.email)
             .bind(customer)
             .bind($now_ms)
-            .execute(&mut *$tx)
+            .fetch_optional(&mut *$tx)
             .await?;
-            let (linked,): (Option<String>,) =
-                sqlx::query_as("SELECT customer_id FROM tenants WHERE tenant_id = $1")
-                    .bind(&claim.tenant_id)
-                    .fetch_one(&mut *$tx)
-                    .await?;
+            let (linked,): (Option<String>,) = match linked_now {
+                Some(row) => row,
+                None => {
+                    sqlx::query_as("SELECT customer_id FROM tenants WHERE tenant_id = $1")
+                        .bind(&claim.tenant_id)
+                        .fetch_one(&mut *$tx)
+                        .await?
+                }
+            };
             if linked.as_deref() != Some(customer.as_str()) {
                 conflict = Some(format!(
                     "customer {customer} names tenant {} which already belongs to customer {}",
@@ -176,28 +179,26 @@ macro_rules! settle_refetched {
     }};
 }
 
-/// Marks inbox rows applied, a statement per (tenant, conflict) and 500 rows.
+/// Marks inbox rows applied, a statement per 500 rows, each row with its tenant and conflict.
 macro_rules! settle_rows {
     ($tx:expr, $settled:expr, $now_ms:expr) => {{
         let settled: &Settled = $settled;
-        for ((tenant_id, conflict), ids) in settled {
-            for chunk in ids.chunks(500) {
-                let mut update = sqlx::QueryBuilder::new(
-                    "UPDATE inbox_events SET status = 'applied', applied_at = ",
-                );
-                update.push_bind($now_ms);
-                update.push(", tenant_id = ");
-                update.push_bind(tenant_id);
-                update.push(", last_error = ");
-                update.push_bind(conflict);
-                update.push(", attempts = attempts + 1 WHERE event_id IN (");
-                let mut list = update.separated(", ");
-                for id in chunk {
-                    list.push_bind(*id);
-                }
-                update.push(")");
-                update.build().execute(&mut *$tx).await?;
-            }
+        for chunk in settled.chunks(500) {
+            let mut update = sqlx::QueryBuilder::new(
+                "UPDATE inbox_events SET status = 'applied', applied_at = ",
+            );
+            update.push_bind($now_ms);
+            update.push(
+                ", tenant_id = settled.column2, last_error = settled.column3, \
+                 attempts = attempts + 1 FROM (",
+            );
+            update.push_values(chunk, |mut row, (event_id, tenant_id, conflict)| {
+                row.push_bind(*event_id)
+                    .push_bind(tenant_id)
+                    .push_bind(conflict);
+            });
+            update.push(") AS settled WHERE inbox_events.event_id = settled.column1");
+            update.build().execute(&mut *$tx).await?;
         }
     }};
 }
@@ -216,12 +217,19 @@ macro_rules! apply_item {
         if written {
             upsert_periods!(&mut *$tx, state);
         }
-        let conflict = if written && state.object_type == "customer" {
+        let customer = written && state.object_type == "customer";
+        let conflict = if customer {
             link_tenant!($tx, state, claim.as_ref(), $now_ms)
         } else {
             None
         };
-        let tenant_id = tenant_of!(&mut *$tx, &state.customer_id);
+        // A customer that just took the tenant it claims belongs to it; else it is read.
+        let tenant_id = match claim {
+            Some(claim) if customer && !state.deleted && conflict.is_none() => {
+                Some(claim.tenant_id.clone())
+            }
+            _ => tenant_of!(&mut *$tx, &state.customer_id),
+        };
         let outcome = ApplyOutcome {
             written,
             tenant_id,
@@ -231,8 +239,8 @@ macro_rules! apply_item {
             if *refetched && i + 1 == event_ids.len() {
                 settle_refetched!(&mut *$tx, event_id, &outcome, state, $now_ms);
             } else {
-                let key = (outcome.tenant_id.clone(), outcome.conflict.clone());
-                $settled.entry(key).or_default().push(event_id.as_str());
+                let settled = (outcome.tenant_id.clone(), outcome.conflict.clone());
+                $settled.push((event_id.as_str(), settled.0, settled.1));
             }
         }
         outcome
@@ -265,7 +273,7 @@ impl Mirror<'_> {
                 insert_event!(&mut *tx, c.record, "pending", now_ms).await?;
                 settle_command!(&mut *tx, c.command, c.settlement, now_ms);
             }
-            let mut settled: Settled = BTreeMap::new();
+            let mut settled: Settled = Vec::with_capacity(items.len());
             let mut outcomes = Vec::with_capacity(items.len());
             for item in items {
                 outcomes.push(apply_item!(tx, item, settled, now_ms));
@@ -276,7 +284,7 @@ impl Mirror<'_> {
                 tx.rollback().await?;
                 return Ok(None);
             }
-            // The other rows are settled together, a statement per tenant rather than per row.
+            // The other rows are settled together, a statement for many rows.
             settle_rows!(tx, &settled, now_ms);
             tx.commit().await?;
             Ok::<_, sqlx::Error>(Some(outcomes))
