@@ -54,23 +54,30 @@ pub struct Confirmed<'a> {
 /// Inbox rows to mark applied, each with the tenant and conflict to record on it.
 type Settled<'a> = Vec<(&'a str, Option<String>, Option<String>)>;
 
+/// The conflict clause of a mirror write: a state replaces the stored one unless that is newer.
+macro_rules! upsert_state {
+    () => {
+        "ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
+         status = excluded.status, created = excluded.created, version = excluded.version, \
+         deleted = excluded.deleted, payload = excluded.payload, \
+         synced_at = CASE WHEN mirror_objects.payload = excluded.payload \
+         AND mirror_objects.deleted = excluded.deleted \
+         THEN mirror_objects.synced_at ELSE excluded.synced_at END \
+         WHERE mirror_objects.version <= excluded.version"
+    };
+}
+
 /// Stores a state unless the stored one is newer, on any transaction; evaluates to whether it
 /// was written. The same state again (an own command's echo, a refetch that found nothing new)
 /// only moves the version on: `synced_at` stays when the state last changed.
 macro_rules! write_state {
     ($tx:expr, $state:expr, $now_ms:expr) => {{
         let state: &ObjectState = $state;
-        sqlx::query(
+        sqlx::query(concat!(
             "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, \
-             deleted, payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
-             status = excluded.status, created = excluded.created, version = excluded.version, \
-             deleted = excluded.deleted, payload = excluded.payload, \
-             synced_at = CASE WHEN mirror_objects.payload = excluded.payload \
-             AND mirror_objects.deleted = excluded.deleted \
-             THEN mirror_objects.synced_at ELSE excluded.synced_at END \
-             WHERE mirror_objects.version <= excluded.version",
-        )
+             deleted, payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ",
+            upsert_state!()
+        ))
         .bind(&state.object_type)
         .bind(&state.object_id)
         .bind(&state.customer_id)
@@ -84,6 +91,38 @@ macro_rules! write_state {
         .await?
         .rows_affected()
             > 0
+    }};
+}
+
+/// Stores several states of distinct objects unless the stored ones are newer, a statement per
+/// 200, as [`write_state!`] does one; evaluates to the keys of those written.
+macro_rules! write_states {
+    ($tx:expr, $items:expr, $now_ms:expr) => {{
+        let items: &[Apply] = $items;
+        let mut written = std::collections::HashSet::new();
+        for chunk in items.chunks(200) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, \
+                 version, deleted, payload, synced_at) ",
+            );
+            insert.push_values(chunk, |mut row, item| {
+                let state = &item.state;
+                row.push_bind(&state.object_type)
+                    .push_bind(&state.object_id)
+                    .push_bind(&state.customer_id)
+                    .push_bind(&state.status)
+                    .push_bind(state.created)
+                    .push_bind(state.version)
+                    .push_bind(state.deleted)
+                    .push_bind(&state.payload)
+                    .push_bind($now_ms);
+            });
+            insert.push(concat!(" ", upsert_state!(), " RETURNING object_type, object_id"));
+            let rows: Vec<(String, String)> =
+                insert.build_query_as().fetch_all(&mut *$tx).await?;
+            written.extend(rows);
+        }
+        written
     }};
 }
 
@@ -206,14 +245,18 @@ macro_rules! settle_rows {
 /// Applies one item on any transaction; the inbox rows to mark applied afterwards (all but a
 /// refetched state's own row) join `settled`. Evaluates to its outcome.
 macro_rules! apply_item {
-    ($tx:expr, $item:expr, $settled:expr, $now_ms:expr) => {{
+    ($tx:expr, $item:expr, $written:expr, $settled:expr, $now_ms:expr) => {{
         let Apply {
             state,
             claim,
             event_ids,
             refetched,
         }: &Apply = $item;
-        let written = write_state!(&mut *$tx, state, $now_ms);
+        let written: Option<bool> = $written;
+        let written = match written {
+            Some(written) => written,
+            None => write_state!(&mut *$tx, state, $now_ms),
+        };
         if written {
             upsert_periods!(&mut *$tx, state);
         }
@@ -275,8 +318,21 @@ impl Mirror<'_> {
             }
             let mut settled: Settled = Vec::with_capacity(items.len());
             let mut outcomes = Vec::with_capacity(items.len());
+            // States of distinct objects are written together; several states of one object,
+            // one after another.
+            let mut keys = std::collections::HashSet::new();
+            let distinct = items
+                .iter()
+                .all(|i| keys.insert((&i.state.object_type, &i.state.object_id)));
+            let written = if distinct && items.len() > 1 {
+                Some(write_states!(tx, items, now_ms))
+            } else {
+                None
+            };
             for item in items {
-                outcomes.push(apply_item!(tx, item, settled, now_ms));
+                let key = (item.state.object_type.clone(), item.state.object_id.clone());
+                let was = written.as_ref().map(|w| w.contains(&key));
+                outcomes.push(apply_item!(tx, item, was, settled, now_ms));
             }
             if confirmed.is_some_and(|c| c.unless_superseded)
                 && outcomes.first().is_some_and(|o| !o.written)
