@@ -73,40 +73,22 @@ macro_rules! upsert_state {
 macro_rules! write_state {
     ($tx:expr, $state:expr, $now_ms:expr) => {{
         let state: &ObjectState = $state;
-        sqlx::query(concat!(
-            "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, \
-             deleted, payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ",
-            upsert_state!()
-        ))
-        .bind(&state.object_type)
-        .bind(&state.object_id)
-        .bind(&state.customer_id)
-        .bind(&state.status)
-        .bind(state.created)
-        .bind(state.version)
-        .bind(state.deleted)
-        .bind(&state.payload)
-        .bind($now_ms)
-        .execute($tx)
-        .await?
-        .rows_affected()
-            > 0
+        !write_states!($tx, &[state], $now_ms).is_empty()
     }};
 }
 
-/// Stores several states of distinct objects unless the stored ones are newer, a statement per
-/// 200, as [`write_state!`] does one; evaluates to the keys of those written.
+/// Stores states of distinct objects unless the stored ones are newer, a statement per 200;
+/// evaluates to the keys of those written.
 macro_rules! write_states {
-    ($tx:expr, $items:expr, $now_ms:expr) => {{
-        let items: &[Apply] = $items;
+    ($tx:expr, $states:expr, $now_ms:expr) => {{
+        let states: &[&ObjectState] = $states;
         let mut written = std::collections::HashSet::new();
-        for chunk in items.chunks(200) {
+        for chunk in states.chunks(200) {
             let mut insert = sqlx::QueryBuilder::new(
                 "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, \
                  version, deleted, payload, synced_at) ",
             );
-            insert.push_values(chunk, |mut row, item| {
-                let state = &item.state;
+            insert.push_values(chunk, |mut row, state| {
                 row.push_bind(&state.object_type)
                     .push_bind(&state.object_id)
                     .push_bind(&state.customer_id)
@@ -117,9 +99,12 @@ macro_rules! write_states {
                     .push_bind(&state.payload)
                     .push_bind($now_ms);
             });
-            insert.push(concat!(" ", upsert_state!(), " RETURNING object_type, object_id"));
-            let rows: Vec<(String, String)> =
-                insert.build_query_as().fetch_all(&mut *$tx).await?;
+            insert.push(concat!(
+                " ",
+                upsert_state!(),
+                " RETURNING object_type, object_id"
+            ));
+            let rows: Vec<(String, String)> = insert.build_query_as().fetch_all(&mut *$tx).await?;
             written.extend(rows);
         }
         written
@@ -325,7 +310,8 @@ impl Mirror<'_> {
                 .iter()
                 .all(|i| keys.insert((&i.state.object_type, &i.state.object_id)));
             let written = if distinct && items.len() > 1 {
-                Some(write_states!(tx, items, now_ms))
+                let states: Vec<&ObjectState> = items.iter().map(|i| &i.state).collect();
+                Some(write_states!(&mut *tx, &states, now_ms))
             } else {
                 None
             };
