@@ -43,6 +43,8 @@ pub struct Services {
     pub vendor: Option<Arc<dyn BillingVendor>>,
     /// Wakes the applier when new inbox rows arrive.
     pub wake: Arc<Notify>,
+    /// Stores webhooks' inbox rows, concurrent deliveries in one transaction.
+    pub intake: crate::webhook::intake::Intake,
     /// Wakes the outbox worker when a command is accepted.
     pub outbox_wake: Arc<Notify>,
     /// Wakes the open period check when a draft invoice is applied.
@@ -137,12 +139,14 @@ impl AppState {
         );
         let stream_buffer = settings.entitlements.stream_buffer;
         let run_slots = Arc::new(Semaphore::new(settings.reconcile.max_concurrent_runs));
+        let intake = crate::webhook::intake::Intake::new(db.backend());
         Ok(Self(Arc::new(Services {
             settings: Arc::new(settings),
             db,
             metrics,
             vendor,
             wake: Arc::new(Notify::new()),
+            intake,
             outbox_wake: Arc::new(Notify::new()),
             drafts_wake: Arc::new(Notify::new()),
             stream: Arc::new(crate::entitlements::stream::Hub::new(stream_buffer)),

@@ -3,8 +3,6 @@
 //! or unlink the tenant a customer names, and mark the inbox rows it settles applied; for an
 //! outbox command's answer, also store its inbox row and end the command.
 
-use std::collections::BTreeMap;
-
 use super::commands::settle_command;
 use super::inbox::insert_event;
 use super::periods::upsert_periods;
@@ -53,8 +51,21 @@ pub struct Confirmed<'a> {
     pub unless_superseded: bool,
 }
 
-/// Inbox rows to mark applied, by the tenant and conflict to record on them.
-type Settled<'a> = BTreeMap<(Option<String>, Option<String>), Vec<&'a str>>;
+/// Inbox rows to mark applied, each with the tenant and conflict to record on it.
+type Settled<'a> = Vec<(&'a str, Option<String>, Option<String>)>;
+
+/// The conflict clause of a mirror write: a state replaces the stored one unless that is newer.
+macro_rules! upsert_state {
+    () => {
+        "ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
+         status = excluded.status, created = excluded.created, version = excluded.version, \
+         deleted = excluded.deleted, payload = excluded.payload, \
+         synced_at = CASE WHEN mirror_objects.payload = excluded.payload \
+         AND mirror_objects.deleted = excluded.deleted \
+         THEN mirror_objects.synced_at ELSE excluded.synced_at END \
+         WHERE mirror_objects.version <= excluded.version"
+    };
+}
 
 /// Stores a state unless the stored one is newer, on any transaction; evaluates to whether it
 /// was written. The same state again (an own command's echo, a refetch that found nothing new)
@@ -62,30 +73,41 @@ type Settled<'a> = BTreeMap<(Option<String>, Option<String>), Vec<&'a str>>;
 macro_rules! write_state {
     ($tx:expr, $state:expr, $now_ms:expr) => {{
         let state: &ObjectState = $state;
-        sqlx::query(
-            "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, version, \
-             deleted, payload, synced_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (object_type, object_id) DO UPDATE SET customer_id = excluded.customer_id, \
-             status = excluded.status, created = excluded.created, version = excluded.version, \
-             deleted = excluded.deleted, payload = excluded.payload, \
-             synced_at = CASE WHEN mirror_objects.payload = excluded.payload \
-             AND mirror_objects.deleted = excluded.deleted \
-             THEN mirror_objects.synced_at ELSE excluded.synced_at END \
-             WHERE mirror_objects.version <= excluded.version",
-        )
-        .bind(&state.object_type)
-        .bind(&state.object_id)
-        .bind(&state.customer_id)
-        .bind(&state.status)
-        .bind(state.created)
-        .bind(state.version)
-        .bind(state.deleted)
-        .bind(&state.payload)
-        .bind($now_ms)
-        .execute($tx)
-        .await?
-        .rows_affected()
-            > 0
+        !write_states!($tx, &[state], $now_ms).is_empty()
+    }};
+}
+
+/// Stores states of distinct objects unless the stored ones are newer, a statement per 200;
+/// evaluates to the keys of those written.
+macro_rules! write_states {
+    ($tx:expr, $states:expr, $now_ms:expr) => {{
+        let states: &[&ObjectState] = $states;
+        let mut written = std::collections::HashSet::new();
+        for chunk in states.chunks(200) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO mirror_objects (object_type, object_id, customer_id, status, created, \
+                 version, deleted, payload, synced_at) ",
+            );
+            insert.push_values(chunk, |mut row, state| {
+                row.push_bind(&state.object_type)
+                    .push_bind(&state.object_id)
+                    .push_bind(&state.customer_id)
+                    .push_bind(&state.status)
+                    .push_bind(state.created)
+                    .push_bind(state.version)
+                    .push_bind(state.deleted)
+                    .push_bind(&state.payload)
+                    .push_bind($now_ms);
+            });
+            insert.push(concat!(
+                " ",
+                upsert_state!(),
+                " RETURNING object_type, object_id"
+            ));
+            let rows: Vec<(String, String)> = insert.build_query_as().fetch_all(&mut *$tx).await?;
+            written.extend(rows);
+        }
+        written
     }};
 }
 
@@ -109,24 +131,29 @@ macro_rules! link_tenant {
         .await?;
         let mut conflict = None;
         if let Some(claim) = claim {
-            sqlx::query(
+            // A row comes back when the tenant is linked now; otherwise it is read.
+            let linked_now: Option<(Option<String>,)> = sqlx::query_as(
                 "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) \
                  VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (tenant_id) DO UPDATE \
                  SET customer_id = excluded.customer_id, updated_at = excluded.updated_at \
-                 WHERE tenants.customer_id IS NULL",
+                 WHERE tenants.customer_id IS NULL RETURNING customer_id",
             )
             .bind(&claim.tenant_id)
             .bind(&claim.name)
             .bind(&claim.email)
             .bind(customer)
             .bind($now_ms)
-            .execute(&mut *$tx)
+            .fetch_optional(&mut *$tx)
             .await?;
-            let (linked,): (Option<String>,) =
-                sqlx::query_as("SELECT customer_id FROM tenants WHERE tenant_id = $1")
-                    .bind(&claim.tenant_id)
-                    .fetch_one(&mut *$tx)
-                    .await?;
+            let (linked,): (Option<String>,) = match linked_now {
+                Some(row) => row,
+                None => {
+                    sqlx::query_as("SELECT customer_id FROM tenants WHERE tenant_id = $1")
+                        .bind(&claim.tenant_id)
+                        .fetch_one(&mut *$tx)
+                        .await?
+                }
+            };
             if linked.as_deref() != Some(customer.as_str()) {
                 conflict = Some(format!(
                     "customer {customer} names tenant {} which already belongs to customer {}",
@@ -176,28 +203,26 @@ macro_rules! settle_refetched {
     }};
 }
 
-/// Marks inbox rows applied, a statement per (tenant, conflict) and 500 rows.
+/// Marks inbox rows applied, a statement per 500 rows, each row with its tenant and conflict.
 macro_rules! settle_rows {
     ($tx:expr, $settled:expr, $now_ms:expr) => {{
         let settled: &Settled = $settled;
-        for ((tenant_id, conflict), ids) in settled {
-            for chunk in ids.chunks(500) {
-                let mut update = sqlx::QueryBuilder::new(
-                    "UPDATE inbox_events SET status = 'applied', applied_at = ",
-                );
-                update.push_bind($now_ms);
-                update.push(", tenant_id = ");
-                update.push_bind(tenant_id);
-                update.push(", last_error = ");
-                update.push_bind(conflict);
-                update.push(", attempts = attempts + 1 WHERE event_id IN (");
-                let mut list = update.separated(", ");
-                for id in chunk {
-                    list.push_bind(*id);
-                }
-                update.push(")");
-                update.build().execute(&mut *$tx).await?;
-            }
+        for chunk in settled.chunks(500) {
+            let mut update = sqlx::QueryBuilder::new(
+                "UPDATE inbox_events SET status = 'applied', applied_at = ",
+            );
+            update.push_bind($now_ms);
+            update.push(
+                ", tenant_id = settled.column2, last_error = settled.column3, \
+                 attempts = attempts + 1 FROM (",
+            );
+            update.push_values(chunk, |mut row, (event_id, tenant_id, conflict)| {
+                row.push_bind(*event_id)
+                    .push_bind(tenant_id)
+                    .push_bind(conflict);
+            });
+            update.push(") AS settled WHERE inbox_events.event_id = settled.column1");
+            update.build().execute(&mut *$tx).await?;
         }
     }};
 }
@@ -205,23 +230,34 @@ macro_rules! settle_rows {
 /// Applies one item on any transaction; the inbox rows to mark applied afterwards (all but a
 /// refetched state's own row) join `settled`. Evaluates to its outcome.
 macro_rules! apply_item {
-    ($tx:expr, $item:expr, $settled:expr, $now_ms:expr) => {{
+    ($tx:expr, $item:expr, $written:expr, $settled:expr, $now_ms:expr) => {{
         let Apply {
             state,
             claim,
             event_ids,
             refetched,
         }: &Apply = $item;
-        let written = write_state!(&mut *$tx, state, $now_ms);
+        let written: Option<bool> = $written;
+        let written = match written {
+            Some(written) => written,
+            None => write_state!(&mut *$tx, state, $now_ms),
+        };
         if written {
             upsert_periods!(&mut *$tx, state);
         }
-        let conflict = if written && state.object_type == "customer" {
+        let customer = written && state.object_type == "customer";
+        let conflict = if customer {
             link_tenant!($tx, state, claim.as_ref(), $now_ms)
         } else {
             None
         };
-        let tenant_id = tenant_of!(&mut *$tx, &state.customer_id);
+        // A customer that just took the tenant it claims belongs to it; else it is read.
+        let tenant_id = match claim {
+            Some(claim) if customer && !state.deleted && conflict.is_none() => {
+                Some(claim.tenant_id.clone())
+            }
+            _ => tenant_of!(&mut *$tx, &state.customer_id),
+        };
         let outcome = ApplyOutcome {
             written,
             tenant_id,
@@ -231,8 +267,8 @@ macro_rules! apply_item {
             if *refetched && i + 1 == event_ids.len() {
                 settle_refetched!(&mut *$tx, event_id, &outcome, state, $now_ms);
             } else {
-                let key = (outcome.tenant_id.clone(), outcome.conflict.clone());
-                $settled.entry(key).or_default().push(event_id.as_str());
+                let settled = (outcome.tenant_id.clone(), outcome.conflict.clone());
+                $settled.push((event_id.as_str(), settled.0, settled.1));
             }
         }
         outcome
@@ -265,10 +301,24 @@ impl Mirror<'_> {
                 insert_event!(&mut *tx, c.record, "pending", now_ms).await?;
                 settle_command!(&mut *tx, c.command, c.settlement, now_ms);
             }
-            let mut settled: Settled = BTreeMap::new();
+            let mut settled: Settled = Vec::with_capacity(items.len());
             let mut outcomes = Vec::with_capacity(items.len());
+            // States of distinct objects are written together; several states of one object,
+            // one after another.
+            let mut keys = std::collections::HashSet::new();
+            let distinct = items
+                .iter()
+                .all(|i| keys.insert((&i.state.object_type, &i.state.object_id)));
+            let written = if distinct && items.len() > 1 {
+                let states: Vec<&ObjectState> = items.iter().map(|i| &i.state).collect();
+                Some(write_states!(&mut *tx, &states, now_ms))
+            } else {
+                None
+            };
             for item in items {
-                outcomes.push(apply_item!(tx, item, settled, now_ms));
+                let key = (item.state.object_type.clone(), item.state.object_id.clone());
+                let was = written.as_ref().map(|w| w.contains(&key));
+                outcomes.push(apply_item!(tx, item, was, settled, now_ms));
             }
             if confirmed.is_some_and(|c| c.unless_superseded)
                 && outcomes.first().is_some_and(|o| !o.written)
@@ -276,7 +326,7 @@ impl Mirror<'_> {
                 tx.rollback().await?;
                 return Ok(None);
             }
-            // The other rows are settled together, a statement per tenant rather than per row.
+            // The other rows are settled together, a statement for many rows.
             settle_rows!(tx, &settled, now_ms);
             tx.commit().await?;
             Ok::<_, sqlx::Error>(Some(outcomes))

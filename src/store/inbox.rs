@@ -133,22 +133,61 @@ impl<'a> Inbox<'a> {
     /// Stores the events that are not there yet, in one transaction; returns how many were new.
     /// Rows with nothing to apply are stored as `skipped`.
     pub async fn insert(&self, events: &[NewEvent], now_ms: i64) -> Result<usize, StoreError> {
-        let inserted = on_pool!(self.db, |pool| {
+        let inserted = self.insert_each(events, now_ms).await?;
+        Ok(inserted.into_iter().filter(|new| *new).count())
+    }
+
+    /// [`Inbox::insert`], telling for each event whether it was new (of an id given twice,
+    /// the first); a statement per 500 rows.
+    pub async fn insert_each(
+        &self,
+        events: &[NewEvent],
+        now_ms: i64,
+    ) -> Result<Vec<bool>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut new: std::collections::HashSet<String> = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let mut inserted = 0;
-            for e in events {
-                let status = if e.object_type.is_some() {
-                    "pending"
-                } else {
-                    "skipped"
-                };
-                let done = insert_event!(&mut *tx, e, status, now_ms).await?;
-                inserted += done.rows_affected() as usize;
+            let mut new = Vec::with_capacity(events.len());
+            for chunk in events.chunks(500) {
+                let mut insert = sqlx::QueryBuilder::new(
+                    "INSERT INTO inbox_events (event_id, event_type, source, object_type, object_id, \
+                     customer_id, event_created, idempotency_key, payload, received_at, status, \
+                     attempts, next_attempt_at) ",
+                );
+                insert.push_values(chunk, |mut row, e| {
+                    let status = if e.object_type.is_some() {
+                        "pending"
+                    } else {
+                        "skipped"
+                    };
+                    row.push_bind(&e.event_id)
+                        .push_bind(&e.event_type)
+                        .push_bind(e.source.as_str())
+                        .push_bind(&e.object_type)
+                        .push_bind(&e.object_id)
+                        .push_bind(&e.customer_id)
+                        .push_bind(e.event_created)
+                        .push_bind(&e.idempotency_key)
+                        .push_bind(&e.payload)
+                        .push_bind(now_ms)
+                        .push_bind(status)
+                        .push_bind(0_i32)
+                        .push_bind(now_ms);
+                });
+                insert.push(" ON CONFLICT (event_id) DO NOTHING RETURNING event_id");
+                new.extend(
+                    insert
+                        .build_query_scalar::<String>()
+                        .fetch_all(&mut *tx)
+                        .await?,
+                );
             }
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(inserted)
+            Ok::<_, sqlx::Error>(new.into_iter().collect())
         })?;
-        Ok(inserted)
+        Ok(events.iter().map(|e| new.remove(&e.event_id)).collect())
     }
 
     /// Claims the rows due for (another) apply, oldest event first: each claimed row is put off

@@ -115,15 +115,8 @@ impl Applier {
             self.defer(group, error).await?;
         }
         self.write(ready).await?;
-        let stats = self.db.inbox().stats().await?;
-        if let Some(newest) = stats.newest_applied_event {
-            self.metrics.set(
-                "billsync_sync_lag_seconds",
-                "Now minus the creation time of the newest applied vendor event.",
-                &[],
-                (now_ms() - newest).max(0) as f64 / 1000.0,
-            );
-        }
+        // billsync_sync_lag_seconds is read from the database on each scrape (api/metrics.rs),
+        // not here: the inbox's counts per batch would cost more than the batch as it grows.
         Ok(count)
     }
 

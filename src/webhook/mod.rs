@@ -1,6 +1,8 @@
-//! `POST /webhooks/stripe`: verify the raw bytes, then parse, then store in the inbox and answer
-//! at once. Applying happens after, from the inbox.
+//! `POST /webhooks/stripe`: verify the raw bytes, then parse, then store in the inbox (with the
+//! other deliveries in flight, [`intake`]) and answer once it is committed. Applying happens
+//! after, from the inbox.
 
+pub mod intake;
 pub mod signature;
 
 use axum::Json;
@@ -52,19 +54,15 @@ pub async fn receive(
         ApiError::bad_request("invalid_payload", e.to_string())
     })?;
     let event_type = row.event_type.clone();
-    let inserted = state
-        .db
-        .inbox()
-        .insert(std::slice::from_ref(&row), now)
-        .await
-        .map_err(|e| {
-            reject(&state, "database_unavailable");
-            // Stripe retries anything but a 2xx; a 503 says "later", whatever the cause.
-            let mut error = ApiError::from(e);
-            error.status = StatusCode::SERVICE_UNAVAILABLE;
-            error
-        })?;
-    let duplicate = inserted == 0;
+    let event_id = row.event_id.clone();
+    let new = state.intake.store(&state.db, row).await.map_err(|e| {
+        reject(&state, "database_unavailable");
+        // Stripe retries anything but a 2xx; a 503 says "later", whatever the cause.
+        let mut error = ApiError::from(e);
+        error.status = StatusCode::SERVICE_UNAVAILABLE;
+        error
+    })?;
+    let duplicate = !new;
     state.metrics.inc(
         "billsync_webhooks_received_total",
         "Verified webhooks, by whether they were new.",
@@ -73,9 +71,9 @@ pub async fn receive(
     if !duplicate {
         state.wake.notify_one();
     }
-    tracing::debug!(event_id = %row.event_id, event_type = %event_type, duplicate, "webhook stored");
+    tracing::debug!(event_id = %event_id, event_type = %event_type, duplicate, "webhook stored");
     Ok(Json(
-        json!({ "received": true, "event_id": row.event_id, "duplicate": duplicate }),
+        json!({ "received": true, "event_id": event_id, "duplicate": duplicate }),
     ))
 }
 

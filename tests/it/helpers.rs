@@ -190,6 +190,11 @@ impl TestApp {
         self.db
     }
 
+    /// A service on the database a [`TestApp::crash`] left, with these settings.
+    pub async fn after_crash(settings: Settings, db: TestDatabase) -> Self {
+        Self::start(settings, db).await
+    }
+
     /// Stops the service and starts it again on the same database, as after a crash or deploy.
     pub async fn restart(self) -> Self {
         self.shutdown.cancel();

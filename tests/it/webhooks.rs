@@ -2,6 +2,8 @@
 
 use serde_json::{Value, json};
 
+use billsync::store::Db;
+
 use crate::helpers::{
     Backend, TestApp, WEBHOOK_SECRET, customer, error_of, event, on_both_backends, sign_now,
     take_webhooks, venv_bin, wait_for,
@@ -14,6 +16,9 @@ on_both_backends!(
     a_duplicate_delivery_is_acknowledged_and_applied_once,
     unknown_event_types_and_objects_without_ids_are_stored_and_acknowledged,
     an_oversized_webhook_is_refused_with_413,
+    concurrent_deliveries_are_each_stored_once_and_committed_before_their_answer,
+    acknowledged_events_survive_a_crash_before_they_are_applied,
+    concurrent_updates_of_one_customer_leave_the_newest,
 );
 
 /// Signs with the official `stripe` Python package's test helper.
@@ -282,5 +287,160 @@ async fn webhooks_get_503_while_postgres_is_down_so_stripe_retries() {
     .to_string();
     let (status, code, _) = error_of(app.post_webhook(&body, Some(sign_now(&body))).await).await;
     assert_eq!((status, code.as_str()), (503, "database_unavailable"));
+    app.stop().await;
+}
+
+/// The inbox row's status, read on a connection of its own (`None`: no row).
+async fn inbox_status(db: &Db, event_id: &str) -> Option<String> {
+    let sql = "SELECT status FROM inbox_events WHERE event_id = $1";
+    let status = match db {
+        Db::Sqlite(pool) => {
+            sqlx::query_scalar(sql)
+                .bind(event_id)
+                .fetch_optional(pool)
+                .await
+        }
+        Db::Postgres(pool) => {
+            sqlx::query_scalar(sql)
+                .bind(event_id)
+                .fetch_optional(pool)
+                .await
+        }
+    };
+    status.unwrap()
+}
+
+fn customer_created(prefix: &str, i: usize) -> Value {
+    event(
+        &format!("evt_{prefix}_{i}"),
+        "customer.created",
+        1_700_000_000 + i as i64,
+        customer(&format!("cus_{prefix}_{i}"), &format!("{prefix}-{i}")),
+    )
+}
+
+/// Concurrent deliveries share a transaction: each must still be in the inbox when its 200
+/// arrives, stored once however often it is delivered, and told truthfully whether it was new.
+async fn concurrent_deliveries_are_each_stored_once_and_committed_before_their_answer(
+    backend: Backend,
+) {
+    const EVENTS: usize = 80;
+    let app = TestApp::spawn_with(backend, take_webhooks).await;
+    let db = Db::connect(&app.settings.database).await.unwrap();
+    let deliveries: Vec<Value> = (0..EVENTS).map(|i| customer_created("many", i)).collect();
+    // Every event twice, all at once.
+    let answers = futures_util::future::join_all(deliveries.iter().chain(&deliveries).map(
+        |delivery| async {
+            let answer = app.deliver(delivery).await;
+            let id = answer["event_id"].as_str().unwrap().to_owned();
+            let status = inbox_status(&db, &id).await;
+            (id, answer["duplicate"] == false, status)
+        },
+    ))
+    .await;
+    let mut new = std::collections::BTreeMap::<String, usize>::new();
+    for (id, first, status) in &answers {
+        assert!(
+            status.is_some(),
+            "{id} was answered before its row was committed"
+        );
+        *new.entry(id.clone()).or_default() += usize::from(*first);
+    }
+    assert_eq!(new.len(), EVENTS);
+    assert!(
+        new.values().all(|n| *n == 1),
+        "stored (not duplicate) answers: {new:?}"
+    );
+    wait_for("every event to be applied", || async {
+        inbox_counts(&app).await["applied"] == EVENTS
+    })
+    .await;
+    let counts = inbox_counts(&app).await;
+    assert_eq!(
+        (counts["pending"].as_i64(), counts["failed"].as_i64()),
+        (Some(0), Some(0))
+    );
+    for i in [0, EVENTS - 1] {
+        let tenant = app.get_json(&format!("/v1/tenants/many-{i}")).await;
+        assert_eq!(tenant["customer_id"], format!("cus_many_{i}"));
+    }
+    db.close().await;
+    app.stop().await;
+}
+
+/// Every acknowledged event is applied, even when the process dies before applying it (its
+/// claim on a batch runs out and the next process applies it).
+async fn acknowledged_events_survive_a_crash_before_they_are_applied(backend: Backend) {
+    const EVENTS: usize = 120;
+    let adjust = |s: &mut billsync::config::Settings| {
+        take_webhooks(s);
+        s.claims.inbox = std::time::Duration::from_secs(1);
+    };
+    let app = TestApp::spawn_with(backend, adjust).await;
+    let settings = app.settings.clone();
+    let deliveries: Vec<Value> = (0..EVENTS).map(|i| customer_created("crash", i)).collect();
+    let answers = futures_util::future::join_all(deliveries.iter().map(|d| app.deliver(d))).await;
+    assert!(answers.iter().all(|a| a["duplicate"] == false));
+    let database = app.crash();
+    let db = Db::connect(&settings.database).await.unwrap();
+    for delivery in &deliveries {
+        let id = delivery["id"].as_str().unwrap();
+        assert!(
+            inbox_status(&db, id).await.is_some(),
+            "{id} was acknowledged and lost"
+        );
+    }
+    let app = TestApp::after_crash(settings, database).await;
+    wait_for("every acknowledged event to be applied", || async {
+        inbox_counts(&app).await["applied"] == EVENTS
+    })
+    .await;
+    for i in 0..EVENTS {
+        assert_eq!(
+            inbox_status(&db, &format!("evt_crash_{i}"))
+                .await
+                .as_deref(),
+            Some("applied")
+        );
+    }
+    let tenant = app
+        .get_json(&format!("/v1/tenants/crash-{}", EVENTS - 1))
+        .await;
+    assert_eq!(tenant["customer_id"], format!("cus_crash_{}", EVENTS - 1));
+    db.close().await;
+    app.stop().await;
+}
+
+/// Updates of one customer delivered all at once, in reverse order, through batched inserts
+/// and batched applies: the mirror ends at the newest.
+async fn concurrent_updates_of_one_customer_leave_the_newest(backend: Backend) {
+    const UPDATES: i64 = 30;
+    let app = TestApp::spawn_with(backend, take_webhooks).await;
+    let update = |n: i64| {
+        let mut object = customer("cus_order", "order");
+        object["email"] = json!(format!("v{n}@example.test"));
+        event(
+            &format!("evt_order_{n}"),
+            "customer.updated",
+            1_700_000_000 + n,
+            object,
+        )
+    };
+    let deliveries: Vec<Value> = (0..UPDATES).rev().map(update).collect();
+    futures_util::future::join_all(deliveries.iter().map(|d| app.deliver(d))).await;
+    wait_for("every update to be applied", || async {
+        inbox_counts(&app).await["applied"] == UPDATES
+    })
+    .await;
+    let db = Db::connect(&app.settings.database).await.unwrap();
+    let mirrored = db
+        .mirror()
+        .get("customer", "cus_order")
+        .await
+        .unwrap()
+        .unwrap();
+    let mirrored: Value = serde_json::from_str(&mirrored.payload).unwrap();
+    assert_eq!(mirrored["email"], format!("v{}@example.test", UPDATES - 1));
+    db.close().await;
     app.stop().await;
 }
