@@ -3,8 +3,10 @@
 //! transaction, and answers each request once its batch is committed. So every acknowledged
 //! event is in the inbox before its 200, as with a transaction per request, but concurrent
 //! deliveries share one commit (one WAL flush, one fsync on SQLite) instead of paying one each.
+//! A batch runs in its own task: a request that goes away (its client hung up) cannot cancel
+//! the transaction that holds the others' rows.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Semaphore, oneshot};
 
@@ -16,11 +18,12 @@ const BATCH: usize = 256;
 /// A queued row and where its answer goes: whether it was new.
 type Queued = (NewEvent, oneshot::Sender<Result<bool, StoreError>>);
 
+#[derive(Clone)]
 pub struct Intake {
-    waiting: Mutex<Vec<Queued>>,
+    waiting: Arc<Mutex<Vec<Queued>>>,
     /// Batch transactions at once: SQLite has one writer; PostgreSQL flushes concurrent
     /// commits together, and the applier needs connections too.
-    running: Semaphore,
+    running: Arc<Semaphore>,
 }
 
 impl Intake {
@@ -30,8 +33,8 @@ impl Intake {
             Backend::Postgres => 4,
         };
         Self {
-            waiting: Mutex::default(),
-            running: Semaphore::new(transactions),
+            waiting: Arc::default(),
+            running: Arc::new(Semaphore::new(transactions)),
         }
     }
 
@@ -48,11 +51,16 @@ impl Intake {
             tokio::select! {
                 biased;
                 answer = &mut answer => return answer.unwrap_or_else(|_| Err(stopped())),
-                permit = self.running.acquire() => {
+                permit = self.running.clone().acquire_owned() => {
                     let permit = permit.expect("the intake's semaphore is never closed");
-                    if !self.run_batch(db).await {
-                        // Nothing waits: this row is in a batch that is running.
+                    let (intake, db) = (self.clone(), db.clone());
+                    let batch = tokio::spawn(async move {
+                        let ran = intake.run_batch(&db).await;
                         drop(permit);
+                        ran
+                    });
+                    if !batch.await.unwrap_or(false) {
+                        // Nothing waited: this row is in a batch that is running.
                         return answer.await.unwrap_or_else(|_| Err(stopped()));
                     }
                 }
