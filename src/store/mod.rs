@@ -8,9 +8,11 @@ mod apply;
 mod changes;
 mod claims;
 mod commands;
+mod credit_alerts;
 mod inbox;
 mod lease;
 mod mirror;
+mod notifications;
 pub(crate) mod periods;
 mod pushes;
 mod reconcile;
@@ -35,6 +37,11 @@ pub use apply::{Apply, ApplyOutcome, Confirmed, TenantClaim};
 pub use changes::{ChangeRow, Changes};
 pub use claims::{Claims, Queue};
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
+pub(crate) use commands::insert_command;
+pub(crate) use credit_alerts::{balance_changed, insert_crossing};
+pub use credit_alerts::{CreditAlerts, CreditSettingsRow, CrossingRow};
+pub use notifications::{Delivery, NewNotification, NotificationRow, Notifications};
+pub(crate) use notifications::insert_notification;
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
 pub use lease::{LeaseSeat, XactLock, holders as lease_holders, lease_key};
 pub use mirror::{Mirror, MirrorRow, ObjectState, PageKinds, SyncState};
@@ -408,6 +415,14 @@ impl Db {
 
     pub fn claims(&self) -> Claims<'_> {
         Claims::new(self)
+    }
+
+    pub fn credit_alerts(&self) -> CreditAlerts<'_> {
+        CreditAlerts::new(self)
+    }
+
+    pub fn notifications(&self) -> Notifications<'_> {
+        Notifications::new(self)
     }
 
     pub fn commands(&self) -> Commands<'_> {

@@ -13,8 +13,8 @@ use super::form::{self, urlencode};
 use super::limiter::RateLimiter;
 use super::objects;
 use super::{
-    BillingVendor, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
-    PreviewRequest, SubscriptionWrite, VendorError,
+    BillingVendor, CreditTransaction, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
+    PreviewRequest, SubscriptionWrite, TopUpWrite, VendorError,
 };
 use crate::config::{Secret, StripeSettings};
 use crate::metrics::Metrics;
@@ -90,7 +90,7 @@ impl StripeHttp {
     }
 
     /// POSTs (or DELETEs) a write with its idempotency key; a 404 is the vendor's refusal.
-    async fn write(
+    pub(super) async fn write(
         &self,
         endpoint: &'static str,
         method: reqwest::Method,
@@ -182,6 +182,18 @@ impl StripeHttp {
         }
     }
 
+    /// GETs one object; its absence is the vendor's refusal.
+    pub(super) async fn fetch_value(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+    ) -> Result<Value, VendorError> {
+        match self.call(endpoint, reqwest::Method::GET, path, &[], &[], None).await? {
+            Answer::Found(value) => Ok(value),
+            Answer::NotFound(body) => Err(rejected(StatusCode::NOT_FOUND, &body)),
+        }
+    }
+
     fn count(&self, endpoint: &str, status: &str) {
         self.metrics.inc(
             "billsync_vendor_requests_total",
@@ -190,7 +202,7 @@ impl StripeHttp {
         );
     }
 
-    async fn page(
+    pub(super) async fn page(
         &self,
         endpoint: &'static str,
         path: &str,
@@ -379,6 +391,26 @@ impl BillingVendor for StripeHttp {
             })
             .sum();
         Ok(Some(total))
+    }
+
+    fn credits(&self) -> Option<&dyn super::CreditVendor> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl super::CreditVendor for StripeHttp {
+    async fn top_up(&self, top_up: &TopUpWrite<'_>, key: &str) -> Result<Value, VendorError> {
+        self.top_up_calls(top_up, key).await
+    }
+
+    async fn credit_transactions(
+        &self,
+        customer: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<CreditTransaction>, VendorError> {
+        StripeHttp::credit_transactions(self, customer, start, end).await
     }
 }
 
