@@ -190,6 +190,12 @@ fn spawn_workers(
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
     }
     spawn_reconciliation_jobs(workers, state, shutdown);
+    match crate::notify::Notifier::from_settings(&state.db, &settings.notify) {
+        Some(notifier) => spawn_singleton(workers, state, shutdown, "notify", move |token| {
+            notifier.clone().run(token)
+        }),
+        None => tracing::info!("no notify.url configured: notifications are recorded, not sent"),
+    }
     #[cfg(unix)]
     workers.spawn(reload_on_sighup(state.clone(), shutdown.clone()));
 }
