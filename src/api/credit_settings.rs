@@ -70,7 +70,11 @@ pub async fn list(
     Path(tenant_id): Path<String>,
 ) -> Result<Json<CreditSettingsList>, ApiError> {
     let tenant = load(&state, &scope, &tenant_id).await?;
-    let rows = state.db.credit_alerts().settings_of(&tenant.tenant_id).await?;
+    let rows = state
+        .db
+        .credit_alerts()
+        .settings_of(&tenant.tenant_id)
+        .await?;
     Ok(Json(CreditSettingsList {
         tenant_id: tenant.tenant_id,
         data: rows.into_iter().map(CreditSettingsOut::from).collect(),
@@ -117,7 +121,8 @@ fn valid_unit(unit: &str) -> Result<String, ApiError> {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if !ok {
-        let message = "unit must be a lowercase currency (usd) or a credit unit id of a-z, 0-9 and _";
+        let message =
+            "unit must be a lowercase currency (usd) or a credit unit id of a-z, 0-9 and _";
         return Err(ApiError::bad_request("invalid_value", message).with_field("unit"));
     }
     Ok(unit.to_owned())

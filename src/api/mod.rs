@@ -121,11 +121,7 @@ pub fn routes() -> Vec<Route> {
             "/v1/tenants/{tenant_id}/credits/settings/{unit}",
             put(credit_settings::put),
         ),
-        route(
-            Method::GET,
-            "/v1/notifications",
-            get(notifications::list),
-        ),
+        route(Method::GET, "/v1/notifications", get(notifications::list)),
         route(Method::GET, "/v1/sync/status", get(sync::sync_status)),
         route(
             Method::POST,

@@ -7,14 +7,14 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::file::{
-    Raw, RawApi, RawClaims, RawDatabase, RawEntitlements, RawLog, RawMetering, RawNotify, RawOutbox,
-    RawReconcile, RawRuntime, RawStripe, RawSync,
+    Raw, RawApi, RawClaims, RawDatabase, RawEntitlements, RawLog, RawMetering, RawNotify,
+    RawOutbox, RawReconcile, RawRuntime, RawStripe, RawSync,
 };
 use super::{
     ApiSettings, CatalogSettings, ClaimSettings, ConfigError, ConsoleSettings, DEFAULT_CATALOG,
-    DatabaseSettings, EntitlementSettings, LogSettings, MeteringSettings, NotifySettings, OutboxSettings,
-    ReconcileSettings, RuntimeSettings, Secret, Settings, ShutdownSettings, StripeSettings,
-    SyncSettings,
+    DatabaseSettings, EntitlementSettings, LogSettings, MeteringSettings, NotifySettings,
+    OutboxSettings, ReconcileSettings, RuntimeSettings, Secret, Settings, ShutdownSettings,
+    StripeSettings, SyncSettings,
 };
 
 impl Raw {

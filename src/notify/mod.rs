@@ -40,7 +40,10 @@ pub fn signature(secret: &str, timestamp: i64, body: &[u8]) -> String {
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!("t={timestamp},v1={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
 }
 
 /// Delivers notifications; runs on the replica holding the `notify` lease.
@@ -81,9 +84,9 @@ impl Notifier {
                 tracing::warn!(error = %error, "notifications: cannot read or record deliveries");
             }
             let idle = match self.db.notifications().next_attempt(now_ms()).await {
-                Ok(Some(at)) => Duration::from_millis(
-                    (at - now_ms()).clamp(1, IDLE.as_millis() as i64) as u64,
-                ),
+                Ok(Some(at)) => {
+                    Duration::from_millis((at - now_ms()).clamp(1, IDLE.as_millis() as i64) as u64)
+                }
                 _ => IDLE,
             };
             tokio::select! {
@@ -131,7 +134,10 @@ impl Notifier {
                 Some(i32::from(response.status().as_u16())),
                 format!("the receiver answered HTTP {}", response.status()),
             ),
-            Err(error) => (None, format!("cannot reach the receiver: {}", error.without_url())),
+            Err(error) => (
+                None,
+                format!("cannot reach the receiver: {}", error.without_url()),
+            ),
         };
         let age = Duration::from_millis((now_ms() - row.created_at).max(0) as u64);
         let delivery = if age >= self.give_up_after {

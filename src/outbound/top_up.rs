@@ -19,7 +19,9 @@ impl Outbox {
     ) -> Result<Step, WorkError> {
         let request: TopUpRequest = parse(&command.request)?;
         let Some(customer) = tenant.customer_id.as_deref() else {
-            return Ok(Step::Retry("the tenant has no Stripe customer yet".to_owned()));
+            return Ok(Step::Retry(
+                "the tenant has no Stripe customer yet".to_owned(),
+            ));
         };
         let Some(credits) = self.vendor.credits() else {
             let message = "this vendor has no billing credits";

@@ -215,7 +215,11 @@ impl<'a> CreditAlerts<'a> {
     }
 
     /// The tenant's crossings in a unit, oldest first.
-    pub async fn crossings(&self, tenant_id: &str, unit: &str) -> Result<Vec<CrossingRow>, StoreError> {
+    pub async fn crossings(
+        &self,
+        tenant_id: &str,
+        unit: &str,
+    ) -> Result<Vec<CrossingRow>, StoreError> {
         let rows = on_pool!(self.db, |pool| {
             sqlx::query_as::<_, CrossingRow>(
                 "SELECT tenant_id, unit, seq, threshold, available_before, available_after, \

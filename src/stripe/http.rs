@@ -13,8 +13,8 @@ use super::form::{self, urlencode};
 use super::limiter::RateLimiter;
 use super::objects;
 use super::{
-    BillingVendor, CreditTransaction, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
-    PreviewRequest, SubscriptionWrite, TopUpWrite, VendorError,
+    BillingVendor, CreditTransaction, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind,
+    Page, PreviewRequest, SubscriptionWrite, TopUpWrite, VendorError,
 };
 use crate::config::{Secret, StripeSettings};
 use crate::metrics::Metrics;
@@ -188,7 +188,10 @@ impl StripeHttp {
         endpoint: &'static str,
         path: &str,
     ) -> Result<Value, VendorError> {
-        match self.call(endpoint, reqwest::Method::GET, path, &[], &[], None).await? {
+        match self
+            .call(endpoint, reqwest::Method::GET, path, &[], &[], None)
+            .await?
+        {
             Answer::Found(value) => Ok(value),
             Answer::NotFound(body) => Err(rejected(StatusCode::NOT_FOUND, &body)),
         }

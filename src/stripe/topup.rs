@@ -41,7 +41,14 @@ impl StripeHttp {
         ]);
         invoice_form.extend(t.metadata.iter().map(|(k, v)| meta(k, v)));
         let path = "/v1/invoices";
-        let invoice = (self.write("invoices", post.clone(), path, &invoice_form, &format!("{key}-invoice"))).await?;
+        let invoice = (self.write(
+            "invoices",
+            post.clone(),
+            path,
+            &invoice_form,
+            &format!("{key}-invoice"),
+        ))
+        .await?;
         let invoice_id = id_of(&invoice["id"])
             .ok_or_else(|| VendorError::Malformed("invoices: no id".to_owned()))?;
         let mut item_form = pairs(&[
@@ -52,12 +59,33 @@ impl StripeHttp {
             ("description", t.description.to_owned()),
         ]);
         item_form.extend(t.metadata.iter().map(|(k, v)| meta(k, v)));
-        (self.write("invoiceitems", post.clone(), "/v1/invoiceitems", &item_form, &format!("{key}-item"))).await?;
+        (self.write(
+            "invoiceitems",
+            post.clone(),
+            "/v1/invoiceitems",
+            &item_form,
+            &format!("{key}-item"),
+        ))
+        .await?;
         let base = format!("/v1/invoices/{}", urlencode(&invoice_id));
         let finalize = format!("{base}/finalize");
-        (self.write("invoices/finalize", post.clone(), &finalize, &[], &format!("{key}-finalize"))).await?;
+        (self.write(
+            "invoices/finalize",
+            post.clone(),
+            &finalize,
+            &[],
+            &format!("{key}-finalize"),
+        ))
+        .await?;
         let pay = format!("{base}/pay");
-        let mut paid = (self.write("invoices/pay", post.clone(), &pay, &[], &format!("{key}-pay"))).await?;
+        let mut paid = (self.write(
+            "invoices/pay",
+            post.clone(),
+            &pay,
+            &[],
+            &format!("{key}-pay"),
+        ))
+        .await?;
         if paid["status"].as_str() != Some("paid") {
             // A replayed answer is the first one: ask for the invoice as it is now.
             paid = self.fetch_value("invoices", &base).await?;
@@ -75,12 +103,22 @@ impl StripeHttp {
             ("amount[type]", "monetary".to_owned()),
             ("amount[monetary][value]", t.amount.to_string()),
             ("amount[monetary][currency]", t.currency.to_owned()),
-            ("applicability_config[scope][price_type]", "metered".to_owned()),
+            (
+                "applicability_config[scope][price_type]",
+                "metered".to_owned(),
+            ),
         ]);
         grant_form.extend(t.metadata.iter().map(|(k, v)| meta(k, v)));
         grant_form.push(meta("billsync_invoice", &invoice_id));
         let grants = "/v1/billing/credit_grants";
-        let grant = (self.write("billing/credit_grants", post, grants, &grant_form, &format!("{key}-grant"))).await?;
+        let grant = (self.write(
+            "billing/credit_grants",
+            post,
+            grants,
+            &grant_form,
+            &format!("{key}-grant"),
+        ))
+        .await?;
         Ok(json!({"invoice": paid, "credit_grant": grant}))
     }
 
@@ -104,7 +142,9 @@ impl StripeHttp {
                 query.push(("starting_after".to_owned(), after.clone()));
             }
             let path = "/v1/billing/credit_balance_transactions";
-            let page = self.page("billing/credit_balance_transactions", path, query).await?;
+            let page = self
+                .page("billing/credit_balance_transactions", path, query)
+                .await?;
             after = page.data.last().and_then(|t| id_of(&t["id"]));
             let mut older = false;
             for raw in &page.data {
@@ -159,8 +199,14 @@ mod tests {
         let t = credit_transaction(&json!({"id": "cbtxn_1", "type": "debit", "created": 5,
             "credit_grant": {"id": "credgr_1"},
             "debit": {"amount": {"type": "monetary", "monetary": {"value": "150", "currency": "USD"}}}}));
-        assert_eq!((t.kind.as_str(), t.amount, t.effective_at), ("debit", Some(Decimal::from(150)), 5));
-        assert_eq!((t.currency.as_deref(), t.credit_grant.as_deref()), (Some("usd"), Some("credgr_1")));
+        assert_eq!(
+            (t.kind.as_str(), t.amount, t.effective_at),
+            ("debit", Some(Decimal::from(150)), 5)
+        );
+        assert_eq!(
+            (t.currency.as_deref(), t.credit_grant.as_deref()),
+            (Some("usd"), Some("credgr_1"))
+        );
         let odd = credit_transaction(&json!({"id": "cbtxn_2", "type": "debit", "effective_at": 9}));
         assert_eq!((odd.amount, odd.effective_at), (None, 9));
     }

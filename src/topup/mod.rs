@@ -181,9 +181,18 @@ mod tests {
         assert_eq!(alarm(&s, &change("10", "9.9999")), Alarm::Cross);
         assert_eq!(alarm(&s, &change("10.0000", "10")), Alarm::Stay);
         assert_eq!(alarm(&s, &change("9", "8")), Alarm::Stay);
-        assert_eq!(alarm(&settings("10", false), &change("11", "9")), Alarm::Stay);
-        assert_eq!(alarm(&settings("10", false), &change("9", "10")), Alarm::Rearm);
-        assert_eq!(alarm(&settings("10", false), &change("9", "9.99")), Alarm::Stay);
+        assert_eq!(
+            alarm(&settings("10", false), &change("11", "9")),
+            Alarm::Stay
+        );
+        assert_eq!(
+            alarm(&settings("10", false), &change("9", "10")),
+            Alarm::Rearm
+        );
+        assert_eq!(
+            alarm(&settings("10", false), &change("9", "9.99")),
+            Alarm::Stay
+        );
     }
 
     #[test]
@@ -197,7 +206,11 @@ mod tests {
             unit: "credits",
             ..change("10", "9")
         };
-        assert!(crossing_rows(&settings("10", true), &credits, 1, 0).command.is_none());
+        assert!(
+            crossing_rows(&settings("10", true), &credits, 1, 0)
+                .command
+                .is_none()
+        );
         assert!(is_currency("eur") && !is_currency("EUR") && !is_currency("credits"));
     }
 }
