@@ -65,6 +65,9 @@ pub struct Catalog {
     pub meters: BTreeMap<String, Meter>,
     /// The file's `[features]` and `[plans]` tables, kept for entitlements.
     pub features: toml::Table,
+    /// The credit-priced features (`credits_per_unit`, `credit_unit`), checked against the
+    /// meters.
+    pub credits: BTreeMap<String, crate::credits::CreditFeature>,
     pub plans: toml::Table,
 }
 
@@ -154,8 +157,10 @@ impl Catalog {
                 },
             );
         }
+        let credits = crate::credits::features_of(&raw.features, &meters)?;
         Ok(Self {
             meters,
+            credits,
             features: raw.features,
             plans: raw.plans,
         })
@@ -172,11 +177,11 @@ const METER_KEYS: &[&str] = &[
     "property",
     "stripe_prices",
 ];
-const FEATURE_KEYS: &[&str] = &["meter", "fail_open"];
+const FEATURE_KEYS: &[&str] = &["meter", "fail_open", "credits_per_unit", "credit_unit"];
 const PLAN_KEYS: &[&str] = &["features"];
 
 /// Refuses the first key no table may hold, naming the table and the key:
-/// `[features.api_calls]: unknown key "metr" (valid keys: meter, fail_open)`.
+/// `[features.api_calls]: unknown key "metr" (valid keys: meter, fail_open, ...)`.
 fn check_keys(file: &toml::Table) -> Result<(), String> {
     fn unknown(table: &str, key: &str, valid: &[&str]) -> String {
         format!(
@@ -276,7 +281,7 @@ mod tests {
         assert_eq!(
             refusal("[features.api_calls]\nmetr = \"api_calls\"\n"),
             "catalog plans.toml: [features.api_calls]: unknown key \"metr\" \
-             (valid keys: meter, fail_open)"
+             (valid keys: meter, fail_open, credits_per_unit, credit_unit)"
         );
         assert_eq!(
             refusal("[plans.free]\nfeatures = { api_calls = 100 }\nprice = \"price_1\"\n"),
@@ -300,6 +305,30 @@ mod tests {
             refusal("[features]\napi_calls = 1\n"),
             "catalog plans.toml: [features.api_calls] must be a table"
         );
+    }
+
+    #[test]
+    fn credit_priced_features_are_exact_and_checked_at_load() {
+        let meters = "[meters.gpu_seconds]\naggregation = \"sum\"\n[meters.peak]\naggregation = \"max\"\n";
+        let with = |feature: &str| Catalog::parse(&format!("{meters}{feature}"));
+        let ok = with("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"0.0167\"\ncredit_unit = \"usd\"\n").unwrap();
+        let gpu = &ok.credits["gpu"];
+        assert_eq!((gpu.meter.as_str(), gpu.unit.as_str()), ("gpu_seconds", "usd"));
+        assert_eq!(gpu.per_unit.to_string(), "0.0167");
+        for (feature, refusal) in [
+            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = 0.0167\ncredit_unit = \"usd\"\n", "so it stays exact"),
+            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"-1\"\ncredit_unit = \"usd\"\n", "positive decimal"),
+            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"1\"\n", "needs credit_unit"),
+            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredit_unit = \"usd\"\n", "needs credits_per_unit"),
+            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"1\"\ncredit_unit = \"USD\"\n", "lowercase"),
+            ("[features.gpu]\nmeter = \"peak\"\ncredits_per_unit = \"1\"\ncredit_unit = \"usd\"\n", "aggregation = \"sum\""),
+            ("[features.gpu]\nmeter = \"nope\"\ncredits_per_unit = \"1\"\ncredit_unit = \"usd\"\n", "not in [meters]"),
+            ("[features.a]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"1\"\ncredit_unit = \"usd\"\n\
+              [features.b]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"2\"\ncredit_unit = \"usd\"\n", "already burns"),
+        ] {
+            let message = with(feature).unwrap_err();
+            assert!(message.contains(refusal), "{message}");
+        }
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct CheckOut {
     /// Whether a `record` was stored (or had been, for a repeated id).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recorded: Option<bool>,
+    /// For a credit-priced feature: its unit, the check's cost and the balance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<super::credits::CreditOut>,
 }
 
 /// The check's quantity, by the same rule as usage (checks never take negatives); default 1.
@@ -78,6 +81,7 @@ fn unknown_tenant() -> CheckOut {
     CheckOut {
         decision: Decision::UNKNOWN_TENANT,
         recorded: None,
+        credits: None,
     }
 }
 
@@ -100,12 +104,19 @@ async fn check_one(
         )
         .with_field("record.timestamp"));
     }
+    if let Some(credit) = entitlements.plans().credits.get(feature).cloned() {
+        let Some(model) = entitlements.model(tenant).await? else {
+            return Ok(unknown_tenant());
+        };
+        return super::credits::check(state, model, &credit, quantity, record).await;
+    }
     if record.is_none() {
         // The hot path: a warm tenant is answered from memory.
         if let Some(decision) = entitlements.check_warm(tenant, feature, quantity, now_ms()) {
             return Ok(CheckOut {
                 decision,
                 recorded: None,
+                credits: None,
             });
         }
     }
@@ -117,6 +128,7 @@ async fn check_one(
         return Ok(CheckOut {
             decision,
             recorded: None,
+            credits: None,
         });
     };
     let Some(Grant::Quota { meter, .. }) = model.features.get(feature) else {
@@ -124,6 +136,7 @@ async fn check_one(
         return Ok(CheckOut {
             decision,
             recorded: Some(false),
+            credits: None,
         });
     };
     // Check and record under one lock per tenant and meter: the last unit goes once. Run to
@@ -188,6 +201,7 @@ async fn record_within_limit(
     Ok(CheckOut {
         decision,
         recorded: Some(recorded),
+        credits: None,
     })
 }
 
@@ -267,6 +281,8 @@ pub struct EntitlementsOut {
     pub as_of: Option<String>,
     pub stale: bool,
     pub features: BTreeMap<String, Value>,
+    /// The tenant's credit balance in each unit a credit-priced feature burns.
+    pub credits: Vec<crate::credits::balance::Balance>,
 }
 
 pub async fn get_entitlements(
@@ -307,5 +323,6 @@ pub async fn get_entitlements(
         as_of: as_of.map(rfc3339),
         stale,
         features,
+        credits: super::credits::balances(&state, &model.tenant_id).await?,
     }))
 }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod commands;
 pub mod console;
 pub mod credit_settings;
+pub mod credits;
 pub mod entitlements;
 pub mod error;
 pub mod health;
@@ -70,6 +71,11 @@ pub fn routes() -> Vec<Route> {
             Method::PUT,
             "/v1/tenants/{tenant_id}",
             put(tenants::put_tenant),
+        ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/credits",
+            get(credits::get_credits),
         ),
         route(
             Method::GET,

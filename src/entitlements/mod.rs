@@ -32,11 +32,16 @@ pub struct PlanCatalog {
     pub fail_open: Vec<String>,
     /// Plans by key: a price, plan or product id, a lookup key, or `free`.
     pub plans: BTreeMap<String, Features>,
+    /// Credit-priced features, by name (see `crate::credits`).
+    pub credits: BTreeMap<String, crate::credits::CreditFeature>,
 }
 
 impl PlanCatalog {
     pub fn from_catalog(catalog: &Catalog) -> Result<Self, String> {
-        let mut parsed = Self::default();
+        let mut parsed = Self {
+            credits: catalog.credits.clone(),
+            ..Self::default()
+        };
         for (name, def) in &catalog.features {
             let table = def
                 .as_table()

@@ -13,10 +13,11 @@ use tokio::sync::{Semaphore, oneshot};
 
 use super::{Metering, Rejection, sample_of};
 use crate::catalog::Meter;
+use crate::credits::burn::{Burn, CreditCheck};
 use crate::domain::Ceiling;
 use crate::store::{Backend, CheckedRecord, RecordCheck, StoreError, UsageRow, lease_key};
 
-/// One lock per tenant and meter, in this process (SQLite).
+/// One lock per tenant and meter (or credit unit), in this process (SQLite).
 pub type RecordLocks = Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>;
 
 /// Most check-and-records in one transaction.
@@ -99,27 +100,72 @@ impl Metering {
         period: (i64, i64),
         ceiling: Ceiling,
     ) -> Result<Recorded, StoreError> {
+        Ok(self.record_with(event, now, period, ceiling, None).await?.0)
+    }
+
+    /// Stores `event`, of a credit-priced feature's meter, only when the tenant's credits in
+    /// the check's unit cover it, judged from the grants and the usage log under one lock per
+    /// tenant and unit (on every replica); also the balance before and with the event.
+    pub async fn record_credits(
+        &self,
+        event: &Value,
+        now: i64,
+        credit: CreditCheck,
+    ) -> Result<(Recorded, Option<Burn>), StoreError> {
+        self.record_with(event, now, (0, 0), Ceiling::Unlimited, Some(credit))
+            .await
+    }
+
+    async fn record_with(
+        &self,
+        event: &Value,
+        now: i64,
+        period: (i64, i64),
+        ceiling: Ceiling,
+        credit: Option<CreditCheck>,
+    ) -> Result<(Recorded, Option<Burn>), StoreError> {
         let (row, meter) = match self.validate(event, now) {
             Ok(valid) => valid,
             Err((code, message)) => {
                 let index = 0;
-                return Ok(Recorded::Invalid(Rejection {
+                let rejection = Rejection {
                     index,
                     code,
                     message,
-                }));
+                };
+                return Ok((Recorded::Invalid(rejection), None));
             }
         };
+        let lock_name = match &credit {
+            Some(credit) => credit.lock_name(&row.tenant_id),
+            None => format!("record:{}/{}", row.tenant_id, meter.name),
+        };
         match self.db.backend() {
-            Backend::Postgres => self.record_in_a_batch(&row, meter, period, ceiling).await,
+            Backend::Postgres => {
+                let check = RecordCheck {
+                    row: row.clone(),
+                    aggregation: meter.aggregation,
+                    period,
+                    lock_key: lease_key(&lock_name),
+                    ceiling,
+                    credit,
+                };
+                self.record_in_a_batch(check).await
+            }
             Backend::Sqlite => {
-                let lock = self.record_lock(&row.tenant_id, &meter.name);
+                let lock = self.record_lock(&row.tenant_id, &lock_name);
                 let _turn = lock.lock().await;
+                let burn = match &credit {
+                    Some(credit) => Some(credit.judge_from_store(&self.db, &row).await?),
+                    None => None,
+                };
+                let covered = burn.as_ref().is_none_or(|b| b.covered);
+                let ceiling = if covered { ceiling } else { Ceiling::Never };
                 let recorded = self.record_under_lock(&row, meter, period, ceiling).await?;
                 if matches!(recorded, Recorded::Stored { .. }) {
                     self.count_recorded(&row);
                 }
-                Ok(recorded)
+                Ok((recorded, burn))
             }
         }
     }
@@ -128,18 +174,8 @@ impl Metering {
     /// for it, runs batches itself (see [`RecordQueue`]).
     async fn record_in_a_batch(
         &self,
-        row: &UsageRow,
-        meter: &Meter,
-        period: (i64, i64),
-        ceiling: Ceiling,
-    ) -> Result<Recorded, StoreError> {
-        let check = RecordCheck {
-            row: row.clone(),
-            aggregation: meter.aggregation,
-            period,
-            lock_key: lease_key(&format!("record:{}/{}", row.tenant_id, meter.name)),
-            ceiling,
-        };
+        check: RecordCheck,
+    ) -> Result<(Recorded, Option<Burn>), StoreError> {
         let (reply, mut answer) = oneshot::channel();
         self.record_queue
             .waiting
@@ -162,13 +198,14 @@ impl Metering {
             decimal(checked.before.as_deref()),
             decimal(checked.after.as_deref()),
         );
-        Ok(if checked.existed {
+        let recorded = if checked.existed {
             Recorded::Existing { used: before }
         } else if checked.stored {
             Recorded::Stored { before, after }
         } else {
             Recorded::Refused { used: before }
-        })
+        };
+        Ok((recorded, checked.burn))
     }
 
     /// Runs one batch of the queued check-and-records (the oldest), answering each. A caller

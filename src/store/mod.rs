@@ -9,6 +9,7 @@ mod changes;
 mod claims;
 mod commands;
 mod credit_alerts;
+mod credits;
 mod inbox;
 mod lease;
 mod mirror;
@@ -37,6 +38,7 @@ pub use apply::{Apply, ApplyOutcome, Confirmed, TenantClaim};
 pub use changes::{ChangeRow, Changes};
 pub use claims::{Claims, Queue};
 pub(crate) use commands::insert_command;
+pub use credits::Credits;
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
 pub use credit_alerts::{CreditAlerts, CreditSettingsRow, CrossingRow};
 pub(crate) use credit_alerts::{balance_changed, insert_crossing};
@@ -423,6 +425,10 @@ impl Db {
 
     pub fn notifications(&self) -> Notifications<'_> {
         Notifications::new(self)
+    }
+
+    pub fn credits(&self) -> Credits<'_> {
+        Credits { db: self }
     }
 
     pub fn commands(&self) -> Commands<'_> {

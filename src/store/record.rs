@@ -3,6 +3,7 @@
 
 use super::usage::{CHUNK, figure_select, insert_usage, notify_usage, usage_columns};
 use super::{StoreError, Usage, UsageRow};
+use crate::credits::burn::{Burn, CreditCheck};
 use crate::domain::Ceiling;
 
 /// The figure after a check's record, when it follows from the figure before (sums, counts,
@@ -74,6 +75,8 @@ pub struct RecordCheck {
     pub lock_key: i64,
     /// The most the figure may be for the record to be stored.
     pub ceiling: Ceiling,
+    /// For a credit-priced feature: stored only when the tenant's credits cover it.
+    pub credit: Option<CreditCheck>,
 }
 
 /// What [`Usage::record_checked`] found and did. Figures are exact decimals as text (`None`:
@@ -86,6 +89,24 @@ pub struct CheckedRecord {
     pub stored: bool,
     pub before: Option<String>,
     pub after: Option<String>,
+    /// For a credit check: the balance before, and with the event (what it is after, if stored).
+    pub burn: Option<Burn>,
+}
+
+/// Judges a credit check on the transaction, from the grants and usage rows as they stand.
+async fn burn_in(
+    tx: &mut sqlx::PgConnection,
+    check: &RecordCheck,
+) -> Result<Option<Burn>, sqlx::Error> {
+    let Some(credit) = &check.credit else {
+        return Ok(None);
+    };
+    let payloads = super::credits::grant_payloads_in(&mut *tx, &check.row.tenant_id).await?;
+    let (grants, points) = credit.grants_and_points(crate::credits::grants_of(&payloads));
+    let usage =
+        super::credits::usage_by_segment_in(tx, &check.row.tenant_id, &credit.meters(), &points)
+            .await?;
+    Ok(Some(credit.judge(&grants, &points, usage, &check.row)))
 }
 
 impl Usage<'_> {
@@ -118,11 +139,16 @@ impl Usage<'_> {
         .execute(&mut *tx)
         .await?;
         let before = figures_in(&mut tx, checks).await?;
+        let mut burns = Vec::with_capacity(checks.len());
+        for check in checks {
+            burns.push(burn_in(&mut tx, check).await?);
+        }
         let allowed: Vec<usize> = (0..checks.len())
             .filter(|&i| {
                 let (existed, figure) = &before[i];
                 let figure = figure.as_deref().and_then(|f| f.parse().ok());
-                !existed && checks[i].ceiling.admits(figure)
+                let covered = burns[i].as_ref().is_none_or(|b| b.covered);
+                !existed && covered && checks[i].ceiling.admits(figure)
             })
             .collect();
         let rows: Vec<UsageRow> = allowed.iter().map(|&i| checks[i].row.clone()).collect();
@@ -145,8 +171,9 @@ impl Usage<'_> {
         Ok(before
             .into_iter()
             .zip(after)
+            .zip(burns)
             .enumerate()
-            .map(|(i, ((existed, before), (_, after)))| {
+            .map(|(i, (((existed, before), (_, after)), burn))| {
                 let stored = stored.contains(&i);
                 let after = match after_of(&checks[i], before.as_deref()) {
                     Some(figure) if stored => Some(figure),
@@ -159,6 +186,7 @@ impl Usage<'_> {
                     stored,
                     after,
                     before,
+                    burn,
                 }
             })
             .collect())

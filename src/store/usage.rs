@@ -3,7 +3,7 @@
 use super::{Db, StoreError, on_pool};
 
 /// A validated usage event, ready to store.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct UsageRow {
     pub tenant_id: String,
     pub event_id: String,

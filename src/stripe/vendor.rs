@@ -19,10 +19,12 @@ pub enum ObjectKind {
     CreditNote,
     /// A customer's active entitlements, kept as one object per customer.
     ActiveEntitlements,
+    /// A billing credit grant (`billing.credit_grant`): prepaid credits of a customer.
+    CreditGrant,
 }
 
 impl ObjectKind {
-    pub const ALL: [ObjectKind; 11] = [
+    pub const ALL: [ObjectKind; 12] = [
         Self::Product,
         Self::Price,
         Self::Plan,
@@ -34,6 +36,7 @@ impl ObjectKind {
         Self::Charge,
         Self::CreditNote,
         Self::ActiveEntitlements,
+        Self::CreditGrant,
     ];
 
     /// The name stored in the mirror and shown in APIs.
@@ -50,6 +53,7 @@ impl ObjectKind {
             Self::Charge => "charge",
             Self::CreditNote => "credit_note",
             Self::ActiveEntitlements => "active_entitlements",
+            Self::CreditGrant => "credit_grant",
         }
     }
 

@@ -14,7 +14,7 @@ use crate::stripe::objects;
 use crate::stripe::{BillingVendor, ListFilter, ObjectKind, VendorError};
 
 /// The kinds backfill lists, parents first.
-const KINDS: [ObjectKind; 10] = [
+const KINDS: [ObjectKind; 11] = [
     ObjectKind::Product,
     ObjectKind::Price,
     ObjectKind::Plan,
@@ -25,6 +25,7 @@ const KINDS: [ObjectKind; 10] = [
     ObjectKind::PaymentIntent,
     ObjectKind::Charge,
     ObjectKind::CreditNote,
+    ObjectKind::CreditGrant,
 ];
 
 /// Per kind: objects listed and states queued.

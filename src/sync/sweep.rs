@@ -1,8 +1,9 @@
 //! The drift sweep: some changes come with no event at all (lost beyond the events API's 30 days,
 //! or a vendor that never emits them). Every interval it checks a few known tenants (those
 //! linked to a customer), as many as its share of `sync.sweep_budget` pays for, least recently
-//! checked first and recently active ones sooner: their customer and live subscriptions are
-//! fetched, and each that differs from the mirror is queued. Its cost never grows with the
+//! checked first and recently active ones sooner: their customer and live subscriptions (and
+//! credit grants, for a customer the mirror holds some of) are fetched, and each that differs
+//! from the mirror is queued. Its cost never grows with the
 //! Stripe account; the longest a tenant goes unchecked grows with the tenant count instead
 //! (see [`sweep_plan`](super::sweep_plan)).
 
@@ -162,7 +163,46 @@ impl Sweep {
                 .await?;
         }
         let listed = self.subscriptions(customer, pass).await?;
-        self.unlisted_subscriptions(customer, &listed, pass).await
+        self.unlisted_subscriptions(customer, &listed, pass).await?;
+        self.credit_grants(customer, pass).await
+    }
+
+    /// Lists the customer's credit grants when the mirror holds some (a new grant comes with
+    /// an event, or with backfill; this catches a void, an expiry or an edit no event brought),
+    /// and queues those that differ. A vendor without credit grants (a fake's 404) is skipped.
+    async fn credit_grants(&self, customer: &str, pass: &mut Pass) -> Result<(), WorkError> {
+        let kind = ObjectKind::CreditGrant;
+        let mirrored = self.db.mirror().of_customer(customer, kind.as_str()).await?;
+        if mirrored.is_empty() {
+            return Ok(());
+        }
+        let filter = ListFilter {
+            customer: Some(customer.to_owned()),
+            all_statuses: false,
+        };
+        let mut after: Option<String> = None;
+        loop {
+            pass.calls += 1;
+            let list = self.vendor.list(kind, &filter, after.as_deref());
+            let (page, listed_at) = match observe(&self.db, list).await {
+                Ok(listed) => listed,
+                Err(WorkError::Vendor(
+                    e @ (VendorError::Rejected { .. } | VendorError::Malformed(_)),
+                )) => {
+                    tracing::debug!(customer, error = %e, "the vendor does not list credit grants");
+                    return Ok(());
+                }
+                Err(error) => return Err(error),
+            };
+            after = page.data.last().and_then(|o| objects::id_of(&o["id"]));
+            for grant in &page.data {
+                self.queue_if_changed(kind, grant, listed_at, &mut pass.queued)
+                    .await?;
+            }
+            if !page.has_more || after.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     /// Queues the customer's listed (live) subscriptions that differ from the mirror; returns

@@ -11,8 +11,10 @@ use super::{ObjectKind, Page};
 use crate::domain::{BillingPeriod, Subscription, SubscriptionItem};
 
 mod billing;
+mod credits;
 
 pub use billing::{charge_refunds, credit_note, invoice, invoice_payment_intents, payment};
+pub use credits::credit_grant;
 
 /// The collection path segment of a kind (`/v1/{collection}`).
 pub fn collection(kind: ObjectKind) -> &'static str {
@@ -28,6 +30,7 @@ pub fn collection(kind: ObjectKind) -> &'static str {
         ObjectKind::Charge => "charges",
         ObjectKind::CreditNote => "credit_notes",
         ObjectKind::ActiveEntitlements => "entitlements/active_entitlements",
+        ObjectKind::CreditGrant => "billing/credit_grants",
     }
 }
 
@@ -67,6 +70,7 @@ pub fn target(object: &Value) -> Option<(ObjectKind, String)> {
         "payment_intent" => ObjectKind::PaymentIntent,
         "charge" => ObjectKind::Charge,
         "credit_note" => ObjectKind::CreditNote,
+        "billing.credit_grant" => ObjectKind::CreditGrant,
         "entitlements.active_entitlement_summary" => {
             return Some((ObjectKind::ActiveEntitlements, id_of(&object["customer"])?));
         }
