@@ -309,22 +309,50 @@ mod tests {
 
     #[test]
     fn credit_priced_features_are_exact_and_checked_at_load() {
-        let meters = "[meters.gpu_seconds]\naggregation = \"sum\"\n[meters.peak]\naggregation = \"max\"\n";
+        let meters =
+            "[meters.gpu_seconds]\naggregation = \"sum\"\n[meters.peak]\naggregation = \"max\"\n";
         let with = |feature: &str| Catalog::parse(&format!("{meters}{feature}"));
         let ok = with("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"0.0167\"\ncredit_unit = \"usd\"\n").unwrap();
         let gpu = &ok.credits["gpu"];
-        assert_eq!((gpu.meter.as_str(), gpu.unit.as_str()), ("gpu_seconds", "usd"));
+        assert_eq!(
+            (gpu.meter.as_str(), gpu.unit.as_str()),
+            ("gpu_seconds", "usd")
+        );
         assert_eq!(gpu.per_unit.to_string(), "0.0167");
         for (feature, refusal) in [
-            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = 0.0167\ncredit_unit = \"usd\"\n", "so it stays exact"),
-            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"-1\"\ncredit_unit = \"usd\"\n", "positive decimal"),
-            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"1\"\n", "needs credit_unit"),
-            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredit_unit = \"usd\"\n", "needs credits_per_unit"),
-            ("[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"1\"\ncredit_unit = \"USD\"\n", "lowercase"),
-            ("[features.gpu]\nmeter = \"peak\"\ncredits_per_unit = \"1\"\ncredit_unit = \"usd\"\n", "aggregation = \"sum\""),
-            ("[features.gpu]\nmeter = \"nope\"\ncredits_per_unit = \"1\"\ncredit_unit = \"usd\"\n", "not in [meters]"),
-            ("[features.a]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"1\"\ncredit_unit = \"usd\"\n\
-              [features.b]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"2\"\ncredit_unit = \"usd\"\n", "already burns"),
+            (
+                "[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = 0.0167\ncredit_unit = \"usd\"\n",
+                "so it stays exact",
+            ),
+            (
+                "[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"-1\"\ncredit_unit = \"usd\"\n",
+                "positive decimal",
+            ),
+            (
+                "[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"1\"\n",
+                "needs credit_unit",
+            ),
+            (
+                "[features.gpu]\nmeter = \"gpu_seconds\"\ncredit_unit = \"usd\"\n",
+                "needs credits_per_unit",
+            ),
+            (
+                "[features.gpu]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"1\"\ncredit_unit = \"USD\"\n",
+                "lowercase",
+            ),
+            (
+                "[features.gpu]\nmeter = \"peak\"\ncredits_per_unit = \"1\"\ncredit_unit = \"usd\"\n",
+                "aggregation = \"sum\"",
+            ),
+            (
+                "[features.gpu]\nmeter = \"nope\"\ncredits_per_unit = \"1\"\ncredit_unit = \"usd\"\n",
+                "not in [meters]",
+            ),
+            (
+                "[features.a]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"1\"\ncredit_unit = \"usd\"\n\
+              [features.b]\nmeter = \"gpu_seconds\"\ncredits_per_unit = \"2\"\ncredit_unit = \"usd\"\n",
+                "already burns",
+            ),
         ] {
             let message = with(feature).unwrap_err();
             assert!(message.contains(refusal), "{message}");

@@ -140,12 +140,13 @@ pub async fn check(
     }
     // Run to the end even if the caller goes away, so that the database lock is released.
     let metering = state.metering.clone();
-    let (recorded, burn) = tokio::spawn(async move {
-        metering.record_credits(&event, now_ms(), credit).await
-    })
-    .await
-    .map_err(|e| ApiError::internal(&e))??;
-    let burn = burn.ok_or_else(|| ApiError::internal(&std::io::Error::other("a credit record without its burn")))?;
+    let (recorded, burn) =
+        tokio::spawn(async move { metering.record_credits(&event, now_ms(), credit).await })
+            .await
+            .map_err(|e| ApiError::internal(&e))??;
+    let burn = burn.ok_or_else(|| {
+        ApiError::internal(&std::io::Error::other("a credit record without its burn"))
+    })?;
     let (answer, stored, balance) = match recorded {
         Recorded::Invalid(rejection) => {
             return Err(
@@ -153,7 +154,11 @@ pub async fn check(
             );
         }
         Recorded::Existing { .. } => (decision(true, "ok", &burn.before), true, &burn.before),
-        Recorded::Stored { .. } => (decision(true, "ok", &burn.with_event), true, &burn.with_event),
+        Recorded::Stored { .. } => (
+            decision(true, "ok", &burn.with_event),
+            true,
+            &burn.with_event,
+        ),
         Recorded::Refused { .. } => (
             decision(false, INSUFFICIENT_CREDITS, &burn.before),
             false,

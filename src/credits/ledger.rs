@@ -52,7 +52,10 @@ pub async fn page(
     entries.extend(burns(db, features, tenant, before, limit).await?);
     entries.sort_by(|a, b| (b.at, &b.key).cmp(&(a.at, &a.key)));
     entries.truncate(limit as usize);
-    Ok((allocations.into_iter().map(|a| a.balance).collect(), entries))
+    Ok((
+        allocations.into_iter().map(|a| a.balance).collect(),
+        entries,
+    ))
 }
 
 /// The allocation of every unit a feature burns or a grant is in.

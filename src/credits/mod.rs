@@ -187,7 +187,14 @@ pub async fn balance_of(
         let points = breakpoints(&of_unit);
         let meters: Vec<String> = unit_features.iter().map(|f| f.meter.clone()).collect();
         let usage = credits.usage_by_segment(tenant, &meters, &points).await?;
-        out.push(allocate(unit, &of_unit, &unit_features, &points, &usage, now));
+        out.push(allocate(
+            unit,
+            &of_unit,
+            &unit_features,
+            &points,
+            &usage,
+            now,
+        ));
     }
     Ok(out)
 }

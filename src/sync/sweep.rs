@@ -172,7 +172,11 @@ impl Sweep {
     /// and queues those that differ. A vendor without credit grants (a fake's 404) is skipped.
     async fn credit_grants(&self, customer: &str, pass: &mut Pass) -> Result<(), WorkError> {
         let kind = ObjectKind::CreditGrant;
-        let mirrored = self.db.mirror().of_customer(customer, kind.as_str()).await?;
+        let mirrored = self
+            .db
+            .mirror()
+            .of_customer(customer, kind.as_str())
+            .await?;
         if mirrored.is_empty() {
             return Ok(());
         }

@@ -466,8 +466,26 @@ stripe_event_name = "users"
 aggregation = "sum"
 allow_negative = true
 
+[meters.gpu_seconds]
+aggregation = "sum"
+late_window = "60d"
+
+[meters.tokens]
+aggregation = "sum"
+late_window = "60d"
+
 [features.api_calls]
 meter = "calls"
+
+[features.gpu_minutes]
+meter = "gpu_seconds"
+credits_per_unit = "0.0167"
+credit_unit = "usd"
+
+[features.ai_tokens]
+meter = "tokens"
+credits_per_unit = "1"
+credit_unit = "credits"
 
 [features.beta]
 fail_open = true

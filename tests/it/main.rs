@@ -11,6 +11,7 @@ mod client;
 mod commands;
 mod console;
 mod console_api;
+mod credits;
 mod docs;
 mod e2e;
 mod entitlements;

@@ -84,14 +84,24 @@ mod tests {
             "some_new_field": {"x": 1}});
         let g = credit_grant(&grant).unwrap();
         assert_eq!((g.unit.as_str(), g.amount), ("usd", Decimal::from(10000)));
-        assert_eq!((g.priority, g.effective_ms, g.expires_ms, g.voided_ms), (10, 200_000, None, Some(300_000)));
+        assert_eq!(
+            (g.priority, g.effective_ms, g.expires_ms, g.voided_ms),
+            (10, 200_000, None, Some(300_000))
+        );
         assert_eq!(g.prices, None);
         let custom = json!({"id": "credgr_2", "customer": {"id": "cus_1"}, "created": 100,
             "amount": {"type": "custom_pricing_unit", "custom_pricing_unit": {"id": "cpu_gpu", "value": "1000.5"}},
             "applicability_config": {"scope": {"prices": [{"id": "price_1"}]}}});
         let g = credit_grant(&custom).unwrap();
-        assert_eq!((g.unit.as_str(), g.amount), ("cpu_gpu", Decimal::new(10005, 1)));
-        assert_eq!((g.priority, g.effective_ms), (50, 100_000), "Stripe's defaults");
+        assert_eq!(
+            (g.unit.as_str(), g.amount),
+            ("cpu_gpu", Decimal::new(10005, 1))
+        );
+        assert_eq!(
+            (g.priority, g.effective_ms),
+            (50, 100_000),
+            "Stripe's defaults"
+        );
         assert_eq!(g.prices, Some(vec!["price_1".to_owned()]));
         assert!(credit_grant(&json!({"id": "credgr_3", "amount": {"type": "other"}})).is_none());
     }
