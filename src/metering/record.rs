@@ -162,7 +162,8 @@ impl Metering {
                 let covered = burn.as_ref().is_none_or(|b| b.covered);
                 let ceiling = if covered { ceiling } else { Ceiling::Never };
                 let change = burn.as_ref().map(|b| b.change(&row.tenant_id));
-                let recorded = (self.record_under_lock(&row, meter, period, ceiling, change.as_ref())).await?;
+                let recorded =
+                    (self.record_under_lock(&row, meter, period, ceiling, change.as_ref())).await?;
                 if matches!(recorded, Recorded::Stored { .. }) {
                     self.count_recorded(&row);
                 }

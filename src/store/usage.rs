@@ -179,7 +179,8 @@ impl<'a> Usage<'a> {
         let notify = self.db.backend() == super::Backend::Postgres;
         let new = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let new = insert_usage!(&mut *tx, std::slice::from_ref(row), &|_| Vec::new(), notify)[0];
+            let new =
+                insert_usage!(&mut *tx, std::slice::from_ref(row), &|_| Vec::new(), notify)[0];
             if new && let Some(change) = change {
                 super::balance_changed!(&mut *tx, change, super::now_ms());
             }

@@ -19,13 +19,15 @@ use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
 use crate::entitlements::onboard;
 use crate::helpers::{
-    Backend, TestApp, error_of, on_both_backends, take_webhooks, use_vendor, wait_for,
+    Backend, TestApp, error_of, event, on_both_backends, take_webhooks, use_test_catalog,
+    use_vendor, wait_for,
 };
 
 on_both_backends!(
     settings_are_exact_and_validated,
     a_crossing_notifies_once_and_tops_up_once_through_failures,
     the_alarm_rearms_after_the_top_up_and_crosses_again,
+    burns_over_http_cross_and_the_top_ups_grant_rearms,
 );
 
 mod postgres_replicas {
@@ -174,6 +176,7 @@ async fn world(backend: Backend, refuse: u32, fail_once: &[&'static str]) -> Wor
     let (stripe_uri, receiver_uri) = (stripe_server.uri(), receiver_server.uri());
     let app = TestApp::spawn_with(backend, |s| {
         use_vendor(s, &stripe_uri);
+        use_test_catalog(s);
         take_webhooks(s);
         s.stripe.refetch = false;
         // A failed call fails the attempt at once: the command's next attempt replays.
@@ -327,14 +330,7 @@ async fn a_crossing_notifies_once_and_tops_up_once_through_failures(backend: Bac
             .unwrap(),
         Some(1)
     );
-    // The same change replayed, and further burns below: no second crossing.
-    assert_eq!(
-        alerts
-            .balance_changed(&change(600, 400), now_ms())
-            .await
-            .unwrap(),
-        None
-    );
+    // Further burns below the threshold: no second crossing.
     assert_eq!(
         alerts
             .balance_changed(&change(400, 100), now_ms())
@@ -431,6 +427,71 @@ async fn the_alarm_rearms_after_the_top_up_and_crosses_again(backend: Backend) {
     })
     .await;
     assert_eq!(w.receiver.lock().unwrap().got.len(), 2);
+}
+
+/// A monetary grant of `cents` for `cus_acme`, effective an hour ago.
+fn usd_grant(id: &str, cents: i64) -> Value {
+    let at = chrono::Utc::now().timestamp() - 3600;
+    json!({"id": id, "object": "billing.credit_grant", "customer": "cus_acme",
+        "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": cents}},
+        "applicability_config": {"scope": {"price_type": "metered"}}, "category": "paid",
+        "created": at, "effective_at": at, "expires_at": null, "voided_at": null,
+        "priority": 50, "livemode": false, "metadata": {}, "updated": at})
+}
+
+async fn grant_arrives(app: &TestApp, grant: Value) {
+    let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
+    let now = chrono::Utc::now().timestamp();
+    app.deliver(&event(&id, "billing.credit_grant.created", now, grant))
+        .await;
+    wait_for("the grant applied", || async {
+        app.get_json("/v1/sync/status").await["inbox"]["pending"] == 0
+    })
+    .await;
+}
+
+/// Check-and-records `seconds` of `gpu_minutes` (0.0167 usd cents a second); asserts it was
+/// allowed.
+async fn burn(app: &TestApp, seconds: i64, id: &str) {
+    let body = json!({"feature": "gpu_minutes", "quantity": seconds, "record": {"id": id}});
+    let answer = app.check_body("acme", body).await;
+    assert_eq!(answer["allowed"], true, "{answer}");
+}
+
+async fn burns_over_http_cross_and_the_top_ups_grant_rearms(backend: Backend) {
+    let w = world(backend, 0, &[]).await;
+    grant_arrives(&w.app, usd_grant("credgr_first", 1000)).await;
+    auto_top_up(&w.app).await;
+    let alerts = w.db.credit_alerts();
+    burn(&w.app, 20_000, "u1").await; // 334 cents: 666 left
+    assert!(alerts.crossings("acme", "usd").await.unwrap().is_empty());
+    burn(&w.app, 10_000, "u2").await; // 167 cents: 499 left, below 500
+    burn(&w.app, 100, "u3").await; // further below: no second crossing
+    let crossings = alerts.crossings("acme", "usd").await.unwrap();
+    assert_eq!(crossings.len(), 1);
+    assert_eq!(
+        (
+            crossings[0].available_before.as_str(),
+            crossings[0].available_after.as_str()
+        ),
+        ("666", "499")
+    );
+    let command = crossings[0].command_id.clone().unwrap();
+    wait_for("the top-up", || async {
+        command_status(&w.app, &command).await == "succeeded"
+    })
+    .await;
+    // The top-up's grant comes back from Stripe: the alarm re-arms.
+    grant_arrives(&w.app, usd_grant("credgr_topup", 2000)).await;
+    let settings = w.app.get_json("/v1/tenants/acme/credits/settings").await;
+    assert_eq!(settings["data"][0]["armed"], true, "{settings}");
+    burn(&w.app, 120_000, "u4").await; // 2004 cents: 2497.33 - 2004 = 493.33 left
+    assert_eq!(alerts.crossings("acme", "usd").await.unwrap().len(), 2);
+    wait_for("two notifications delivered", || async {
+        let page = w.app.get_json("/v1/notifications?status=delivered").await;
+        page["data"].as_array().unwrap().len() == 2
+    })
+    .await;
 }
 
 async fn two_replicas_deliver_once_and_top_up_once() {
