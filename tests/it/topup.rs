@@ -28,6 +28,7 @@ on_both_backends!(
     a_crossing_notifies_once_and_tops_up_once_through_failures,
     the_alarm_rearms_after_the_top_up_and_crosses_again,
     burns_over_http_cross_and_the_top_ups_grant_rearms,
+    reconciliation_finds_a_seeded_difference_between_burns_and_debits,
 );
 
 mod postgres_replicas {
@@ -46,6 +47,8 @@ struct Stripe {
     created: BTreeMap<&'static str, u32>,
     fail_once: HashSet<&'static str>,
     next: u32,
+    /// What `GET /v1/billing/credit_balance_transactions` lists.
+    transactions: Vec<Value>,
 }
 
 type Shared = Arc<Mutex<Stripe>>;
@@ -72,10 +75,20 @@ impl Respond for StripeHandler {
             "/v1/billing/credit_grants" => "grant",
             p if p.ends_with("/finalize") => "finalize",
             p if p.ends_with("/pay") => "pay",
+            "/v1/billing/credit_balance_transactions" => {
+                let data = stripe.transactions.clone();
+                return ResponseTemplate::new(200)
+                    .set_body_json(json!({"object": "list", "has_more": false, "data": data}));
+            }
             p if p.starts_with("/v1/invoices/") && request.method.as_str() == "GET" => {
                 let id = p.trim_start_matches("/v1/invoices/");
                 return ResponseTemplate::new(200)
                     .set_body_json(json!({"id": id, "object": "invoice", "status": "paid"}));
+            }
+            // Every other list (drift's subscriptions, meters): empty.
+            _ if request.method.as_str() == "GET" => {
+                return ResponseTemplate::new(200)
+                    .set_body_json(json!({"object": "list", "has_more": false, "data": []}));
             }
             _ => {
                 return ResponseTemplate::new(404)
@@ -540,4 +553,48 @@ async fn two_replicas_deliver_once_and_top_up_once() {
     assert_eq!(w.receiver.lock().unwrap().got.len(), 1);
     assert_eq!(w.stripe.lock().unwrap().created.get("grant"), Some(&1));
     replica.stop().await;
+}
+
+fn debit(id: &str, cents: Value) -> Value {
+    json!({"id": id, "object": "billing.credit_balance_transaction", "type": "debit",
+        "created": chrono::Utc::now().timestamp(), "effective_at": chrono::Utc::now().timestamp(),
+        "credit_grant": "credgr_first", "livemode": false,
+        "debit": {"type": "credits_applied", "amount": {"type": "monetary",
+            "monetary": {"currency": "usd", "value": cents}}}})
+}
+
+async fn reconciliation_finds_a_seeded_difference_between_burns_and_debits(backend: Backend) {
+    let w = world(backend, 0, &[]).await;
+    grant_arrives(&w.app, usd_grant("credgr_first", 1000)).await;
+    burn(&w.app, 20_000, "u1").await; // 334 cents
+    burn(&w.app, 30, "u2").await; // 0.501 cents
+    let window =
+        json!({"from": "2026-01-01", "to": "2099-01-01", "tenant": "acme", "dry_run": true});
+    // Stripe debited what billsync burned, in whole cents (and a value as a string): agreed.
+    w.stripe.lock().unwrap().transactions =
+        vec![debit("cbtxn_1", json!(300)), debit("cbtxn_2", json!("34"))];
+    let run = crate::reconcile::reconcile(&w.app, window.clone()).await;
+    let credits: Vec<&Value> = (run["items"].as_array().unwrap().iter())
+        .filter(|i| i["area"] == "credits")
+        .collect();
+    assert!(credits.is_empty(), "{run}");
+    // A debit Stripe lost: the difference, itemised with its evidence.
+    w.stripe.lock().unwrap().transactions = vec![debit("cbtxn_1", json!(300))];
+    let run = crate::reconcile::reconcile(&w.app, window).await;
+    let credits: Vec<&Value> = (run["items"].as_array().unwrap().iter())
+        .filter(|i| i["area"] == "credits")
+        .collect();
+    assert_eq!(credits.len(), 1, "{run}");
+    let item = credits[0];
+    assert_eq!(item["finding"], "credit_mismatch");
+    assert_eq!(item["tenant_id"], "acme");
+    assert_eq!(
+        (
+            item["burned"].as_str(),
+            item["vendor_debited"].as_str(),
+            item["difference"].as_str()
+        ),
+        (Some("334.501"), Some("300"), Some("34.501"))
+    );
+    assert_eq!(item["evidence"]["transactions"], json!(["cbtxn_1"]));
 }
