@@ -36,6 +36,11 @@ mod postgres_replicas {
     async fn two_replicas_deliver_once_and_top_up_once() {
         super::two_replicas_deliver_once_and_top_up_once().await
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_killed_mid_top_up_and_mid_delivery_duplicates_nothing() {
+        super::a_replica_killed_mid_top_up_and_mid_delivery_duplicates_nothing().await
+    }
 }
 
 const SECRET: &str = "notify_secret_for_tests";
@@ -49,6 +54,8 @@ struct Stripe {
     next: u32,
     /// What `GET /v1/billing/credit_balance_transactions` lists.
     transactions: Vec<Value>,
+    /// Steps whose first answer is made and kept but comes back too late (the caller dies).
+    hang_once: HashSet<&'static str>,
 }
 
 type Shared = Arc<Mutex<Stripe>>;
@@ -129,7 +136,11 @@ impl Respond for StripeHandler {
         };
         *stripe.created.entry(step).or_default() += 1;
         stripe.answers.insert(key, answer.clone());
-        ResponseTemplate::new(200).set_body_json(answer)
+        let response = ResponseTemplate::new(200).set_body_json(answer);
+        if stripe.hang_once.remove(step) {
+            return response.set_delay(std::time::Duration::from_secs(30));
+        }
+        response
     }
 }
 
@@ -138,6 +149,8 @@ impl Respond for StripeHandler {
 struct Receiver {
     got: Vec<(BTreeMap<String, String>, String)>,
     refuse: u32,
+    /// Take the first delivery but answer too late (the deliverer dies first).
+    hang_first: bool,
 }
 
 struct ReceiverHandler(Arc<Mutex<Receiver>>);
@@ -153,6 +166,9 @@ impl Respond for ReceiverHandler {
         receiver
             .got
             .push((headers, String::from_utf8_lossy(&request.body).into_owned()));
+        if std::mem::take(&mut receiver.hang_first) {
+            return ResponseTemplate::new(204).set_delay(std::time::Duration::from_secs(30));
+        }
         if receiver.refuse > 0 {
             receiver.refuse -= 1;
             return ResponseTemplate::new(500);
@@ -197,6 +213,8 @@ async fn world(backend: Backend, refuse: u32, fail_once: &[&'static str]) -> Wor
         s.notify.url = Some(format!("{receiver_uri}/hooks/billsync"));
         s.notify.secret = Some(billsync::config::Secret::new(SECRET));
         s.notify.max_retry_delay = std::time::Duration::from_millis(50);
+        // A dead replica's command is taken over within a second.
+        s.claims.commands = std::time::Duration::from_secs(1);
     })
     .await;
     onboard(&app, "acme", "cus_acme", json!({})).await;
@@ -597,4 +615,59 @@ async fn reconciliation_finds_a_seeded_difference_between_burns_and_debits(backe
         (Some("334.501"), Some("300"), Some("34.501"))
     );
     assert_eq!(item["evidence"]["transactions"], json!(["cbtxn_1"]));
+}
+
+async fn a_replica_killed_mid_top_up_and_mid_delivery_duplicates_nothing() {
+    let w = world(Backend::Postgres, 0, &[]).await;
+    // Stripe makes the grant but its answer never reaches the first replica; the receiver
+    // takes the first delivery but its 2xx never reaches the first replica either.
+    w.stripe.lock().unwrap().hang_once.insert("grant");
+    w.receiver.lock().unwrap().hang_first = true;
+    auto_top_up(&w.app).await;
+    let alerts = w.db.credit_alerts();
+    assert_eq!(
+        alerts
+            .balance_changed(&change(600, 400), now_ms())
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    wait_for("the grant made and the delivery received", || async {
+        let granted = w.stripe.lock().unwrap().created.get("grant") == Some(&1);
+        granted && w.receiver.lock().unwrap().got.len() == 1
+    })
+    .await;
+    let survivor = w.app.replica().await;
+    let World {
+        app,
+        stripe,
+        receiver,
+        db,
+        _servers,
+    } = w;
+    let _database = app.crash();
+    let crossings = db.credit_alerts().crossings("acme", "usd").await.unwrap();
+    let command = crossings[0].command_id.clone().unwrap();
+    wait_for("the survivor to finish the top-up", || async {
+        command_status(&survivor, &command).await == "succeeded"
+    })
+    .await;
+    wait_for("the survivor to deliver again", || async {
+        let page = survivor.get_json("/v1/notifications").await;
+        page["data"][0]["status"] == "delivered"
+    })
+    .await;
+    let created = stripe.lock().unwrap().created.clone();
+    for step in ["invoice", "item", "finalize", "pay", "grant"] {
+        assert_eq!(created.get(step), Some(&1), "{step}: {created:?}");
+    }
+    let got = receiver.lock().unwrap().got.clone();
+    assert_eq!(
+        got.len(),
+        2,
+        "at least once: delivered again after the crash"
+    );
+    assert_eq!(got[0].0["billsync-event-id"], got[1].0["billsync-event-id"]);
+    assert_eq!(got[0].1, got[1].1);
+    survivor.stop().await;
 }
