@@ -5,6 +5,7 @@
 //!     cargo bench --bench entitlements           # needs wrk (apt-get install wrk)
 //!     cargo bench --bench entitlements -- quick
 //!     cargo bench --bench entitlements -- record [postgres|sqlite]  # check-and-record alone
+//!     cargo bench --bench entitlements -- credits [postgres|sqlite] # credit-priced, beside it
 //!
 //! The service runs in this process, in release mode, on loopback; wrk shares the 2 cores.
 
@@ -16,6 +17,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 mod common;
+#[path = "entitlements/credits.rs"]
+mod credits;
 #[path = "common/tenants.rs"]
 mod tenants;
 
@@ -37,7 +40,7 @@ end
 "#;
 
 /// Check-and-record: every request records one unit under an id of its own (thread, count).
-const WRK_RECORD_SCRIPT: &str = r#"
+pub(crate) const WRK_RECORD_SCRIPT: &str = r#"
 local n = tonumber(os.getenv("TENANTS"))
 local threads = 0
 setup = function(thread)
@@ -50,7 +53,7 @@ request = function()
   local t = (i * 7919 + tid * 104729) % n
   return wrk.format("POST", "/v1/tenants/t" .. t .. "/entitlements/check",
     {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. os.getenv("KEY")},
-    '{"feature":"api_calls","quantity":1,"record":{"id":"' .. os.getenv("RUN") .. '-' .. tid .. '-' .. i .. '"}}')
+    '{"feature":"' .. os.getenv("FEATURE") .. '","quantity":1,"record":{"id":"' .. os.getenv("RUN") .. '-' .. tid .. '-' .. i .. '"}}')
 end
 done = function(summary, latency, requests)
   io.write(string.format("RESULT %d %f %d %d %d %d\n", summary.requests, summary.duration / 1e6,
@@ -88,6 +91,23 @@ fn wrk(
     tenants: usize,
     script: &std::path::Path,
 ) -> WrkRun {
+    wrk_feature(
+        address,
+        (threads, connections, seconds),
+        tenants,
+        script,
+        "api_calls",
+    )
+}
+
+/// [`wrk`] with the feature a record script checks.
+pub(crate) fn wrk_feature(
+    address: &str,
+    (threads, connections, seconds): (u32, u32, u32),
+    tenants: usize,
+    script: &std::path::Path,
+    feature: &str,
+) -> WrkRun {
     let output = Command::new("wrk")
         .args([
             &format!("-t{threads}"),
@@ -100,6 +120,7 @@ fn wrk(
         .env("TENANTS", tenants.to_string())
         .env("KEY", tenants::API_KEY)
         .env("RUN", uuid::Uuid::new_v4().simple().to_string())
+        .env("FEATURE", feature)
         .output()
         .expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&output.stdout);
@@ -133,7 +154,7 @@ fn healthy(address: &str) -> bool {
 }
 
 /// `billsync::app::run` on a runtime of its own, built the way `billsync serve` builds it.
-struct Server {
+pub(crate) struct Server {
     address: String,
     shutdown: CancellationToken,
     thread: std::thread::JoinHandle<()>,
@@ -182,14 +203,20 @@ impl Server {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let quick = std::env::args().any(|a| a == "quick");
-    if std::env::args().any(|a| a == "record") {
+    let with_credits = std::env::args().any(|a| a == "credits");
+    if with_credits || std::env::args().any(|a| a == "record") {
         println!("| measure | figure |");
         println!("|---|---|");
         let only = |name: &str| std::env::args().any(|a| a == name);
         for backend in [Backend::Postgres, Backend::Sqlite] {
             let named = format!("{backend:?}").to_lowercase();
             if only(&named) || !(only("postgres") || only("sqlite")) {
-                check_and_record(backend, if quick { 3 } else { 10 }).await;
+                let seconds = if quick { 3 } else { 10 };
+                // With credits, the hard-limit figure is the peer in the same run.
+                check_and_record(backend, seconds).await;
+                if with_credits {
+                    credits::check_and_record(backend, seconds).await;
+                }
             }
         }
         return;
@@ -272,20 +299,31 @@ async fn main() {
     drop(state);
 }
 
+/// The settings and a state for a check-and-record run on `database` with `catalog`, its log
+/// quiet: wrk stops mid-request, and the requests still queued when the server stops are not
+/// news.
+async fn record_state(
+    database: &Database,
+    dir: &std::path::Path,
+    catalog: &str,
+) -> (billsync::config::Settings, billsync::state::AppState) {
+    let path = dir.join("plans.toml");
+    std::fs::write(&path, catalog).unwrap();
+    let mut settings = tenants::settings(&database.url, &path);
+    settings.log.level = "error".to_owned();
+    let state = billsync::state::AppState::build(settings.clone())
+        .await
+        .unwrap();
+    (settings, state)
+}
+
 /// Check-and-record over HTTP: 64 connections over 1,000 tenants, every request recording one
 /// unit (the database lock, the count over the usage log and the insert, per request).
 async fn check_and_record(backend: Backend, seconds: u32) {
     const TENANTS: usize = 1_000;
     let database = Database::create(backend).await;
     let dir = tempfile::tempdir().unwrap();
-    let catalog = dir.path().join("plans.toml");
-    std::fs::write(&catalog, tenants::CATALOG).unwrap();
-    let mut settings = tenants::settings(&database.url, &catalog);
-    // wrk stops mid-request: the requests still queued when the server stops are not news.
-    settings.log.level = "error".to_owned();
-    let state = billsync::state::AppState::build(settings.clone())
-        .await
-        .unwrap();
+    let (settings, state) = record_state(&database, dir.path(), tenants::CATALOG).await;
     tenants::create_tenants(&state.db, TENANTS).await;
     drop(state);
     let script = dir.path().join("record.lua");

@@ -133,3 +133,109 @@ fn burn_from(uses: &mut [GrantUse], start: i64, prices: &[String], mut burn: Dec
     }
     burn
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn grant(id: &str, amount: i64, priority: i64, ends: Option<i64>) -> CreditGrant {
+        CreditGrant {
+            id: id.into(),
+            customer: None,
+            unit: "credits".into(),
+            amount: Decimal::from(amount),
+            priority,
+            created_ms: 0,
+            effective_ms: 0,
+            expires_ms: ends,
+            voided_ms: None,
+            category: None,
+            name: None,
+            prices: None,
+        }
+    }
+
+    fn feature(meter: &str, per_unit: &str, prices: &[&str]) -> CreditFeature {
+        CreditFeature {
+            name: meter.into(),
+            meter: meter.into(),
+            unit: "credits".into(),
+            per_unit: Decimal::from_str(per_unit).unwrap(),
+            prices: prices.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    fn usage(segment: usize, meter: &str, quantity: &str) -> SegmentUsage {
+        SegmentUsage {
+            segment,
+            meter: meter.into(),
+            quantity: Decimal::from_str(quantity).unwrap(),
+        }
+    }
+
+    #[test]
+    fn burns_follow_priority_then_expiry_and_stop_at_an_end() {
+        let grants = [
+            grant("late", 100, 50, None),
+            grant("soon", 10, 10, Some(1000)),
+            grant("later", 5, 10, Some(5000)),
+        ];
+        let points = breakpoints(&grants);
+        assert_eq!(points, [0, 1000, 5000]);
+        let f = feature("tokens", "1", &[]);
+        // 12 in [0, 1000): soon 10, later 2. 4 in [1000, 5000): later 3, late 1.
+        let burns = [usage(1, "tokens", "12"), usage(2, "tokens", "4")];
+        let a = allocate("credits", &grants, &[&f], &points, &burns, 2000);
+        let burned: Vec<_> = a
+            .grants
+            .iter()
+            .map(|u| (u.grant.id.as_str(), u.burned))
+            .collect();
+        assert_eq!(
+            burned,
+            [("soon", 10.into()), ("later", 5.into()), ("late", 1.into())]
+        );
+        assert_eq!(
+            (a.balance.granted, a.balance.available),
+            (105.into(), 99.into())
+        );
+        assert_eq!(a.uncovered, Decimal::ZERO);
+    }
+
+    #[test]
+    fn fractions_are_exact_and_uncovered_burns_take_nothing_later() {
+        let grants = [grant("g", 1, 50, None)];
+        let points = breakpoints(&grants);
+        let f = feature("gpu", "0.0167", &[]);
+        let burns = [
+            usage(0, "gpu", "100"),
+            usage(1, "gpu", "3"),
+            usage(1, "gpu", "0.5"),
+        ];
+        let a = allocate("credits", &grants, &[&f], &points, &burns, 10);
+        assert_eq!(a.balance.burned.to_string(), "0.05845");
+        assert_eq!(a.balance.available.to_string(), "0.94155");
+        assert_eq!(
+            a.uncovered.to_string(),
+            "1.67",
+            "before the grant: uncovered"
+        );
+    }
+
+    #[test]
+    fn a_grant_scoped_to_prices_takes_only_their_meters() {
+        let mut scoped = grant("scoped", 10, 1, None);
+        scoped.prices = Some(vec!["price_gpu".into()]);
+        let grants = [scoped, grant("any", 10, 50, None)];
+        let points = breakpoints(&grants);
+        let (gpu, tokens) = (
+            feature("gpu", "1", &["price_gpu"]),
+            feature("tokens", "1", &[]),
+        );
+        let burns = [usage(1, "tokens", "4"), usage(1, "gpu", "3")];
+        let a = allocate("credits", &grants, &[&gpu, &tokens], &points, &burns, 10);
+        let burned: Vec<_> = a.grants.iter().map(|u| u.burned).collect();
+        assert_eq!(burned, [Decimal::from(3), Decimal::from(4)]);
+    }
+}

@@ -179,6 +179,9 @@ pub async fn balance_of(
     tenant: &str,
     now: i64,
 ) -> Result<Vec<Allocation>, StoreError> {
+    if features.is_empty() {
+        return Ok(Vec::new());
+    }
     let credits = db.credits();
     let grants = grants_of(&credits.grant_payloads(tenant).await?);
     let mut out = Vec::new();

@@ -44,7 +44,7 @@ fn a_catalog_with_an_unknown_key_stops_serve_at_start_with_the_file_table_and_ke
         String::from_utf8_lossy(&output.stderr)
     );
     let expected = format!(
-        "catalog {}: [features.api_calls]: unknown key \"metr\" (valid keys: meter, fail_open)",
+        "catalog {}: [features.api_calls]: unknown key \"metr\" (valid keys: meter, fail_open, credits_per_unit, credit_unit)",
         path.display()
     );
     assert!(
@@ -126,7 +126,7 @@ async fn a_reload_that_meets_an_unknown_key_keeps_the_previous_catalog_and_logs_
     let failed: Value =
         serde_json::from_str(&next_line_with("catalog reload failed")).expect("a JSON log line");
     let expected = format!(
-        "catalog {}: [features.api_calls]: unknown key \"metr\" (valid keys: meter, fail_open)",
+        "catalog {}: [features.api_calls]: unknown key \"metr\" (valid keys: meter, fail_open, credits_per_unit, credit_unit)",
         path.display()
     );
     assert!(

@@ -5,10 +5,11 @@
 use billsync::state::AppState;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
-use wiremock::{Mock, MockServer, ResponseTemplate};
+use wiremock::Mock;
 
 use crate::entitlements::{onboard, service};
 use crate::helpers::{Backend, TestApp, customer, event, on_both_backends, use_vendor, wait_for};
+use crate::sweep::{customers_without_subscriptions, list};
 
 on_both_backends!(
     a_grant_arrives_by_webhook_and_usage_burns_it_down_exactly,
@@ -342,21 +343,17 @@ async fn the_credits_ledger_paginates_newest_first(backend: Backend) {
     app.stop().await;
 }
 
-fn list(data: Vec<Value>) -> ResponseTemplate {
-    ResponseTemplate::new(200)
-        .set_body_json(json!({"object": "list", "data": data, "has_more": false}))
-}
-
 async fn a_grant_arrives_by_backfill_and_a_fake_without_credit_grants_breaks_nothing(
     backend: Backend,
 ) {
-    let vendor = MockServer::start().await;
+    // Knows every customer `cus_<n>` (tenant `t<n>`), and no subscription.
+    let vendor = customers_without_subscriptions().await;
     Mock::given(method("GET"))
         .and(path("/v1/customers"))
-        .respond_with(list(vec![customer("cus_bf", "bf")]))
+        .respond_with(list(vec![customer("cus_7", "t7")]))
         .mount(&vendor)
         .await;
-    let g = grant("credgr_bf", "cus_bf", credits("25"), json!({}));
+    let g = grant("credgr_bf", "cus_7", credits("25"), json!({}));
     let grants = Mock::given(method("GET"))
         .and(path("/v1/billing/credit_grants"))
         .respond_with(list(vec![g]))
@@ -381,12 +378,12 @@ async fn a_grant_arrives_by_backfill_and_a_fake_without_credit_grants_breaks_not
             .any(|(k, listed, _)| k.as_str() == "credit_grant" && *listed == 1),
         "{report:?}"
     );
-    assert_eq!(balance(&app, "bf", "credits").await["available"], "25");
+    assert_eq!(balance(&app, "t7", "credits").await["available"], "25");
     assert_eq!(
-        record(&app, "bf", "ai_tokens", json!(25), "all").await["allowed"],
+        record(&app, "t7", "ai_tokens", json!(25), "all").await["allowed"],
         true
     );
-    assert_eq!(balance(&app, "bf", "credits").await["available"], "0");
+    assert_eq!(balance(&app, "t7", "credits").await["available"], "0");
 
     // Now the fake lacks credit grants: backfill skips the kind, the sweep still passes.
     drop(grants);
@@ -400,16 +397,6 @@ async fn a_grant_arrives_by_backfill_and_a_fake_without_credit_grants_breaks_not
             .any(|k| k.as_str() == "credit_grant"),
         "{report:?}"
     );
-    Mock::given(method("GET"))
-        .and(path("/v1/customers/cus_bf"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(customer("cus_bf", "bf")))
-        .mount(&vendor)
-        .await;
-    Mock::given(method("GET"))
-        .and(path("/v1/subscriptions"))
-        .respond_with(list(vec![]))
-        .mount(&vendor)
-        .await;
     state
         .sweep(client)
         .step()
@@ -422,14 +409,11 @@ async fn a_grant_arrives_by_backfill_and_a_fake_without_credit_grants_breaks_not
         .iter()
         .filter(|r| {
             r.url.path() == "/v1/billing/credit_grants"
-                && r.url
-                    .query()
-                    .unwrap_or_default()
-                    .contains("customer=cus_bf")
+                && r.url.query().unwrap_or_default().contains("customer=cus_7")
         })
         .count();
     assert_eq!(listed, 1, "the sweep asked for the customer's grants once");
-    assert_eq!(balance(&app, "bf", "credits").await["available"], "0");
+    assert_eq!(balance(&app, "t7", "credits").await["available"], "0");
     app.stop().await;
 }
 

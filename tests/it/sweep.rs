@@ -34,7 +34,7 @@ impl Respond for Customers {
     }
 }
 
-fn list(data: Vec<Value>) -> ResponseTemplate {
+pub(crate) fn list(data: Vec<Value>) -> ResponseTemplate {
     ResponseTemplate::new(200)
         .set_body_json(json!({"object": "list", "data": data, "has_more": false}))
 }
@@ -87,7 +87,7 @@ async fn sweep_calls(vendor: &MockServer) -> usize {
 }
 
 /// A Stripe fake that knows every customer `cus_<n>` and no subscription.
-async fn customers_without_subscriptions() -> MockServer {
+pub(crate) async fn customers_without_subscriptions() -> MockServer {
     let vendor = MockServer::start().await;
     Mock::given(method("GET"))
         .and(path_regex("^/v1/customers/cus_[0-9]+$"))

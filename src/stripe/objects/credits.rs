@@ -2,12 +2,10 @@
 //! (`monetary`, integer minor units) or in a custom pricing unit (a decimal), and the dates that
 //! bound when it may be used.
 
-use std::str::FromStr;
-
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-use super::{id_of, int};
+use super::{id_of, int, quantity};
 use crate::credits::grants::{CREDITS, CreditGrant};
 
 /// A credit grant as billsync uses it, or `None` when it names no amount billsync can read
@@ -47,27 +45,15 @@ fn amount(amount: &Value) -> Option<(String, Decimal)> {
     let is = |kind: &str| amount["type"].as_str() == Some(kind);
     if is("monetary") || (!is("custom_pricing_unit") && monetary.is_object()) {
         let currency = monetary["currency"].as_str()?.to_ascii_lowercase();
-        return Some((currency, decimal(&monetary["value"])?));
+        return Some((currency, quantity(&monetary["value"])?));
     }
     if custom.is_object() {
         let unit = id_of(&custom["id"])
             .or_else(|| id_of(&custom["custom_pricing_unit"]))
             .unwrap_or_else(|| CREDITS.to_owned());
-        return Some((unit, decimal(&custom["value"])?));
+        return Some((unit, quantity(&custom["value"])?));
     }
     None
-}
-
-/// An exact decimal from a JSON number or string.
-fn decimal(value: &Value) -> Option<Decimal> {
-    match value {
-        Value::Number(n) => n
-            .as_i64()
-            .map(Decimal::from)
-            .or_else(|| Decimal::from_str(&n.to_string()).ok()),
-        Value::String(s) => Decimal::from_str(s.trim()).ok(),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
