@@ -197,6 +197,24 @@ impl StripeHttp {
         }
     }
 
+    /// One page (100 at most) of a list narrowed to `customer`, after `starting_after`.
+    pub(super) async fn customer_page(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        customer: &str,
+        starting_after: Option<&str>,
+    ) -> Result<Page, VendorError> {
+        let mut query = vec![
+            ("customer".to_owned(), customer.to_owned()),
+            ("limit".to_owned(), "100".to_owned()),
+        ];
+        if let Some(after) = starting_after {
+            query.push(("starting_after".to_owned(), after.to_owned()));
+        }
+        self.page(endpoint, path, query).await
+    }
+
     fn count(&self, endpoint: &str, status: &str) {
         self.metrics.inc(
             "billsync_vendor_requests_total",
@@ -457,18 +475,12 @@ impl StripeHttp {
         let mut entitlements = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let mut query = vec![
-                ("customer".to_owned(), customer.to_owned()),
-                ("limit".to_owned(), "100".to_owned()),
-            ];
-            if let Some(after) = &after {
-                query.push(("starting_after".to_owned(), after.clone()));
-            }
             let page = self
-                .page(
+                .customer_page(
                     "entitlements/active_entitlements",
                     "/v1/entitlements/active_entitlements",
-                    query,
+                    customer,
+                    after.as_deref(),
                 )
                 .await?;
             after = page

@@ -134,17 +134,9 @@ impl StripeHttp {
         let mut found = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let mut query = vec![
-                ("customer".to_owned(), customer.to_owned()),
-                ("limit".to_owned(), "100".to_owned()),
-            ];
-            if let Some(after) = &after {
-                query.push(("starting_after".to_owned(), after.clone()));
-            }
             let path = "/v1/billing/credit_balance_transactions";
-            let page = self
-                .page("billing/credit_balance_transactions", path, query)
-                .await?;
+            let endpoint = "billing/credit_balance_transactions";
+            let page = (self.customer_page(endpoint, path, customer, after.as_deref())).await?;
             after = page.data.last().and_then(|t| id_of(&t["id"]));
             let mut older = false;
             for raw in &page.data {

@@ -4,8 +4,8 @@
 
 use billsync::state::AppState;
 use serde_json::{Value, json};
-use wiremock::matchers::{method, path};
 use wiremock::Mock;
+use wiremock::matchers::{method, path};
 
 use crate::entitlements::{onboard, service};
 use crate::helpers::{Backend, TestApp, customer, event, on_both_backends, use_vendor, wait_for};

@@ -17,6 +17,7 @@ use sha2::Sha256;
 use wiremock::matchers::any;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
+use crate::commands::form;
 use crate::entitlements::onboard;
 use crate::helpers::{
     Backend, TestApp, error_of, event, on_both_backends, take_webhooks, use_test_catalog,
@@ -59,15 +60,6 @@ struct Stripe {
 }
 
 type Shared = Arc<Mutex<Stripe>>;
-
-fn form(request: &Request) -> BTreeMap<String, String> {
-    let body = String::from_utf8_lossy(&request.body);
-    reqwest::Url::parse(&format!("http://x/?{body}"))
-        .unwrap()
-        .query_pairs()
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
 
 struct StripeHandler(Shared);
 
@@ -525,6 +517,23 @@ async fn burns_over_http_cross_and_the_top_ups_grant_rearms(backend: Backend) {
     .await;
 }
 
+/// Waits until `app` has ended the first crossing's top-up and delivered its notification;
+/// the command's id.
+async fn top_up_done_and_delivered(app: &TestApp, db: &Db) -> String {
+    let crossings = db.credit_alerts().crossings("acme", "usd").await.unwrap();
+    let command = crossings[0].command_id.clone().unwrap();
+    wait_for("the top-up", || async {
+        command_status(app, &command).await == "succeeded"
+    })
+    .await;
+    wait_for("the notification", || async {
+        let page = app.get_json("/v1/notifications").await;
+        page["data"][0]["status"] == "delivered"
+    })
+    .await;
+    command
+}
+
 async fn two_replicas_deliver_once_and_top_up_once() {
     let w = world(Backend::Postgres, 0, &[]).await;
     let replica = w.app.replica().await;
@@ -549,17 +558,7 @@ async fn two_replicas_deliver_once_and_top_up_once() {
         },
     );
     assert_eq!(a.into_iter().chain(b).collect::<Vec<_>>(), vec![1]);
-    let crossings = w.db.credit_alerts().crossings("acme", "usd").await.unwrap();
-    let command = crossings[0].command_id.clone().unwrap();
-    wait_for("the top-up", || async {
-        command_status(&replica, &command).await == "succeeded"
-    })
-    .await;
-    wait_for("the notification", || async {
-        let page = replica.get_json("/v1/notifications").await;
-        page["data"][0]["status"] == "delivered"
-    })
-    .await;
+    top_up_done_and_delivered(&replica, &w.db).await;
     // Both replicas run the outbox and stand for the notify lease; a second pass would show.
     let status = replica.get_json("/v1/sync/status").await;
     assert_eq!(status["notifications"]["pending"], 0);
@@ -646,17 +645,7 @@ async fn a_replica_killed_mid_top_up_and_mid_delivery_duplicates_nothing() {
         _servers,
     } = w;
     let _database = app.crash();
-    let crossings = db.credit_alerts().crossings("acme", "usd").await.unwrap();
-    let command = crossings[0].command_id.clone().unwrap();
-    wait_for("the survivor to finish the top-up", || async {
-        command_status(&survivor, &command).await == "succeeded"
-    })
-    .await;
-    wait_for("the survivor to deliver again", || async {
-        let page = survivor.get_json("/v1/notifications").await;
-        page["data"][0]["status"] == "delivered"
-    })
-    .await;
+    top_up_done_and_delivered(&survivor, &db).await;
     let created = stripe.lock().unwrap().created.clone();
     for step in ["invoice", "item", "finalize", "pay", "grant"] {
         assert_eq!(created.get(step), Some(&1), "{step}: {created:?}");
