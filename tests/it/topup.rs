@@ -229,6 +229,15 @@ fn change(before: i64, after: i64) -> BalanceChange<'static> {
     }
 }
 
+/// The crossing a change of acme's `usd` balance made, if any (in a transaction of its own).
+async fn crossed(db: &Db, before: i64, after: i64) -> Option<i64> {
+    let alerts = db.credit_alerts();
+    alerts
+        .balance_changed(&change(before, after), now_ms())
+        .await
+        .unwrap()
+}
+
 async fn put_settings(app: &TestApp, unit: &str, body: Value) -> reqwest::Response {
     app.v1(
         Method::PUT,
@@ -339,28 +348,10 @@ async fn a_crossing_notifies_once_and_tops_up_once_through_failures(backend: Bac
     let w = world(backend, 2, &["pay", "grant"]).await;
     auto_top_up(&w.app).await;
     let alerts = w.db.credit_alerts();
-    assert_eq!(
-        alerts
-            .balance_changed(&change(900, 600), now_ms())
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        alerts
-            .balance_changed(&change(600, 400), now_ms())
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(crossed(&w.db, 900, 600).await, None);
+    assert_eq!(crossed(&w.db, 600, 400).await, Some(1));
     // Further burns below the threshold: no second crossing.
-    assert_eq!(
-        alerts
-            .balance_changed(&change(400, 100), now_ms())
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(crossed(&w.db, 400, 100).await, None);
     let crossings = alerts.crossings("acme", "usd").await.unwrap();
     assert_eq!(crossings.len(), 1);
     let command = crossings[0].command_id.clone().unwrap();
@@ -408,32 +399,14 @@ async fn the_alarm_rearms_after_the_top_up_and_crosses_again(backend: Backend) {
     let w = world(backend, 0, &[]).await;
     auto_top_up(&w.app).await;
     let alerts = w.db.credit_alerts();
-    assert_eq!(
-        alerts
-            .balance_changed(&change(500, 499), now_ms())
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(crossed(&w.db, 500, 499).await, Some(1));
     let settings = w.app.get_json("/v1/tenants/acme/credits/settings").await;
     assert_eq!(settings["data"][0]["armed"], false);
     // The top-up's grant arrives: 499 + 2000.
-    assert_eq!(
-        alerts
-            .balance_changed(&change(499, 2499), now_ms())
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(crossed(&w.db, 499, 2499).await, None);
     let settings = w.app.get_json("/v1/tenants/acme/credits/settings").await;
     assert_eq!(settings["data"][0]["armed"], true);
-    assert_eq!(
-        alerts
-            .balance_changed(&change(2499, 10), now_ms())
-            .await
-            .unwrap(),
-        Some(2)
-    );
+    assert_eq!(crossed(&w.db, 2499, 10).await, Some(2));
     let crossings = alerts.crossings("acme", "usd").await.unwrap();
     assert_eq!(crossings.len(), 2);
     for crossing in &crossings {
@@ -504,10 +477,13 @@ async fn burns_over_http_cross_and_the_top_ups_grant_rearms(backend: Backend) {
         command_status(&w.app, &command).await == "succeeded"
     })
     .await;
-    // The top-up's grant comes back from Stripe: the alarm re-arms.
+    // The top-up's grant comes back from Stripe: the alarm re-arms (just after the apply).
     grant_arrives(&w.app, usd_grant("credgr_topup", 2000)).await;
-    let settings = w.app.get_json("/v1/tenants/acme/credits/settings").await;
-    assert_eq!(settings["data"][0]["armed"], true, "{settings}");
+    wait_for("the alarm re-armed", || async {
+        let settings = w.app.get_json("/v1/tenants/acme/credits/settings").await;
+        settings["data"][0]["armed"] == true
+    })
+    .await;
     burn(&w.app, 120_000, "u4").await; // 2004 cents: 2497.33 - 2004 = 493.33 left
     assert_eq!(alerts.crossings("acme", "usd").await.unwrap().len(), 2);
     wait_for("two notifications delivered", || async {
@@ -623,14 +599,7 @@ async fn a_replica_killed_mid_top_up_and_mid_delivery_duplicates_nothing() {
     w.stripe.lock().unwrap().hang_once.insert("grant");
     w.receiver.lock().unwrap().hang_first = true;
     auto_top_up(&w.app).await;
-    let alerts = w.db.credit_alerts();
-    assert_eq!(
-        alerts
-            .balance_changed(&change(600, 400), now_ms())
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(crossed(&w.db, 600, 400).await, Some(1));
     wait_for("the grant made and the delivery received", || async {
         let granted = w.stripe.lock().unwrap().created.get("grant") == Some(&1);
         granted && w.receiver.lock().unwrap().got.len() == 1
