@@ -3,6 +3,7 @@
 //! `credits::balance`). Both are read from rows; on PostgreSQL also inside check-and-record's
 //! transaction.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
@@ -16,11 +17,33 @@ const GRANTS: &str = "SELECT m.payload FROM mirror_objects m JOIN tenants t ON t
      WHERE t.tenant_id = $1 AND m.object_type = 'credit_grant' AND m.deleted = FALSE \
      ORDER BY m.object_id";
 
-/// PostgreSQL sums each meter's usage per segment; `width_bucket` counts the breakpoints at or
-/// before each event.
-const SEGMENTS_PG: &str = "SELECT width_bucket(occurred_at, $3::bigint[])::bigint, meter, \
-     SUM(quantity::numeric)::text FROM usage_events \
-     WHERE tenant_id = $1 AND meter = ANY($2) AND occurred_at >= $4 GROUP BY 1, 2";
+/// The grants of several tenants at once (PostgreSQL).
+const GRANTS_OF_TENANTS: &str = "SELECT t.tenant_id, m.payload FROM mirror_objects m \
+     JOIN tenants t ON t.customer_id = m.customer_id \
+     WHERE t.tenant_id = ANY($1) AND m.object_type = 'credit_grant' AND m.deleted = FALSE \
+     ORDER BY t.tenant_id, m.object_id";
+
+/// PostgreSQL sums each meter's usage per segment, for several asks at once (the `n`th: a
+/// tenant, its meters and breakpoints joined by [`SEP`]); `width_bucket` counts the breakpoints
+/// at or before each event.
+const SEGMENTS_PG: &str = "SELECT a.n, width_bucket(e.occurred_at, a.points)::bigint, e.meter, \
+     SUM(e.quantity::numeric)::text \
+     FROM (SELECT n, tenant, string_to_array(meters, E'\\x1f') AS meters, \
+           string_to_array(points, E'\\x1f')::bigint[] AS points, from_ms \
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
+           WITH ORDINALITY AS u (tenant, meters, points, from_ms, n)) AS a \
+     JOIN usage_events e ON e.tenant_id = a.tenant AND e.meter = ANY(a.meters) \
+     AND e.occurred_at >= a.from_ms GROUP BY 1, 2, 3";
+
+/// Joins the meters and breakpoints of one ask in [`SEGMENTS_PG`].
+const SEP: &str = "\u{1f}";
+
+/// One tenant's question to [`usage_by_segment_of`]: its meters' usage per segment of `points`.
+pub struct SegmentAsk<'a> {
+    pub tenant: &'a str,
+    pub meters: Vec<String>,
+    pub points: &'a [i64],
+}
 
 pub struct Credits<'a> {
     pub(super) db: &'a Db,
@@ -47,7 +70,14 @@ impl Credits<'_> {
         match self.db {
             Db::Postgres(pool) => {
                 let mut conn = pool.acquire().await?;
-                Ok(usage_by_segment_in(&mut conn, tenant, meters, points).await?)
+                let meters = meters.to_vec();
+                let ask = SegmentAsk {
+                    tenant,
+                    meters,
+                    points,
+                };
+                let mut found = usage_by_segment_of(&mut conn, &[ask]).await?;
+                Ok(found.pop().unwrap_or_default())
             }
             Db::Sqlite(pool) => {
                 let mut query = sqlx::QueryBuilder::new(
@@ -103,43 +133,64 @@ impl Credits<'_> {
     }
 }
 
-/// [`Credits::grant_payloads`] on a PostgreSQL transaction.
-pub(super) async fn grant_payloads_in(
+/// The grant payloads of each of `tenants`, on a PostgreSQL transaction.
+pub(super) async fn grants_of_tenants(
     conn: &mut sqlx::PgConnection,
-    tenant: &str,
-) -> Result<Vec<String>, sqlx::Error> {
-    let rows: Vec<(String,)> = sqlx::query_as(GRANTS).bind(tenant).fetch_all(conn).await?;
-    Ok(rows.into_iter().map(|(p,)| p).collect())
-}
-
-/// [`Credits::usage_by_segment`] on a PostgreSQL connection or transaction.
-pub(super) async fn usage_by_segment_in(
-    conn: &mut sqlx::PgConnection,
-    tenant: &str,
-    meters: &[String],
-    points: &[i64],
-) -> Result<Vec<SegmentUsage>, sqlx::Error> {
-    let Some(&from) = points.first() else {
-        return Ok(Vec::new());
-    };
-    let rows: Vec<(i64, String, Option<String>)> = sqlx::query_as(SEGMENTS_PG)
-        .bind(tenant)
-        .bind(meters)
-        .bind(points)
-        .bind(from)
+    tenants: &[String],
+) -> Result<HashMap<String, Vec<String>>, sqlx::Error> {
+    let rows: Vec<(String, String)> = sqlx::query_as(GRANTS_OF_TENANTS)
+        .bind(tenants)
         .fetch_all(conn)
         .await?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(segment, meter, sum)| {
-            let quantity = Decimal::from_str(sum.as_deref()?).ok()?;
-            Some(SegmentUsage {
-                segment: usize::try_from(segment).ok()?,
-                meter,
-                quantity,
-            })
-        })
-        .collect())
+    let mut grants: HashMap<String, Vec<String>> = HashMap::new();
+    for (tenant, payload) in rows {
+        grants.entry(tenant).or_default().push(payload);
+    }
+    Ok(grants)
+}
+
+/// Each ask's usage per segment and meter, in one statement on a PostgreSQL connection or
+/// transaction (an ask without breakpoints has none).
+pub(super) async fn usage_by_segment_of(
+    conn: &mut sqlx::PgConnection,
+    asks: &[SegmentAsk<'_>],
+) -> Result<Vec<Vec<SegmentUsage>>, sqlx::Error> {
+    let mut found = vec![Vec::new(); asks.len()];
+    let asked: Vec<&SegmentAsk> = asks.iter().filter(|a| !a.points.is_empty()).collect();
+    if asked.is_empty() {
+        return Ok(found);
+    }
+    let joined = |points: &[i64]| points.iter().map(i64::to_string).collect::<Vec<_>>();
+    let rows: Vec<(i64, i64, String, Option<String>)> = sqlx::query_as(SEGMENTS_PG)
+        .bind(asked.iter().map(|a| a.tenant).collect::<Vec<_>>())
+        .bind(asked.iter().map(|a| a.meters.join(SEP)).collect::<Vec<_>>())
+        .bind(
+            asked
+                .iter()
+                .map(|a| joined(a.points).join(SEP))
+                .collect::<Vec<_>>(),
+        )
+        .bind(asked.iter().map(|a| a.points[0]).collect::<Vec<_>>())
+        .fetch_all(conn)
+        .await?;
+    let index: Vec<usize> = (0..asks.len())
+        .filter(|&i| !asks[i].points.is_empty())
+        .collect();
+    for (n, segment, meter, sum) in rows {
+        let (Some(sum), Ok(segment)) = (sum, usize::try_from(segment)) else {
+            continue;
+        };
+        let Ok(quantity) = Decimal::from_str(&sum) else {
+            continue;
+        };
+        let usage = SegmentUsage {
+            segment,
+            meter,
+            quantity,
+        };
+        found[index[(n - 1) as usize]].push(usage);
+    }
+    Ok(found)
 }
 
 /// Sums `(meter, quantity, occurred_at)` rows per segment and meter (SQLite keeps quantities

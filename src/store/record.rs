@@ -93,20 +93,42 @@ pub struct CheckedRecord {
     pub burn: Option<Burn>,
 }
 
-/// Judges a credit check on the transaction, from the grants and usage rows as they stand.
-async fn burn_in(
+/// Judges every credit check of a batch on its transaction, from the grants and usage rows as
+/// they stand, in two statements whatever the batch's size.
+async fn burns_in(
     tx: &mut sqlx::PgConnection,
-    check: &RecordCheck,
-) -> Result<Option<Burn>, sqlx::Error> {
-    let Some(credit) = &check.credit else {
-        return Ok(None);
-    };
-    let payloads = super::credits::grant_payloads_in(&mut *tx, &check.row.tenant_id).await?;
-    let (grants, points) = credit.grants_and_points(crate::credits::grants_of(&payloads));
-    let usage =
-        super::credits::usage_by_segment_in(tx, &check.row.tenant_id, &credit.meters(), &points)
-            .await?;
-    Ok(Some(credit.judge(&grants, &points, usage, &check.row)))
+    checks: &[RecordCheck],
+) -> Result<Vec<Option<Burn>>, sqlx::Error> {
+    use super::credits::{SegmentAsk, grants_of_tenants, usage_by_segment_of};
+    let credit: Vec<(usize, &CreditCheck)> = (checks.iter().enumerate())
+        .filter_map(|(i, c)| c.credit.as_ref().map(|credit| (i, credit)))
+        .collect();
+    let mut burns = vec![None; checks.len()];
+    if credit.is_empty() {
+        return Ok(burns);
+    }
+    let tenants: Vec<String> = (credit.iter())
+        .map(|(i, _)| checks[*i].row.tenant_id.clone())
+        .collect();
+    let payloads = grants_of_tenants(&mut *tx, &tenants).await?;
+    let prepared: Vec<_> = (credit.iter())
+        .map(|(i, c)| {
+            let of_tenant = payloads.get(&checks[*i].row.tenant_id).cloned();
+            c.grants_and_points(crate::credits::grants_of(&of_tenant.unwrap_or_default()))
+        })
+        .collect();
+    let asks: Vec<SegmentAsk> = (credit.iter().zip(&prepared))
+        .map(|((i, c), (_, points))| SegmentAsk {
+            tenant: &checks[*i].row.tenant_id,
+            meters: c.meters(),
+            points,
+        })
+        .collect();
+    let usage = usage_by_segment_of(tx, &asks).await?;
+    for (((i, c), (grants, points)), usage) in credit.iter().zip(&prepared).zip(usage) {
+        burns[*i] = Some(c.judge(grants, points, usage, &checks[*i].row));
+    }
+    Ok(burns)
 }
 
 impl Usage<'_> {
@@ -139,10 +161,7 @@ impl Usage<'_> {
         .execute(&mut *tx)
         .await?;
         let before = figures_in(&mut tx, checks).await?;
-        let mut burns = Vec::with_capacity(checks.len());
-        for check in checks {
-            burns.push(burn_in(&mut tx, check).await?);
-        }
+        let burns = burns_in(&mut tx, checks).await?;
         let allowed: Vec<usize> = (0..checks.len())
             .filter(|&i| {
                 let (existed, figure) = &before[i];
