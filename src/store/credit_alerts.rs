@@ -156,6 +156,40 @@ macro_rules! insert_crossing {
 }
 pub(crate) use insert_crossing;
 
+/// [`balance_changed!`] for each of a PostgreSQL batch's changes, on its transaction: one
+/// statement finds which (tenant, unit) have settings, so that a batch of tenants without any
+/// costs one round trip, not one per change.
+pub(super) async fn balances_changed_in(
+    tx: &mut sqlx::PgConnection,
+    changes: &[crate::topup::BalanceChange<'_>],
+) -> Result<(), sqlx::Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let tenants: Vec<&str> = changes.iter().map(|c| c.tenant_id).collect();
+    let units: Vec<&str> = changes.iter().map(|c| c.unit).collect();
+    let with_settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT s.tenant_id, s.unit FROM credit_settings s \
+         JOIN unnest($1::text[], $2::text[]) AS c(tenant_id, unit) \
+         ON s.tenant_id = c.tenant_id AND s.unit = c.unit",
+    )
+    .bind(&tenants)
+    .bind(&units)
+    .fetch_all(&mut *tx)
+    .await?;
+    let now = super::now_ms();
+    for change in changes {
+        let key = (change.tenant_id, change.unit);
+        if with_settings
+            .iter()
+            .any(|(t, u)| (t.as_str(), u.as_str()) == key)
+        {
+            balance_changed!(&mut *tx, change, now);
+        }
+    }
+    Ok(())
+}
+
 pub struct CreditAlerts<'a> {
     db: &'a Db,
 }

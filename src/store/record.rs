@@ -187,13 +187,10 @@ impl Usage<'_> {
             before.clone()
         };
         // A burn that takes the balance below its threshold: the crossing, in this transaction.
-        let now = super::now_ms();
-        for &i in &stored {
-            if let Some(burn) = &burns[i] {
-                let change = burn.change(&checks[i].row.tenant_id);
-                super::balance_changed!(&mut *tx, &change, now);
-            }
-        }
+        let changes: Vec<_> = (stored.iter())
+            .filter_map(|&i| Some(burns[i].as_ref()?.change(&checks[i].row.tenant_id)))
+            .collect();
+        super::credit_alerts::balances_changed_in(&mut tx, &changes).await?;
         tx.commit().await?;
         Ok(before
             .into_iter()

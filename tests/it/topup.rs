@@ -362,7 +362,12 @@ async fn a_crossing_notifies_once_and_tops_up_once_through_failures(backend: Bac
     let got = w.app.get_json(&format!("/v1/commands/{command}")).await;
     assert_eq!(got["kind"], "credits.top_up");
     assert_eq!(got["top_up"]["invoice_id"], "in_1", "{got}");
-    assert!(got["top_up"]["credit_grant_id"].as_str().unwrap().starts_with("credgr_"));
+    assert!(
+        got["top_up"]["credit_grant_id"]
+            .as_str()
+            .unwrap()
+            .starts_with("credgr_")
+    );
     assert!(got["attempts"].as_i64().unwrap() >= 3, "{got}");
     let created = w.stripe.lock().unwrap().created.clone();
     for step in ["invoice", "item", "finalize", "pay", "grant"] {
