@@ -214,14 +214,17 @@ mod tests {
     }
 
     #[test]
-    fn a_crossing_is_from_at_or_above_to_below_while_armed() {
+    fn a_crossing_is_a_fall_below_the_threshold_from_at_or_above_it() {
         let s = settings("10", true);
         assert_eq!(alarm(&s, &change("10", "9.9999")), Alarm::Cross);
         assert_eq!(alarm(&s, &change("10.0000", "10")), Alarm::Stay);
+        // Disarmed, but the change starts above: a grant raised it since the last crossing.
         assert_eq!(
             alarm(&settings("10", false), &change("11", "9")),
-            Alarm::Stay
+            Alarm::Cross
         );
+        // Armed and seen below (a grant voided): a crossing.
+        assert_eq!(alarm(&s, &change("9", "9")), Alarm::Cross);
         assert_eq!(
             alarm(&settings("10", false), &change("9", "10")),
             Alarm::Rearm
