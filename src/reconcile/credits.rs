@@ -95,7 +95,13 @@ pub async fn items(
         return Ok(Vec::new());
     }
     let (from_s, to_s) = (from_ms.div_euclid(1000), to_ms.div_euclid(1000));
-    let transactions = vendor.credit_transactions(customer, from_s, to_s).await?;
+    let Some(transactions) = vendor.credit_transactions(customer, from_s, to_s).await? else {
+        tracing::info!(
+            tenant_id = tenant,
+            "the vendor lists no credit balance transactions: credits not reconciled"
+        );
+        return Ok(Vec::new());
+    };
     let (debited, unreadable) = debited(&transactions);
     let mut units: Vec<&String> = burned.keys().chain(debited.keys()).collect();
     units.sort();

@@ -74,7 +74,7 @@ impl StripeHttp {
     }
 
     /// GETs `path`; `Ok(None)` on 404. `endpoint` labels the call in metrics.
-    async fn get(
+    pub(super) async fn get(
         &self,
         endpoint: &'static str,
         path: &str,
@@ -430,7 +430,7 @@ impl super::CreditVendor for StripeHttp {
         customer: &str,
         start: i64,
         end: i64,
-    ) -> Result<Vec<CreditTransaction>, VendorError> {
+    ) -> Result<Option<Vec<CreditTransaction>>, VendorError> {
         StripeHttp::credit_transactions(self, customer, start, end).await
     }
 }

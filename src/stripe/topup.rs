@@ -124,19 +124,33 @@ impl StripeHttp {
 
     /// Every credit balance transaction of the customer effective in `[start, end)` (Unix
     /// seconds), newest first, each as billsync reads it; one without an amount it can read is
-    /// kept with none, not dropped.
+    /// kept with none, not dropped. `None` when the vendor has no such list (a 404: a fake or
+    /// an account without billing credits).
     pub(super) async fn credit_transactions(
         &self,
         customer: &str,
         start: i64,
         end: i64,
-    ) -> Result<Vec<CreditTransaction>, VendorError> {
+    ) -> Result<Option<Vec<CreditTransaction>>, VendorError> {
+        let endpoint = "billing/credit_balance_transactions";
         let mut found = Vec::new();
         let mut after: Option<String> = None;
         loop {
+            let mut query = vec![
+                ("customer".to_owned(), customer.to_owned()),
+                ("limit".to_owned(), "100".to_owned()),
+            ];
+            query.extend(
+                after
+                    .iter()
+                    .map(|a| ("starting_after".to_owned(), a.clone())),
+            );
             let path = "/v1/billing/credit_balance_transactions";
-            let endpoint = "billing/credit_balance_transactions";
-            let page = (self.customer_page(endpoint, path, customer, after.as_deref())).await?;
+            let Some(body) = self.get(endpoint, path, &query).await? else {
+                return Ok(None);
+            };
+            let page = super::objects::page(body)
+                .ok_or_else(|| VendorError::Malformed(format!("{endpoint}: not a list")))?;
             after = page.data.last().and_then(|t| id_of(&t["id"]));
             let mut older = false;
             for raw in &page.data {
@@ -151,7 +165,7 @@ impl StripeHttp {
                 break;
             }
         }
-        Ok(found)
+        Ok(Some(found))
     }
 }
 

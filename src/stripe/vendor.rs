@@ -289,11 +289,12 @@ pub trait CreditVendor: Send + Sync {
         idempotency_key: &str,
     ) -> Result<Value, VendorError>;
 
-    /// The customer's credit balance transactions effective in `[start, end)` (Unix seconds).
+    /// The customer's credit balance transactions effective in `[start, end)` (Unix seconds);
+    /// `None` when the vendor has no such list.
     async fn credit_transactions(
         &self,
         customer: &str,
         start: i64,
         end: i64,
-    ) -> Result<Vec<CreditTransaction>, VendorError>;
+    ) -> Result<Option<Vec<CreditTransaction>>, VendorError>;
 }
