@@ -190,6 +190,20 @@ fn spawn_workers(
         None => tracing::warn!("no Stripe API key configured (stripe.api_key): vendor sync is off"),
     }
     spawn_reconciliation_jobs(workers, state, shutdown);
+    // Without notify.url the lease is still held, idle, so that every singleton job has a holder.
+    let notifier = crate::notify::Notifier::from_settings(&state.db, &settings.notify);
+    if notifier.is_none() {
+        tracing::info!("no notify.url configured: notifications are recorded, not sent");
+    }
+    spawn_singleton(workers, state, shutdown, "notify", move |token| {
+        let notifier = notifier.clone();
+        async move {
+            match notifier {
+                Some(notifier) => notifier.run(token).await,
+                None => token.cancelled().await,
+            }
+        }
+    });
     #[cfg(unix)]
     workers.spawn(reload_on_sighup(state.clone(), shutdown.clone()));
 }

@@ -28,6 +28,7 @@ use crate::store::{Db, LeaseSeat, Queue, StoreError, TxSnapshot, now_ms};
 
 /// Every singleton job's lease name (`spawn_singleton` in app.rs).
 pub const SINGLETON_JOBS: &[&str] = &[
+    "notify",
     "open_check",
     "poller",
     "pusher",

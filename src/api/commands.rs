@@ -52,6 +52,9 @@ pub struct CommandOut {
     pub subscription: Option<SubscriptionOut>,
     /// The customer a `customer.sync` command created or updated.
     pub customer_id: Option<String>,
+    /// The invoice and credit grant a `credits.top_up` made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_up: Option<Value>,
     pub created_at: String,
     pub updated_at: String,
     pub completed_at: Option<String>,
@@ -81,6 +84,15 @@ impl From<CommandRow> for CommandOut {
             .as_ref()
             .filter(|_| kind_of_result == Some(ObjectKind::Customer))
             .and_then(|object| objects::id_of(&object["id"]));
+        let top_up = result
+            .as_ref()
+            .filter(|_| row.kind == CommandKind::CreditsTopUp.as_str())
+            .map(|r| {
+                serde_json::json!({
+                    "invoice_id": objects::id_of(&r["invoice"]["id"]),
+                    "credit_grant_id": objects::id_of(&r["credit_grant"]["id"]),
+                })
+            });
         let error = match row.status.as_str() {
             "failed" | "conflict" => Some(CommandError {
                 code: row.error_code.unwrap_or_else(|| "failed".to_owned()),
@@ -101,6 +113,7 @@ impl From<CommandRow> for CommandOut {
             error,
             subscription,
             customer_id,
+            top_up,
             created_at: rfc3339(row.created_at),
             updated_at: rfc3339(row.updated_at),
             completed_at: row.completed_at.map(rfc3339),

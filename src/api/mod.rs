@@ -4,12 +4,14 @@
 pub mod auth;
 pub mod commands;
 pub mod console;
+pub mod credit_settings;
 pub mod credits;
 pub mod entitlements;
 pub mod error;
 pub mod health;
 pub mod json;
 pub mod metrics;
+pub mod notifications;
 pub mod pagination;
 pub mod reconcile;
 pub mod revenue;
@@ -115,6 +117,17 @@ pub fn routes() -> Vec<Route> {
             "/v1/commands/{command_id}",
             get(commands::get_command),
         ),
+        route(
+            Method::GET,
+            "/v1/tenants/{tenant_id}/credits/settings",
+            get(credit_settings::list),
+        ),
+        route(
+            Method::PUT,
+            "/v1/tenants/{tenant_id}/credits/settings/{unit}",
+            put(credit_settings::put),
+        ),
+        route(Method::GET, "/v1/notifications", get(notifications::list)),
         route(Method::GET, "/v1/sync/status", get(sync::sync_status)),
         route(
             Method::POST,

@@ -292,6 +292,7 @@ pub async fn sync_status(
     let (commands_pending, oldest_command) = state.db.commands().backlog().await?;
     let commands_failed = state.db.commands().failed_count().await?;
     let (pushes_pending, oldest_push) = state.db.usage().pending_pushes().await?;
+    let (notes_pending, notes_failed, oldest_note) = state.db.notifications().backlog().await?;
     let here = this_replica(&state);
     let jobs = jobs(&state, &here).await?;
     Ok(Json(json!({
@@ -316,6 +317,12 @@ pub async fn sync_status(
             "pending": commands_pending,
             "oldest_pending_at": oldest_command.map(rfc3339),
             "failed": commands_failed,
+        },
+        "notifications": {
+            "configured": state.settings.notify.url.is_some(),
+            "pending": notes_pending,
+            "oldest_pending_at": oldest_note.map(rfc3339),
+            "failed": notes_failed,
         },
         "this_replica": here,
         "jobs": jobs,

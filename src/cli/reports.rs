@@ -110,6 +110,12 @@ fn subject(item: &serde_json::Value) -> serde_json::Value {
             item["period_start"].as_str().unwrap_or_default(),
             item["period_end"].as_str().unwrap_or_default()
         ),
+        Some("credits") => format!(
+            "{} burned {} debited {}",
+            item["unit"].as_str().unwrap_or_default(),
+            item["burned"].as_str().unwrap_or_default(),
+            item["vendor_debited"].as_str().unwrap_or_default()
+        ),
         _ => item["object_id"].as_str().unwrap_or_default().to_owned(),
     };
     serde_json::Value::String(text)

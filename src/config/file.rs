@@ -80,6 +80,7 @@ pub(super) struct Raw {
     pub(super) shutdown: RawShutdown,
     pub(super) runtime: RawRuntime,
     pub(super) outbox: RawOutbox,
+    pub(super) notify: RawNotify,
     pub(super) claims: RawClaims,
     pub(super) reconcile: RawReconcile,
     pub(super) console: RawConsole,
@@ -198,6 +199,16 @@ pub(super) struct RawReconcile {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawOutbox {
     pub(super) concurrency: usize,
+    pub(super) give_up_after: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNotify {
+    pub(super) url: String,
+    pub(super) secret: String,
+    pub(super) timeout: String,
+    pub(super) max_retry_delay: String,
     pub(super) give_up_after: String,
 }
 

@@ -48,6 +48,7 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub runtime: RuntimeSettings,
     pub outbox: OutboxSettings,
+    pub notify: NotifySettings,
     pub claims: ClaimSettings,
     pub reconcile: ReconcileSettings,
     pub console: ConsoleSettings,
@@ -85,6 +86,21 @@ pub struct OutboxSettings {
     /// Commands sent at once (one tenant's always one at a time).
     pub concurrency: usize,
     /// A command the vendor could not take for this long fails.
+    pub give_up_after: Duration,
+}
+
+/// Notifications to the product: signed webhooks to one URL.
+#[derive(Debug, Clone)]
+pub struct NotifySettings {
+    /// Where notifications are posted; `None`: recorded, not sent.
+    pub url: Option<String>,
+    /// The HMAC-SHA256 key of the `Billsync-Signature` header.
+    pub secret: Option<Secret>,
+    /// Timeout of one delivery.
+    pub timeout: Duration,
+    /// Longest wait between two attempts.
+    pub max_retry_delay: Duration,
+    /// A notification not accepted within this long fails.
     pub give_up_after: Duration,
 }
 

@@ -35,6 +35,11 @@ pub(super) fn redacted(layers: &Layers) -> Result<String, ConfigError> {
     if let Some(secrets) = entry(&mut table, "stripe", "webhook_secrets") {
         redact_list(secrets, |_| REDACTED.to_owned());
     }
+    if let Some(Value::String(secret)) = entry(&mut table, "notify", "secret")
+        && !secret.is_empty()
+    {
+        *secret = REDACTED.to_owned();
+    }
     let text =
         toml::to_string(&table).map_err(|e| ConfigError::new("(top level)", e.to_string()))?;
     let file = match layers.file() {

@@ -7,14 +7,14 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::file::{
-    Raw, RawApi, RawClaims, RawDatabase, RawEntitlements, RawLog, RawMetering, RawOutbox,
-    RawReconcile, RawRuntime, RawStripe, RawSync,
+    Raw, RawApi, RawClaims, RawDatabase, RawEntitlements, RawLog, RawMetering, RawNotify,
+    RawOutbox, RawReconcile, RawRuntime, RawStripe, RawSync,
 };
 use super::{
     ApiSettings, CatalogSettings, ClaimSettings, ConfigError, ConsoleSettings, DEFAULT_CATALOG,
-    DatabaseSettings, EntitlementSettings, LogSettings, MeteringSettings, OutboxSettings,
-    ReconcileSettings, RuntimeSettings, Secret, Settings, ShutdownSettings, StripeSettings,
-    SyncSettings,
+    DatabaseSettings, EntitlementSettings, LogSettings, MeteringSettings, NotifySettings,
+    OutboxSettings, ReconcileSettings, RuntimeSettings, Secret, Settings, ShutdownSettings,
+    StripeSettings, SyncSettings,
 };
 
 impl Raw {
@@ -40,6 +40,7 @@ impl Raw {
             entitlements: entitlements(self.entitlements)?,
             runtime: runtime(self.runtime)?,
             outbox: outbox(self.outbox)?,
+            notify: notify(self.notify)?,
             claims: claims(self.claims)?,
             reconcile: reconcile(self.reconcile)?,
             console: ConsoleSettings {
@@ -258,6 +259,32 @@ fn outbox(raw: RawOutbox) -> Result<OutboxSettings, ConfigError> {
     Ok(OutboxSettings {
         concurrency: raw.concurrency,
         give_up_after: positive("outbox.give_up_after", &raw.give_up_after)?,
+    })
+}
+
+fn notify(raw: RawNotify) -> Result<NotifySettings, ConfigError> {
+    let url = Some(raw.url.trim().to_owned()).filter(|u| !u.is_empty());
+    if let Some(url) = &url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(ConfigError::new(
+            "notify.url",
+            "must start with http:// or https://",
+        ));
+    }
+    let secret = Some(raw.secret).filter(|s| !s.is_empty()).map(Secret::new);
+    if url.is_some() && secret.is_none() {
+        return Err(ConfigError::new(
+            "notify.secret",
+            "is required when notify.url is set (the receiver checks the signature with it)",
+        ));
+    }
+    Ok(NotifySettings {
+        url,
+        secret,
+        timeout: positive("notify.timeout", &raw.timeout)?,
+        max_retry_delay: positive("notify.max_retry_delay", &raw.max_retry_delay)?,
+        give_up_after: positive("notify.give_up_after", &raw.give_up_after)?,
     })
 }
 

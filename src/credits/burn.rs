@@ -29,6 +29,18 @@ pub struct Burn {
     pub covered: bool,
 }
 
+impl Burn {
+    /// The balance change storing the event makes, for the low-balance alarm.
+    pub fn change<'a>(&'a self, tenant_id: &'a str) -> crate::topup::BalanceChange<'a> {
+        crate::topup::BalanceChange {
+            tenant_id,
+            unit: &self.before.unit,
+            available_before: self.before.available,
+            available_after: self.with_event.available,
+        }
+    }
+}
+
 impl CreditCheck {
     /// The lock every replica takes before judging a burn of this unit for `tenant`.
     pub fn lock_name(&self, tenant: &str) -> String {

@@ -161,7 +161,9 @@ impl Metering {
                 };
                 let covered = burn.as_ref().is_none_or(|b| b.covered);
                 let ceiling = if covered { ceiling } else { Ceiling::Never };
-                let recorded = self.record_under_lock(&row, meter, period, ceiling).await?;
+                let change = burn.as_ref().map(|b| b.change(&row.tenant_id));
+                let recorded =
+                    (self.record_under_lock(&row, meter, period, ceiling, change.as_ref())).await?;
                 if matches!(recorded, Recorded::Stored { .. }) {
                     self.count_recorded(&row);
                 }
@@ -260,6 +262,7 @@ impl Metering {
         meter: &Meter,
         period: (i64, i64),
         ceiling: Ceiling,
+        change: Option<&crate::topup::BalanceChange<'_>>,
     ) -> Result<Recorded, StoreError> {
         let before = self
             .period_figure(&row.tenant_id, &meter.name, period)
@@ -278,7 +281,7 @@ impl Metering {
         let stored = {
             let _gate = self.gate.read().await;
             let _turn = self.writer.lock().await;
-            self.db.usage().insert(std::slice::from_ref(row)).await?[0]
+            self.db.usage().insert_burning(row, change).await?
         };
         if !stored {
             // A plain usage call with the same id got there first.

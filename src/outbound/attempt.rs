@@ -26,6 +26,8 @@ pub(super) struct Ending {
     status: &'static str,
     /// The vendor object to show (the result, or the current state on conflict).
     object: Option<Observed>,
+    /// A result that is no mirrored object (a top-up's invoice and grant).
+    result: Option<Value>,
     error_code: Option<String>,
     message: Option<String>,
 }
@@ -43,6 +45,18 @@ impl Ending {
         Self {
             status: "succeeded",
             object: Some(Observed { kind, object, at }),
+            result: None,
+            error_code: None,
+            message: None,
+        }
+    }
+
+    /// Succeeded with a result kept as the command's, applied to no mirror.
+    pub(super) fn done(result: Value) -> Self {
+        Self {
+            status: "succeeded",
+            object: None,
+            result: Some(result),
             error_code: None,
             message: None,
         }
@@ -52,6 +66,7 @@ impl Ending {
         Self {
             status: "failed",
             object: None,
+            result: None,
             error_code: Some(code.to_owned()),
             message: Some(message.into()),
         }
@@ -65,6 +80,7 @@ impl Ending {
                 object,
                 at,
             }),
+            result: None,
             error_code: Some("conflict".to_owned()),
             message: Some(
                 "the subscription changed at the vendor after this command was accepted; \
@@ -183,7 +199,9 @@ impl Outbox {
         };
         let settlement = Settlement {
             status: ending.status,
-            result: ending.object.as_ref().map(|seen| seen.object.to_string()),
+            result: (ending.object.as_ref().map(|seen| &seen.object))
+                .or(ending.result.as_ref())
+                .map(Value::to_string),
             error_code: ending.error_code.clone(),
             message: ending.message.clone(),
             rebase,

@@ -51,6 +51,9 @@ impl Outbox {
         if kind == CommandKind::CustomerSync {
             return self.sync_customer(&tenant, &key).await;
         }
+        if kind == CommandKind::CreditsTopUp {
+            return self.top_up(command, &tenant, &key).await;
+        }
         let Some(customer) = tenant.customer_id.as_deref() else {
             let reason = "the tenant has no Stripe customer yet".to_owned();
             return Ok(Step::Retry(reason));
@@ -69,7 +72,7 @@ impl Outbox {
             CommandKind::SubscriptionSet => attempt.set().await,
             CommandKind::SubscriptionCancel => attempt.cancel().await,
             CommandKind::SubscriptionResume => attempt.resume().await,
-            CommandKind::CustomerSync => unreachable!("handled above"),
+            CommandKind::CustomerSync | CommandKind::CreditsTopUp => unreachable!("handled above"),
         }
     }
 
@@ -329,6 +332,6 @@ fn no_subscription() -> Step {
     Step::Done(Ending::failed("no_subscription", message))
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(request: &str) -> Result<T, WorkError> {
+pub(super) fn parse<T: for<'de> Deserialize<'de>>(request: &str) -> Result<T, WorkError> {
     serde_json::from_str(request).map_err(|e| WorkError::Payload(format!("command request: {e}")))
 }

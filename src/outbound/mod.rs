@@ -10,10 +10,12 @@
 //! and applied to the mirror at once.
 //!
 //! `mod.rs` has the commands' kinds, keys and fingerprints and the worker's loop; `attempt.rs`
-//! one attempt and how it is recorded; `execute.rs` what an attempt does at the vendor.
+//! one attempt and how it is recorded; `execute.rs` what an attempt does at the vendor;
+//! `top_up.rs` a credit top-up's attempt.
 
 mod attempt;
 mod execute;
+mod top_up;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -47,6 +49,8 @@ pub enum CommandKind {
     SubscriptionCancel,
     /// Undo a cancel at period end.
     SubscriptionResume,
+    /// Invoice a credit top-up, pay it, grant the credits ([`crate::topup::TopUpRequest`]).
+    CreditsTopUp,
 }
 
 impl CommandKind {
@@ -56,6 +60,7 @@ impl CommandKind {
             Self::SubscriptionSet => "subscription.set",
             Self::SubscriptionCancel => "subscription.cancel",
             Self::SubscriptionResume => "subscription.resume",
+            Self::CreditsTopUp => "credits.top_up",
         }
     }
 
@@ -65,6 +70,7 @@ impl CommandKind {
             Self::SubscriptionSet,
             Self::SubscriptionCancel,
             Self::SubscriptionResume,
+            Self::CreditsTopUp,
         ]
         .into_iter()
         .find(|k| k.as_str() == name)

@@ -6,6 +6,7 @@
 //! is a dry run, the vendor states that repair drift (as inbox rows, source `reconcile`, which
 //! the applier applies like any other). The same inputs give the same report.
 
+pub mod credits;
 pub mod drift;
 mod inputs;
 pub mod money;
@@ -62,6 +63,8 @@ pub enum Finding {
     CurrencyMismatch,
     // drift
     Drift,
+    // credits
+    CreditMismatch,
 }
 
 impl Finding {
@@ -87,6 +90,7 @@ impl Finding {
             Self::Uncollectible => "uncollectible",
             Self::CurrencyMismatch => "currency_mismatch",
             Self::Drift => "drift",
+            Self::CreditMismatch => "credit_mismatch",
         }
     }
 }
@@ -178,6 +182,7 @@ impl Reconciler {
         items.extend(money.items);
         let (drift, drift_checked) = self.drift_items(params, &scope).await?;
         items.extend(drift);
+        items.extend(self.credit_items(params, &scope).await?);
 
         items
             .sort_by_cached_key(|i| (i.area, i.tenant_id.clone(), i.finding, i.detail.to_string()));
@@ -226,6 +231,30 @@ impl Reconciler {
             item
         });
         Ok((items.collect(), sample.len()))
+    }
+
+    /// Credits: each linked tenant's burns against Stripe's credit balance transactions, when
+    /// the catalog has credit-priced features and the vendor has billing credits.
+    async fn credit_items(&self, params: &Params, scope: &Scope) -> Result<Vec<Item>, WorkError> {
+        let Some(credits) = self.vendor.as_deref().and_then(|v| v.credits()) else {
+            return Ok(Vec::new());
+        };
+        if self.catalog.credits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut items = Vec::new();
+        for (tenant, customer) in &scope.linked {
+            let found = credits::items(
+                &self.db,
+                credits,
+                &self.catalog.credits,
+                (tenant, customer),
+                (params.from_ms, params.to_ms),
+            )
+            .await?;
+            items.extend(found);
+        }
+        Ok(items)
     }
 
     /// Runs a reconciliation to the end and stores it; returns the run id.

@@ -66,7 +66,7 @@ macro_rules! columns {
 /// Inserts one [`NewCommand`] for a tenant; a repeated (tenant, client key) inserts nothing.
 macro_rules! insert_command {
     ($conn:expr, $tenant:expr, $c:expr, $now_ms:expr) => {{
-        let c: &NewCommand = $c;
+        let c: &$crate::store::NewCommand = $c;
         sqlx::query(
             "INSERT INTO commands (command_id, tenant_id, kind, request, client_key, request_digest, base, \
              status, attempts, next_attempt_at, created_at, updated_at) \
@@ -84,7 +84,7 @@ macro_rules! insert_command {
         .execute($conn)
     }};
 }
-pub(super) use insert_command;
+pub(crate) use insert_command;
 
 /// Ends a pending command (counting the attempt) and rebases the tenant's later commands, on
 /// any transaction; evaluates to whether the command was still pending.

@@ -8,10 +8,12 @@ mod apply;
 mod changes;
 mod claims;
 mod commands;
+mod credit_alerts;
 mod credits;
 mod inbox;
 mod lease;
 mod mirror;
+mod notifications;
 pub(crate) mod periods;
 mod pushes;
 mod reconcile;
@@ -35,11 +37,16 @@ use crate::config::DatabaseSettings;
 pub use apply::{Apply, ApplyOutcome, Confirmed, TenantClaim};
 pub use changes::{ChangeRow, Changes};
 pub use claims::{Claims, Queue};
+pub(crate) use commands::insert_command;
 pub use commands::{CommandRow, Commands, Enqueued, NewCommand, Settlement};
+pub use credit_alerts::{CreditAlerts, CreditSettingsRow, CrossingRow};
+pub(crate) use credit_alerts::{balance_changed, insert_crossing};
 pub use credits::Credits;
 pub use inbox::{Inbox, InboxRow, InboxStats, NewEvent, Source};
 pub use lease::{LeaseSeat, XactLock, holders as lease_holders, lease_key};
 pub use mirror::{Mirror, MirrorRow, ObjectState, PageKinds, SyncState};
+pub(crate) use notifications::insert_notification;
+pub use notifications::{Delivery, NewNotification, NotificationRow, Notifications};
 pub use periods::{PeriodRow, Periods};
 pub use pushes::{NewPush, PushRow, UnpushedKey};
 pub use reconcile::{ItemRow, Reconciliations, RunRow};
@@ -410,6 +417,14 @@ impl Db {
 
     pub fn claims(&self) -> Claims<'_> {
         Claims::new(self)
+    }
+
+    pub fn credit_alerts(&self) -> CreditAlerts<'_> {
+        CreditAlerts::new(self)
+    }
+
+    pub fn notifications(&self) -> Notifications<'_> {
+        Notifications::new(self)
     }
 
     pub fn credits(&self) -> Credits<'_> {

@@ -186,6 +186,11 @@ impl Usage<'_> {
         } else {
             before.clone()
         };
+        // A burn that takes the balance below its threshold: the crossing, in this transaction.
+        let changes: Vec<_> = (stored.iter())
+            .filter_map(|&i| Some(burns[i].as_ref()?.change(&checks[i].row.tenant_id)))
+            .collect();
+        super::credit_alerts::balances_changed_in(&mut tx, &changes).await?;
         tx.commit().await?;
         Ok(before
             .into_iter()

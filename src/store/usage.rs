@@ -169,6 +169,27 @@ impl<'a> Usage<'a> {
         Ok(new)
     }
 
+    /// Stores one usage row and, when it is new, the balance change it makes
+    /// ([`crate::topup`]), in one transaction. Whether the row was new.
+    pub async fn insert_burning(
+        &self,
+        row: &UsageRow,
+        change: Option<&crate::topup::BalanceChange<'_>>,
+    ) -> Result<bool, StoreError> {
+        let notify = self.db.backend() == super::Backend::Postgres;
+        let new = on_pool!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            let new =
+                insert_usage!(&mut *tx, std::slice::from_ref(row), &|_| Vec::new(), notify)[0];
+            if new && let Some(change) = change {
+                super::balance_changed!(&mut *tx, change, super::now_ms());
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(new)
+        })?;
+        Ok(new)
+    }
+
     /// The meter's figure over the tenant's events that happened in `[from_ms, to_ms)`,
     /// computed by PostgreSQL from the usage log itself (`None` without usage). On SQLite, which
     /// keeps quantities as text it cannot add exactly, `Err(Unsupported)`: fold

@@ -13,8 +13,8 @@ use super::form::{self, urlencode};
 use super::limiter::RateLimiter;
 use super::objects;
 use super::{
-    BillingVendor, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind, Page,
-    PreviewRequest, SubscriptionWrite, VendorError,
+    BillingVendor, CreditTransaction, CustomerWrite, Fetched, ListFilter, MeterEvent, ObjectKind,
+    Page, PreviewRequest, SubscriptionWrite, TopUpWrite, VendorError,
 };
 use crate::config::{Secret, StripeSettings};
 use crate::metrics::Metrics;
@@ -74,7 +74,7 @@ impl StripeHttp {
     }
 
     /// GETs `path`; `Ok(None)` on 404. `endpoint` labels the call in metrics.
-    async fn get(
+    pub(super) async fn get(
         &self,
         endpoint: &'static str,
         path: &str,
@@ -90,7 +90,7 @@ impl StripeHttp {
     }
 
     /// POSTs (or DELETEs) a write with its idempotency key; a 404 is the vendor's refusal.
-    async fn write(
+    pub(super) async fn write(
         &self,
         endpoint: &'static str,
         method: reqwest::Method,
@@ -182,6 +182,39 @@ impl StripeHttp {
         }
     }
 
+    /// GETs one object; its absence is the vendor's refusal.
+    pub(super) async fn fetch_value(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+    ) -> Result<Value, VendorError> {
+        match self
+            .call(endpoint, reqwest::Method::GET, path, &[], &[], None)
+            .await?
+        {
+            Answer::Found(value) => Ok(value),
+            Answer::NotFound(body) => Err(rejected(StatusCode::NOT_FOUND, &body)),
+        }
+    }
+
+    /// One page (100 at most) of a list narrowed to `customer`, after `starting_after`.
+    pub(super) async fn customer_page(
+        &self,
+        endpoint: &'static str,
+        path: &str,
+        customer: &str,
+        starting_after: Option<&str>,
+    ) -> Result<Page, VendorError> {
+        let mut query = vec![
+            ("customer".to_owned(), customer.to_owned()),
+            ("limit".to_owned(), "100".to_owned()),
+        ];
+        if let Some(after) = starting_after {
+            query.push(("starting_after".to_owned(), after.to_owned()));
+        }
+        self.page(endpoint, path, query).await
+    }
+
     fn count(&self, endpoint: &str, status: &str) {
         self.metrics.inc(
             "billsync_vendor_requests_total",
@@ -190,7 +223,7 @@ impl StripeHttp {
         );
     }
 
-    async fn page(
+    pub(super) async fn page(
         &self,
         endpoint: &'static str,
         path: &str,
@@ -380,6 +413,26 @@ impl BillingVendor for StripeHttp {
             .sum();
         Ok(Some(total))
     }
+
+    fn credits(&self) -> Option<&dyn super::CreditVendor> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl super::CreditVendor for StripeHttp {
+    async fn top_up(&self, top_up: &TopUpWrite<'_>, key: &str) -> Result<Value, VendorError> {
+        self.top_up_calls(top_up, key).await
+    }
+
+    async fn credit_transactions(
+        &self,
+        customer: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Option<Vec<CreditTransaction>>, VendorError> {
+        StripeHttp::credit_transactions(self, customer, start, end).await
+    }
 }
 
 impl StripeHttp {
@@ -422,18 +475,12 @@ impl StripeHttp {
         let mut entitlements = Vec::new();
         let mut after: Option<String> = None;
         loop {
-            let mut query = vec![
-                ("customer".to_owned(), customer.to_owned()),
-                ("limit".to_owned(), "100".to_owned()),
-            ];
-            if let Some(after) = &after {
-                query.push(("starting_after".to_owned(), after.clone()));
-            }
             let page = self
-                .page(
+                .customer_page(
                     "entitlements/active_entitlements",
                     "/v1/entitlements/active_entitlements",
-                    query,
+                    customer,
+                    after.as_deref(),
                 )
                 .await?;
             after = page

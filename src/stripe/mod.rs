@@ -8,7 +8,9 @@ mod form;
 mod http;
 mod limiter;
 pub mod objects;
+mod topup;
 mod vendor;
 
 pub use http::StripeHttp;
+pub use topup::credit_transaction;
 pub use vendor::*;

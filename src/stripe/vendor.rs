@@ -241,4 +241,60 @@ pub trait BillingVendor: Send + Sync {
         start: i64,
         end: i64,
     ) -> Result<Option<rust_decimal::Decimal>, VendorError>;
+
+    /// Its prepaid credits side, when it has one.
+    fn credits(&self) -> Option<&dyn CreditVendor> {
+        None
+    }
+}
+
+/// A credit top-up: an invoice for `amount` minor units of `currency`, paid from the
+/// customer's default payment method, then a billing credit grant of the same amount.
+#[derive(Debug, Clone, Copy)]
+pub struct TopUpWrite<'a> {
+    pub customer: &'a str,
+    pub currency: &'a str,
+    pub amount: i64,
+    /// On the invoice, its item and the grant.
+    pub description: &'a str,
+    pub metadata: &'a [(&'a str, &'a str)],
+}
+
+/// One credit balance transaction of a customer, as billsync reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreditTransaction {
+    pub id: String,
+    /// `credit` or `debit` (as the vendor says; other values kept).
+    pub kind: String,
+    /// Minor units of `currency`; `None` when the vendor's shape held none billsync can read.
+    pub amount: Option<rust_decimal::Decimal>,
+    pub currency: Option<String>,
+    /// Unix seconds.
+    pub effective_at: i64,
+    pub credit_grant: Option<String>,
+    /// As received.
+    pub raw: Value,
+}
+
+/// The vendor's prepaid credits side: top-ups and the credit balance transactions that
+/// reconciliation compares billsync's burns with. A separate trait so that vendors (and fakes)
+/// without credits need not implement it.
+#[async_trait]
+pub trait CreditVendor: Send + Sync {
+    /// Makes the top-up; every call carries `idempotency_key` (with a suffix per step), so
+    /// repeating it makes nothing twice. Returns `{"invoice": .., "credit_grant": ..}`.
+    async fn top_up(
+        &self,
+        top_up: &TopUpWrite<'_>,
+        idempotency_key: &str,
+    ) -> Result<Value, VendorError>;
+
+    /// The customer's credit balance transactions effective in `[start, end)` (Unix seconds);
+    /// `None` when the vendor has no such list.
+    async fn credit_transactions(
+        &self,
+        customer: &str,
+        start: i64,
+        end: i64,
+    ) -> Result<Option<Vec<CreditTransaction>>, VendorError>;
 }

@@ -130,6 +130,7 @@ impl Applier {
         match self.db.mirror().apply(&items, now_ms()).await {
             Ok(outcomes) => {
                 self.invalidate(&items, &outcomes);
+                self.grants_applied(&items, &outcomes).await;
                 for conflict in outcomes.into_iter().filter_map(|o| o.conflict) {
                     tracing::warn!(conflict = %conflict, "tenant mapping conflict; the first customer keeps the tenant");
                 }
@@ -142,6 +143,7 @@ impl Applier {
                     match self.db.mirror().apply(applies, now_ms()).await {
                         Ok(outcomes) => {
                             self.invalidate(applies, &outcomes);
+                            self.grants_applied(applies, &outcomes).await;
                             self.record_applied(group.iter(), started);
                         }
                         Err(error) => self.defer(group, &error.into()).await?,
@@ -202,6 +204,22 @@ impl Applier {
                 }
             }
         }
+    }
+
+    /// The low-balance alarm of each tenant whose credit grants changed ([`crate::topup`]).
+    async fn grants_applied(&self, items: &[Apply], outcomes: &[ApplyOutcome]) {
+        let tenants: std::collections::BTreeSet<String> = (items.iter().zip(outcomes))
+            .filter(|(item, outcome)| outcome.written && item.state.object_type == "credit_grant")
+            .filter_map(|(_, outcome)| outcome.tenant_id.clone())
+            .collect();
+        if tenants.is_empty() {
+            return;
+        }
+        let Some(entitlements) = &self.entitlements else {
+            return;
+        };
+        let features = entitlements.plans().credits.clone();
+        crate::topup::grants_applied(&self.db, &features, &tenants).await;
     }
 
     fn record_applied<'a>(

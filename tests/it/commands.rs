@@ -47,7 +47,7 @@ struct Stripe {
 
 type Shared = Arc<Mutex<Stripe>>;
 
-fn form(request: &Request) -> BTreeMap<String, String> {
+pub(crate) fn form(request: &Request) -> BTreeMap<String, String> {
     let body = String::from_utf8_lossy(&request.body);
     reqwest::Url::parse(&format!("http://x/?{body}"))
         .unwrap()

@@ -31,6 +31,12 @@ const VENDOR_ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/subscriptions/{id}"),
     ("DELETE", "/v1/subscriptions/{id}"),
     ("POST", "/v1/invoices/create_preview"),
+    ("POST", "/v1/invoices"),
+    ("POST", "/v1/invoiceitems"),
+    ("POST", "/v1/invoices/{id}/finalize"),
+    ("POST", "/v1/invoices/{id}/pay"),
+    ("POST", "/v1/billing/credit_grants"),
+    ("GET", "/v1/billing/credit_balance_transactions"),
     ("GET", "/v1/entitlements/active_entitlements"),
     ("POST", "/_config/webhooks/{name}"),
 ];

@@ -31,5 +31,6 @@ mod stream;
 mod sweep;
 mod sync;
 mod tenants;
+mod topup;
 mod usage;
 mod webhooks;

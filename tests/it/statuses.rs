@@ -197,6 +197,7 @@ impl Prober<'_> {
                 .concat(),
             ),
             ("{event_id}", vec!["evt_broken", "evt_nope"]),
+            ("{unit}", vec!["usd", "credits", "Bad%20Unit"]),
             (
                 "{run_id}",
                 [
@@ -265,6 +266,7 @@ fn sample_body(method: &Method, template: &str) -> Option<String> {
         ("PUT", "/v1/tenants/{tenant_id}") => json!({"name": "Acme"}),
         ("POST", "/v1/tenants/{tenant_id}/subscription") => json!({"price": "price_pro"}),
         ("POST", "/v1/reconciliations") => json!({"from": "2026-01-01", "to": "2026-02-01"}),
+        ("PUT", "/v1/tenants/{tenant_id}/credits/settings/{unit}") => json!({"threshold": 500}),
         ("POST", "/v1/usage") => json!({"events": [
             {"id": "e1", "tenant_id": "acme", "meter": "calls", "quantity": 1}
         ]}),

@@ -1,0 +1,256 @@
+//! Low balance and auto top-up (issue 20, must-have 4).
+//!
+//! Each tenant may keep, per credit unit, a threshold, a top-up amount and auto top-up on or
+//! off (`credit_settings`, `GET|PUT /v1/tenants/{t}/credits/settings`). Whatever changes a
+//! balance (a burn, an applied grant) calls [`balance_changed!`](crate::store::balance_changed)
+//! inside its own transaction with the balance before and after. When the balance falls from at
+//! or above the threshold to below it (a *crossing*), that same transaction
+//! - disarms the tenant's alarm for the unit and numbers the crossing (`credit_crossings`, one
+//!   row per crossing: a replayed change finds the alarm disarmed and does nothing);
+//! - records a `credits.balance_low` notification for the product ([`crate::notify`] delivers
+//!   it, signed, at least once, under a stable event id);
+//! - with auto top-up on, stores a `credits.top_up` command in the outbox, keyed by the
+//!   crossing, which creates the top-up at Stripe exactly once ([`TopUpRequest`]).
+//!
+//! The alarm re-arms when the balance is at or above the threshold again (the top-up's grant
+//! arriving, or any other grant).
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::outbound::CommandKind;
+use crate::store::{NewCommand, NewNotification};
+
+/// A change of one tenant's available balance in one unit, as the transaction that makes it
+/// sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct BalanceChange<'a> {
+    pub tenant_id: &'a str,
+    /// A lowercase ISO currency (amounts in minor units), or a credit unit.
+    pub unit: &'a str,
+    pub available_before: Decimal,
+    pub available_after: Decimal,
+}
+
+/// A tenant's settings for one unit, with its alarm's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditSettings {
+    pub threshold: Decimal,
+    /// Minor units of the unit's currency.
+    pub top_up_amount: Option<i64>,
+    pub auto_top_up: bool,
+    /// False from a crossing until the balance is at or above the threshold again.
+    pub armed: bool,
+    /// Crossings so far; the next one is numbered `crossings + 1`.
+    pub crossings: i64,
+}
+
+/// What a balance change does to the alarm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Alarm {
+    /// From at or above the threshold to below it, while armed.
+    Cross,
+    /// At or above the threshold again, while disarmed.
+    Rearm,
+    Stay,
+}
+
+/// How a change moves the alarm. `armed` means the last balance billsync saw was at or above
+/// the threshold; a change that starts at or above it re-arms the alarm on its way (a grant
+/// raised the balance since the last crossing). A crossing is an armed alarm meeting a balance
+/// below the threshold: from `>= threshold` to `< threshold`. A disarmed alarm re-arms once
+/// the balance is `>= threshold`.
+pub fn alarm(settings: &CreditSettings, change: &BalanceChange<'_>) -> Alarm {
+    let t = settings.threshold;
+    let armed = settings.armed || change.available_before >= t;
+    if armed && change.available_after < t {
+        Alarm::Cross
+    } else if !settings.armed && change.available_after >= t {
+        Alarm::Rearm
+    } else {
+        Alarm::Stay
+    }
+}
+
+/// Whether `unit` names a currency (three lowercase ASCII letters): only those can be topped
+/// up, Stripe's billing credits being monetary.
+pub fn is_currency(unit: &str) -> bool {
+    unit.len() == 3 && unit.bytes().all(|b| b.is_ascii_lowercase())
+}
+
+/// The parameters of a `credits.top_up` command: invoice `amount` minor units of `currency`,
+/// paid from the customer's default payment method, then grant the same amount as credits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopUpRequest {
+    pub currency: String,
+    pub amount: i64,
+    /// The crossing that asked for it.
+    pub crossing: i64,
+}
+
+/// The rows a crossing writes, besides the settings' update.
+#[derive(Debug, Clone)]
+pub struct CrossingRows {
+    pub seq: i64,
+    pub notification: NewNotification,
+    pub command: Option<NewCommand>,
+}
+
+/// The notification and (with auto top-up on a currency) the command of crossing number `seq`.
+pub fn crossing_rows(
+    settings: &CreditSettings,
+    change: &BalanceChange<'_>,
+    seq: i64,
+    now_ms: i64,
+) -> CrossingRows {
+    let command = match settings.top_up_amount {
+        Some(amount) if settings.auto_top_up && is_currency(change.unit) && amount > 0 => {
+            let request = TopUpRequest {
+                currency: change.unit.to_owned(),
+                amount,
+                crossing: seq,
+            };
+            let request = serde_json::to_string(&request).expect("plain struct");
+            Some(NewCommand {
+                command_id: format!("cmd_{}", uuid::Uuid::now_v7().simple()),
+                kind: CommandKind::CreditsTopUp.as_str().to_owned(),
+                request_digest: crate::notify::hex_sha256(request.as_bytes()),
+                request,
+                // One top-up per crossing: the outbox's (tenant, client key) is unique.
+                client_key: Some(format!("credits.top_up:{}:{seq}", change.unit)),
+                base: None,
+            })
+        }
+        _ => None,
+    };
+    let event_id = format!("evt_bs_{}", uuid::Uuid::now_v7().simple());
+    let top_up = command.as_ref().map(|c| {
+        json!({"command_id": c.command_id, "currency": change.unit,
+               "amount": settings.top_up_amount})
+    });
+    let payload = json!({
+        "id": event_id,
+        "object": "event",
+        "type": "credits.balance_low",
+        "created": now_ms / 1000,
+        "tenant_id": change.tenant_id,
+        "data": {
+            "unit": change.unit,
+            "threshold": settings.threshold.normalize().to_string(),
+            "available_before": change.available_before.normalize().to_string(),
+            "available_after": change.available_after.normalize().to_string(),
+            "crossing": seq,
+            "top_up": top_up,
+        }
+    });
+    CrossingRows {
+        seq,
+        notification: NewNotification {
+            event_id,
+            tenant_id: change.tenant_id.to_owned(),
+            kind: "credits.balance_low".to_owned(),
+            payload: payload.to_string(),
+        },
+        command,
+    }
+}
+
+/// After grants were applied to the mirror (created, voided, expired): the tenants' balances
+/// as they stand now, seen by the alarm (`before` = `after`: re-arms at or above the
+/// threshold; an armed alarm below it, after a void, crosses). Not in the apply's transaction:
+/// if this process dies in between, the tenant's next burn sees the same balance (its `before`)
+/// and does the same. Failures are logged; the next change retries them.
+pub async fn grants_applied(
+    db: &crate::store::Db,
+    features: &std::collections::BTreeMap<String, crate::credits::CreditFeature>,
+    tenants: &std::collections::BTreeSet<String>,
+) {
+    let now = crate::store::now_ms();
+    for tenant in tenants {
+        let balances = match crate::credits::balance_of(db, features, tenant, now).await {
+            Ok(balances) => balances,
+            Err(error) => {
+                tracing::warn!(tenant_id = %tenant, error = %error, "cannot read the balance after a grant");
+                continue;
+            }
+        };
+        for allocation in balances {
+            let balance = &allocation.balance;
+            let change = BalanceChange {
+                tenant_id: tenant,
+                unit: &balance.unit,
+                available_before: balance.available,
+                available_after: balance.available,
+            };
+            if let Err(error) = db.credit_alerts().balance_changed(&change, now).await {
+                tracing::warn!(tenant_id = %tenant, error = %error, "cannot check the low-balance alarm after a grant");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(threshold: &str, armed: bool) -> CreditSettings {
+        CreditSettings {
+            threshold: threshold.parse().unwrap(),
+            top_up_amount: Some(2000),
+            auto_top_up: true,
+            armed,
+            crossings: 0,
+        }
+    }
+
+    fn change(before: &str, after: &str) -> BalanceChange<'static> {
+        BalanceChange {
+            tenant_id: "t",
+            unit: "usd",
+            available_before: before.parse().unwrap(),
+            available_after: after.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_crossing_is_a_fall_below_the_threshold_from_at_or_above_it() {
+        let s = settings("10", true);
+        assert_eq!(alarm(&s, &change("10", "9.9999")), Alarm::Cross);
+        assert_eq!(alarm(&s, &change("10.0000", "10")), Alarm::Stay);
+        // Disarmed, but the change starts above: a grant raised it since the last crossing.
+        assert_eq!(
+            alarm(&settings("10", false), &change("11", "9")),
+            Alarm::Cross
+        );
+        // Armed and seen below (a grant voided): a crossing.
+        assert_eq!(alarm(&s, &change("9", "9")), Alarm::Cross);
+        assert_eq!(
+            alarm(&settings("10", false), &change("9", "10")),
+            Alarm::Rearm
+        );
+        assert_eq!(
+            alarm(&settings("10", false), &change("9", "9.99")),
+            Alarm::Stay
+        );
+    }
+
+    #[test]
+    fn only_currencies_are_topped_up_and_the_key_names_the_crossing() {
+        let rows = crossing_rows(&settings("10", true), &change("10", "9"), 3, 1_000);
+        let command = rows.command.unwrap();
+        assert_eq!(command.client_key.as_deref(), Some("credits.top_up:usd:3"));
+        let request: TopUpRequest = serde_json::from_str(&command.request).unwrap();
+        assert_eq!(request.amount, 2000);
+        let credits = BalanceChange {
+            unit: "credits",
+            ..change("10", "9")
+        };
+        assert!(
+            crossing_rows(&settings("10", true), &credits, 1, 0)
+                .command
+                .is_none()
+        );
+        assert!(is_currency("eur") && !is_currency("EUR") && !is_currency("credits"));
+    }
+}
