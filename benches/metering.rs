@@ -4,6 +4,7 @@
 //!
 //!     cargo bench --bench metering            # about 2 minutes after the build
 //!     cargo bench --bench metering -- quick
+//!     cargo bench --bench metering -- sqlite  # SQLite batches of 1,000 only, three runs
 //!     cargo bench --bench metering -- soak    # memory under steady load, 10 minutes
 //!
 //! The soak runs the release binary (`billsync serve`) in a child process on PostgreSQL with
@@ -111,7 +112,14 @@ async fn drive(base: &str, bodies: Vec<Value>, events: usize, pace: Option<Durat
     }
 }
 
-async fn ingestion(backend: Backend, catalog: &std::path::Path, quick: bool) -> Vec<(String, Run)> {
+/// The ingestion loads on one server; with `thousands`, only `thousands` runs of batches of
+/// 1,000 (no other load, no pacing).
+async fn ingestion(
+    backend: Backend,
+    catalog: &std::path::Path,
+    quick: bool,
+    thousands: Option<usize>,
+) -> Vec<(String, Run)> {
     let db = Database::create(backend).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -138,10 +146,20 @@ async fn ingestion(backend: Backend, catalog: &std::path::Path, quick: bool) -> 
     let scale = if quick { 5 } else { 1 };
     let mut results = Vec::new();
     let mut offset = 0;
-    for (size, count) in [(1, 3000 / scale), (100, 400 / scale), (1000, 60 / scale)] {
+    let loads = match thousands {
+        Some(runs) => vec![(1000, 60); runs],
+        None => vec![(1, 3000 / scale), (100, 400 / scale), (1000, 60 / scale)],
+    };
+    for (size, count) in loads {
         let run = drive(&base, batches(size, count, offset), size * count, None).await;
         offset += size * count + 10;
         results.push((format!("batches of {size}"), run));
+    }
+    if thousands.is_some() {
+        shutdown.cancel();
+        server.await.unwrap().unwrap();
+        db.drop_now().await;
+        return results;
     }
     // 5,000 events/s: 50 batches of 100 a second for 10 s.
     let paced = 500 / scale;
@@ -157,6 +175,24 @@ async fn ingestion(backend: Backend, catalog: &std::path::Path, quick: bool) -> 
     server.await.unwrap().unwrap();
     db.drop_now().await;
     results
+}
+
+/// SQLite ingestion in batches of 1,000, three runs of 60,000 events on one server, and their
+/// median (what `-- sqlite` prints; a short load to profile).
+async fn sqlite_thousands(catalog: &std::path::Path) {
+    let runs = ingestion(Backend::Sqlite, catalog, false, Some(3)).await;
+    let mut rates: Vec<f64> = runs.iter().map(|(_, r)| r.events_per_sec).collect();
+    for (label, run) in &runs {
+        println!(
+            "| SQLite {label} | {:.0} | {:.2} / {:.2} ms | | |",
+            run.events_per_sec, run.p50, run.p99
+        );
+    }
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "SQLite batches of 1000, median of three: {:.0} events/s",
+        rates[1]
+    );
 }
 
 /// Counts meter events; answers at once.
@@ -266,8 +302,11 @@ async fn main() {
         "| load | SQLite events/s | SQLite ack p50 / p99 | PostgreSQL events/s | PostgreSQL ack p50 / p99 |"
     );
     println!("|---|---|---|---|---|");
-    let sqlite = ingestion(Backend::Sqlite, &catalog, quick).await;
-    let postgres = ingestion(Backend::Postgres, &catalog, quick).await;
+    if std::env::args().any(|a| a == "sqlite") {
+        return sqlite_thousands(&catalog).await;
+    }
+    let sqlite = ingestion(Backend::Sqlite, &catalog, quick, None).await;
+    let postgres = ingestion(Backend::Postgres, &catalog, quick, None).await;
     for ((label, s), (_, p)) in sqlite.iter().zip(&postgres) {
         println!(
             "| {label} | {:.0} | {:.2} / {:.2} ms | {:.0} | {:.2} / {:.2} ms |",
