@@ -13,3 +13,9 @@ INSERT INTO usage_distinct (tenant_id, meter, value, hour)
 SELECT DISTINCT tenant_id, meter, unique_value, (occurred_at / 3600000) * 3600000
 FROM usage_events WHERE unique_value IS NOT NULL;
 DELETE FROM usage_buckets WHERE state LIKE '{"kind":"unique"%';
+
+-- The snapshot reads the events above its watermark a page at a time, in (txid, tenant_id,
+-- event_id) order after a cursor: this index answers each page from the cursor on, where the
+-- index on txid alone made PostgreSQL sort the whole rest of the window for every page.
+CREATE INDEX usage_events_position ON usage_events (txid, tenant_id, event_id);
+DROP INDEX usage_events_txid;

@@ -76,8 +76,8 @@ fn above_sql(backend: Backend) -> &'static str {
 }
 
 /// A page of the events at positions in `[$2, $3)` after the cursor `($1, $4, $5)`, in cursor
-/// order, at most `$6`. PostgreSQL reads the position index from the cursor's transaction on
-/// and sorts within each transaction (an incremental sort), so a page costs its own rows.
+/// order, at most `$6`. On PostgreSQL the index on (txid, tenant_id, event_id) answers a page
+/// from the cursor on, so a page costs its own rows, not the rest of the window.
 fn page_sql(backend: Backend) -> &'static str {
     match backend {
         Backend::Sqlite => {
