@@ -203,15 +203,28 @@ impl Usage<'_> {
             None => (source.from - 1, "", ""),
         };
         let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, Positioned>(sqlx::AssertSqlSafe(sql))
+            let mut tx = pool.begin().await?;
+            if self.db.backend() == Backend::Postgres {
+                // The window's rows are recent, so the planner's statistics lag behind them and
+                // it would rather sort them all than walk the index in order for one page.
+                sqlx::query("SET LOCAL enable_sort = off")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("SET LOCAL enable_bitmapscan = off")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let rows = sqlx::query_as::<_, Positioned>(sqlx::AssertSqlSafe(sql))
                 .bind(position)
                 .bind(source.from)
                 .bind(source.to)
                 .bind(tenant)
                 .bind(event)
                 .bind(i64::from(limit))
-                .fetch_all(pool)
-                .await
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(rows)
         })?;
         Ok(rows)
     }
