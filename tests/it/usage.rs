@@ -887,7 +887,8 @@ async fn distinct_counts_match_the_log_across_snapshots_restarts_and_late_events
         state.metering.ingest(&one, now),
         state.metering.ingest(&two, now)
     );
-    (a.unwrap(), b.unwrap());
+    a.unwrap();
+    b.unwrap();
     assert_distinct_counts_match(&state, base, 6, "after two batches at once").await;
     let restarted = AppState::build((*state.settings).clone()).await.unwrap();
     restarted.metering.rebuild().await.unwrap();
