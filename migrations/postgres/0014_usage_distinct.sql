@@ -19,3 +19,14 @@ DELETE FROM usage_buckets WHERE state LIKE '{"kind":"unique"%';
 -- index on txid alone made PostgreSQL sort the whole rest of the window for every page.
 CREATE INDEX usage_events_position ON usage_events (txid, tenant_id, event_id);
 DROP INDEX usage_events_txid;
+
+-- One row per tenant, meter and distinct value: a transaction adding a value's hours locks its
+-- row (an upsert, in value order), so that two adding the same value take turns.
+CREATE TABLE usage_distinct_values (
+    tenant_id TEXT NOT NULL,
+    meter     TEXT NOT NULL,
+    value     TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, meter, value)
+);
+INSERT INTO usage_distinct_values (tenant_id, meter, value)
+SELECT DISTINCT tenant_id, meter, value FROM usage_distinct;

@@ -7,15 +7,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::UsageRow;
-use super::lease_key;
 
 /// The `previous` of a value's first hour ever (as `counters::NO_PREVIOUS`).
 pub const NO_PREVIOUS: i64 = i64::MIN;
-
-/// Advisory locks a PostgreSQL transaction takes over its distinct values, by a digest of
-/// (tenant, meter, value): two transactions adding the same value in different hours take
-/// turns, so each reads the other's hours. Few, so a batch never fills the lock table.
-const LOCK_SLOTS: u64 = 64;
 
 /// A change to the counters' distinct counts: in `hour`'s bucket, `count` more values whose
 /// previous hour is `previous`.
@@ -44,27 +38,17 @@ pub(super) fn pairs_of(rows: &[&UsageRow]) -> Vec<Pair> {
         .collect()
 }
 
-/// The statement taking the advisory locks of the pairs' values, in key order (PostgreSQL).
-/// The keys are numbers of ours, written into the statement so that it builds for both
-/// backends' connection types.
-pub(super) fn lock_sql(pairs: &[Pair]) -> String {
-    let keys: Vec<String> = lock_keys(pairs).iter().map(i64::to_string).collect();
-    format!(
-        "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest(ARRAY[{}]::bigint[]) AS k ORDER BY 1) AS keys",
-        keys.join(",")
-    )
-}
-
-/// The sorted advisory-lock keys of the pairs' values.
-fn lock_keys(pairs: &[Pair]) -> Vec<i64> {
-    let mut keys: Vec<i64> = pairs
+/// The pairs' (tenant, meter, value)s, each once, in byte order: the order in which a
+/// PostgreSQL transaction locks them, the same for every transaction, so that two never wait on
+/// each other in a cycle.
+pub(super) fn values_of(pairs: &[Pair]) -> Vec<(&str, &str, &str)> {
+    let mut values: Vec<(&str, &str, &str)> = pairs
         .iter()
-        .map(|(t, m, v, _)| (lease_key(&format!("{t}/{m}/{v}")) as u64) % LOCK_SLOTS)
-        .map(|slot| lease_key(&format!("usage_distinct:{slot}")))
+        .map(|(t, m, v, _)| (t.as_str(), m.as_str(), v.as_str()))
         .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    keys
+    values.sort_unstable();
+    values.dedup();
+    values
 }
 
 /// The deltas of new pairs, given for each its previous and next hours of the same value as
@@ -113,18 +97,29 @@ pub(super) fn deltas(probed: Vec<(Pair, Option<i64>, Option<i64>)>) -> Vec<Disti
 }
 
 /// Adds the distinct pairs of `$stored` (new usage rows) to `usage_distinct` on a transaction
-/// `$tx`, under the values' advisory locks when `$lock` (PostgreSQL); evaluates to the
+/// `$tx`, under the values' row locks when `$lock` (PostgreSQL); evaluates to the
 /// counters' [`DistinctDelta`]s.
 macro_rules! insert_distinct {
     ($tx:expr, $stored:expr, $lock:expr) => {{
         let tx = $tx;
         let pairs = $crate::store::distinct::pairs_of($stored);
         let mut probed = Vec::new();
-        if $lock && !pairs.is_empty() {
-            let sql = $crate::store::distinct::lock_sql(&pairs);
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&mut *tx)
-                .await?;
+        if $lock {
+            // A row lock per value, held to commit: two transactions adding the same value in
+            // different hours take turns, so each reads the other's hours; others do not wait.
+            let values = $crate::store::distinct::values_of(&pairs);
+            for chunk in values.chunks(CHUNK) {
+                let mut lock = sqlx::QueryBuilder::new(
+                    "INSERT INTO usage_distinct_values (tenant_id, meter, value) ",
+                );
+                lock.push_values(chunk, |mut b, (t, m, v)| {
+                    b.push_bind(*t).push_bind(*m).push_bind(*v);
+                });
+                lock.push(
+                    " ON CONFLICT (tenant_id, meter, value) DO UPDATE SET value = excluded.value",
+                );
+                lock.build().execute(&mut *tx).await?;
+            }
         }
         for chunk in pairs.chunks(CHUNK) {
             let mut insert = sqlx::QueryBuilder::new(
