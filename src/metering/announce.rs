@@ -5,14 +5,12 @@
 use std::collections::HashMap;
 
 use super::Metering;
-use super::counters::{Bucket, hour_of};
+use super::counters::{Bucket, distinct_buckets, hour_of};
 use super::sample_of;
-use crate::store::{TxSnapshot, UsageRow};
+use crate::store::{DistinctDelta, TxSnapshot, UsageRow};
 
 /// Largest `billsync_usage` notification payload (PostgreSQL's limit is 8000 bytes).
 const NOTIFY_MAX_BYTES: usize = 7000;
-/// Distinct values per announced bucket piece.
-const UNIQUE_PER_ENTRY: usize = 32;
 
 /// What a usage notification from another replica did to the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,12 +24,17 @@ pub enum Heard {
 }
 
 impl Metering {
-    /// The `billsync_usage` notifications announcing `rows` to the other replicas: their
-    /// buckets per tenant, meter and hour, as `<origin> <JSON>` payloads small enough to send.
-    pub(super) fn notifications(&self, rows: &[&UsageRow]) -> Vec<String> {
+    /// The `billsync_usage` notifications announcing `rows` and the `distinct` counts' changes
+    /// they made to the other replicas: their buckets per tenant, meter and hour, as
+    /// `<origin> <JSON>` payloads small enough to send.
+    pub(super) fn notifications(
+        &self,
+        rows: &[&UsageRow],
+        distinct: &[DistinctDelta],
+    ) -> Vec<String> {
         let mut buckets: HashMap<(&str, &str, i64), Bucket> = HashMap::new();
         for row in rows {
-            let Some(meter) = self.catalog.meters.get(&row.meter) else {
+            let Some(meter) = self.folded_meter(&row.meter) else {
                 continue;
             };
             let bucket = Bucket::of(meter.aggregation, sample_of(row));
@@ -40,22 +43,12 @@ impl Metering {
                 .and_modify(|b| b.merge(&bucket))
                 .or_insert(bucket);
         }
+        let pieces = buckets
+            .into_iter()
+            .chain(distinct_buckets(distinct).map(|(t, m, h, b)| ((t, m, h), b)));
         let mut payloads = Vec::new();
         let mut entries: Vec<String> = Vec::new();
         let mut size = 0;
-        let pieces = buckets.iter().flat_map(|(key, bucket)| match bucket {
-            // Distinct values merge by union: a long set goes out in pieces.
-            Bucket::Unique { values } if values.len() > UNIQUE_PER_ENTRY => values
-                .iter()
-                .collect::<Vec<_>>()
-                .chunks(UNIQUE_PER_ENTRY)
-                .map(|chunk| {
-                    let values = chunk.iter().map(|v| (*v).clone()).collect();
-                    (*key, Bucket::Unique { values })
-                })
-                .collect::<Vec<_>>(),
-            _ => vec![(*key, bucket.clone())],
-        });
         for ((tenant, meter, hour), bucket) in pieces {
             let entry = serde_json::to_string(&(tenant, meter, hour, &bucket)).expect("serialises");
             if entry.len() > NOTIFY_MAX_BYTES {
@@ -157,14 +150,19 @@ mod tests {
     #[tokio::test]
     async fn another_replica_counts_what_one_announces_once() {
         let (sender, listener) = (replica("a").await, replica("b").await);
-        // 500 distinct users: more than one payload can carry, so the set goes in pieces.
+        // 500 distinct users, announced as counts (a few numbers per hour), not as values.
         let rows: Vec<UsageRow> = (0..500)
             .map(|i| row(i, "users", "1", Some(format!("user-{i:05}"))))
             .chain((500..1000).map(|i| row(i, "calls", "0.5", None)))
             .collect();
+        sender.db.migrate().await.unwrap();
+        let inserted = sender.db.usage().insert(&rows).await.unwrap();
         let refs: Vec<&UsageRow> = rows.iter().collect();
-        let payloads = sender.notifications(&refs);
-        assert!(payloads.len() > 1, "{} payloads", payloads.len());
+        let payloads = sender.notifications(&refs, &inserted.distinct);
+        assert!(
+            !payloads.iter().any(|p| p.contains("user-")),
+            "{payloads:?}"
+        );
         for (xid, payload) in payloads.iter().enumerate() {
             assert!(payload.len() <= NOTIFY_MAX_BYTES + 64, "{}", payload.len());
             let notified = format!("{} {payload}", 1000 + xid);

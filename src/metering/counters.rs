@@ -36,10 +36,40 @@ pub enum Bucket {
         at: i64,
         event_id: String,
     },
+    /// Distinct values held as a set: a request's own fold of events (the usage ledger).
     Unique {
         values: BTreeSet<String>,
     },
+    /// Distinct values held as counts, as the counters keep them: for each (value, hour) the
+    /// database has seen, one count in that hour's bucket keyed by the value's previous hour
+    /// (`NO_PREVIOUS` for none). The distinct values of hours `[from, to)` are the counts of
+    /// those hours keyed below `from`: each value once, at its first hour in the range. Counts
+    /// come as signed deltas from the usage log (`usage_distinct`) and merge by adding, so the
+    /// state is bounded by hours, whatever the number of values or events.
+    Distinct {
+        #[serde(with = "as_pairs")]
+        by_previous: BTreeMap<i64, i64>,
+    },
 }
+
+/// `by_previous` as a list of `[previous, count]` pairs: an internally tagged enum cannot read
+/// a map with number keys back.
+mod as_pairs {
+    use std::collections::BTreeMap;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(map: &BTreeMap<i64, i64>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<i64, i64>, D::Error> {
+        Ok(Vec::<(i64, i64)>::deserialize(d)?.into_iter().collect())
+    }
+}
+
+/// The `by_previous` key of a value's first hour ever.
+pub const NO_PREVIOUS: i64 = crate::store::distinct::NO_PREVIOUS;
 
 /// One event, as the counters need it.
 #[derive(Debug, Clone, Copy)]
@@ -94,7 +124,30 @@ impl Bucket {
             (Self::Unique { values }, Self::Unique { values: more }) => {
                 values.extend(more.iter().cloned())
             }
+            (Self::Distinct { by_previous }, Self::Distinct { by_previous: more }) => {
+                for (previous, count) in more {
+                    let held = by_previous.entry(*previous).or_default();
+                    *held += count;
+                    if *held == 0 {
+                        by_previous.remove(previous);
+                    }
+                }
+            }
             _ => {}
+        }
+    }
+
+    /// The figure of a fold of the hours from `from_ms` on: [`Self::value`], except that
+    /// distinct counts take only the values not seen in an hour before `from_ms`'s.
+    pub fn value_from(&self, from_ms: i64) -> Decimal {
+        match self {
+            Self::Distinct { by_previous } => Decimal::from(
+                by_previous
+                    .range(..hour_of(from_ms))
+                    .map(|(_, c)| c)
+                    .sum::<i64>(),
+            ),
+            other => other.value(),
         }
     }
 
@@ -106,6 +159,10 @@ impl Bucket {
             Self::Max { max } => *max,
             Self::Last { value, .. } => *value,
             Self::Unique { values } => Decimal::from(values.len()),
+            // Without a start: the values whose first hour ever is in the fold.
+            Self::Distinct { by_previous } => {
+                Decimal::from(by_previous.get(&NO_PREVIOUS).copied().unwrap_or(0))
+            }
         }
     }
 }
@@ -193,6 +250,13 @@ impl Counters {
         }
     }
 
+    /// Counts the changes storing usage made to the distinct values of `unique_count` meters.
+    pub fn merge_distinct(&self, deltas: &[crate::store::DistinctDelta]) {
+        for (tenant, meter, hour, bucket) in distinct_buckets(deltas) {
+            self.merge(tenant, meter, hour, &bucket);
+        }
+    }
+
     /// The fold of the buckets of hours in `[from_ms, to_ms)`; `None` when there is no usage.
     pub fn fold(&self, tenant: &str, meter: &str, from_ms: i64, to_ms: i64) -> Option<Bucket> {
         let all = self.series.read().expect("counters lock");
@@ -216,13 +280,13 @@ impl Counters {
                 .as_ref()
                 .filter(|p| (p.from, p.to) == (from_ms, to_ms))
             {
-                return p.total.as_ref().map(Bucket::value);
+                return p.total.as_ref().map(|t| t.value_from(from_ms));
             }
         }
         let mut all = self.series.write().expect("counters lock");
         let series = all.get_mut(tenant)?.get_mut(meter)?;
         let total = series.fold(from_ms, to_ms);
-        let value = total.as_ref().map(Bucket::value);
+        let value = total.as_ref().map(|t| t.value_from(from_ms));
         series.period = Some(PeriodTotal {
             from: from_ms,
             to: to_ms,
@@ -272,6 +336,26 @@ impl Counters {
     pub fn take_touched(&self) -> Touched {
         std::mem::take(&mut *self.touched.lock().expect("touched lock"))
     }
+}
+
+/// The distinct deltas as buckets, one per tenant, meter and hour.
+pub fn distinct_buckets(
+    deltas: &[crate::store::DistinctDelta],
+) -> impl Iterator<Item = (&str, &str, i64, Bucket)> {
+    let mut buckets: HashMap<(&str, &str, i64), BTreeMap<i64, i64>> = HashMap::new();
+    for d in deltas {
+        let key = (d.tenant_id.as_str(), d.meter.as_str(), d.hour);
+        *buckets
+            .entry(key)
+            .or_default()
+            .entry(d.previous)
+            .or_default() += d.count;
+    }
+    buckets
+        .into_iter()
+        .map(|((tenant, meter, hour), by_previous)| {
+            (tenant, meter, hour, Bucket::Distinct { by_previous })
+        })
 }
 
 #[cfg(test)]
@@ -375,6 +459,42 @@ mod tests {
             "another period is folded anew"
         );
         assert_eq!(c.period_value("t", "other", 0, 1), None);
+    }
+
+    #[test]
+    fn distinct_counts_survive_an_announcement() {
+        let bucket = Bucket::Distinct {
+            by_previous: [(NO_PREVIOUS, 3), (HOUR_MS, -1)].into(),
+        };
+        let text = serde_json::to_string(&("t", "m", 0, &bucket)).unwrap();
+        let read: (String, String, i64, Bucket) = serde_json::from_str(&text).unwrap();
+        assert_eq!(read.3, bucket);
+    }
+
+    #[test]
+    fn distinct_counts_take_each_value_once_from_the_start() {
+        // Value a in hours 0 and 2, b in hours 1 and 2: as the database's deltas give them.
+        let c = Counters::default();
+        let add = |hour: i64, previous: i64| {
+            let by_previous = [(previous, 1)].into();
+            c.merge("t", "m", hour * HOUR_MS, &Bucket::Distinct { by_previous });
+        };
+        add(0, NO_PREVIOUS);
+        add(2, 0);
+        add(1, NO_PREVIOUS);
+        add(2, HOUR_MS);
+        let figure = |from: i64, to: i64| {
+            let folded = c.fold("t", "m", from * HOUR_MS, to * HOUR_MS).unwrap();
+            folded.value_from(from * HOUR_MS)
+        };
+        assert_eq!(figure(0, 3), Decimal::from(2));
+        assert_eq!(figure(1, 3), Decimal::from(2));
+        assert_eq!(figure(2, 3), Decimal::from(2));
+        assert_eq!(figure(0, 1), Decimal::from(1));
+        assert_eq!(
+            c.period_value("t", "m", HOUR_MS, 3 * HOUR_MS),
+            Some(Decimal::from(2))
+        );
     }
 
     #[test]

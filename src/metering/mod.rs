@@ -23,7 +23,7 @@ use serde_json::Value;
 use crate::catalog::{Aggregation, Catalog, Meter};
 use crate::domain::TenantId;
 use crate::metrics::Metrics;
-use crate::store::{Backend, Db, StoreError, UsageRow};
+use crate::store::{Backend, Db, DistinctDelta, Inserted, StoreError, UsageRow};
 pub use announce::Heard;
 use counters::{Bucket, Counters, Sample};
 pub use periods::{billing_period, calendar_month};
@@ -96,7 +96,10 @@ impl Metering {
             }
         }
         let (rows, meters) = self.admit(&valid, visible, &mut outcome).await?;
-        let inserted = self.store(&rows).await?;
+        let Inserted {
+            new: inserted,
+            distinct,
+        } = self.store(&rows).await?;
         let earliest = rows.iter().zip(&inserted).filter(|(_, new)| **new);
         if let Some(earliest) = earliest.map(|(row, _)| row.occurred_at).min() {
             self.revenue.usage_arrived(earliest);
@@ -107,9 +110,12 @@ impl Metering {
                 continue;
             }
             outcome.accepted += 1;
-            let sample = sample_of(row);
-            (self.counters).record(&row.tenant_id, &meter.name, meter.aggregation, sample);
+            if meter.aggregation != Aggregation::UniqueCount {
+                let sample = sample_of(row);
+                (self.counters).record(&row.tenant_id, &meter.name, meter.aggregation, sample);
+            }
         }
+        self.counters.merge_distinct(&distinct);
         outcome.rejected.sort_by_key(|r| r.index);
         self.count(&outcome);
         Ok(outcome)
@@ -147,8 +153,9 @@ impl Metering {
     }
 
     /// Inserts the rows in one transaction (on SQLite one writer at a time; on PostgreSQL with
-    /// the notifications other replicas count from); whether each was new.
-    async fn store(&self, rows: &[UsageRow]) -> Result<Vec<bool>, StoreError> {
+    /// the notifications other replicas count from); whether each was new, and the distinct
+    /// counts' changes.
+    async fn store(&self, rows: &[UsageRow]) -> Result<Inserted, StoreError> {
         let _gate = self.gate.read().await;
         match self.db.backend() {
             Backend::Sqlite => {
@@ -156,7 +163,9 @@ impl Metering {
                 self.db.usage().insert(rows).await
             }
             Backend::Postgres => {
-                let payloads = |new: &[&UsageRow]| self.notifications(new);
+                let payloads = |new: &[&UsageRow], distinct: &[DistinctDelta]| {
+                    self.notifications(new, distinct)
+                };
                 self.db.usage().insert_notifying(rows, &payloads).await
             }
         }
@@ -272,7 +281,7 @@ impl Metering {
         Ok(self
             .counters
             .fold(tenant, meter, from, to)
-            .map(|b| b.value()))
+            .map(|b| b.value_from(from)))
     }
 }
 

@@ -15,7 +15,9 @@ use super::{Metering, Rejection, sample_of};
 use crate::catalog::Meter;
 use crate::credits::burn::{Burn, CreditCheck};
 use crate::domain::Ceiling;
-use crate::store::{Backend, CheckedRecord, RecordCheck, StoreError, UsageRow, lease_key};
+use crate::store::{
+    Backend, CheckedRecord, DistinctDelta, RecordCheck, StoreError, UsageRow, lease_key,
+};
 
 /// One lock per tenant and meter (or credit unit), in this process (SQLite).
 pub type RecordLocks = Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>;
@@ -219,10 +221,12 @@ impl Metering {
                 return;
             }
             let (checks, replies): (Vec<RecordCheck>, Vec<_>) = batch.into_iter().unzip();
-            let payloads = |new: &[&UsageRow]| self.notifications(new);
+            let payloads =
+                |new: &[&UsageRow], distinct: &[DistinctDelta]| self.notifications(new, distinct);
             let _gate = self.gate.read().await;
             match self.db.usage().record_checked(&checks, &payloads).await {
-                Ok(records) => {
+                Ok((records, distinct)) => {
+                    self.counters.merge_distinct(&distinct);
                     for ((record, check), reply) in records.into_iter().zip(&checks).zip(replies) {
                         if record.stored {
                             self.count_recorded(&check.row);
@@ -240,10 +244,11 @@ impl Metering {
         }
     }
 
-    /// Counts a recorded event in the counters and the metrics, as ingest does.
+    /// Counts a recorded event in the counters (but for distinct values, counted from what
+    /// the database returned) and the metrics, as ingest does.
     fn count_recorded(&self, row: &UsageRow) {
         self.revenue.usage_arrived(row.occurred_at);
-        if let Some(meter) = self.catalog.meters.get(&row.meter) {
+        if let Some(meter) = self.folded_meter(&row.meter) {
             let sample = sample_of(row);
             self.counters
                 .record(&row.tenant_id, &meter.name, meter.aggregation, sample);
@@ -281,7 +286,9 @@ impl Metering {
         let stored = {
             let _gate = self.gate.read().await;
             let _turn = self.writer.lock().await;
-            self.db.usage().insert_burning(row, change).await?
+            let inserted = self.db.usage().insert_burning(row, change).await?;
+            self.counters.merge_distinct(&inserted.distinct);
+            inserted.new[0]
         };
         if !stored {
             // A plain usage call with the same id got there first.

@@ -1,7 +1,10 @@
 //! Check-and-record on PostgreSQL: a batch of records, each stored only when its meter's figure
 //! allows it, under one lock per tenant and meter, in one transaction.
 
-use super::usage::{CHUNK, figure_select, insert_usage, notify_usage, usage_columns};
+use super::DistinctDelta;
+use super::usage::{
+    CHUNK, Inserted, Payloads, figure_select, insert_usage, notify_usage, usage_columns,
+};
 use super::{StoreError, Usage, UsageRow};
 use crate::credits::burn::{Burn, CreditCheck};
 use crate::domain::Ceiling;
@@ -144,8 +147,8 @@ impl Usage<'_> {
     pub async fn record_checked(
         &self,
         checks: &[RecordCheck],
-        payloads: &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
-    ) -> Result<Vec<CheckedRecord>, StoreError> {
+        payloads: &Payloads<'_>,
+    ) -> Result<(Vec<CheckedRecord>, Vec<DistinctDelta>), StoreError> {
         let super::Db::Postgres(pool) = self.db else {
             return Err(StoreError::Setup(
                 "check-and-record in one transaction is for PostgreSQL".to_owned(),
@@ -171,7 +174,7 @@ impl Usage<'_> {
             })
             .collect();
         let rows: Vec<UsageRow> = allowed.iter().map(|&i| checks[i].row.clone()).collect();
-        let new = insert_usage!(&mut *tx, &rows, payloads, true);
+        let Inserted { new, distinct } = insert_usage!(&mut *tx, &rows, payloads, true);
         let stored: Vec<usize> = allowed
             .iter()
             .zip(&new)
@@ -192,7 +195,7 @@ impl Usage<'_> {
             .collect();
         super::credit_alerts::balances_changed_in(&mut tx, &changes).await?;
         tx.commit().await?;
-        Ok(before
+        let records = before
             .into_iter()
             .zip(after)
             .zip(burns)
@@ -213,6 +216,7 @@ impl Usage<'_> {
                     burn,
                 }
             })
-            .collect())
+            .collect();
+        Ok((records, distinct))
     }
 }

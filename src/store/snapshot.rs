@@ -12,30 +12,53 @@ use super::{Backend, StoreError, Usage, UsageRow, on_pool};
 /// The sync_state row holding the watermark: events at positions below it are folded.
 const WATERMARK: &str = "usage.snapshot_position";
 
-/// What [`Usage::counter_state`] read.
+/// The watermark, read on a transaction `$tx` (0 before the first snapshot).
+macro_rules! watermark_in {
+    ($tx:expr) => {{
+        let watermark: Option<(String,)> =
+            sqlx::query_as("SELECT value FROM sync_state WHERE name = $1")
+                .bind(WATERMARK)
+                .fetch_optional(&mut *$tx)
+                .await?;
+        watermark
+            .and_then(|(v,)| v.parse::<i64>().ok())
+            .unwrap_or(0)
+    }};
+}
+
+/// What [`Usage::counter_state`] read besides the events it streamed.
 pub struct CounterState {
     pub buckets: Vec<(String, String, i64, String)>,
-    pub rows: Vec<UsageRow>,
+    /// The distinct counts of `unique_count` meters, from `usage_distinct`: tenant, meter,
+    /// hour, previous hour (`None`: none) and how many values.
+    pub distinct: Vec<(String, String, i64, Option<i64>, i64)>,
+    /// How many events above the watermark it streamed.
+    pub replayed: usize,
     /// PostgreSQL: the transactions the read saw.
     pub seen: Option<TxSnapshot>,
 }
 
-/// What the next snapshot folds: the events at positions in `[from, to)`.
+/// What the next snapshot folds: the events at positions in `[from, to)`, read a page at a
+/// time with [`Usage::snapshot_page`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotSource {
     pub from: i64,
     pub to: i64,
-    pub rows: Vec<UsageRow>,
 }
+
+/// Where a page of the snapshot's events ends: position, tenant and event id (SQLite's
+/// positions are unique; PostgreSQL's are per transaction).
+pub type PageCursor = (i64, String, String);
 
 /// One folded bucket: tenant, meter, hour and its state (JSON).
 pub type BucketState = (String, String, i64, String);
 
 /// A usage row and its commit position.
 #[derive(sqlx::FromRow)]
-struct Positioned {
+pub struct Positioned {
     #[sqlx(flatten)]
-    row: UsageRow,
-    position: i64,
+    pub row: UsageRow,
+    pub position: i64,
 }
 
 /// The events above a position, with theirs, in position order.
@@ -52,12 +75,42 @@ fn above_sql(backend: Backend) -> &'static str {
     }
 }
 
+/// A page of the events at positions in `[$2, $3)` after the cursor `($1, $4, $5)`, in cursor
+/// order, at most `$6`. On PostgreSQL the index on (txid, tenant_id, event_id) answers a page
+/// from the cursor on, so a page costs its own rows, not the rest of the window.
+fn page_sql(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Sqlite => {
+            "SELECT tenant_id, event_id, meter, quantity, occurred_at, unique_value, properties, \
+             received_at, push_id, rowid AS position FROM usage_events \
+             WHERE rowid > $1 AND rowid >= $2 AND rowid < $3 AND $4 = $4 AND $5 = $5 \
+             ORDER BY rowid LIMIT $6"
+        }
+        Backend::Postgres => {
+            "SELECT tenant_id, event_id, meter, quantity, occurred_at, unique_value, properties, \
+             received_at, push_id, txid AS position FROM usage_events \
+             WHERE txid >= $1 AND txid >= $2 AND txid < $3 AND (txid, tenant_id, event_id) > ($1, $4, $5) \
+             ORDER BY txid, tenant_id, event_id LIMIT $6"
+        }
+    }
+}
+
+/// The distinct counts per tenant, meter, hour and previous hour of each value.
+const DISTINCT_STATE: &str = "SELECT tenant_id, meter, hour, previous, COUNT(*) FROM \
+     (SELECT tenant_id, meter, hour, LAG(hour) OVER (PARTITION BY tenant_id, meter, value ORDER BY hour) \
+      AS previous FROM usage_distinct) AS d GROUP BY tenant_id, meter, hour, previous";
+
 impl Usage<'_> {
     /// Everything the usage counters are rebuilt from, read at one instant: the snapshot
-    /// buckets, the events above its watermark and, on PostgreSQL, the snapshot of transactions
-    /// the read saw (`pg_current_snapshot()`), so that notifications of those same transactions
-    /// are not counted again.
-    pub async fn counter_state(&self) -> Result<CounterState, StoreError> {
+    /// buckets, the distinct counts, the events above its watermark (streamed to `each`, never
+    /// held) and, on PostgreSQL, the snapshot of transactions the read saw
+    /// (`pg_current_snapshot()`), so that notifications of those same transactions are not
+    /// counted again.
+    pub async fn counter_state(
+        &self,
+        mut each: impl FnMut(UsageRow),
+    ) -> Result<CounterState, StoreError> {
+        use futures_util::TryStreamExt;
         let sql = above_sql(self.db.backend());
         let state = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
@@ -77,40 +130,37 @@ impl Usage<'_> {
             )
             .fetch_all(&mut *tx)
             .await?;
-            let watermark: Option<(String,)> =
-                sqlx::query_as("SELECT value FROM sync_state WHERE name = $1")
-                    .bind(WATERMARK)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let watermark: i64 = watermark.and_then(|(v,)| v.parse().ok()).unwrap_or(0);
-            let rows = sqlx::query_as::<_, Positioned>(sqlx::AssertSqlSafe(sql))
-                .bind(watermark)
-                .fetch_all(&mut *tx)
-                .await?;
+            let distinct = sqlx::query_as(DISTINCT_STATE).fetch_all(&mut *tx).await?;
+            let watermark = watermark_in!(tx);
+            let mut replayed = 0;
+            {
+                let mut rows = sqlx::query_as::<_, Positioned>(sqlx::AssertSqlSafe(sql))
+                    .bind(watermark)
+                    .fetch(&mut *tx);
+                while let Some(positioned) = rows.try_next().await? {
+                    replayed += 1;
+                    each(positioned.row);
+                }
+            }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(CounterState {
                 buckets,
-                rows: rows.into_iter().map(|p| p.row).collect(),
+                distinct,
+                replayed,
                 seen,
             })
         })?;
         Ok(state)
     }
 
-    /// The events the next snapshot folds: from the watermark up to a position below which
+    /// The positions the next snapshot folds: from the watermark up to a position below which
     /// every commit has ended (SQLite: past the last row; PostgreSQL: the oldest transaction
     /// still running in this database), so that none committing later can land below it.
     pub async fn snapshot_source(&self) -> Result<SnapshotSource, StoreError> {
-        let sql = above_sql(self.db.backend());
         let source = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let watermark: Option<(String,)> =
-                sqlx::query_as("SELECT value FROM sync_state WHERE name = $1")
-                    .bind(WATERMARK)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            let from: i64 = watermark.and_then(|(v,)| v.parse().ok()).unwrap_or(0);
-            let horizon: Option<i64> = if self.db.backend() == Backend::Postgres {
+            let from = watermark_in!(tx);
+            let to = if self.db.backend() == Backend::Postgres {
                 // The snapshot first, then who is running: a transaction of the snapshot's
                 // that is not running any more has ended.
                 let (snapshot,): (String,) = sqlx::query_as("SELECT pg_current_snapshot()::text")
@@ -123,29 +173,60 @@ impl Usage<'_> {
                 .fetch_all(&mut *tx)
                 .await?;
                 let running: Vec<i64> = running.into_iter().map(|(x,)| x).collect();
-                TxSnapshot::parse(&snapshot).map(|s| s.horizon(&running))
+                TxSnapshot::parse(&snapshot).map_or(from, |s| s.horizon(&running))
             } else {
-                None
+                let (last,): (Option<i64>,) = sqlx::query_as("SELECT MAX(rowid) FROM usage_events")
+                    .fetch_one(&mut *tx)
+                    .await?;
+                last.map_or(from, |last| last + 1)
             };
-            let mut rows = sqlx::query_as::<_, Positioned>(sqlx::AssertSqlSafe(sql))
-                .bind(from)
-                .fetch_all(&mut *tx)
-                .await?;
             tx.commit().await?;
-            let to = match horizon {
-                Some(xmin) => {
-                    rows.retain(|p| p.position < xmin);
-                    xmin.max(from)
-                }
-                None => rows.last().map_or(from, |p| p.position + 1),
-            };
             Ok::<_, sqlx::Error>(SnapshotSource {
                 from,
-                to,
-                rows: rows.into_iter().map(|p| p.row).collect(),
+                to: to.max(from),
             })
         })?;
         Ok(source)
+    }
+
+    /// A page of at most `limit` of the source's events, in position order after `after` (the
+    /// previous page's last: [`PageCursor`]); empty past the last.
+    pub async fn snapshot_page(
+        &self,
+        source: SnapshotSource,
+        after: Option<&PageCursor>,
+        limit: u32,
+    ) -> Result<Vec<Positioned>, StoreError> {
+        let sql = page_sql(self.db.backend());
+        let (position, tenant, event) = match after {
+            Some((p, t, e)) => (*p, t.as_str(), e.as_str()),
+            None => (source.from - 1, "", ""),
+        };
+        let rows = on_pool!(self.db, |pool| {
+            let mut tx = pool.begin().await?;
+            if self.db.backend() == Backend::Postgres {
+                // The window's rows are recent, so the planner's statistics lag behind them and
+                // it would rather sort them all than walk the index in order for one page.
+                sqlx::query("SET LOCAL enable_sort = off")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("SET LOCAL enable_bitmapscan = off")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let rows = sqlx::query_as::<_, Positioned>(sqlx::AssertSqlSafe(sql))
+                .bind(position)
+                .bind(source.from)
+                .bind(source.to)
+                .bind(tenant)
+                .bind(event)
+                .bind(i64::from(limit))
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(rows)
+        })?;
+        Ok(rows)
     }
 
     /// Folds `buckets` into the stored ones (`merge(stored, new)` gives the state to keep) and

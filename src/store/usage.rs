@@ -1,5 +1,6 @@
 //! The usage log: usage events stored once, and figures over them.
 
+pub use super::distinct::DistinctDelta;
 use super::{Db, StoreError, on_pool};
 
 /// A validated usage event, ready to store.
@@ -49,16 +50,28 @@ macro_rules! usage_columns {
     };
 }
 
+/// Makes the `billsync_usage` notification payloads of new rows and their distinct deltas.
+pub type Payloads<'a> = dyn Fn(&[&UsageRow], &[DistinctDelta]) -> Vec<String> + Sync + 'a;
+
+/// What storing usage rows did: whether each was new, and the changes to the counters'
+/// distinct counts.
+#[derive(Debug, Default)]
+pub struct Inserted {
+    pub new: Vec<bool>,
+    pub distinct: Vec<DistinctDelta>,
+}
+
 /// Rows per INSERT statement (well inside both backends' bind-parameter limits).
 pub(super) const CHUNK: usize = 500;
 
 /// Sends, on a PostgreSQL transaction `$tx`, the `billsync_usage` notifications `$payloads`
-/// makes of `$stored` (new rows), each prefixed with the transaction's id.
+/// makes of `$stored` (new rows) and `$distinct` (their distinct values' deltas), each prefixed
+/// with the transaction's id.
 macro_rules! notify_usage {
-    ($tx:expr, $stored:expr, $payloads:expr) => {{
+    ($tx:expr, $stored:expr, $distinct:expr, $payloads:expr) => {{
         let tx = $tx;
         let stored: &[&UsageRow] = $stored;
-        let payloads = $payloads(stored);
+        let payloads = $payloads(stored, $distinct);
         for chunk in payloads.chunks(CHUNK) {
             let mut query = sqlx::QueryBuilder::new(
                 "SELECT pg_notify('billsync_usage', pg_current_xact_id()::text || ' ' || p) FROM (",
@@ -72,16 +85,14 @@ macro_rules! notify_usage {
     }};
 }
 
-/// Inserts usage rows not stored before on a transaction `$tx` and, when `$notify`, sends the
-/// `billsync_usage` notifications `$payloads` makes of the new ones (PostgreSQL); evaluates to
-/// whether each row was new.
+/// Inserts usage rows not stored before on a transaction `$tx`, adds their distinct values
+/// (`usage_distinct`) and, when `$notify`, sends the `billsync_usage` notifications `$payloads`
+/// makes of the new ones (PostgreSQL, which also locks the distinct values); evaluates to an
+/// [`Inserted`].
 macro_rules! insert_usage {
     ($tx:expr, $rows:expr, $payloads:expr, $notify:expr) => {{
-        let (rows, payloads, notify): (
-            &[UsageRow],
-            &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
-            bool,
-        ) = ($rows, $payloads, $notify);
+        let (rows, payloads, notify): (&[UsageRow], &Payloads<'_>, bool) =
+            ($rows, $payloads, $notify);
         let tx = $tx;
         let mut inserted = std::collections::HashSet::with_capacity(rows.len());
         for chunk in rows.chunks(CHUNK) {
@@ -111,15 +122,16 @@ macro_rules! insert_usage {
             .iter()
             .map(|r| inserted.contains(&(r.tenant_id.clone(), r.event_id.clone())))
             .collect();
-        if notify && !inserted.is_empty() {
-            let stored: Vec<&UsageRow> = rows
-                .iter()
-                .zip(&new)
-                .filter_map(|(row, new)| new.then_some(row))
-                .collect();
-            notify_usage!(&mut *tx, &stored, payloads);
+        let stored: Vec<&UsageRow> = rows
+            .iter()
+            .zip(&new)
+            .filter_map(|(row, new)| new.then_some(row))
+            .collect();
+        let distinct = $crate::store::distinct::insert_distinct!(&mut *tx, &stored, notify);
+        if notify && !stored.is_empty() {
+            notify_usage!(&mut *tx, &stored, &distinct, payloads);
         }
-        new
+        Inserted { new, distinct }
     }};
 }
 
@@ -146,9 +158,10 @@ impl<'a> Usage<'a> {
     }
 
     /// Stores the events not stored before, all in one transaction; returns, for each event,
-    /// whether it was new. The call returns only once they are durable.
-    pub async fn insert(&self, rows: &[UsageRow]) -> Result<Vec<bool>, StoreError> {
-        self.insert_notifying(rows, &|_| Vec::new()).await
+    /// whether it was new (and the distinct counts' changes). The call returns only once they
+    /// are durable.
+    pub async fn insert(&self, rows: &[UsageRow]) -> Result<Inserted, StoreError> {
+        self.insert_notifying(rows, &|_, _| Vec::new()).await
     }
 
     /// [`Self::insert`], and on PostgreSQL a `billsync_usage` notification for each payload
@@ -157,37 +170,39 @@ impl<'a> Usage<'a> {
     pub async fn insert_notifying(
         &self,
         rows: &[UsageRow],
-        payloads: &(dyn Fn(&[&UsageRow]) -> Vec<String> + Sync),
-    ) -> Result<Vec<bool>, StoreError> {
+        payloads: &Payloads<'_>,
+    ) -> Result<Inserted, StoreError> {
         let notify = self.db.backend() == super::Backend::Postgres;
-        let new: Vec<bool> = on_pool!(self.db, |pool| {
+        let inserted = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let new = insert_usage!(&mut *tx, rows, payloads, notify);
+            let inserted = insert_usage!(&mut *tx, rows, payloads, notify);
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(new)
+            Ok::<_, sqlx::Error>(inserted)
         })?;
-        Ok(new)
+        Ok(inserted)
     }
 
     /// Stores one usage row and, when it is new, the balance change it makes
-    /// ([`crate::topup`]), in one transaction. Whether the row was new.
+    /// ([`crate::topup`]), in one transaction; as [`Self::insert`], whether the row was new.
     pub async fn insert_burning(
         &self,
         row: &UsageRow,
         change: Option<&crate::topup::BalanceChange<'_>>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Inserted, StoreError> {
         let notify = self.db.backend() == super::Backend::Postgres;
-        let new = on_pool!(self.db, |pool| {
+        let inserted = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let new =
-                insert_usage!(&mut *tx, std::slice::from_ref(row), &|_| Vec::new(), notify)[0];
-            if new && let Some(change) = change {
+            let rows = std::slice::from_ref(row);
+            let inserted = insert_usage!(&mut *tx, rows, &|_, _| Vec::new(), notify);
+            if inserted.new[0]
+                && let Some(change) = change
+            {
                 super::balance_changed!(&mut *tx, change, super::now_ms());
             }
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(new)
+            Ok::<_, sqlx::Error>(inserted)
         })?;
-        Ok(new)
+        Ok(inserted)
     }
 
     /// The meter's figure over the tenant's events that happened in `[from_ms, to_ms)`,

@@ -29,6 +29,8 @@ on_both_backends!(
     the_ledger_shows_pushed_and_unpushed_usage_over_http,
     big_batches_are_taken_and_oversized_ones_refused,
     a_ledger_over_thousands_of_events_counts_each_once,
+    paged_snapshots_fold_each_event_once_and_exactly,
+    distinct_counts_match_the_log_across_snapshots_restarts_and_late_events,
 );
 
 fn now_rfc3339(offset_secs: i64) -> String {
@@ -783,4 +785,119 @@ async fn a_ledger_over_thousands_of_events_counts_each_once(backend: Backend) {
         .sum();
     assert_eq!(events, 3_500);
     app.stop().await;
+}
+
+async fn acme_state(backend: Backend) -> (AppState, crate::helpers::TestDatabase) {
+    let (state, db) = state(backend, use_test_catalog).await;
+    let acme = billsync::domain::TenantId::parse("acme").unwrap();
+    state
+        .db
+        .tenants()
+        .upsert(&acme, None, None, 0, None)
+        .await
+        .unwrap();
+    (state, db)
+}
+
+/// More events than a snapshot reads in one page, folded by two replicas at once (one lost its
+/// lease), with more arriving in between: each is folded once, and the sum stays exact.
+async fn paged_snapshots_fold_each_event_once_and_exactly(backend: Backend) {
+    let (state, _db) = acme_state(backend).await;
+    let other = AppState::build((*state.settings).clone()).await.unwrap();
+    let now = billsync::store::now_ms();
+    let batch = |from: usize, to: usize| -> Vec<Value> {
+        (from..to)
+            .map(|i| {
+                let quantity = if i % 1000 == 7 { "0.000000001" } else { "0.1" };
+                json!({"id": format!("p{i}"), "tenant_id": "acme", "meter": "calls", "quantity": quantity})
+            })
+            .collect()
+    };
+    let mut folded = 0;
+    for (from, to) in [(0, 2_500), (2_500, 5_000), (5_000, 5_001)] {
+        for chunk in batch(from, to).chunks(1000) {
+            state.metering.ingest(chunk, now).await.unwrap();
+        }
+        let (a, b) = tokio::join!(
+            state.metering.snapshot(now + 60_000),
+            other.metering.snapshot(now + 60_000)
+        );
+        folded += a.unwrap() + b.unwrap();
+    }
+    assert_eq!(folded, 5_001, "every event folded by one of the two, once");
+    let exact = Decimal::from_str("499.600000005").unwrap();
+    let restarted = AppState::build((*state.settings).clone()).await.unwrap();
+    assert_eq!(
+        restarted.metering.rebuild().await.unwrap().0,
+        0,
+        "nothing above the watermark"
+    );
+    let used = restarted.metering.period_usage("acme", "calls", now).await;
+    assert_eq!(used.unwrap(), Some(exact));
+    let logged = (state.metering)
+        .period_figure("acme", "calls", (0, i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(logged, Some(exact));
+}
+
+/// The counters' distinct count of every window of hours, against the usage log's.
+async fn assert_distinct_counts_match(state: &AppState, base: i64, hours: i64, when: &str) {
+    const HOUR: i64 = 3_600_000;
+    for a in 0..hours {
+        for b in a + 1..=hours {
+            let (from, to) = (base + a * HOUR, base + b * HOUR);
+            let counted = (state.metering.counters)
+                .fold("acme", "users", from, to)
+                .map(|bucket| bucket.value_from(from));
+            let logged = (state.metering)
+                .period_figure("acme", "users", (from, to))
+                .await
+                .unwrap();
+            assert_eq!(counted, logged, "hours {a}..{b} {when}");
+        }
+    }
+}
+
+/// Distinct values repeated across hours, batches, snapshots and restarts, arriving late (an
+/// earlier hour after a later one) and from two batches at once: the counters' distinct count
+/// of every window of hours is the usage log's.
+async fn distinct_counts_match_the_log_across_snapshots_restarts_and_late_events(backend: Backend) {
+    const HOUR: i64 = 3_600_000;
+    let (state, _db) = acme_state(backend).await;
+    let now = billsync::store::now_ms();
+    let base = now.div_euclid(HOUR) * HOUR - 6 * HOUR;
+    // Round r: 40 events over hours 0..6 in an order that goes back in time, 13 users.
+    let round = |r: usize| -> Vec<Value> {
+        (0..40)
+            .map(|i| {
+                let hour = ((i * 7 + r * 3) % 6) as i64;
+                let at = base + hour * HOUR + i as i64 * 1000;
+                json!({"id": format!("d{r}-{i}"), "tenant_id": "acme", "meter": "users",
+                    "timestamp": billsync::domain::rfc3339(at),
+                    "properties": {"user_id": format!("u{}", (i * 5 + r) % 13)}})
+            })
+            .collect()
+    };
+    state.metering.ingest(&round(0), now).await.unwrap();
+    assert_distinct_counts_match(&state, base, 6, "after one batch").await;
+    state.metering.snapshot(now).await.unwrap();
+    let (one, two) = (round(1), round(2));
+    let (a, b) = tokio::join!(
+        state.metering.ingest(&one, now),
+        state.metering.ingest(&two, now)
+    );
+    a.unwrap();
+    b.unwrap();
+    assert_distinct_counts_match(&state, base, 6, "after two batches at once").await;
+    let restarted = AppState::build((*state.settings).clone()).await.unwrap();
+    restarted.metering.rebuild().await.unwrap();
+    assert_distinct_counts_match(&restarted, base, 6, "after a restart").await;
+    restarted.metering.snapshot(now).await.unwrap();
+    restarted.metering.ingest(&round(3), now).await.unwrap();
+    let again = AppState::build((*state.settings).clone()).await.unwrap();
+    again.metering.rebuild().await.unwrap();
+    assert_distinct_counts_match(&again, base, 6, "after a snapshot and a restart").await;
+    let period = again.metering.period_usage("acme", "users", now).await;
+    assert_eq!(period.unwrap(), Some(Decimal::from(13)));
 }
