@@ -507,8 +507,19 @@ features = { api_calls = 100 }
 [plans.plan_pro]
 features = { api_calls = 1000, sso = true }
 "#;
-    let path =
-        std::env::temp_dir().join(format!("billsync-test-catalog-{}.toml", std::process::id()));
+    // Named by its content too: a file left by an earlier run whose process had this id (another
+    // checkout, an older catalog) is not taken for this one.
+    let digest = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        CATALOG.hash(&mut hasher);
+        hasher.finish()
+    };
+    let name = format!(
+        "billsync-test-catalog-{}-{digest:016x}.toml",
+        std::process::id()
+    );
+    let path = std::env::temp_dir().join(name);
     if !path.exists() {
         let partial = path.with_extension(format!("{}.part", uuid::Uuid::new_v4().simple()));
         std::fs::write(&partial, CATALOG).unwrap();
