@@ -149,6 +149,20 @@ fn codes_in_source() -> BTreeSet<String> {
 }
 
 #[test]
+fn the_sync_status_job_enum_lists_every_singleton_job() {
+    let spec = spec();
+    let job = &spec["components"]["schemas"]["SyncStatus"]["properties"]["jobs"]["items"]["properties"]
+        ["job"]["enum"];
+    let documented: Vec<&str> = job
+        .as_sequence()
+        .expect("SyncStatus.jobs[].job has an enum")
+        .iter()
+        .map(|j| j.as_str().expect("a job"))
+        .collect();
+    assert_eq!(documented, billsync::cluster::SINGLETON_JOBS);
+}
+
+#[test]
 fn the_error_code_enum_lists_every_code_the_source_emits_and_no_other() {
     let spec = spec();
     let documented: BTreeSet<String> =
