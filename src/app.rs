@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api;
 use crate::catalog::Catalog;
 use crate::config::Settings;
+use crate::metering::Metering;
 use crate::state::{AppError, AppState};
-use crate::store::Db;
 use crate::stripe::BillingVendor;
 
 /// On SIGHUP, reads the catalog file again: features and plans take effect at once (every
@@ -76,14 +76,15 @@ fn spawn_singleton<F, Fut>(
     ));
 }
 
-/// Checkpoints the SQLite write-ahead log every second, off the request path.
-async fn checkpoints(db: Db, shutdown: CancellationToken) {
+/// Checkpoints the SQLite write-ahead log every second, off the request path, between two
+/// usage batches (see [`Metering::checkpoint`]).
+async fn checkpoints(metering: Metering, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
         }
-        if let Err(error) = db.checkpoint().await {
+        if let Err(error) = metering.checkpoint().await {
             tracing::warn!(error = %error, "SQLite checkpoint failed");
         }
     }
@@ -171,7 +172,7 @@ fn spawn_workers(
 ) {
     let settings = state.settings.clone();
     workers.spawn(state.applier().run(shutdown.clone()));
-    workers.spawn(checkpoints(state.db.clone(), shutdown.clone()));
+    workers.spawn(checkpoints(state.metering.clone(), shutdown.clone()));
     let streams = &settings.entitlements;
     state.metering.counters.watch();
     workers.spawn(state.stream.clone().run(

@@ -23,7 +23,7 @@ use serde_json::Value;
 use crate::catalog::{Aggregation, Catalog, Meter};
 use crate::domain::TenantId;
 use crate::metrics::Metrics;
-use crate::store::{Backend, Db, DistinctDelta, Inserted, StoreError, UsageRow};
+use crate::store::{Backend, Db, DistinctDelta, Inserted, StoreError, UsageRow, UsageWriter};
 pub use announce::Heard;
 use counters::{Bucket, Counters, Sample};
 pub use periods::{billing_period, calendar_month};
@@ -55,8 +55,8 @@ pub struct Metering {
     pub counters: Arc<Counters>,
     pub metrics: Arc<Metrics>,
     /// SQLite takes one writer at a time and makes the others sleep and poll; queueing batches
-    /// here instead keeps the tail latency down.
-    pub writer: Arc<tokio::sync::Mutex<()>>,
+    /// here instead keeps the tail latency down. Usage batches are stored on its connection.
+    pub writer: Arc<tokio::sync::Mutex<UsageWriter>>,
     /// Held shared by every ingest and exclusively by a rebuild, so that a rebuild's read of
     /// the database and the swap of the counters see no local ingest in between.
     pub gate: Arc<tokio::sync::RwLock<()>>,
@@ -159,8 +159,8 @@ impl Metering {
         let _gate = self.gate.read().await;
         match self.db.backend() {
             Backend::Sqlite => {
-                let _turn = self.writer.lock().await;
-                self.db.usage().insert(rows).await
+                let mut writer = self.writer.lock().await;
+                writer.insert(&self.db, rows).await
             }
             Backend::Postgres => {
                 let payloads = |new: &[&UsageRow], distinct: &[DistinctDelta]| {
@@ -169,6 +169,13 @@ impl Metering {
                 self.db.usage().insert_notifying(rows, &payloads).await
             }
         }
+    }
+
+    /// Copies SQLite's write-ahead log into the database file, between two usage batches so
+    /// that it copies all of it and the next batch writes the log from its start again (see
+    /// [`UsageWriter::checkpoint`]); nothing on PostgreSQL.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        self.writer.lock().await.checkpoint(&self.db).await
     }
 
     fn count(&self, outcome: &Ingested) {

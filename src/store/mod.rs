@@ -22,6 +22,7 @@ mod record;
 mod snapshot;
 mod tenants;
 mod usage;
+mod writer;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -55,6 +56,7 @@ pub use record::{CheckedRecord, RecordCheck};
 pub use snapshot::{BucketState, CounterState, PageCursor, Positioned, SnapshotSource, TxSnapshot};
 pub use tenants::{TenantRecord, Tenants, Upserted};
 pub use usage::{DistinctDelta, Inserted, Payloads, Usage, UsageRow};
+pub use writer::UsageWriter;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
