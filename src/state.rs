@@ -113,6 +113,7 @@ impl AppState {
             counters: Arc::new(Counters::default()),
             metrics: metrics.clone(),
             writer: Arc::default(),
+            waiting: Arc::default(),
             gate: Arc::default(),
             origin: crate::cluster::replica_id().into(),
             record_locks: Arc::default(),

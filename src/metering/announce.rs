@@ -125,6 +125,7 @@ mod tests {
             counters: Arc::default(),
             metrics: Arc::default(),
             writer: Arc::default(),
+            waiting: Arc::default(),
             gate: Arc::default(),
             origin: origin.into(),
             record_locks: Arc::default(),

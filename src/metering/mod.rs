@@ -6,6 +6,7 @@
 
 mod announce;
 pub mod counters;
+mod group;
 pub mod periods;
 pub mod pusher;
 mod record;
@@ -26,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::store::{Backend, Db, DistinctDelta, Inserted, StoreError, UsageRow, UsageWriter};
 pub use announce::Heard;
 use counters::{Bucket, Counters, Sample};
+pub use group::WaitingBatches;
 pub use periods::{billing_period, calendar_month};
 pub use record::{RecordLocks, RecordQueue, Recorded};
 
@@ -57,6 +59,8 @@ pub struct Metering {
     /// SQLite takes one writer at a time and makes the others sleep and poll; queueing batches
     /// here instead keeps the tail latency down. Usage batches are stored on its connection.
     pub writer: Arc<tokio::sync::Mutex<UsageWriter>>,
+    /// Usage batches waiting for the SQLite writer, stored together (see `group`).
+    pub waiting: Arc<WaitingBatches>,
     /// Held shared by every ingest and exclusively by a rebuild, so that a rebuild's read of
     /// the database and the swap of the counters see no local ingest in between.
     pub gate: Arc<tokio::sync::RwLock<()>>,
@@ -152,16 +156,13 @@ impl Metering {
         Ok((rows, meters))
     }
 
-    /// Inserts the rows in one transaction (on SQLite one writer at a time; on PostgreSQL with
-    /// the notifications other replicas count from); whether each was new, and the distinct
-    /// counts' changes.
+    /// Inserts the rows in one transaction (on SQLite one writer at a time, with the batches
+    /// waiting beside them; on PostgreSQL with the notifications other replicas count from);
+    /// whether each was new, and the distinct counts' changes.
     async fn store(&self, rows: &[UsageRow]) -> Result<Inserted, StoreError> {
         let _gate = self.gate.read().await;
         match self.db.backend() {
-            Backend::Sqlite => {
-                let mut writer = self.writer.lock().await;
-                writer.insert(&self.db, rows).await
-            }
+            Backend::Sqlite => self.store_in_a_group(rows).await,
             Backend::Postgres => {
                 let payloads = |new: &[&UsageRow], distinct: &[DistinctDelta]| {
                     self.notifications(new, distinct)

@@ -1,5 +1,5 @@
-//! SQLite's usage writer: the one connection that stores usage batches, one batch at a time,
-//! and checkpoints the write-ahead log between them.
+//! SQLite's usage writer: the one connection that stores usage batches, the batches waiting
+//! at a time in one transaction, and checkpoints the write-ahead log between them.
 //!
 //! Why a connection of its own (profiled in docs/benchmarks.md, "SQLite ingest in batches of
 //! 1,000"): a batch over many tenants dirties about 1.3 pages per event in the two
@@ -29,21 +29,36 @@ pub struct UsageWriter {
 }
 
 impl UsageWriter {
-    /// Stores the events not stored before in one transaction, as
-    /// [`super::Usage::insert`] does, on this connection.
-    pub async fn insert(&mut self, db: &Db, rows: &[UsageRow]) -> Result<Inserted, StoreError> {
+    /// Stores batches of events in one transaction: for each batch, as
+    /// [`super::Usage::insert`] does, whether each event was new. An event id that two
+    /// batches carry is new in the first only. One commit, one `fsync`: a batch over many
+    /// tenants dirties an index page or two per tenant, whichever the number of events, so
+    /// the pages a group writes are about those of one batch.
+    pub async fn insert_group(
+        &mut self,
+        db: &Db,
+        batches: &[&[UsageRow]],
+    ) -> Result<Vec<Inserted>, StoreError> {
         let Some(conn) = self.connection(db).await? else {
-            return db.usage().insert(rows).await;
+            let mut inserted = Vec::with_capacity(batches.len());
+            for rows in batches {
+                inserted.push(db.usage().insert(rows).await?);
+            }
+            return Ok(inserted);
         };
         let stored = async {
             let mut tx = conn.begin().await?;
-            let inserted = insert_usage!(&mut *tx, rows, &|_, _| Vec::new(), false);
+            let mut inserted = Vec::with_capacity(batches.len());
+            for rows in batches {
+                let rows: &[UsageRow] = rows;
+                inserted.push(insert_usage!(&mut *tx, rows, &|_, _| Vec::new(), false));
+            }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(inserted)
         }
         .await;
         if stored.is_err() {
-            // A connection that failed is not trusted again: the next batch opens another.
+            // A connection that failed is not trusted again: the next group opens another.
             self.conn = None;
         }
         Ok(stored?)
