@@ -93,7 +93,11 @@ impl UsageWriter {
         if self.conn.is_none() {
             let options = (*options)
                 .clone()
-                .pragma("cache_size", format!("-{CACHE_KIB}"));
+                .pragma("cache_size", format!("-{CACHE_KIB}"))
+                // Each multi-row INSERT inside a transaction keeps a statement journal (the
+                // pages it changes, as they were, to undo the statement alone): in memory, not
+                // in a temporary file written page by page, as much as the log itself.
+                .pragma("temp_store", "memory");
             self.conn = Some(options.connect().await?);
         }
         Ok(self.conn.as_mut())
