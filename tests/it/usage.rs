@@ -3,7 +3,7 @@
 use std::str::FromStr;
 
 use billsync::state::AppState;
-use billsync::store::Db;
+use billsync::store::{Db, UsageRow};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use wiremock::matchers::{method, path};
@@ -31,6 +31,8 @@ on_both_backends!(
     a_ledger_over_thousands_of_events_counts_each_once,
     paged_snapshots_fold_each_event_once_and_exactly,
     distinct_counts_match_the_log_across_snapshots_restarts_and_late_events,
+    batches_waiting_for_the_writer_share_one_commit_and_count_each_event_once,
+    a_checkpoint_waits_for_the_batch_being_stored_so_the_log_starts_again,
 );
 
 fn now_rfc3339(offset_secs: i64) -> String {
@@ -900,4 +902,93 @@ async fn distinct_counts_match_the_log_across_snapshots_restarts_and_late_events
     assert_distinct_counts_match(&again, base, 6, "after a snapshot and a restart").await;
     let period = again.metering.period_usage("acme", "users", now).await;
     assert_eq!(period.unwrap(), Some(Decimal::from(13)));
+}
+
+/// Usage events `from..to` of acme's `calls` meter.
+fn calls(from: usize, to: usize) -> Vec<Value> {
+    (from..to)
+        .map(|i| json!({"id": format!("w{i}"), "tenant_id": "acme", "meter": "calls", "quantity": "1"}))
+        .collect()
+}
+
+/// Three batches that arrive while the SQLite writer is busy wait and are stored in one
+/// transaction; an event id two of them carry is accepted once. (PostgreSQL stores each
+/// batch in its own transaction; the answers are the same.)
+async fn batches_waiting_for_the_writer_share_one_commit_and_count_each_event_once(
+    backend: Backend,
+) {
+    let (state, _db) = acme_state(backend).await;
+    let now = billsync::store::now_ms();
+    let busy = state.metering.writer.clone().lock_owned().await;
+    let mut sent = tokio::task::JoinSet::new();
+    for (from, to) in [(0, 300), (200, 500), (500, 600)] {
+        let metering = state.metering.clone();
+        sent.spawn(async move { metering.ingest(&calls(from, to), now).await.unwrap() });
+    }
+    if backend == Backend::Sqlite {
+        while state.metering.waiting.len() < 3 {
+            tokio::task::yield_now().await;
+        }
+    }
+    drop(busy);
+    let answers = sent.join_all().await;
+    let accepted: usize = answers.iter().map(|a| a.accepted).sum();
+    let duplicates: usize = answers.iter().map(|a| a.duplicates).sum();
+    assert_eq!((accepted, duplicates), (600, 100), "{answers:?}");
+    let used = state.metering.period_figure("acme", "calls", (0, i64::MAX));
+    assert_eq!(used.await.unwrap(), Some(Decimal::from(600)));
+    if backend == Backend::Sqlite {
+        let metrics = state.metrics.render();
+        assert!(
+            metrics.contains("billsync_usage_commits_total{} 1\n"),
+            "one commit for the three batches:\n{metrics}"
+        );
+    }
+}
+
+/// The checkpoint in the write-ahead log's header: SQLite adds one each time the log is
+/// written again from its start.
+fn log_restarts(state: &AppState) -> u32 {
+    let url = state.settings.database.url.expose().to_owned();
+    let file = url.trim_start_matches("sqlite://");
+    let header = std::fs::read(format!("{file}-wal")).expect("the write-ahead log");
+    u32::from_be_bytes(header[12..16].try_into().unwrap())
+}
+
+/// A checkpoint asked for while a batch is being stored runs after its commit, copies the
+/// whole log, and the next batch writes the log from its start: under steady ingest the log
+/// does not grow without end (a checkpoint beside the writer never caught up with it).
+async fn a_checkpoint_waits_for_the_batch_being_stored_so_the_log_starts_again(backend: Backend) {
+    let (state, _db) = acme_state(backend).await;
+    let now = billsync::store::now_ms();
+    state.metering.ingest(&calls(0, 200), now).await.unwrap();
+    if backend == Backend::Postgres {
+        // Nothing to copy; a checkpoint is harmless.
+        state.metering.checkpoint().await.unwrap();
+        return;
+    }
+    let before = log_restarts(&state);
+    let mut busy = state.metering.writer.clone().lock_owned().await;
+    let metering = state.metering.clone();
+    let checkpoint = tokio::spawn(async move { metering.checkpoint().await });
+    // The batch in flight, stored by whoever holds the writer.
+    let rows: Vec<UsageRow> = (200..400)
+        .map(|i| UsageRow {
+            tenant_id: "acme".to_owned(),
+            event_id: format!("w{i}"),
+            meter: "calls".to_owned(),
+            quantity: "1".to_owned(),
+            occurred_at: now,
+            received_at: now,
+            ..UsageRow::default()
+        })
+        .collect();
+    busy.insert_group(&state.db, &[&rows]).await.unwrap();
+    drop(busy);
+    checkpoint.await.unwrap().unwrap();
+    state.metering.ingest(&calls(400, 600), now).await.unwrap();
+    assert!(
+        log_restarts(&state) > before,
+        "the batch after the checkpoint starts the log again"
+    );
 }
