@@ -14,6 +14,9 @@
 //!
 //! The alarm re-arms when the balance is at or above the threshold again (the top-up's grant
 //! arriving, or any other grant).
+//!
+//! A top-up that fails for good (its command ends `failed`) records a `credits.top_up_failed`
+//! notification in the transaction that ends the command ([`top_up_failed`]).
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -154,6 +157,47 @@ pub fn crossing_rows(
         },
         command,
     }
+}
+
+/// The notification kind of a top-up that failed for good.
+pub const TOP_UP_FAILED: &str = "credits.top_up_failed";
+
+/// The `credits.top_up_failed` notification of a `credits.top_up` command ending `failed`
+/// (Stripe refused it: a declined card, another 4xx; or it did not take it within
+/// `outbox.give_up_after`); `None` for any other command or ending. Written by the
+/// transaction that ends the command ([`settle_command!`](crate::store)), so exactly once.
+pub fn top_up_failed(
+    command: &crate::store::CommandRow,
+    settlement: &crate::store::Settlement<'_>,
+    now_ms: i64,
+) -> Option<NewNotification> {
+    if command.kind != CommandKind::CreditsTopUp.as_str() || settlement.status != "failed" {
+        return None;
+    }
+    // A request that does not parse failed the command too: still told, with what is known.
+    let request = serde_json::from_str::<TopUpRequest>(&command.request).ok();
+    let event_id = format!("evt_bs_{}", uuid::Uuid::now_v7().simple());
+    let payload = json!({
+        "id": event_id,
+        "object": "event",
+        "type": TOP_UP_FAILED,
+        "created": now_ms / 1000,
+        "tenant_id": command.tenant_id,
+        "data": {
+            "command_id": command.command_id,
+            "currency": request.as_ref().map(|r| &r.currency),
+            "amount": request.as_ref().map(|r| r.amount),
+            "crossing": request.as_ref().map(|r| r.crossing),
+            "attempts": command.attempts + 1,
+            "error": {"code": settlement.error_code, "message": settlement.message},
+        }
+    });
+    Some(NewNotification {
+        event_id,
+        tenant_id: command.tenant_id.clone(),
+        kind: TOP_UP_FAILED.to_owned(),
+        payload: payload.to_string(),
+    })
 }
 
 /// After grants were applied to the mirror (created, voided, expired): the tenants' balances
