@@ -138,8 +138,10 @@ async fn the_ledger_settings_and_notifications_are_typed_and_paged(backend: Back
     };
     loop {
         let credits = client.credits("gpu", &page).await.unwrap();
-        assert_eq!(credits.balances.len(), 1);
-        let balance = &credits.balances[0];
+        // Every unit a feature burns: `usd` (gpu_minutes) and `credits` (ai_tokens, none).
+        let units: Vec<&str> = credits.balances.iter().map(|b| b.unit.as_str()).collect();
+        assert_eq!(units, ["credits", "usd"]);
+        let balance = &credits.balances[1];
         assert_eq!((balance.granted, balance.burned), (d("100"), d("1.0521")));
         assert_eq!(balance.available, d("98.9479"));
         assert!(credits.entries.len() <= 2);

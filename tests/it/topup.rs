@@ -50,7 +50,7 @@ const SECRET: &str = "notify_secret_for_tests";
 #[derive(Default)]
 pub(crate) struct Stripe {
     answers: BTreeMap<String, Value>,
-    created: BTreeMap<&'static str, u32>,
+    pub(crate) created: BTreeMap<&'static str, u32>,
     fail_once: HashSet<&'static str>,
     next: u32,
     /// What `GET /v1/billing/credit_balance_transactions` lists.
