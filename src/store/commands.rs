@@ -110,9 +110,7 @@ macro_rules! settle_command {
             > 0;
         // A top-up that failed for good tells the product, once: only the transaction that
         // ended the command gets here.
-        if settled
-            && let Some(note) = $crate::topup::top_up_failed(command, settlement, $now_ms)
-        {
+        if settled && let Some(note) = $crate::topup::top_up_failed(command, settlement, $now_ms) {
             $crate::store::insert_notification!($tx, &note, $now_ms).await?;
         }
         if settled && let Some((old, new)) = &settlement.rebase {

@@ -60,10 +60,16 @@ async fn credit_features_are_asked_of_the_server_and_burned_once_by_check_and_re
     assert_eq!(price, expected);
     assert_eq!(client.credit_price("api_calls"), None);
     let memory = client.check_in_memory("gpu", "gpu_minutes", Decimal::ONE);
-    assert_eq!((memory.allowed, &*memory.reason), (false, reason::NEEDS_SERVER));
+    assert_eq!(
+        (memory.allowed, &*memory.reason),
+        (false, reason::NEEDS_SERVER)
+    );
     // No credits yet: the server says so, with the balance.
     let none = client.check("gpu", "gpu_minutes", Decimal::ONE).await;
-    assert_eq!((none.allowed, &*none.reason), (false, reason::INSUFFICIENT_CREDITS));
+    assert_eq!(
+        (none.allowed, &*none.reason),
+        (false, reason::INSUFFICIENT_CREDITS)
+    );
     assert_eq!(none.credits.unwrap().balance.available, Decimal::ZERO);
 
     one_dollar(&app).await;
@@ -72,7 +78,10 @@ async fn credit_features_are_asked_of_the_server_and_burned_once_by_check_and_re
     assert_eq!(asked.credits.as_ref().unwrap().cost, d("0.0167"));
     // Memory still does not decide: a balance it saw would be stale by the next burn.
     let memory = client.check_in_memory("gpu", "gpu_minutes", Decimal::ONE);
-    assert_eq!((memory.allowed, &*memory.reason), (false, reason::NEEDS_SERVER));
+    assert_eq!(
+        (memory.allowed, &*memory.reason),
+        (false, reason::NEEDS_SERVER)
+    );
 
     let burned = client
         .check_and_record("gpu", "gpu_minutes", Decimal::from(3), "r1")
@@ -88,7 +97,11 @@ async fn credit_features_are_asked_of_the_server_and_burned_once_by_check_and_re
         .await
         .unwrap();
     assert_eq!(again.recorded, Some(true));
-    assert_eq!(again.credits.unwrap().balance.available, d("99.9499"), "burned once");
+    assert_eq!(
+        again.credits.unwrap().balance.available,
+        d("99.9499"),
+        "burned once"
+    );
     let refused = client
         .check_and_record("gpu", "gpu_minutes", Decimal::from(10_000), "r2")
         .await
@@ -106,7 +119,9 @@ async fn the_ledger_settings_and_notifications_are_typed_and_paged(backend: Back
     let (app, client) = gpu_tenant_and_client(backend).await;
     one_dollar(&app).await;
     for id in ["r1", "r2", "r3"] {
-        let answer = client.check_and_record("gpu", "gpu_minutes", Decimal::ONE, id).await;
+        let answer = client
+            .check_and_record("gpu", "gpu_minutes", Decimal::ONE, id)
+            .await;
         assert_eq!(answer.unwrap().recorded, Some(true));
     }
     let refused = CreditSettingsUpdate {
@@ -124,8 +139,14 @@ async fn the_ledger_settings_and_notifications_are_typed_and_paged(backend: Back
         top_up_amount: Some(2000),
         auto_top_up: false,
     };
-    let stored = client.put_credit_settings("gpu", "usd", &update).await.unwrap();
-    assert_eq!((stored.threshold, stored.top_up_amount, stored.armed), (d("99"), Some(2000), true));
+    let stored = client
+        .put_credit_settings("gpu", "usd", &update)
+        .await
+        .unwrap();
+    assert_eq!(
+        (stored.threshold, stored.top_up_amount, stored.armed),
+        (d("99"), Some(2000), true)
+    );
     assert_eq!(client.credit_settings("gpu").await.unwrap(), vec![stored]);
     // 60 s burn 1.002 cents: from 99.9499 to 98.9479, below the threshold of 99.
     let crossing = client.check_and_record("gpu", "gpu_minutes", Decimal::from(60), "r4");
@@ -162,10 +183,19 @@ async fn the_ledger_settings_and_notifications_are_typed_and_paged(backend: Back
     let Some(LedgerEntry::Grant(oldest)) = entries.last() else {
         panic!("the grant, effective two hours ago, comes last: {entries:?}");
     };
-    assert_eq!((oldest.id.as_str(), oldest.amount), ("credgr_gpu", d("100")));
-    assert_eq!((oldest.burned, oldest.remaining), (d("1.0521"), d("98.9479")));
+    assert_eq!(
+        (oldest.id.as_str(), oldest.amount),
+        ("credgr_gpu", d("100"))
+    );
+    assert_eq!(
+        (oldest.burned, oldest.remaining),
+        (d("1.0521"), d("98.9479"))
+    );
     let missing = client.credits("nobody", &Page::default()).await;
-    assert!(matches!(missing, Err(Error::Status { status: 404, .. })), "{missing:?}");
+    assert!(
+        matches!(missing, Err(Error::Status { status: 404, .. })),
+        "{missing:?}"
+    );
 
     // The crossing's notification: recorded, pending (no notify.url here).
     let query = NotificationQuery {
@@ -175,13 +205,23 @@ async fn the_ledger_settings_and_notifications_are_typed_and_paged(backend: Back
     let notes = client.notifications(&query).await.unwrap();
     assert_eq!(notes.data.len(), 1, "{notes:?}");
     let note = &notes.data[0];
-    assert_eq!((note.kind.as_str(), note.status.as_str()), ("credits.balance_low", "pending"));
+    assert_eq!(
+        (note.kind.as_str(), note.status.as_str()),
+        ("credits.balance_low", "pending")
+    );
     assert_eq!(note.payload["data"]["available_after"], "98.9479");
     let delivered = NotificationQuery {
         status: Some("delivered".to_owned()),
         ..query
     };
-    assert!(client.notifications(&delivered).await.unwrap().data.is_empty());
+    assert!(
+        client
+            .notifications(&delivered)
+            .await
+            .unwrap()
+            .data
+            .is_empty()
+    );
     client.shutdown().await.unwrap();
     app.stop().await;
 }

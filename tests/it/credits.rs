@@ -46,7 +46,13 @@ fn credits(value: &str) -> Value {
 }
 
 /// Delivers a grant event and waits until the tenant's ledger shows its state (voided or not).
-pub(crate) async fn deliver_grant(app: &TestApp, tenant: &str, event_type: &str, created: i64, object: Value) {
+pub(crate) async fn deliver_grant(
+    app: &TestApp,
+    tenant: &str,
+    event_type: &str,
+    created: i64,
+    object: Value,
+) {
     let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
     app.deliver(&event(&id, event_type, created, object.clone()))
         .await;

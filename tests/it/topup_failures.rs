@@ -58,13 +58,19 @@ async fn a_declined_top_up_notifies_the_product_once(backend: Backend) {
         (data["currency"].as_str(), data["amount"].as_i64()),
         (Some("usd"), Some(2000))
     );
-    assert_eq!((data["crossing"].as_i64(), data["attempts"].as_i64()), (Some(1), Some(1)));
+    assert_eq!(
+        (data["crossing"].as_i64(), data["attempts"].as_i64()),
+        (Some(1), Some(1))
+    );
     assert_eq!(data["error"]["code"], "card_declined");
     assert_eq!(data["error"]["message"], "Your card was declined.");
     // The low-balance notice went out too; no credits were granted.
     delivered(&w, "credits.balance_low", 1).await;
     let created = w.stripe.lock().unwrap().created.clone();
-    assert_eq!((created.get("declined"), created.get("grant")), (Some(&1), None));
+    assert_eq!(
+        (created.get("declined"), created.get("grant")),
+        (Some(&1), None)
+    );
     // Received signed, under the event id the API lists.
     let got = w.receiver.lock().unwrap().got.clone();
     let sent: Vec<_> = (got.iter())
@@ -72,7 +78,10 @@ async fn a_declined_top_up_notifies_the_product_once(backend: Backend) {
         .collect();
     assert_eq!(sent.len(), 1);
     assert!(verify(&sent[0].0, &sent[0].1));
-    assert_eq!(sent[0].0["billsync-event-id"], failed[0]["id"].as_str().unwrap());
+    assert_eq!(
+        sent[0].0["billsync-event-id"],
+        failed[0]["id"].as_str().unwrap()
+    );
     // Ending the command again (a late attempt, another replica) changes nothing.
     let id = command["id"].as_str().unwrap();
     let row = w.db.commands().get(id).await.unwrap().unwrap();
@@ -83,7 +92,11 @@ async fn a_declined_top_up_notifies_the_product_once(backend: Backend) {
         message: None,
         rebase: None,
     };
-    let settled = w.db.commands().settle(&row, &again, now_ms()).await.unwrap();
+    let settled =
+        w.db.commands()
+            .settle(&row, &again, now_ms())
+            .await
+            .unwrap();
     assert!(!settled);
     let page = w.app.get_json("/v1/notifications?tenant_id=acme").await;
     let kinds: Vec<&str> = (page["data"].as_array().unwrap().iter())

@@ -252,7 +252,8 @@ impl Client {
         let (answer, replica_stale) = self.check_memory(tenant, feature, quantity);
         let needs_server = answer.reason == reason::NEEDS_SERVER;
         let ask_when_stale = self.shared().options.staleness == Staleness::AskServer;
-        if !needs_server && !(replica_stale && ask_when_stale) {
+        let ask = needs_server || (replica_stale && ask_when_stale);
+        if !ask {
             return answer;
         }
         match http::check(self.shared(), tenant, feature, quantity, None).await {

@@ -51,8 +51,14 @@ async fn the_tenant_page_shows_credit_balances_settings_and_notifications() {
         assert!(balances.contains(figure), "{figure} in {balances}");
     }
     let settings = browser.text("#credit-settings tbody").await;
-    assert!(settings.contains("500") && settings.contains("2000"), "{settings}");
-    assert!(settings.contains("crossed") && settings.contains("on"), "{settings}");
+    assert!(
+        settings.contains("500") && settings.contains("2000"),
+        "{settings}"
+    );
+    assert!(
+        settings.contains("crossed") && settings.contains("on"),
+        "{settings}"
+    );
     let notes = browser.text("#notifications tbody").await;
     assert!(notes.contains("credits.balance_low"), "{notes}");
     assert!(notes.contains("usd: 1000 → 499, below 500"), "{notes}");

@@ -192,7 +192,13 @@ fn a_credit_priced_feature_is_never_allowed_from_memory_even_when_the_plan_grant
     assert_eq!(check.reason, crate::reason::NEEDS_SERVER);
     assert_eq!(check.as_of.as_deref(), Some("2026-12-07T06:14:16.577Z"));
     let price = replica.credit_price("api_calls").unwrap();
-    assert_eq!((price.unit.as_str(), price.credits_per_unit.to_string().as_str()), ("usd", "0.0167"));
+    assert_eq!(
+        (
+            price.unit.as_str(),
+            price.credits_per_unit.to_string().as_str()
+        ),
+        ("usd", "0.0167")
+    );
     // Other features are decided as before; an unknown tenant is still unknown.
     assert!(replica.check("acme", "sso", d(1)).unwrap().allowed);
     assert!(replica.check("globex", "api_calls", d(1)).is_none());
