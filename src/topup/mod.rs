@@ -279,6 +279,70 @@ mod tests {
         );
     }
 
+    fn command(kind: &str, request: &str) -> crate::store::CommandRow {
+        crate::store::CommandRow {
+            command_id: "cmd_1".to_owned(),
+            tenant_id: "t".to_owned(),
+            kind: kind.to_owned(),
+            request: request.to_owned(),
+            client_key: None,
+            request_digest: String::new(),
+            base: None,
+            status: "pending".to_owned(),
+            attempts: 2,
+            next_attempt_at: 0,
+            last_error: None,
+            error_code: None,
+            result: None,
+            created_at: 0,
+            updated_at: 0,
+            completed_at: None,
+        }
+    }
+
+    #[test]
+    fn only_a_top_up_that_failed_makes_a_failure_notification() {
+        let ending = |status| crate::store::Settlement {
+            status,
+            result: None,
+            error_code: Some("card_declined".to_owned()),
+            message: Some("Your card was declined.".to_owned()),
+            rebase: None,
+        };
+        let top_up = command(
+            "credits.top_up",
+            r#"{"currency":"usd","amount":2000,"crossing":3}"#,
+        );
+        let note = top_up_failed(&top_up, &ending("failed"), 5_000).unwrap();
+        assert_eq!(
+            (note.kind.as_str(), note.tenant_id.as_str()),
+            (TOP_UP_FAILED, "t")
+        );
+        let body: serde_json::Value = serde_json::from_str(&note.payload).unwrap();
+        assert_eq!(body["id"].as_str(), Some(note.event_id.as_str()));
+        assert_eq!(body["created"], 5);
+        let data = &body["data"];
+        assert_eq!(
+            (data["amount"].as_i64(), data["crossing"].as_i64()),
+            (Some(2000), Some(3))
+        );
+        assert_eq!(
+            (data["attempts"].as_i64(), &data["error"]["code"]),
+            (Some(3), &json!("card_declined"))
+        );
+        assert!(top_up_failed(&top_up, &ending("succeeded"), 0).is_none());
+        let other = command("subscription.set", "{}");
+        assert!(top_up_failed(&other, &ending("failed"), 0).is_none());
+        // A request that does not parse is still told, with what is known.
+        let odd = command("credits.top_up", "not json");
+        let note = top_up_failed(&odd, &ending("failed"), 0).unwrap();
+        assert!(
+            note.payload.contains(r#""amount":null"#),
+            "{}",
+            note.payload
+        );
+    }
+
     #[test]
     fn only_currencies_are_topped_up_and_the_key_names_the_crossing() {
         let rows = crossing_rows(&settings("10", true), &change("10", "9"), 3, 1_000);
