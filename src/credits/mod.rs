@@ -31,18 +31,21 @@
 //!   for thresholds belong after those two writes.
 
 pub mod balance;
+pub mod book;
 pub mod burn;
 pub mod grants;
 pub mod ledger;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rust_decimal::Decimal;
 
 use crate::catalog::{Aggregation, Meter};
 use crate::store::{Db, StoreError};
-use balance::{Allocation, allocate, breakpoints};
+use balance::{Allocation, SegmentUsage, allocate};
+use book::{TenantGrants, segment_usage};
 use grants::CreditGrant;
 
 /// A credit-priced feature: each unit of its meter burns `per_unit` of `unit`.
@@ -172,7 +175,8 @@ pub fn grants_of(payloads: &[String]) -> Vec<CreditGrant> {
         .collect()
 }
 
-/// The tenant's allocation in each unit its features burn, read from the store, at `now`.
+/// The tenant's allocation in each unit its features burn, read from the store, at `now`:
+/// from its running totals ([`read_credits`]), whatever its usage history.
 pub async fn balance_of(
     db: &Db,
     features: &BTreeMap<String, CreditFeature>,
@@ -182,22 +186,46 @@ pub async fn balance_of(
     if features.is_empty() {
         return Ok(Vec::new());
     }
-    let credits = db.credits();
-    let grants = grants_of(&credits.grant_payloads(tenant).await?);
+    let book = book::CreditBook::new(features.clone());
+    let (grants, usage) = read_credits(db, &book, tenant).await?;
     let mut out = Vec::new();
     for (unit, unit_features) in units(features) {
-        let of_unit: Vec<CreditGrant> = grants.iter().filter(|g| g.unit == unit).cloned().collect();
-        let points = breakpoints(&of_unit);
-        let meters: Vec<String> = unit_features.iter().map(|f| f.meter.clone()).collect();
-        let usage = credits.usage_by_segment(tenant, &meters, &points).await?;
-        out.push(allocate(
-            unit,
-            &of_unit,
-            &unit_features,
-            &points,
-            &usage,
-            now,
-        ));
+        let of_unit = grants.of_unit(unit);
+        let (points, features) = (&grants.points, &unit_features);
+        out.push(allocate(unit, &of_unit, features, points, &usage, now));
     }
     Ok(out)
+}
+
+/// Attempts at a consistent read before falling back to the usage log itself.
+const READS: usize = 3;
+
+/// The tenant's grants and its usage per segment of their cuts, from the running totals: the
+/// grants from `book` while their version is current, the totals recomputed first if their
+/// cuts are not the grants' (a grant changed since). Outside a transaction: for reads, and
+/// for SQLite's check-and-record under its process lock.
+pub async fn read_credits(
+    db: &Db,
+    book: &book::CreditBook,
+    tenant: &str,
+) -> Result<(Arc<TenantGrants>, Vec<SegmentUsage>), StoreError> {
+    let credits = db.credits();
+    for _ in 0..READS {
+        let state = credits.state(tenant).await?.unwrap_or_default();
+        let grants = match book.cached(tenant, &state) {
+            Some(grants) => grants,
+            None => book.keep(tenant, TenantGrants::read(credits.grant_rows(tenant).await?)),
+        };
+        if !grants.current_in(&state) {
+            continue; // a grant was written between the two reads
+        }
+        if book.totals_current(&state, &grants) {
+            return Ok((grants.clone(), segment_usage(&grants.points, &state.totals)));
+        }
+        book.keep(tenant, credits.refresh(tenant, book).await?);
+    }
+    // Grants changing faster than they can be read: the usage log itself.
+    let grants = book.keep(tenant, TenantGrants::read(credits.grant_rows(tenant).await?));
+    let usage = (credits.usage_by_segment(tenant, &book.meters, &grants.points)).await?;
+    Ok((grants, usage))
 }

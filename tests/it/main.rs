@@ -11,6 +11,7 @@ mod client;
 mod commands;
 mod console;
 mod console_api;
+mod credit_totals;
 mod credits;
 mod docs;
 mod e2e;
