@@ -112,12 +112,6 @@ impl CreditBook {
         grants.insert(tenant.to_owned(), read.clone());
         read
     }
-
-    /// Drops a tenant's grants (their writer knows they changed; the version would say so
-    /// anyway at the next read).
-    pub fn forget(&self, tenant: &str) {
-        self.grants.lock().expect("credit grants").remove(tenant);
-    }
 }
 
 /// The totals as `allocate` reads usage: the segment numbered as `width_bucket` would.

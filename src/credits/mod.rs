@@ -20,15 +20,22 @@
 //!   grants usable then (and, for a grant scoped to `prices`, only for meters whose
 //!   `stripe_prices` name one of them). Burns no grant covers are `uncovered` (billed by Stripe
 //!   as plain usage), never taken from a later grant.
+//! - **Running totals.** What a check reads instead of every burn: per tenant, meter and
+//!   segment (time cut at every grant's start and end, of every unit), the summed quantity
+//!   (`store::credit_totals`), written in the transaction of every usage row of a credit-priced
+//!   meter and recomputed from the log only when the grants move the cuts. Filling grants in a
+//!   fixed order is additive, so the figures are exactly the log's. The grants themselves are
+//!   kept parsed per tenant ([`book::CreditBook`]) while their version, read with the totals,
+//!   is current.
 //! - **Balance** ([`balance::Balance`] `{unit, granted, burned, available}`): over the grants
 //!   usable now, `available = granted − burned`. [`balance_of`] reads it from the store (any
-//!   backend, outside a transaction); on PostgreSQL the same computation runs inside
-//!   check-and-record's transaction (`store::record`), under the tenant's credit lock.
+//!   backend, outside a transaction, [`read_credits`]); on PostgreSQL the same computation runs
+//!   inside check-and-record's transaction (`store::record`), under the tenant's credit lock.
 //! - **Where a balance changes:** [`burn::record`] (check-and-record of a credit-priced
-//!   feature: the one place a burn is admitted, atomically, under a lock per tenant and unit
-//!   taken on every replica); plain `POST /v1/usage` also stores burns, unchecked; and the
-//!   applier storing a `credit_grant` mirror row (created, updated, voided, expired). Hooks
-//!   for thresholds belong after those two writes.
+//!   feature: the one place a burn is admitted, atomically, under a lock per tenant taken on
+//!   every replica); plain `POST /v1/usage` also stores burns, unchecked (its transaction sees
+//!   low-balance crossings); and the applier storing a `credit_grant` mirror row (created,
+//!   updated, voided, expired).
 
 pub mod balance;
 pub mod book;

@@ -47,6 +47,8 @@ pub struct CreditState {
     /// `None`: never cut.
     pub cuts: Option<Cuts>,
     pub totals: Vec<Total>,
+    /// The tenant has low-balance settings (in some unit).
+    pub alarmed: bool,
 }
 
 /// A tenant's grant payloads and the version they are at, read in one statement.
@@ -59,10 +61,24 @@ pub struct GrantRows {
 
 /// The columns [`fold_states`] reads, for tenants named by the `WHERE` that follows.
 pub(super) const STATE: &str = "SELECT t.tenant_id, t.customer_id, COALESCE(v.version, 0), \
-     c.points, c.meters, s.meter, s.segment, CAST(s.quantity AS TEXT) FROM tenants t \
+     c.points, c.meters, s.meter, s.segment, CAST(s.quantity AS TEXT), \
+     EXISTS (SELECT 1 FROM credit_settings a WHERE a.tenant_id = t.tenant_id) FROM tenants t \
      LEFT JOIN credit_grant_versions v ON v.customer_id = t.customer_id \
      LEFT JOIN credit_cuts c ON c.tenant_id = t.tenant_id \
      LEFT JOIN credit_totals s ON s.tenant_id = t.tenant_id WHERE ";
+
+/// [`STATE`] for a batch of tenants (PostgreSQL): lateral lookups by each tenant (`OFFSET 0`
+/// keeps them from being flattened), so that a batch reads its tenants' rows by index whatever
+/// the tables' sizes (plain joins are planned as hashes of the whole tables).
+const STATE_PG: &str = "SELECT a.tenant_id, t.customer_id, \
+     COALESCE((SELECT v.version FROM credit_grant_versions v WHERE v.customer_id = t.customer_id), 0), \
+     c.points, c.meters, s.meter, s.segment, s.quantity::text, \
+     EXISTS (SELECT 1 FROM credit_settings x WHERE x.tenant_id = a.tenant_id) \
+     FROM unnest($1::text[]) AS a (tenant_id) \
+     JOIN LATERAL (SELECT t.customer_id FROM tenants t WHERE t.tenant_id = a.tenant_id OFFSET 0) AS t ON TRUE \
+     LEFT JOIN LATERAL (SELECT c.points, c.meters FROM credit_cuts c WHERE c.tenant_id = a.tenant_id OFFSET 0) AS c ON TRUE \
+     LEFT JOIN LATERAL (SELECT s.meter, s.segment, s.quantity FROM credit_totals s \
+       WHERE s.tenant_id = a.tenant_id OFFSET 0) AS s ON TRUE";
 
 /// The columns [`fold_grants`] reads, for tenants named by the `WHERE` that follows.
 pub(super) const GRANT_ROWS: &str = "SELECT t.tenant_id, t.customer_id, COALESCE(v.version, 0), \
@@ -80,14 +96,16 @@ pub(super) type StateRow = (
     Option<String>,
     Option<i64>,
     Option<String>,
+    bool,
 );
 
 pub(super) fn fold_states(rows: Vec<StateRow>) -> HashMap<String, CreditState> {
     let mut states: HashMap<String, CreditState> = HashMap::new();
-    for (tenant, customer_id, version, points, meters, meter, segment, quantity) in rows {
+    for (tenant, customer_id, version, points, meters, meter, segment, quantity, alarmed) in rows {
         let state = states.entry(tenant).or_insert_with(|| CreditState {
             customer_id,
             version,
+            alarmed,
             cuts: points.zip(meters).map(|(p, m)| Cuts {
                 points: parse_points(&p),
                 meters: serde_json::from_str(&m).unwrap_or_default(),
@@ -139,8 +157,7 @@ pub(super) async fn states_pg(
     conn: &mut sqlx::PgConnection,
     tenants: &[String],
 ) -> Result<HashMap<String, CreditState>, sqlx::Error> {
-    let sql = format!("{STATE}t.tenant_id = ANY($1)");
-    let rows: Vec<StateRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+    let rows: Vec<StateRow> = sqlx::query_as(STATE_PG)
         .bind(tenants)
         .fetch_all(conn)
         .await?;
@@ -224,6 +241,27 @@ pub(super) async fn recompute_sqlite(
         .execute(&mut *conn)
         .await?;
     conn.write_cuts(tenant, cuts).await?;
+    let totals = sqlite_totals_from_log(&mut *conn, tenant, cuts).await?;
+    for total in &totals {
+        sqlx::query(
+            "INSERT INTO credit_totals (tenant_id, meter, segment, quantity) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(tenant)
+        .bind(&total.meter)
+        .bind(total.segment)
+        .bind(total.quantity.normalize().to_string())
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(totals)
+}
+
+/// The tenant's usage of the cuts' meters per segment, summed here from its rows (SQLite).
+async fn sqlite_totals_from_log(
+    conn: &mut sqlx::SqliteConnection,
+    tenant: &str,
+    cuts: &Cuts,
+) -> Result<Vec<Total>, sqlx::Error> {
     let Some(&from) = cuts.points.first() else {
         return Ok(Vec::new());
     };
@@ -239,21 +277,11 @@ pub(super) async fn recompute_sqlite(
         .fetch_all(&mut *conn)
         .await?;
         for (quantity, at) in rows {
-            if let (Ok(quantity), Some(segment)) = (Decimal::from_str(&quantity), segment_of(&cuts.points, at)) {
+            let segment = segment_of(&cuts.points, at);
+            if let (Ok(quantity), Some(segment)) = (Decimal::from_str(&quantity), segment) {
                 *sums.entry((meter.clone(), segment)).or_default() += quantity;
             }
         }
-    }
-    for ((meter, segment), quantity) in &sums {
-        sqlx::query(
-            "INSERT INTO credit_totals (tenant_id, meter, segment, quantity) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(tenant)
-        .bind(meter)
-        .bind(segment)
-        .bind(quantity.normalize().to_string())
-        .execute(&mut *conn)
-        .await?;
     }
     Ok((sums.into_iter())
         .map(|((meter, segment), quantity)| Total {
@@ -321,12 +349,34 @@ pub fn segment_of(points: &[i64], at: i64) -> Option<i64> {
 pub(crate) trait KeepTotals {
     /// Takes the tenants' credit locks shared, before their rows are stored (PostgreSQL).
     async fn lock_for_totals(&mut self, tenants: &[&str]) -> Result<(), sqlx::Error>;
+    /// The tenant's totals at `cuts` summed from the usage log itself, written nowhere: for a
+    /// write that finds the totals not yet at its grants' cuts.
+    async fn totals_from_log(&mut self, tenant: &str, cuts: &Cuts) -> Result<Vec<Total>, sqlx::Error>;
     async fn add_to_totals(&mut self, rows: &[&UsageRow]) -> Result<(), sqlx::Error>;
 }
 
 impl KeepTotals for sqlx::PgConnection {
     async fn lock_for_totals(&mut self, tenants: &[&str]) -> Result<(), sqlx::Error> {
         lock_shared_pg(self, tenants).await
+    }
+
+    async fn totals_from_log(&mut self, tenant: &str, cuts: &Cuts) -> Result<Vec<Total>, sqlx::Error> {
+        if cuts.points.is_empty() || cuts.meters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT e.meter, p.points[width_bucket(e.occurred_at, p.points)], \
+             SUM(e.quantity::numeric)::text \
+             FROM usage_events e, (SELECT $2::bigint[] AS points) AS p \
+             WHERE e.tenant_id = $1 AND e.meter = ANY($3) AND e.occurred_at >= p.points[1] \
+             GROUP BY 1, 2",
+        )
+        .bind(tenant)
+        .bind(&cuts.points)
+        .bind(&cuts.meters)
+        .fetch_all(self)
+        .await?;
+        Ok(totals_of(rows))
     }
 
     async fn add_to_totals(&mut self, rows: &[&UsageRow]) -> Result<(), sqlx::Error> {
@@ -341,8 +391,8 @@ impl KeepTotals for sqlx::PgConnection {
              SUM(r.quantity::numeric) \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) \
              AS r (tenant_id, meter, quantity, occurred_at) \
-             JOIN credit_cuts c ON c.tenant_id = r.tenant_id \
-             CROSS JOIN LATERAL (SELECT string_to_array(NULLIF(c.points, ''), ',')::bigint[] AS points) AS p \
+             JOIN LATERAL (SELECT string_to_array(NULLIF(c.points, ''), ',')::bigint[] AS points \
+               FROM credit_cuts c WHERE c.tenant_id = r.tenant_id OFFSET 0) AS p ON TRUE \
              WHERE r.occurred_at >= p.points[1] GROUP BY 1, 2, 3 ORDER BY 1, 2, 3 \
              ON CONFLICT (tenant_id, meter, segment) \
              DO UPDATE SET quantity = credit_totals.quantity + excluded.quantity",
@@ -361,6 +411,10 @@ impl KeepTotals for sqlx::SqliteConnection {
     /// One writer at a time: nothing to take.
     async fn lock_for_totals(&mut self, _tenants: &[&str]) -> Result<(), sqlx::Error> {
         Ok(())
+    }
+
+    async fn totals_from_log(&mut self, tenant: &str, cuts: &Cuts) -> Result<Vec<Total>, sqlx::Error> {
+        sqlite_totals_from_log(self, tenant, cuts).await
     }
 
     async fn add_to_totals(&mut self, rows: &[&UsageRow]) -> Result<(), sqlx::Error> {
@@ -433,6 +487,7 @@ impl KeepTotals for sqlx::SqliteConnection {
 /// cost one statement for the batch. Needs `?` on `sqlx::Error`.
 macro_rules! usage_alarms {
     ($tx:expr, $book:expr, $kept:expr) => {{
+        use $crate::store::credit_totals::KeepTotals as _;
         let (book, kept): (&$crate::credits::book::CreditBook, &[&UsageRow]) = ($book, $kept);
         let tx = $tx;
         let mut tenants: Vec<&str> = kept.iter().map(|r| r.tenant_id.as_str()).collect();
@@ -466,12 +521,14 @@ macro_rules! usage_alarms {
                     book.keep(&tenant, read)
                 }
             };
-            // Totals not at the grants' cuts: the recompute to come, and the next change, see it.
-            if !grants.current_in(&state) || !book.totals_current(&state, &grants) {
-                continue;
-            }
+            // Totals not (yet) at the grants' cuts, which only a burn or a refresh may move:
+            // this once, the log itself.
+            let totals = match book.totals_current(&state, &grants) {
+                true => state.totals,
+                false => tx.totals_from_log(&tenant, &book.cuts_for(&grants)).await?,
+            };
             let of_tenant: Vec<&UsageRow> = (kept.iter().copied()).filter(|r| r.tenant_id == tenant).collect();
-            for (unit, before, after) in book.balances_moved(&grants, &state.totals, &of_tenant, now) {
+            for (unit, before, after) in book.balances_moved(&grants, &totals, &of_tenant, now) {
                 let change = $crate::topup::BalanceChange {
                     tenant_id: &tenant,
                     unit: &unit,

@@ -1,6 +1,8 @@
 //! Check-and-record on PostgreSQL: a batch of records, each stored only when its meter's figure
 //! allows it, under one lock per tenant and meter, in one transaction.
 
+use std::collections::HashSet;
+
 use super::DistinctDelta;
 use super::usage::{
     CHUNK, Inserted, Payloads, figure_select, insert_usage, notify_usage, usage_columns,
@@ -103,7 +105,7 @@ pub struct CheckedRecord {
 async fn burns_in(
     tx: &mut sqlx::PgConnection,
     checks: &[RecordCheck],
-) -> Result<Vec<Option<Burn>>, sqlx::Error> {
+) -> Result<(Vec<Option<Burn>>, HashSet<String>), sqlx::Error> {
     use super::credit_totals::{grant_rows_pg, recompute_pg, states_pg};
     use crate::credits::book::{TenantGrants, segment_usage};
     let credit: Vec<(usize, &CreditCheck)> = (checks.iter().enumerate())
@@ -111,7 +113,7 @@ async fn burns_in(
         .collect();
     let mut burns = vec![None; checks.len()];
     if credit.is_empty() {
-        return Ok(burns);
+        return Ok((burns, HashSet::new()));
     }
     let tenant = |i: usize| checks[i].row.tenant_id.as_str();
     let tenants: Vec<String> = credit.iter().map(|(i, _)| tenant(*i).to_owned()).collect();
@@ -146,7 +148,10 @@ async fn burns_in(
         let usage = segment_usage(&grants.points, &state.totals);
         burns[i] = Some(c.judge_with(&grants, usage, &checks[i].row));
     }
-    Ok(burns)
+    let alarmed = (states.into_iter())
+        .filter_map(|(tenant, state)| state.alarmed.then_some(tenant))
+        .collect();
+    Ok((burns, alarmed))
 }
 
 /// The locks of a batch, each with whether it is taken shared: every check's own (exclusive),
@@ -200,7 +205,7 @@ impl Usage<'_> {
         .execute(&mut *tx)
         .await?;
         let before = figures_in(&mut tx, checks).await?;
-        let burns = burns_in(&mut tx, checks).await?;
+        let (burns, alarmed) = burns_in(&mut tx, checks).await?;
         let allowed: Vec<usize> = (0..checks.len())
             .filter(|&i| {
                 let (existed, figure) = &before[i];
@@ -226,7 +231,9 @@ impl Usage<'_> {
             before.clone()
         };
         // A burn that takes the balance below its threshold: the crossing, in this transaction.
+        // Of the tenants with low-balance settings only (most have none: no statement at all).
         let changes: Vec<_> = (stored.iter())
+            .filter(|&&i| alarmed.contains(&checks[i].row.tenant_id))
             .filter_map(|&i| Some(burns[i].as_ref()?.change(&checks[i].row.tenant_id)))
             .collect();
         super::credit_alerts::balances_changed_in(&mut tx, &changes).await?;

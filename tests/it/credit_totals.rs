@@ -16,7 +16,10 @@ use serde_json::{Value, json};
 use crate::entitlements::{onboard, service};
 use crate::helpers::{Backend, TestApp, on_both_backends};
 
-on_both_backends!(running_totals_always_equal_a_full_recompute_from_the_log);
+on_both_backends!(
+    running_totals_always_equal_a_full_recompute_from_the_log,
+    plain_usage_crossing_the_threshold_is_seen_in_its_own_transaction,
+);
 
 const TENANT: &str = "walk";
 const CUSTOMER: &str = "cus_walk";
@@ -256,4 +259,45 @@ async fn agrees(
         ));
     }
     Ok(())
+}
+
+/// A plain `POST /v1/usage` of a credit-priced meter (no check) that takes the balance below
+/// the tenant's threshold records the crossing itself, once; a batch further below adds none.
+async fn plain_usage_crossing_the_threshold_is_seen_in_its_own_transaction(backend: Backend) {
+    let app = service(backend).await;
+    onboard(&app, TENANT, CUSTOMER, json!({})).await;
+    let db = Db::connect(&app.settings.database).await.unwrap();
+    let at = Walk::now() - HOUR;
+    let grant = json!({"id": "credgr_low", "object": "billing.credit_grant", "customer": CUSTOMER,
+        "amount": {"type": "monetary", "monetary": {"currency": "usd", "value": 1000}},
+        "created": at, "effective_at": at, "expires_at": null, "voided_at": null, "priority": 50});
+    let walk = Walk {
+        rng: fastrand::Rng::new(),
+        grants: vec![(grant, 1)],
+        events: 0,
+        log: Vec::new(),
+    };
+    walk.write_grant(&db, 0).await;
+    let settings = app
+        .v1(reqwest::Method::PUT, &format!("/v1/tenants/{TENANT}/credits/settings/usd"))
+        .json(&json!({"threshold": 500, "auto_top_up": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(settings.status(), 200);
+    let usage = |id: &str, seconds: i64| {
+        json!({"id": id, "tenant_id": TENANT, "meter": "gpu_seconds", "quantity": seconds})
+    };
+    // 20,000 s at 0.0167 cents: 334 cents, 666 left. Then 10,000 s: 167 cents, 499 left.
+    post_usage(&app, json!([usage("u1", 20_000)])).await;
+    let alerts = db.credit_alerts();
+    assert!(alerts.crossings(TENANT, "usd").await.unwrap().is_empty());
+    post_usage(&app, json!([usage("u2", 10_000)])).await;
+    post_usage(&app, json!([usage("u3", 100), usage("u4", 100)])).await;
+    let crossings = alerts.crossings(TENANT, "usd").await.unwrap();
+    let seen: Vec<(&str, &str)> = (crossings.iter())
+        .map(|c| (c.available_before.as_str(), c.available_after.as_str()))
+        .collect();
+    assert_eq!(seen, [("666", "499")]);
+    app.stop().await;
 }
