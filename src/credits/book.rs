@@ -76,7 +76,9 @@ impl CreditBook {
 
     /// Whether usage of `meter` burns credits (and so is kept in the running totals).
     pub fn burns(&self, meter: &str) -> bool {
-        self.meters.binary_search_by(|m| m.as_str().cmp(meter)).is_ok()
+        self.meters
+            .binary_search_by(|m| m.as_str().cmp(meter))
+            .is_ok()
     }
 
     /// The cuts a tenant with these grants must have its totals at.
@@ -155,13 +157,18 @@ impl CreditBook {
         let points = &grants.points;
         let mut moved = Vec::new();
         for (unit, features) in super::units(&self.features) {
-            if !rows.iter().any(|r| features.iter().any(|f| f.meter == r.meter)) {
+            if !rows
+                .iter()
+                .any(|r| features.iter().any(|f| f.meter == r.meter))
+            {
                 continue;
             }
             let of_unit = grants.of_unit(unit);
             let balance = |totals: &[Total]| {
                 let usage = segment_usage(points, totals);
-                allocate(unit, &of_unit, &features, points, &usage, now).balance.available
+                allocate(unit, &of_unit, &features, points, &usage, now)
+                    .balance
+                    .available
             };
             moved.push((unit.to_owned(), balance(&before), balance(after)));
         }

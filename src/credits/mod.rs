@@ -221,7 +221,10 @@ pub async fn read_credits(
         let state = credits.state(tenant).await?.unwrap_or_default();
         let grants = match book.cached(tenant, &state) {
             Some(grants) => grants,
-            None => book.keep(tenant, TenantGrants::read(credits.grant_rows(tenant).await?)),
+            None => book.keep(
+                tenant,
+                TenantGrants::read(credits.grant_rows(tenant).await?),
+            ),
         };
         if !grants.current_in(&state) {
             continue; // a grant was written between the two reads
@@ -232,7 +235,10 @@ pub async fn read_credits(
         book.keep(tenant, credits.refresh(tenant, book).await?);
     }
     // Grants changing faster than they can be read: the usage log itself.
-    let grants = book.keep(tenant, TenantGrants::read(credits.grant_rows(tenant).await?));
+    let grants = book.keep(
+        tenant,
+        TenantGrants::read(credits.grant_rows(tenant).await?),
+    );
     let usage = (credits.usage_by_segment(tenant, &book.meters, &grants.points)).await?;
     Ok((grants, usage))
 }

@@ -351,7 +351,11 @@ pub(crate) trait KeepTotals {
     async fn lock_for_totals(&mut self, tenants: &[&str]) -> Result<(), sqlx::Error>;
     /// The tenant's totals at `cuts` summed from the usage log itself, written nowhere: for a
     /// write that finds the totals not yet at its grants' cuts.
-    async fn totals_from_log(&mut self, tenant: &str, cuts: &Cuts) -> Result<Vec<Total>, sqlx::Error>;
+    async fn totals_from_log(
+        &mut self,
+        tenant: &str,
+        cuts: &Cuts,
+    ) -> Result<Vec<Total>, sqlx::Error>;
     async fn add_to_totals(&mut self, rows: &[&UsageRow]) -> Result<(), sqlx::Error>;
 }
 
@@ -360,7 +364,11 @@ impl KeepTotals for sqlx::PgConnection {
         lock_shared_pg(self, tenants).await
     }
 
-    async fn totals_from_log(&mut self, tenant: &str, cuts: &Cuts) -> Result<Vec<Total>, sqlx::Error> {
+    async fn totals_from_log(
+        &mut self,
+        tenant: &str,
+        cuts: &Cuts,
+    ) -> Result<Vec<Total>, sqlx::Error> {
         if cuts.points.is_empty() || cuts.meters.is_empty() {
             return Ok(Vec::new());
         }
@@ -413,7 +421,11 @@ impl KeepTotals for sqlx::SqliteConnection {
         Ok(())
     }
 
-    async fn totals_from_log(&mut self, tenant: &str, cuts: &Cuts) -> Result<Vec<Total>, sqlx::Error> {
+    async fn totals_from_log(
+        &mut self,
+        tenant: &str,
+        cuts: &Cuts,
+    ) -> Result<Vec<Total>, sqlx::Error> {
         sqlite_totals_from_log(self, tenant, cuts).await
     }
 
@@ -493,8 +505,9 @@ macro_rules! usage_alarms {
         let mut tenants: Vec<&str> = kept.iter().map(|r| r.tenant_id.as_str()).collect();
         tenants.sort_unstable();
         tenants.dedup();
-        let mut query =
-            sqlx::QueryBuilder::new("SELECT DISTINCT tenant_id FROM credit_settings WHERE tenant_id IN (");
+        let mut query = sqlx::QueryBuilder::new(
+            "SELECT DISTINCT tenant_id FROM credit_settings WHERE tenant_id IN (",
+        );
         let mut list = query.separated(", ");
         for tenant in &tenants {
             list.push_bind(*tenant);
@@ -505,8 +518,13 @@ macro_rules! usage_alarms {
         for (tenant,) in alarmed {
             let sql = format!("{}t.tenant_id = $1", $crate::store::credit_totals::STATE);
             let rows: Vec<$crate::store::credit_totals::StateRow> =
-                sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&tenant).fetch_all(&mut *tx).await?;
-            let state = $crate::store::credit_totals::fold_states(rows).remove(&tenant).unwrap_or_default();
+                sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(&tenant)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            let state = $crate::store::credit_totals::fold_states(rows)
+                .remove(&tenant)
+                .unwrap_or_default();
             let grants = match book.cached(&tenant, &state) {
                 Some(grants) => grants,
                 None => {
@@ -515,7 +533,10 @@ macro_rules! usage_alarms {
                         $crate::store::credit_totals::GRANT_ROWS
                     );
                     let rows: Vec<$crate::store::credit_totals::GrantRow> =
-                        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(&tenant).fetch_all(&mut *tx).await?;
+                        sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                            .bind(&tenant)
+                            .fetch_all(&mut *tx)
+                            .await?;
                     let rows = $crate::store::credit_totals::fold_grants(rows).remove(&tenant);
                     let read = $crate::credits::book::TenantGrants::read(rows.unwrap_or_default());
                     book.keep(&tenant, read)
@@ -527,7 +548,9 @@ macro_rules! usage_alarms {
                 true => state.totals,
                 false => tx.totals_from_log(&tenant, &book.cuts_for(&grants)).await?,
             };
-            let of_tenant: Vec<&UsageRow> = (kept.iter().copied()).filter(|r| r.tenant_id == tenant).collect();
+            let of_tenant: Vec<&UsageRow> = (kept.iter().copied())
+                .filter(|r| r.tenant_id == tenant)
+                .collect();
             for (unit, before, after) in book.balances_moved(&grants, &totals, &of_tenant, now) {
                 let change = $crate::topup::BalanceChange {
                     tenant_id: &tenant,

@@ -53,7 +53,10 @@ impl Credits<'_> {
     pub async fn state(&self, tenant: &str) -> Result<Option<CreditState>, StoreError> {
         let sql = format!("{STATE}t.tenant_id = $1");
         let rows: Vec<StateRow> = on_pool!(self.db, |pool| {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(tenant).fetch_all(pool).await
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(tenant)
+                .fetch_all(pool)
+                .await
         })?;
         Ok(fold_states(rows).remove(tenant))
     }
@@ -62,7 +65,10 @@ impl Credits<'_> {
     pub async fn grant_rows(&self, tenant: &str) -> Result<GrantRows, StoreError> {
         let sql = format!("{GRANT_ROWS}t.tenant_id = $1 ORDER BY m.object_id");
         let rows: Vec<GrantRow> = on_pool!(self.db, |pool| {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(tenant).fetch_all(pool).await
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(tenant)
+                .fetch_all(pool)
+                .await
         })?;
         Ok(fold_grants(rows).remove(tenant).unwrap_or_default())
     }

@@ -122,7 +122,11 @@ async fn burns_in(
         states.get(t).cloned().unwrap_or_default()
     };
     let missing: Vec<String> = (credit.iter())
-        .filter(|(i, c)| c.book.cached(tenant(*i), &state_of(&states, tenant(*i))).is_none())
+        .filter(|(i, c)| {
+            c.book
+                .cached(tenant(*i), &state_of(&states, tenant(*i)))
+                .is_none()
+        })
         .map(|(i, _)| tenant(*i).to_owned())
         .collect();
     let mut read = match missing.is_empty() {

@@ -121,7 +121,8 @@ impl Walk {
         let voided = Self::now() - self.rng.i64(60..24 * HOUR);
         self.grants[i].0["voided_at"] = json!(voided);
         self.grants[i].1 += 1;
-        self.log.push(format!("void {} at {voided}", self.grants[i].0["id"]));
+        self.log
+            .push(format!("void {} at {voided}", self.grants[i].0["id"]));
         self.write_grant(db, i).await;
     }
 
@@ -177,7 +178,8 @@ impl Walk {
         let body = json!({"feature": feature, "quantity": event["quantity"],
             "record": {"id": event["id"], "timestamp": event["timestamp"]}});
         let answer = app.check_body(TENANT, body.clone()).await;
-        self.log.push(format!("check-and-record {body}: {}", answer["allowed"]));
+        self.log
+            .push(format!("check-and-record {body}: {}", answer["allowed"]));
     }
 
     async fn plain_usage(&mut self, app: &TestApp) {
@@ -194,13 +196,16 @@ impl Walk {
             again["id"] = json!(format!("e{}", self.rng.usize(1..self.events - 1)));
             events.push(again);
         }
-        self.log.push(format!("batch {}", Value::from(events.clone())));
+        self.log
+            .push(format!("batch {}", Value::from(events.clone())));
         post_usage(app, Value::from(events)).await;
     }
 }
 
 fn rfc3339(at: i64) -> String {
-    chrono::DateTime::from_timestamp(at, 0).unwrap().to_rfc3339()
+    chrono::DateTime::from_timestamp(at, 0)
+        .unwrap()
+        .to_rfc3339()
 }
 
 async fn post_usage(app: &TestApp, events: Value) {
@@ -251,7 +256,12 @@ async fn agrees(
     }
     let shown: BTreeMap<String, String> = (view["data"].as_array().unwrap().iter())
         .filter(|e| e["type"] == "grant")
-        .map(|e| (e["id"].as_str().unwrap().to_owned(), e["burned"].as_str().unwrap().to_owned()))
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_owned(),
+                e["burned"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     if shown != burned {
         return Err(format!(
@@ -279,15 +289,16 @@ async fn plain_usage_crossing_the_threshold_is_seen_in_its_own_transaction(backe
     };
     walk.write_grant(&db, 0).await;
     let settings = app
-        .v1(reqwest::Method::PUT, &format!("/v1/tenants/{TENANT}/credits/settings/usd"))
+        .v1(
+            reqwest::Method::PUT,
+            &format!("/v1/tenants/{TENANT}/credits/settings/usd"),
+        )
         .json(&json!({"threshold": 500, "auto_top_up": false}))
         .send()
         .await
         .unwrap();
     assert_eq!(settings.status(), 200);
-    let usage = |id: &str, seconds: i64| {
-        json!({"id": id, "tenant_id": TENANT, "meter": "gpu_seconds", "quantity": seconds})
-    };
+    let usage = |id: &str, seconds: i64| json!({"id": id, "tenant_id": TENANT, "meter": "gpu_seconds", "quantity": seconds});
     // 20,000 s at 0.0167 cents: 334 cents, 666 left. Then 10,000 s: 167 cents, 499 left.
     post_usage(&app, json!([usage("u1", 20_000)])).await;
     let alerts = db.credit_alerts();
