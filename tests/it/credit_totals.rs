@@ -19,6 +19,7 @@ use crate::helpers::{Backend, TestApp, on_both_backends};
 on_both_backends!(
     running_totals_always_equal_a_full_recompute_from_the_log,
     plain_usage_crossing_the_threshold_is_seen_in_its_own_transaction,
+    a_grant_voided_by_another_writer_refuses_the_next_burn_at_once,
 );
 
 const TENANT: &str = "walk";
@@ -310,5 +311,35 @@ async fn plain_usage_crossing_the_threshold_is_seen_in_its_own_transaction(backe
         .map(|c| (c.available_before.as_str(), c.available_after.as_str()))
         .collect();
     assert_eq!(seen, [("666", "499")]);
+    app.stop().await;
+}
+
+/// The grants a replica keeps in memory are never used once another writer (another replica's
+/// applier, here the mirror directly) has changed them: the first burn after a void is refused.
+async fn a_grant_voided_by_another_writer_refuses_the_next_burn_at_once(backend: Backend) {
+    let app = service(backend).await;
+    onboard(&app, TENANT, CUSTOMER, json!({})).await;
+    let db = Db::connect(&app.settings.database).await.unwrap();
+    let at = Walk::now() - HOUR;
+    let grant = json!({"id": "credgr_void", "object": "billing.credit_grant", "customer": CUSTOMER,
+        "amount": {"type": "custom_pricing_unit", "custom_pricing_unit": {"value": "100"}},
+        "created": at, "effective_at": at, "expires_at": null, "voided_at": null, "priority": 50});
+    let mut walk = Walk {
+        rng: fastrand::Rng::new(),
+        grants: vec![(grant, 1)],
+        events: 0,
+        log: Vec::new(),
+    };
+    walk.write_grant(&db, 0).await;
+    let burn = |id: &str| json!({"feature": "ai_tokens", "quantity": 10, "record": {"id": id}});
+    let first = app.check_body(TENANT, burn("b1")).await;
+    assert_eq!(first["allowed"], true, "{first}");
+    assert_eq!(first["credits"]["balance"]["available"], "90");
+    walk.grants[0].0["voided_at"] = json!(Walk::now() - 60);
+    walk.grants[0].1 += 1;
+    walk.write_grant(&db, 0).await;
+    let second = app.check_body(TENANT, burn("b2")).await;
+    assert_eq!(second["reason"], "insufficient_credits", "{second}");
+    assert_eq!(second["recorded"], false);
     app.stop().await;
 }
