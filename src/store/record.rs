@@ -176,8 +176,8 @@ impl Usage<'_> {
     /// Check-and-records on PostgreSQL, a batch in one transaction on one pooled connection,
     /// in a handful of statements whatever its size: takes every check's transaction lock (one
     /// per tenant and meter, or per tenant for credits, across replicas; with the credit locks
-    /// of the rows the running totals keep, shared; all in key order, so that two batches never wait on
-    /// each other in a cycle), reads whether each event is stored and each meter's figure,
+    /// of the rows the running totals keep, shared; all in key order, so that two batches
+    /// never wait on each other in a cycle), reads whether each event is stored and each meter's figure,
     /// stores the rows whose figure is within their ceiling, notifies the other replicas, and
     /// reads the figures after. The checks' lock keys must differ (a batch holds one check
     /// per tenant and meter). One commit for the batch: a transaction that notifies commits

@@ -88,8 +88,8 @@ macro_rules! notify_usage {
 
 /// Inserts usage rows not stored before on a transaction `$tx`, adds those of credit-priced
 /// meters to the running credit totals as `$credits` says ([`CreditWrite`]), adds their
-/// distinct values (`usage_distinct`) and, when `$notify`, sends the `billsync_usage` notifications `$payloads`
-/// makes of the new ones (PostgreSQL, which also locks the distinct values); evaluates to an
+/// distinct values (`usage_distinct`) and, when `$notify`, sends the `billsync_usage`
+/// notifications `$payloads` makes of the new ones (PostgreSQL, which also locks the distinct values); evaluates to an
 /// [`Inserted`].
 macro_rules! insert_usage {
     ($tx:expr, $rows:expr, $payloads:expr, $notify:expr, $credits:expr) => {{
