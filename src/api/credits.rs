@@ -117,6 +117,7 @@ pub async fn check(
             .cloned()
             .collect(),
         now,
+        book: state.metering.credits.clone(),
     };
     let Some(record) = record else {
         let row = UsageRow {

@@ -12,6 +12,7 @@ mod client_credits;
 mod commands;
 mod console;
 mod console_api;
+mod credit_totals;
 mod credits;
 mod docs;
 mod e2e;
