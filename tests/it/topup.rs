@@ -545,25 +545,40 @@ async fn two_replicas_deliver_once_and_top_up_once() {
     let w = world(Backend::Postgres, 0, &[]).await;
     let replica = w.app.replica().await;
     auto_top_up(&w.app).await;
-    // The same crossing seen by two transactions at once: one takes it.
-    let (db1, db2) = (
-        w.db.clone(),
-        Db::connect(&w.app.settings.database).await.unwrap(),
-    );
-    let (a, b) = tokio::join!(
-        async move {
-            db1.credit_alerts()
+    // The same crossing seen by two transactions at once: one takes it. Both read the armed
+    // settings and then wait for the row, held here, so they are truly at once: run one after
+    // the other, the second would count a crossing of its own (its balance starts above).
+    let pool = sqlx::PgPool::connect(w.app.settings.database.url.expose())
+        .await
+        .unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM credit_settings WHERE tenant_id = 'acme' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let judge = |db: Db| {
+        tokio::spawn(async move {
+            db.credit_alerts()
                 .balance_changed(&change(600, 400), now_ms())
                 .await
                 .unwrap()
-        },
-        async move {
-            db2.credit_alerts()
-                .balance_changed(&change(600, 400), now_ms())
-                .await
-                .unwrap()
-        },
-    );
+        })
+    };
+    let a = judge(w.db.clone());
+    let b = judge(Db::connect(&w.app.settings.database).await.unwrap());
+    wait_for("both transactions waiting for the settings row", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'UPDATE credit_settings%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        waiting == 2
+    })
+    .await;
+    holder.rollback().await.unwrap();
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!(a.into_iter().chain(b).collect::<Vec<_>>(), vec![1]);
     top_up_done_and_delivered(&replica, &w.db).await;
     // Both replicas run the outbox and stand for the notify lease; a second pass would show.
