@@ -1,6 +1,7 @@
 //! `cargo bench --bench console [-- sqlite|postgres]`: with 100,000 tenants, the latency of the
 //! tenant search (`GET /v1/tenants?q=`) and of the API calls a tenant page makes, over real
-//! HTTP, one request at a time; and the bytes the console's first load transfers. Prints the
+//! HTTP, one request at a time (the tenants have two notifications each); and the bytes the
+//! console's first load transfers. Prints the
 //! figures quoted in docs/benchmarks.md.
 
 use std::time::{Duration, Instant};
@@ -43,6 +44,40 @@ async fn create_tenants(db: &Db) {
         }};
     }
     for chunk in (0..TENANTS).collect::<Vec<_>>().chunks(5000) {
+        match db {
+            Db::Sqlite(pool) => insert!(pool, chunk),
+            Db::Postgres(pool) => insert!(pool, chunk),
+        }
+        .unwrap();
+    }
+}
+
+/// Two delivered notifications per tenant, so that a tenant's latest ones are found among
+/// many (the tenant page lists them).
+async fn create_notifications(db: &Db) {
+    macro_rules! insert {
+        ($pool:expr, $chunk:expr) => {{
+            let mut query = sqlx::QueryBuilder::new(
+                "INSERT INTO notifications (event_id, tenant_id, type, payload, status, attempts, \
+                 next_attempt_at, created_at, updated_at, delivered_at) ",
+            );
+            query.push_values($chunk, |mut b, n: &usize| {
+                let (tenant, at) = (n / 2, 1_765_000_000_000 + *n as i64);
+                b.push_bind(format!("evt_bs_{n:08}"))
+                    .push_bind(format!("t{tenant}"))
+                    .push_bind("credits.balance_low")
+                    .push_bind(r#"{"data":{}}"#)
+                    .push_bind("delivered")
+                    .push_bind(1_i32)
+                    .push_bind(0_i64)
+                    .push_bind(at)
+                    .push_bind(at)
+                    .push_bind(at);
+            });
+            query.build().execute($pool).await.map(drop)
+        }};
+    }
+    for chunk in (0..2 * TENANTS).collect::<Vec<_>>().chunks(3000) {
         match db {
             Db::Sqlite(pool) => insert!(pool, chunk),
             Db::Postgres(pool) => insert!(pool, chunk),
@@ -103,8 +138,10 @@ async fn run(backend: Backend, catalog: &std::path::Path) {
     let state = AppState::build(settings.clone()).await.unwrap();
     let seeding = Instant::now();
     create_tenants(&state.db).await;
+    create_notifications(&state.db).await;
     println!(
-        "{backend:?}: {TENANTS} tenants stored in {:.1} s",
+        "{backend:?}: {TENANTS} tenants and {} notifications stored in {:.1} s",
+        2 * TENANTS,
         seeding.elapsed().as_secs_f64()
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -138,6 +175,8 @@ async fn run(backend: Backend, catalog: &std::path::Path) {
         "/payments?limit=20",
         "/events?limit=50",
         "/usage?meter=calls&group_by=day",
+        "/credits?limit=10",
+        "/credits/settings",
     ];
     for call in page {
         let (p50, p99) = measure(&client, &base, |i| format!("/v1/tenants/t{i}{call}")).await;
@@ -145,6 +184,11 @@ async fn run(backend: Backend, catalog: &std::path::Path) {
             "{backend:?}: tenant page GET /v1/tenants/{{t}}{call}: p50 {p50:.2} ms, p99 {p99:.2} ms"
         );
     }
+    let notes = |i| format!("/v1/notifications?tenant_id=t{i}&limit=10");
+    let (p50, p99) = measure(&client, &base, notes).await;
+    println!(
+        "{backend:?}: tenant page GET /v1/notifications?tenant_id={{t}}: p50 {p50:.2} ms, p99 {p99:.2} ms"
+    );
     let (assets, api) = first_load(&client, &base).await;
     println!(
         "{backend:?}: console first load: {assets} bytes of HTML, JS and CSS, {api} bytes of API answers"

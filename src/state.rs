@@ -107,6 +107,7 @@ impl AppState {
         let vendor = StripeHttp::from_settings(&settings.stripe, metrics.clone())?
             .map(|client| Arc::new(client) as Arc<dyn BillingVendor>);
         let catalog = Catalog::load(&settings.catalog.path, settings.catalog.required)?;
+        let credits = crate::credits::book::CreditBook::new(catalog.credits.clone());
         let metering = Metering {
             db: db.clone(),
             catalog: Arc::new(catalog),
@@ -119,6 +120,7 @@ impl AppState {
             record_locks: Arc::default(),
             record_queue: Arc::default(),
             revenue: Arc::default(),
+            credits: Arc::new(credits),
         };
         let plans =
             PlanCatalog::from_catalog(&metering.catalog).map_err(|message| CatalogError {

@@ -75,7 +75,7 @@ pub async fn check_and_record(backend: Backend, seconds: u32) {
     database.drop_now().await;
 }
 
-/// The balance read in process (`credits::balance_of`: the grants and the usage rows, read
+/// The balance read in process (`credits::balance_of`: the grants and the running totals, read
 /// and burned), 5,000 reads over the tenants the run above burned from.
 async fn balance_reads(backend: Backend, settings: billsync::config::Settings) {
     let state = billsync::state::AppState::build(settings).await.unwrap();
@@ -95,7 +95,7 @@ async fn balance_reads(backend: Backend, settings: billsync::config::Settings) {
     assert_eq!(rows, 5_000, "one unit per tenant");
     let q = quantiles(&mut samples, &[0.5, 0.99, 0.999]);
     println!(
-        "| in-process balance read, {backend:?} (grants + usage rows of one tenant), p50 / p99 / p99.9 | {} / {} / {} µs |",
+        "| in-process balance read, {backend:?} (grants + running totals of one tenant), p50 / p99 / p99.9 | {} / {} / {} µs |",
         q[0].as_micros(),
         q[1].as_micros(),
         q[2].as_micros()

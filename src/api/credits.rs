@@ -27,7 +27,7 @@ use crate::state::AppState;
 use crate::store::{UsageRow, now_ms};
 
 /// Why a credit-priced check is refused when the balance cannot cover it.
-pub const INSUFFICIENT_CREDITS: &str = "insufficient_credits";
+pub const INSUFFICIENT_CREDITS: &str = billsync_rules::reason::INSUFFICIENT_CREDITS;
 
 /// The credit side of a check's answer.
 #[derive(Debug, Serialize)]
@@ -117,6 +117,7 @@ pub async fn check(
             .cloned()
             .collect(),
         now,
+        book: state.metering.credits.clone(),
     };
     let Some(record) = record else {
         let row = UsageRow {

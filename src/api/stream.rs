@@ -181,9 +181,19 @@ impl Connection {
 
     fn hello(&self) -> Value {
         let settings = &self.state.settings.entitlements;
+        let plans = self.state.entitlements.plans();
+        // A client cannot decide these from its copy (the balance is live): it asks the server.
+        let credit_features: serde_json::Map<String, Value> = (plans.credits.values())
+            .map(|f| {
+                let price = json!({"meter": f.meter, "unit": f.unit,
+                    "credits_per_unit": f.per_unit.normalize().to_string()});
+                (f.name.clone(), price)
+            })
+            .collect();
         json!({
             "protocol": PROTOCOL,
-            "fail_open": self.state.entitlements.plans().fail_open,
+            "fail_open": plans.fail_open,
+            "credit_features": credit_features,
             "stale_after_ms": settings.stale_after.as_millis() as u64,
             "coalesce_ms": settings.stream_coalesce.as_millis() as u64,
             "heartbeat_ms": settings.stream_heartbeat.as_millis() as u64,

@@ -2,10 +2,13 @@
 //! balance, judged from rows under the tenant's lock for the unit, so that a burst of
 //! check-and-records on any number of replicas never takes the balance below zero.
 
+use std::sync::Arc;
+
 use rust_decimal::Decimal;
 
 use super::CreditFeature;
-use super::balance::{Balance, SegmentUsage, allocate, breakpoints};
+use super::balance::{Balance, SegmentUsage, allocate};
+use super::book::{CreditBook, TenantGrants};
 use super::grants::CreditGrant;
 use crate::store::{Db, StoreError, UsageRow};
 
@@ -17,6 +20,8 @@ pub struct CreditCheck {
     pub features: Vec<CreditFeature>,
     /// The moment the balance is stated for (Unix ms).
     pub now: i64,
+    /// Every credit-priced meter (what the running totals keep) and the grants last read.
+    pub book: Arc<CreditBook>,
 }
 
 /// The balance before the event and with it, and whether the grants covered it whole.
@@ -42,33 +47,28 @@ impl Burn {
 }
 
 impl CreditCheck {
-    /// The lock every replica takes before judging a burn of this unit for `tenant`.
+    /// The lock every replica takes before judging a burn for `tenant` (one per tenant: a
+    /// recompute of its running totals, which every unit shares, may happen under it).
     pub fn lock_name(&self, tenant: &str) -> String {
-        format!("credits:{tenant}/{}", self.unit)
+        crate::store::credit_lock(tenant)
     }
 
-    /// The meters whose usage burns the unit.
-    pub fn meters(&self) -> Vec<String> {
-        self.features.iter().map(|f| f.meter.clone()).collect()
-    }
-
-    /// Of the grants read, those of this unit and the segments they cut time into.
-    pub fn grants_and_points(&self, grants: Vec<CreditGrant>) -> (Vec<CreditGrant>, Vec<i64>) {
-        let grants: Vec<CreditGrant> = grants.into_iter().filter(|g| g.unit == self.unit).collect();
-        let points = breakpoints(&grants);
-        (grants, points)
-    }
-
-    /// [`Self::judge`] with the grants and usage read from the store as they stand (outside a
+    /// [`Self::judge`] against the grants and running totals as they stand (outside a
     /// transaction: under SQLite's lock, or for a check that records nothing).
     pub async fn judge_from_store(&self, db: &Db, row: &UsageRow) -> Result<Burn, StoreError> {
-        let credits = db.credits();
-        let payloads = credits.grant_payloads(&row.tenant_id).await?;
-        let (grants, points) = self.grants_and_points(super::grants_of(&payloads));
-        let usage = credits
-            .usage_by_segment(&row.tenant_id, &self.meters(), &points)
-            .await?;
-        Ok(self.judge(&grants, &points, usage, row))
+        let (grants, usage) = super::read_credits(db, &self.book, &row.tenant_id).await?;
+        Ok(self.judge_with(&grants, usage, row))
+    }
+
+    /// [`Self::judge`] with all of a tenant's grants (of every unit) and its usage per segment
+    /// of their cuts.
+    pub fn judge_with(
+        &self,
+        grants: &TenantGrants,
+        usage: Vec<SegmentUsage>,
+        row: &UsageRow,
+    ) -> Burn {
+        self.judge(&grants.of_unit(&self.unit), &grants.points, usage, row)
     }
 
     /// Judges `row` against the usage already stored: covered when burning it leaves no more

@@ -20,29 +20,39 @@
 //!   grants usable then (and, for a grant scoped to `prices`, only for meters whose
 //!   `stripe_prices` name one of them). Burns no grant covers are `uncovered` (billed by Stripe
 //!   as plain usage), never taken from a later grant.
+//! - **Running totals.** What a check reads instead of every burn: per tenant, meter and
+//!   segment (time cut at every grant's start and end, of every unit), the summed quantity
+//!   (`store::credit_totals`), written in the transaction of every usage row of a credit-priced
+//!   meter and recomputed from the log only when the grants move the cuts. Filling grants in a
+//!   fixed order is additive, so the figures are exactly the log's. The grants themselves are
+//!   kept parsed per tenant ([`book::CreditBook`]) while their version, read with the totals,
+//!   is current.
 //! - **Balance** ([`balance::Balance`] `{unit, granted, burned, available}`): over the grants
 //!   usable now, `available = granted − burned`. [`balance_of`] reads it from the store (any
-//!   backend, outside a transaction); on PostgreSQL the same computation runs inside
-//!   check-and-record's transaction (`store::record`), under the tenant's credit lock.
+//!   backend, outside a transaction, [`read_credits`]); on PostgreSQL the same computation runs
+//!   inside check-and-record's transaction (`store::record`), under the tenant's credit lock.
 //! - **Where a balance changes:** [`burn::record`] (check-and-record of a credit-priced
-//!   feature: the one place a burn is admitted, atomically, under a lock per tenant and unit
-//!   taken on every replica); plain `POST /v1/usage` also stores burns, unchecked; and the
-//!   applier storing a `credit_grant` mirror row (created, updated, voided, expired). Hooks
-//!   for thresholds belong after those two writes.
+//!   feature: the one place a burn is admitted, atomically, under a lock per tenant taken on
+//!   every replica); plain `POST /v1/usage` also stores burns, unchecked (its transaction sees
+//!   low-balance crossings); and the applier storing a `credit_grant` mirror row (created,
+//!   updated, voided, expired).
 
 pub mod balance;
+pub mod book;
 pub mod burn;
 pub mod grants;
 pub mod ledger;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use rust_decimal::Decimal;
 
 use crate::catalog::{Aggregation, Meter};
 use crate::store::{Db, StoreError};
-use balance::{Allocation, allocate, breakpoints};
+use balance::{Allocation, SegmentUsage, allocate};
+use book::{TenantGrants, segment_usage};
 use grants::CreditGrant;
 
 /// A credit-priced feature: each unit of its meter burns `per_unit` of `unit`.
@@ -172,7 +182,8 @@ pub fn grants_of(payloads: &[String]) -> Vec<CreditGrant> {
         .collect()
 }
 
-/// The tenant's allocation in each unit its features burn, read from the store, at `now`.
+/// The tenant's allocation in each unit its features burn, read from the store, at `now`:
+/// from its running totals ([`read_credits`]), whatever its usage history.
 pub async fn balance_of(
     db: &Db,
     features: &BTreeMap<String, CreditFeature>,
@@ -182,22 +193,52 @@ pub async fn balance_of(
     if features.is_empty() {
         return Ok(Vec::new());
     }
-    let credits = db.credits();
-    let grants = grants_of(&credits.grant_payloads(tenant).await?);
+    let book = book::CreditBook::new(features.clone());
+    let (grants, usage) = read_credits(db, &book, tenant).await?;
     let mut out = Vec::new();
     for (unit, unit_features) in units(features) {
-        let of_unit: Vec<CreditGrant> = grants.iter().filter(|g| g.unit == unit).cloned().collect();
-        let points = breakpoints(&of_unit);
-        let meters: Vec<String> = unit_features.iter().map(|f| f.meter.clone()).collect();
-        let usage = credits.usage_by_segment(tenant, &meters, &points).await?;
-        out.push(allocate(
-            unit,
-            &of_unit,
-            &unit_features,
-            &points,
-            &usage,
-            now,
-        ));
+        let of_unit = grants.of_unit(unit);
+        let (points, features) = (&grants.points, &unit_features);
+        out.push(allocate(unit, &of_unit, features, points, &usage, now));
     }
     Ok(out)
+}
+
+/// Attempts at a consistent read before falling back to the usage log itself.
+const READS: usize = 3;
+
+/// The tenant's grants and its usage per segment of their cuts, from the running totals: the
+/// grants from `book` while their version is current, the totals recomputed first if their
+/// cuts are not the grants' (a grant changed since). Outside a transaction: for reads, and
+/// for SQLite's check-and-record under its process lock.
+pub async fn read_credits(
+    db: &Db,
+    book: &book::CreditBook,
+    tenant: &str,
+) -> Result<(Arc<TenantGrants>, Vec<SegmentUsage>), StoreError> {
+    let credits = db.credits();
+    for _ in 0..READS {
+        let state = credits.state(tenant).await?.unwrap_or_default();
+        let grants = match book.cached(tenant, &state) {
+            Some(grants) => grants,
+            None => book.keep(
+                tenant,
+                TenantGrants::read(credits.grant_rows(tenant).await?),
+            ),
+        };
+        if !grants.current_in(&state) {
+            continue; // a grant was written between the two reads
+        }
+        if book.totals_current(&state, &grants) {
+            return Ok((grants.clone(), segment_usage(&grants.points, &state.totals)));
+        }
+        book.keep(tenant, credits.refresh(tenant, book).await?);
+    }
+    // Grants changing faster than they can be read: the usage log itself.
+    let grants = book.keep(
+        tenant,
+        TenantGrants::read(credits.grant_rows(tenant).await?),
+    );
+    let usage = (credits.usage_by_segment(tenant, &book.meters, &grants.points)).await?;
+    Ok((grants, usage))
 }

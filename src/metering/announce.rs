@@ -131,6 +131,7 @@ mod tests {
             record_locks: Arc::default(),
             record_queue: Arc::default(),
             revenue: Arc::default(),
+            credits: Arc::default(),
         }
     }
 

@@ -72,9 +72,10 @@ impl Metering {
                     }
                     // A task of its own: the group holds other requests' batches, and this
                     // request may be dropped (its client gone) before they are answered.
-                    let (db, metrics) = (self.db.clone(), self.metrics.clone());
+                    let (db, metrics, book) =
+                        (self.db.clone(), self.metrics.clone(), self.credits.clone());
                     let stored = tokio::spawn(async move {
-                        store_group(writer, &db, &metrics, group).await;
+                        store_group(writer, (&db, &book), &metrics, group).await;
                     });
                     let _ = stored.await;
                 }
@@ -86,12 +87,12 @@ impl Metering {
 /// Stores a group in one transaction on the writer and answers each of its batches.
 async fn store_group(
     mut writer: tokio::sync::OwnedMutexGuard<crate::store::UsageWriter>,
-    db: &crate::store::Db,
+    (db, book): (&crate::store::Db, &crate::credits::book::CreditBook),
     metrics: &Arc<crate::metrics::Metrics>,
     group: Vec<Waiting>,
 ) {
     let batches: Vec<&[UsageRow]> = group.iter().map(|(rows, _)| rows.as_slice()).collect();
-    let stored = writer.insert_group(db, &batches).await;
+    let stored = writer.insert_group(db, book, &batches).await;
     metrics.add(
         "billsync_usage_commits_total",
         "Transactions that stored usage batches on SQLite (the batches waiting at once share one).",

@@ -72,6 +72,9 @@ pub struct Metering {
     pub record_queue: Arc<RecordQueue>,
     /// Told when usage arrives, for the revenue schedules of metered lines.
     pub revenue: Arc<crate::revenue::RevenueCache>,
+    /// The catalog's credit-priced meters (whose usage the running credit totals keep) and the
+    /// tenants' grants last read.
+    pub credits: Arc<crate::credits::book::CreditBook>,
 }
 
 impl Metering {
@@ -167,7 +170,9 @@ impl Metering {
                 let payloads = |new: &[&UsageRow], distinct: &[DistinctDelta]| {
                     self.notifications(new, distinct)
                 };
-                self.db.usage().insert_notifying(rows, &payloads).await
+                (self.db.usage().keeping(&self.credits))
+                    .insert_notifying(rows, &payloads)
+                    .await
             }
         }
     }

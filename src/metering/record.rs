@@ -224,7 +224,10 @@ impl Metering {
             let payloads =
                 |new: &[&UsageRow], distinct: &[DistinctDelta]| self.notifications(new, distinct);
             let _gate = self.gate.read().await;
-            match self.db.usage().record_checked(&checks, &payloads).await {
+            match (self.db.usage().keeping(&self.credits))
+                .record_checked(&checks, &payloads)
+                .await
+            {
                 Ok((records, distinct)) => {
                     self.counters.merge_distinct(&distinct);
                     for ((record, check), reply) in records.into_iter().zip(&checks).zip(replies) {
@@ -286,7 +289,8 @@ impl Metering {
         let stored = {
             let _gate = self.gate.read().await;
             let _turn = self.writer.lock().await;
-            let inserted = self.db.usage().insert_burning(row, change).await?;
+            let usage = self.db.usage().keeping(&self.credits);
+            let inserted = usage.insert_burning(row, change).await?;
             self.counters.merge_distinct(&inserted.distinct);
             inserted.new[0]
         };

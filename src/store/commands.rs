@@ -87,7 +87,8 @@ macro_rules! insert_command {
 pub(crate) use insert_command;
 
 /// Ends a pending command (counting the attempt) and rebases the tenant's later commands, on
-/// any transaction; evaluates to whether the command was still pending.
+/// any transaction; a `credits.top_up` ending `failed` also stores its notification
+/// ([`crate::topup::top_up_failed`]). Evaluates to whether the command was still pending.
 macro_rules! settle_command {
     ($tx:expr, $command:expr, $settlement:expr, $now_ms:expr) => {{
         let command: &$crate::store::CommandRow = $command;
@@ -107,6 +108,11 @@ macro_rules! settle_command {
         .await?
         .rows_affected()
             > 0;
+        // A top-up that failed for good tells the product, once: only the transaction that
+        // ended the command gets here.
+        if settled && let Some(note) = $crate::topup::top_up_failed(command, settlement, $now_ms) {
+            $crate::store::insert_notification!($tx, &note, $now_ms).await?;
+        }
         if settled && let Some((old, new)) = &settlement.rebase {
             sqlx::query(
                 "UPDATE commands SET base = $3 WHERE tenant_id = $1 AND status = 'pending' \

@@ -3,25 +3,23 @@
 //! `credits::balance`). Both are read from rows; on PostgreSQL also inside check-and-record's
 //! transaction.
 
-use std::collections::HashMap;
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
+use super::credit_totals::{
+    CreditState, GRANT_ROWS, GrantRow, GrantRows, STATE, StateRow, credit_lock, fold_grants,
+    fold_states, grant_rows_pg, recompute_pg, recompute_sqlite,
+};
 use super::usage::usage_columns;
 use super::{Db, StoreError, UsageRow, on_pool};
 use crate::credits::balance::SegmentUsage;
+use crate::credits::book::{CreditBook, TenantGrants};
 
 /// The payloads of the credit grants mirrored for the tenant's customer.
 const GRANTS: &str = "SELECT m.payload FROM mirror_objects m JOIN tenants t ON t.customer_id = m.customer_id \
      WHERE t.tenant_id = $1 AND m.object_type = 'credit_grant' AND m.deleted = FALSE \
      ORDER BY m.object_id";
-
-/// The grants of several tenants at once (PostgreSQL).
-const GRANTS_OF_TENANTS: &str = "SELECT t.tenant_id, m.payload FROM mirror_objects m \
-     JOIN tenants t ON t.customer_id = m.customer_id \
-     WHERE t.tenant_id = ANY($1) AND m.object_type = 'credit_grant' AND m.deleted = FALSE \
-     ORDER BY t.tenant_id, m.object_id";
 
 /// PostgreSQL sums each meter's usage per segment, for several asks at once (the `n`th: a
 /// tenant, its meters and breakpoints joined by [`SEP`]); `width_bucket` counts the breakpoints
@@ -50,6 +48,75 @@ pub struct Credits<'a> {
 }
 
 impl Credits<'_> {
+    /// The tenant's credit state: its grants' version, its cuts and its running totals, in
+    /// one statement (`None`: no such tenant).
+    pub async fn state(&self, tenant: &str) -> Result<Option<CreditState>, StoreError> {
+        let sql = format!("{STATE}t.tenant_id = $1");
+        let rows: Vec<StateRow> = on_pool!(self.db, |pool| {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(tenant)
+                .fetch_all(pool)
+                .await
+        })?;
+        Ok(fold_states(rows).remove(tenant))
+    }
+
+    /// The tenant's grant payloads and their version, in one statement.
+    pub async fn grant_rows(&self, tenant: &str) -> Result<GrantRows, StoreError> {
+        let sql = format!("{GRANT_ROWS}t.tenant_id = $1 ORDER BY m.object_id");
+        let rows: Vec<GrantRow> = on_pool!(self.db, |pool| {
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(tenant)
+                .fetch_all(pool)
+                .await
+        })?;
+        Ok(fold_grants(rows).remove(tenant).unwrap_or_default())
+    }
+
+    /// Recomputes the tenant's running totals from the usage log at the cuts its grants need
+    /// now, in a transaction of its own (under the tenant's credit lock on PostgreSQL; as the
+    /// only writer on SQLite); returns the grants read.
+    pub async fn refresh(
+        &self,
+        tenant: &str,
+        book: &CreditBook,
+    ) -> Result<TenantGrants, StoreError> {
+        let grants = match self.db {
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(super::lease_key(&credit_lock(tenant)))
+                    .execute(&mut *tx)
+                    .await?;
+                let tenants = [tenant.to_owned()];
+                let rows = grant_rows_pg(&mut tx, &tenants).await?.remove(tenant);
+                let grants = TenantGrants::read(rows.unwrap_or_default());
+                recompute_pg(&mut tx, tenant, &book.cuts_for(&grants)).await?;
+                tx.commit().await?;
+                grants
+            }
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                // A write first: the transaction holds the writer's lock before it reads.
+                sqlx::query("DELETE FROM credit_totals WHERE tenant_id = $1")
+                    .bind(tenant)
+                    .execute(&mut *tx)
+                    .await?;
+                let sql = format!("{GRANT_ROWS}t.tenant_id = $1 ORDER BY m.object_id");
+                let rows: Vec<GrantRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                    .bind(tenant)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let rows = fold_grants(rows).remove(tenant).unwrap_or_default();
+                let grants = TenantGrants::read(rows);
+                recompute_sqlite(&mut tx, tenant, &book.cuts_for(&grants)).await?;
+                tx.commit().await?;
+                grants
+            }
+        };
+        Ok(grants)
+    }
+
     pub async fn grant_payloads(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
         let rows: Vec<(String,)> = on_pool!(self.db, |pool| {
             sqlx::query_as(GRANTS).bind(tenant).fetch_all(pool).await
@@ -131,22 +198,6 @@ impl Credits<'_> {
         })?;
         Ok(rows)
     }
-}
-
-/// The grant payloads of each of `tenants`, on a PostgreSQL transaction.
-pub(super) async fn grants_of_tenants(
-    conn: &mut sqlx::PgConnection,
-    tenants: &[String],
-) -> Result<HashMap<String, Vec<String>>, sqlx::Error> {
-    let rows: Vec<(String, String)> = sqlx::query_as(GRANTS_OF_TENANTS)
-        .bind(tenants)
-        .fetch_all(conn)
-        .await?;
-    let mut grants: HashMap<String, Vec<String>> = HashMap::new();
-    for (tenant, payload) in rows {
-        grants.entry(tenant).or_default().push(payload);
-    }
-    Ok(grants)
 }
 
 /// Each ask's usage per segment and meter, in one statement on a PostgreSQL connection or

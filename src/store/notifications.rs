@@ -184,22 +184,35 @@ impl<'a> Notifications<'a> {
         limit: u32,
     ) -> Result<Vec<NotificationRow>, StoreError> {
         let (before_at, before_id) = before.unwrap_or((i64::MAX, String::new()));
-        let rows = on_pool!(self.db, |pool| {
-            sqlx::query_as::<_, NotificationRow>(concat!(
+        // A plain `tenant_id = $1` when one is named: `($1 IS NULL OR ...)` keeps both planners
+        // off `notifications_tenant` (SQLite always, PostgreSQL once it plans generically), and
+        // they walk every tenant's notifications instead (docs/benchmarks.md, Console).
+        let sql = match tenant_id {
+            Some(_) => concat!(
                 "SELECT ",
                 columns!(),
-                " FROM notifications WHERE ($1 IS NULL OR tenant_id = $1) \
-                 AND ($2 IS NULL OR status = $2) \
-                 AND (created_at < $3 OR (created_at = $3 AND ($4 = '' OR event_id < $4))) \
-                 ORDER BY created_at DESC, event_id DESC LIMIT $5"
-            ))
-            .bind(tenant_id)
-            .bind(status)
-            .bind(before_at)
-            .bind(before_id)
-            .bind(i64::from(limit))
-            .fetch_all(pool)
-            .await
+                " FROM notifications WHERE tenant_id = $1"
+            ),
+            None => concat!(
+                "SELECT ",
+                columns!(),
+                " FROM notifications WHERE $1 IS NULL"
+            ),
+        };
+        let sql = format!(
+            "{sql} AND ($2 IS NULL OR status = $2) \
+             AND (created_at < $3 OR (created_at = $3 AND ($4 = '' OR event_id < $4))) \
+             ORDER BY created_at DESC, event_id DESC LIMIT $5"
+        );
+        let rows = on_pool!(self.db, |pool| {
+            sqlx::query_as::<_, NotificationRow>(sqlx::AssertSqlSafe(sql))
+                .bind(tenant_id)
+                .bind(status)
+                .bind(before_at)
+                .bind(before_id)
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
         })?;
         Ok(rows)
     }

@@ -1,6 +1,8 @@
 //! Check-and-record on PostgreSQL: a batch of records, each stored only when its meter's figure
 //! allows it, under one lock per tenant and meter, in one transaction.
 
+use std::collections::HashSet;
+
 use super::DistinctDelta;
 use super::usage::{
     CHUNK, Inserted, Payloads, figure_select, insert_usage, notify_usage, usage_columns,
@@ -96,49 +98,86 @@ pub struct CheckedRecord {
     pub burn: Option<Burn>,
 }
 
-/// Judges every credit check of a batch on its transaction, from the grants and usage rows as
-/// they stand, in two statements whatever the batch's size.
+/// Judges every credit check of a batch on its transaction, from the tenants' grants (kept in
+/// the checks' book while their version, read here, is current) and running totals (recomputed
+/// here, under the tenant's credit lock, if a grant moved their cuts): a statement or two
+/// whatever the batch's size and the tenants' usage histories.
 async fn burns_in(
     tx: &mut sqlx::PgConnection,
     checks: &[RecordCheck],
-) -> Result<Vec<Option<Burn>>, sqlx::Error> {
-    use super::credits::{SegmentAsk, grants_of_tenants, usage_by_segment_of};
+) -> Result<(Vec<Option<Burn>>, HashSet<String>), sqlx::Error> {
+    use super::credit_totals::{grant_rows_pg, recompute_pg, states_pg};
+    use crate::credits::book::{TenantGrants, segment_usage};
     let credit: Vec<(usize, &CreditCheck)> = (checks.iter().enumerate())
         .filter_map(|(i, c)| c.credit.as_ref().map(|credit| (i, credit)))
         .collect();
     let mut burns = vec![None; checks.len()];
     if credit.is_empty() {
-        return Ok(burns);
+        return Ok((burns, HashSet::new()));
     }
-    let tenants: Vec<String> = (credit.iter())
-        .map(|(i, _)| checks[*i].row.tenant_id.clone())
-        .collect();
-    let payloads = grants_of_tenants(&mut *tx, &tenants).await?;
-    let prepared: Vec<_> = (credit.iter())
-        .map(|(i, c)| {
-            let of_tenant = payloads.get(&checks[*i].row.tenant_id).cloned();
-            c.grants_and_points(crate::credits::grants_of(&of_tenant.unwrap_or_default()))
+    let tenant = |i: usize| checks[i].row.tenant_id.as_str();
+    let tenants: Vec<String> = credit.iter().map(|(i, _)| tenant(*i).to_owned()).collect();
+    let mut states = states_pg(&mut *tx, &tenants).await?;
+    let state_of = |states: &std::collections::HashMap<String, super::CreditState>, t: &str| {
+        states.get(t).cloned().unwrap_or_default()
+    };
+    let missing: Vec<String> = (credit.iter())
+        .filter(|(i, c)| {
+            c.book
+                .cached(tenant(*i), &state_of(&states, tenant(*i)))
+                .is_none()
         })
+        .map(|(i, _)| tenant(*i).to_owned())
         .collect();
-    let asks: Vec<SegmentAsk> = (credit.iter().zip(&prepared))
-        .map(|((i, c), (_, points))| SegmentAsk {
-            tenant: &checks[*i].row.tenant_id,
-            meters: c.meters(),
-            points,
-        })
-        .collect();
-    let usage = usage_by_segment_of(tx, &asks).await?;
-    for (((i, c), (grants, points)), usage) in credit.iter().zip(&prepared).zip(usage) {
-        burns[*i] = Some(c.judge(grants, points, usage, &checks[*i].row));
+    let mut read = match missing.is_empty() {
+        true => Default::default(),
+        false => grant_rows_pg(&mut *tx, &missing).await?,
+    };
+    for (i, c) in credit {
+        let t = tenant(i);
+        let mut state = state_of(&states, t);
+        let grants = match read.remove(t) {
+            Some(rows) => c.book.keep(t, TenantGrants::read(rows)),
+            None => match c.book.cached(t, &state) {
+                Some(grants) => grants,
+                None => c.book.keep(t, TenantGrants::read(Default::default())),
+            },
+        };
+        if !c.book.totals_current(&state, &grants) {
+            let cuts = c.book.cuts_for(&grants);
+            state.totals = recompute_pg(&mut *tx, t, &cuts).await?;
+            state.cuts = Some(cuts);
+            states.insert(t.to_owned(), state.clone());
+        }
+        let usage = segment_usage(&grants.points, &state.totals);
+        burns[i] = Some(c.judge_with(&grants, usage, &checks[i].row));
     }
-    Ok(burns)
+    let alarmed = (states.into_iter())
+        .filter_map(|(tenant, state)| state.alarmed.then_some(tenant))
+        .collect();
+    Ok((burns, alarmed))
+}
+
+/// The locks of a batch, each with whether it is taken shared: every check's own (exclusive),
+/// and the credit lock (shared) of each tenant whose row a credit-priced meter's totals keep.
+fn locks_of(checks: &[RecordCheck], credits: super::CreditWrite<'_>) -> (Vec<i64>, Vec<bool>) {
+    let mut locks: std::collections::BTreeMap<i64, bool> = std::collections::BTreeMap::new();
+    for check in checks {
+        locks.insert(check.lock_key, false);
+    }
+    for check in checks.iter().filter(|c| credits.keeps(&c.row.meter)) {
+        let key = super::lease_key(&super::credit_lock(&check.row.tenant_id));
+        locks.entry(key).or_insert(true);
+    }
+    locks.into_iter().unzip()
 }
 
 impl Usage<'_> {
     /// Check-and-records on PostgreSQL, a batch in one transaction on one pooled connection,
     /// in a handful of statements whatever its size: takes every check's transaction lock (one
-    /// per tenant and meter, across replicas; in key order, so that two batches never wait on
-    /// each other in a cycle), reads whether each event is stored and each meter's figure,
+    /// per tenant and meter, or per tenant for credits, across replicas; with the credit locks
+    /// of the rows the running totals keep, shared; all in key order, so that two batches
+    /// never wait on each other in a cycle), reads whether each event is stored and each meter's figure,
     /// stores the rows whose figure is within their ceiling, notifies the other replicas, and
     /// reads the figures after. The checks' lock keys must differ (a batch holds one check
     /// per tenant and meter). One commit for the batch: a transaction that notifies commits
@@ -155,16 +194,22 @@ impl Usage<'_> {
             ));
         };
         let mut tx = pool.begin().await?;
-        let mut keys: Vec<i64> = checks.iter().map(|c| c.lock_key).collect();
-        keys.sort_unstable();
+        let credits = super::CreditWrite {
+            locked: true,
+            alarms: false,
+            ..self.credit_write()
+        };
+        let (keys, shared) = locks_of(checks, credits);
         sqlx::query(
-            "SELECT pg_advisory_xact_lock(k) FROM (SELECT unnest($1::bigint[]) AS k ORDER BY 1) AS keys",
+            "SELECT CASE WHEN s THEN pg_advisory_xact_lock_shared(k) ELSE pg_advisory_xact_lock(k) END \
+             FROM (SELECT k, s FROM unnest($1::bigint[], $2::bool[]) AS u (k, s) ORDER BY k) AS keys",
         )
         .bind(&keys)
+        .bind(&shared)
         .execute(&mut *tx)
         .await?;
         let before = figures_in(&mut tx, checks).await?;
-        let burns = burns_in(&mut tx, checks).await?;
+        let (burns, alarmed) = burns_in(&mut tx, checks).await?;
         let allowed: Vec<usize> = (0..checks.len())
             .filter(|&i| {
                 let (existed, figure) = &before[i];
@@ -174,7 +219,7 @@ impl Usage<'_> {
             })
             .collect();
         let rows: Vec<UsageRow> = allowed.iter().map(|&i| checks[i].row.clone()).collect();
-        let Inserted { new, distinct } = insert_usage!(&mut *tx, &rows, payloads, true);
+        let Inserted { new, distinct } = insert_usage!(&mut *tx, &rows, payloads, true, credits);
         let stored: Vec<usize> = allowed
             .iter()
             .zip(&new)
@@ -190,7 +235,9 @@ impl Usage<'_> {
             before.clone()
         };
         // A burn that takes the balance below its threshold: the crossing, in this transaction.
+        // Of the tenants with low-balance settings only (most have none: no statement at all).
         let changes: Vec<_> = (stored.iter())
+            .filter(|&&i| alarmed.contains(&checks[i].row.tenant_id))
             .filter_map(|&i| Some(burns[i].as_ref()?.change(&checks[i].row.tenant_id)))
             .collect();
         super::credit_alerts::balances_changed_in(&mut tx, &changes).await?;

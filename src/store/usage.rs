@@ -2,6 +2,7 @@
 
 pub use super::distinct::DistinctDelta;
 use super::{Db, StoreError, on_pool};
+use crate::credits::book::CreditBook;
 
 /// A validated usage event, ready to store.
 #[derive(Debug, Clone, Default, PartialEq, Eq, sqlx::FromRow)]
@@ -85,15 +86,25 @@ macro_rules! notify_usage {
     }};
 }
 
-/// Inserts usage rows not stored before on a transaction `$tx`, adds their distinct values
-/// (`usage_distinct`) and, when `$notify`, sends the `billsync_usage` notifications `$payloads`
-/// makes of the new ones (PostgreSQL, which also locks the distinct values); evaluates to an
+/// Inserts usage rows not stored before on a transaction `$tx`, adds those of credit-priced
+/// meters to the running credit totals as `$credits` says ([`CreditWrite`]), adds their
+/// distinct values (`usage_distinct`) and, when `$notify`, sends the `billsync_usage`
+/// notifications `$payloads` makes of the new ones (PostgreSQL, which also locks the distinct values); evaluates to an
 /// [`Inserted`].
 macro_rules! insert_usage {
-    ($tx:expr, $rows:expr, $payloads:expr, $notify:expr) => {{
+    ($tx:expr, $rows:expr, $payloads:expr, $notify:expr, $credits:expr) => {{
+        use $crate::store::credit_totals::KeepTotals as _;
         let (rows, payloads, notify): (&[UsageRow], &Payloads<'_>, bool) =
             ($rows, $payloads, $notify);
+        let credits: $crate::store::CreditWrite<'_> = $credits;
         let tx = $tx;
+        if !credits.locked {
+            let tenants: Vec<&str> = (rows.iter())
+                .filter(|r| credits.keeps(&r.meter))
+                .map(|r| r.tenant_id.as_str())
+                .collect();
+            tx.lock_for_totals(&tenants).await?;
+        }
         let mut inserted = std::collections::HashSet::with_capacity(rows.len());
         for chunk in rows.chunks(CHUNK) {
             let mut query = sqlx::QueryBuilder::new(concat!(
@@ -127,6 +138,13 @@ macro_rules! insert_usage {
             .zip(&new)
             .filter_map(|(row, new)| new.then_some(row))
             .collect();
+        let kept: Vec<&UsageRow> = (stored.iter().copied())
+            .filter(|r| credits.keeps(&r.meter))
+            .collect();
+        tx.add_to_totals(&kept).await?;
+        if let Some(book) = credits.book.filter(|_| credits.alarms && !kept.is_empty()) {
+            $crate::store::credit_totals::usage_alarms!(&mut *tx, book, &kept);
+        }
         let distinct = $crate::store::distinct::insert_distinct!(&mut *tx, &stored, notify);
         if notify && !stored.is_empty() {
             notify_usage!(&mut *tx, &stored, &distinct, payloads);
@@ -137,6 +155,27 @@ macro_rules! insert_usage {
 
 pub struct Usage<'a> {
     pub(super) db: &'a Db,
+    book: Option<&'a CreditBook>,
+}
+
+/// What a usage write does for the running credit totals (`store::credit_totals`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreditWrite<'a> {
+    /// The catalog's credit-priced meters; `None`: every row is kept as if its meter were one
+    /// (always right, never faster).
+    pub book: Option<&'a CreditBook>,
+    /// The caller holds the rows' tenants' credit locks already (check-and-record's batch).
+    pub locked: bool,
+    /// Whether the write sees low-balance crossings itself (a plain write; a check-and-record
+    /// judges its own burn and passes its change).
+    pub alarms: bool,
+}
+
+impl CreditWrite<'_> {
+    /// Whether rows of `meter` go into the running totals.
+    pub fn keeps(&self, meter: &str) -> bool {
+        self.book.is_none_or(|b| b.burns(meter))
+    }
 }
 
 impl<'a> Usage<'a> {
@@ -154,7 +193,24 @@ impl<'a> Usage<'a> {
     }
 
     pub(super) fn new(db: &'a Db) -> Self {
-        Self { db }
+        Self { db, book: None }
+    }
+
+    /// Writes that keep the running totals of `book`'s credit-priced meters only (without it,
+    /// of every meter).
+    pub fn keeping(self, book: &'a CreditBook) -> Self {
+        Self {
+            book: Some(book),
+            ..self
+        }
+    }
+
+    pub(super) fn credit_write(&self) -> CreditWrite<'a> {
+        CreditWrite {
+            book: self.book,
+            locked: false,
+            alarms: true,
+        }
     }
 
     /// Stores the events not stored before, all in one transaction; returns, for each event,
@@ -175,7 +231,7 @@ impl<'a> Usage<'a> {
         let notify = self.db.backend() == super::Backend::Postgres;
         let inserted = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
-            let inserted = insert_usage!(&mut *tx, rows, payloads, notify);
+            let inserted = insert_usage!(&mut *tx, rows, payloads, notify, self.credit_write());
             tx.commit().await?;
             Ok::<_, sqlx::Error>(inserted)
         })?;
@@ -193,7 +249,11 @@ impl<'a> Usage<'a> {
         let inserted = on_pool!(self.db, |pool| {
             let mut tx = pool.begin().await?;
             let rows = std::slice::from_ref(row);
-            let inserted = insert_usage!(&mut *tx, rows, &|_, _| Vec::new(), notify);
+            let credits = CreditWrite {
+                alarms: false,
+                ..self.credit_write()
+            };
+            let inserted = insert_usage!(&mut *tx, rows, &|_, _| Vec::new(), notify, credits);
             if inserted.new[0]
                 && let Some(change) = change
             {

@@ -15,6 +15,7 @@ use sqlx::{ConnectOptions, Connection};
 
 use super::usage::{CHUNK, Inserted, Payloads, insert_usage, notify_usage, usage_columns};
 use super::{Db, StoreError, UsageRow};
+use crate::credits::book::CreditBook;
 
 /// The writer's page cache, KiB: the dirty pages of the largest batch (`metering.max_batch`,
 /// 10,000 events, about 13,000 pages of 4 KiB) fit, so a batch never spills before its commit.
@@ -29,29 +30,32 @@ pub struct UsageWriter {
 }
 
 impl UsageWriter {
-    /// Stores batches of events in one transaction: for each batch, as
-    /// [`super::Usage::insert`] does, whether each event was new. An event id that two
+    /// Stores batches of events in one transaction, keeping `book`'s running credit totals:
+    /// for each batch, as [`super::Usage::insert`] does, whether each event was new. An event id that two
     /// batches carry is new in the first only. One commit, one `fsync`: a batch over many
     /// tenants dirties an index page or two per tenant, whichever the number of events, so
     /// the pages a group writes are about those of one batch.
     pub async fn insert_group(
         &mut self,
         db: &Db,
+        book: &CreditBook,
         batches: &[&[UsageRow]],
     ) -> Result<Vec<Inserted>, StoreError> {
         let Some(conn) = self.connection(db).await? else {
             let mut inserted = Vec::with_capacity(batches.len());
             for rows in batches {
-                inserted.push(db.usage().insert(rows).await?);
+                inserted.push(db.usage().keeping(book).insert(rows).await?);
             }
             return Ok(inserted);
         };
+        let credits = db.usage().keeping(book).credit_write();
         let stored = async {
             let mut tx = conn.begin().await?;
             let mut inserted = Vec::with_capacity(batches.len());
             for rows in batches {
                 let rows: &[UsageRow] = rows;
-                inserted.push(insert_usage!(&mut *tx, rows, &|_, _| Vec::new(), false));
+                let no_payloads = &|_: &[&UsageRow], _: &[_]| Vec::new();
+                inserted.push(insert_usage!(&mut *tx, rows, no_payloads, false, credits));
             }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(inserted)

@@ -14,6 +14,9 @@
 //!
 //! The alarm re-arms when the balance is at or above the threshold again (the top-up's grant
 //! arriving, or any other grant).
+//!
+//! A top-up that fails for good (its command ends `failed`) records a `credits.top_up_failed`
+//! notification in the transaction that ends the command ([`top_up_failed`]).
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -156,6 +159,47 @@ pub fn crossing_rows(
     }
 }
 
+/// The notification kind of a top-up that failed for good.
+pub const TOP_UP_FAILED: &str = "credits.top_up_failed";
+
+/// The `credits.top_up_failed` notification of a `credits.top_up` command ending `failed`
+/// (Stripe refused it: a declined card, another 4xx; or it did not take it within
+/// `outbox.give_up_after`); `None` for any other command or ending. Written by the
+/// transaction that ends the command ([`settle_command!`](crate::store)), so exactly once.
+pub fn top_up_failed(
+    command: &crate::store::CommandRow,
+    settlement: &crate::store::Settlement<'_>,
+    now_ms: i64,
+) -> Option<NewNotification> {
+    if command.kind != CommandKind::CreditsTopUp.as_str() || settlement.status != "failed" {
+        return None;
+    }
+    // A request that does not parse failed the command too: still told, with what is known.
+    let request = serde_json::from_str::<TopUpRequest>(&command.request).ok();
+    let event_id = format!("evt_bs_{}", uuid::Uuid::now_v7().simple());
+    let payload = json!({
+        "id": event_id,
+        "object": "event",
+        "type": TOP_UP_FAILED,
+        "created": now_ms / 1000,
+        "tenant_id": command.tenant_id,
+        "data": {
+            "command_id": command.command_id,
+            "currency": request.as_ref().map(|r| &r.currency),
+            "amount": request.as_ref().map(|r| r.amount),
+            "crossing": request.as_ref().map(|r| r.crossing),
+            "attempts": command.attempts + 1,
+            "error": {"code": settlement.error_code, "message": settlement.message},
+        }
+    });
+    Some(NewNotification {
+        event_id,
+        tenant_id: command.tenant_id.clone(),
+        kind: TOP_UP_FAILED.to_owned(),
+        payload: payload.to_string(),
+    })
+}
+
 /// After grants were applied to the mirror (created, voided, expired): the tenants' balances
 /// as they stand now, seen by the alarm (`before` = `after`: re-arms at or above the
 /// threshold; an armed alarm below it, after a void, crosses). Not in the apply's transaction:
@@ -232,6 +276,70 @@ mod tests {
         assert_eq!(
             alarm(&settings("10", false), &change("9", "9.99")),
             Alarm::Stay
+        );
+    }
+
+    fn command(kind: &str, request: &str) -> crate::store::CommandRow {
+        crate::store::CommandRow {
+            command_id: "cmd_1".to_owned(),
+            tenant_id: "t".to_owned(),
+            kind: kind.to_owned(),
+            request: request.to_owned(),
+            client_key: None,
+            request_digest: String::new(),
+            base: None,
+            status: "pending".to_owned(),
+            attempts: 2,
+            next_attempt_at: 0,
+            last_error: None,
+            error_code: None,
+            result: None,
+            created_at: 0,
+            updated_at: 0,
+            completed_at: None,
+        }
+    }
+
+    #[test]
+    fn only_a_top_up_that_failed_makes_a_failure_notification() {
+        let ending = |status| crate::store::Settlement {
+            status,
+            result: None,
+            error_code: Some("card_declined".to_owned()),
+            message: Some("Your card was declined.".to_owned()),
+            rebase: None,
+        };
+        let top_up = command(
+            "credits.top_up",
+            r#"{"currency":"usd","amount":2000,"crossing":3}"#,
+        );
+        let note = top_up_failed(&top_up, &ending("failed"), 5_000).unwrap();
+        assert_eq!(
+            (note.kind.as_str(), note.tenant_id.as_str()),
+            (TOP_UP_FAILED, "t")
+        );
+        let body: serde_json::Value = serde_json::from_str(&note.payload).unwrap();
+        assert_eq!(body["id"].as_str(), Some(note.event_id.as_str()));
+        assert_eq!(body["created"], 5);
+        let data = &body["data"];
+        assert_eq!(
+            (data["amount"].as_i64(), data["crossing"].as_i64()),
+            (Some(2000), Some(3))
+        );
+        assert_eq!(
+            (data["attempts"].as_i64(), &data["error"]["code"]),
+            (Some(3), &json!("card_declined"))
+        );
+        assert!(top_up_failed(&top_up, &ending("succeeded"), 0).is_none());
+        let other = command("subscription.set", "{}");
+        assert!(top_up_failed(&other, &ending("failed"), 0).is_none());
+        // A request that does not parse is still told, with what is known.
+        let odd = command("credits.top_up", "not json");
+        let note = top_up_failed(&odd, &ending("failed"), 0).unwrap();
+        assert!(
+            note.payload.contains(r#""amount":null"#),
+            "{}",
+            note.payload
         );
     }
 

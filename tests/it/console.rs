@@ -19,15 +19,17 @@ use crate::helpers::{
     wait_for,
 };
 
+mod credits;
+
 const SCOPED_KEY: &str = "scoped-browser-key-0123456789";
 
-fn screenshots() -> PathBuf {
+pub(crate) fn screenshots() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots")
 }
 
 /// `BILLSYNC_TEST_CHROMEDRIVER` if set (a path that does not exist: skip), else `chromedriver`
 /// on the PATH, else Debian's `/usr/bin/chromedriver`.
-fn chromedriver() -> Option<PathBuf> {
+pub(crate) fn chromedriver() -> Option<PathBuf> {
     if let Some(path) = std::env::var_os("BILLSYNC_TEST_CHROMEDRIVER") {
         return Some(PathBuf::from(path)).filter(|p| p.is_file());
     }
@@ -40,13 +42,13 @@ fn chromedriver() -> Option<PathBuf> {
 }
 
 /// chromedriver on a free port, killed when dropped.
-struct Driver {
+pub(crate) struct Driver {
     child: Child,
     url: String,
 }
 
 impl Driver {
-    async fn start(binary: &std::path::Path) -> Self {
+    pub(crate) async fn start(binary: &std::path::Path) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -66,7 +68,7 @@ impl Driver {
         Self { child, url }
     }
 
-    async fn session(&self) -> Client {
+    pub(crate) async fn session(&self) -> Client {
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".to_owned(),
@@ -89,19 +91,19 @@ impl Drop for Driver {
 }
 
 /// The browser, with the waits and screenshots the steps share.
-struct Browser {
-    client: Client,
-    base: String,
+pub(crate) struct Browser {
+    pub(crate) client: Client,
+    pub(crate) base: String,
 }
 
 impl Browser {
-    async fn open(&self, hash: &str) {
+    pub(crate) async fn open(&self, hash: &str) {
         let url = format!("{}/console{hash}", self.base);
         self.client.goto(&url).await.expect("navigate");
     }
 
     /// The element's text once `ok` holds for it (at most 20 s).
-    async fn text_until(&self, css: &str, ok: impl Fn(&str) -> bool) -> String {
+    pub(crate) async fn text_until(&self, css: &str, ok: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(el) = self.client.find(Locator::Css(css)).await
@@ -122,7 +124,7 @@ impl Browser {
         }
     }
 
-    async fn text(&self, css: &str) -> String {
+    pub(crate) async fn text(&self, css: &str) -> String {
         self.text_until(css, |_| true).await
     }
 
@@ -178,12 +180,12 @@ impl Browser {
         }
     }
 
-    async fn sign_in(&self, key: &str) {
+    pub(crate) async fn sign_in(&self, key: &str) {
         self.type_into("#key", key).await;
         self.click("#login-submit").await;
     }
 
-    async fn screenshot(&self, name: &str) {
+    pub(crate) async fn screenshot(&self, name: &str) {
         let png = self.client.screenshot().await.expect("screenshot");
         std::fs::write(screenshots().join(format!("{name}.png")), png).expect("save screenshot");
     }

@@ -20,12 +20,12 @@ on_both_backends!(
     a_grant_arrives_by_backfill_and_a_fake_without_credit_grants_breaks_nothing,
 );
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
 /// A credit grant of `amount` (`{"type": "monetary", ...}` or custom pricing unit).
-fn grant(id: &str, cus: &str, amount: Value, fields: Value) -> Value {
+pub(crate) fn grant(id: &str, cus: &str, amount: Value, fields: Value) -> Value {
     let mut g = json!({"id": id, "object": "billing.credit_grant", "customer": cus,
         "amount": amount, "applicability_config": {"scope": {"price_type": "metered"}},
         "category": "paid", "created": now() - 7200, "effective_at": now() - 7200,
@@ -37,7 +37,7 @@ fn grant(id: &str, cus: &str, amount: Value, fields: Value) -> Value {
     g
 }
 
-fn usd(cents: i64) -> Value {
+pub(crate) fn usd(cents: i64) -> Value {
     json!({"type": "monetary", "monetary": {"currency": "usd", "value": cents}})
 }
 
@@ -46,7 +46,13 @@ fn credits(value: &str) -> Value {
 }
 
 /// Delivers a grant event and waits until the tenant's ledger shows its state (voided or not).
-async fn deliver_grant(app: &TestApp, tenant: &str, event_type: &str, created: i64, object: Value) {
+pub(crate) async fn deliver_grant(
+    app: &TestApp,
+    tenant: &str,
+    event_type: &str,
+    created: i64,
+    object: Value,
+) {
     let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
     app.deliver(&event(&id, event_type, created, object.clone()))
         .await;

@@ -48,18 +48,22 @@ const SECRET: &str = "notify_secret_for_tests";
 
 /// The Stripe fake: what each idempotency key answered, and steps to fail once.
 #[derive(Default)]
-struct Stripe {
+pub(crate) struct Stripe {
     answers: BTreeMap<String, Value>,
-    created: BTreeMap<&'static str, u32>,
+    pub(crate) created: BTreeMap<&'static str, u32>,
     fail_once: HashSet<&'static str>,
     next: u32,
     /// What `GET /v1/billing/credit_balance_transactions` lists.
     transactions: Vec<Value>,
     /// Steps whose first answer is made and kept but comes back too late (the caller dies).
     hang_once: HashSet<&'static str>,
+    /// Every payment is declined (402 `card_declined`), as for a card without funds.
+    pub(crate) decline: bool,
+    /// Every write answers 503.
+    pub(crate) unavailable: bool,
 }
 
-type Shared = Arc<Mutex<Stripe>>;
+pub(crate) type Shared = Arc<Mutex<Stripe>>;
 
 struct StripeHandler(Shared);
 
@@ -103,6 +107,15 @@ impl Respond for StripeHandler {
         if let Some(answer) = stripe.answers.get(&key) {
             return ResponseTemplate::new(200).set_body_json(answer.clone());
         }
+        if stripe.unavailable {
+            return ResponseTemplate::new(503).set_body_json(json!({"error": {"message": "down"}}));
+        }
+        if stripe.decline && step == "pay" {
+            *stripe.created.entry("declined").or_default() += 1;
+            return ResponseTemplate::new(402).set_body_json(json!({"error": {
+                "type": "card_error", "code": "card_declined", "decline_code": "insufficient_funds",
+                "message": "Your card was declined."}}));
+        }
         if stripe.fail_once.remove(step) {
             return ResponseTemplate::new(500).set_body_json(json!({"error": {"message": "boom"}}));
         }
@@ -138,8 +151,8 @@ impl Respond for StripeHandler {
 
 /// The product's receiver: every request it got, and how many to refuse with 500 first.
 #[derive(Default)]
-struct Receiver {
-    got: Vec<(BTreeMap<String, String>, String)>,
+pub(crate) struct Receiver {
+    pub(crate) got: Vec<(BTreeMap<String, String>, String)>,
     refuse: u32,
     /// Take the first delivery but answer too late (the deliverer dies first).
     hang_first: bool,
@@ -169,15 +182,25 @@ impl Respond for ReceiverHandler {
     }
 }
 
-struct World {
-    app: TestApp,
-    stripe: Shared,
-    receiver: Arc<Mutex<Receiver>>,
-    db: Db,
+pub(crate) struct World {
+    pub(crate) app: TestApp,
+    pub(crate) stripe: Shared,
+    pub(crate) receiver: Arc<Mutex<Receiver>>,
+    pub(crate) db: Db,
     _servers: (MockServer, MockServer),
 }
 
 async fn world(backend: Backend, refuse: u32, fail_once: &[&'static str]) -> World {
+    world_with(backend, refuse, fail_once, |_| {}).await
+}
+
+/// [`world`], with more settings changed by `adjust`.
+pub(crate) async fn world_with(
+    backend: Backend,
+    refuse: u32,
+    fail_once: &[&'static str],
+    adjust: impl FnOnce(&mut billsync::config::Settings),
+) -> World {
     let stripe_server = MockServer::start().await;
     let stripe: Shared = Arc::default();
     stripe.lock().unwrap().fail_once = fail_once.iter().copied().collect();
@@ -207,6 +230,7 @@ async fn world(backend: Backend, refuse: u32, fail_once: &[&'static str]) -> Wor
         s.notify.max_retry_delay = std::time::Duration::from_millis(50);
         // A dead replica's command is taken over within a second.
         s.claims.commands = std::time::Duration::from_secs(1);
+        adjust(s);
     })
     .await;
     onboard(&app, "acme", "cus_acme", json!({})).await;
@@ -230,7 +254,7 @@ fn change(before: i64, after: i64) -> BalanceChange<'static> {
 }
 
 /// The crossing a change of acme's `usd` balance made, if any (in a transaction of its own).
-async fn crossed(db: &Db, before: i64, after: i64) -> Option<i64> {
+pub(crate) async fn crossed(db: &Db, before: i64, after: i64) -> Option<i64> {
     let alerts = db.credit_alerts();
     alerts
         .balance_changed(&change(before, after), now_ms())
@@ -249,13 +273,13 @@ async fn put_settings(app: &TestApp, unit: &str, body: Value) -> reqwest::Respon
     .unwrap()
 }
 
-async fn auto_top_up(app: &TestApp) {
+pub(crate) async fn auto_top_up(app: &TestApp) {
     let body = json!({"threshold": 500, "top_up_amount": "2000", "auto_top_up": true});
     assert_eq!(put_settings(app, "usd", body).await.status(), 200);
 }
 
 /// Verifies a delivery's `Billsync-Signature` as a receiver would.
-fn verify(headers: &BTreeMap<String, String>, body: &str) -> bool {
+pub(crate) fn verify(headers: &BTreeMap<String, String>, body: &str) -> bool {
     let signature = &headers["billsync-signature"];
     let (t, v1) = signature
         .split_once(",v1=")
@@ -266,7 +290,7 @@ fn verify(headers: &BTreeMap<String, String>, body: &str) -> bool {
     mac.verify_slice(&hex::decode(v1).unwrap()).is_ok()
 }
 
-async fn command_status(app: &TestApp, id: &str) -> String {
+pub(crate) async fn command_status(app: &TestApp, id: &str) -> String {
     let command = app.get_json(&format!("/v1/commands/{id}")).await;
     command["status"].as_str().unwrap().to_owned()
 }
@@ -521,25 +545,40 @@ async fn two_replicas_deliver_once_and_top_up_once() {
     let w = world(Backend::Postgres, 0, &[]).await;
     let replica = w.app.replica().await;
     auto_top_up(&w.app).await;
-    // The same crossing seen by two transactions at once: one takes it.
-    let (db1, db2) = (
-        w.db.clone(),
-        Db::connect(&w.app.settings.database).await.unwrap(),
-    );
-    let (a, b) = tokio::join!(
-        async move {
-            db1.credit_alerts()
+    // The same crossing seen by two transactions at once: one takes it. Both read the armed
+    // settings and then wait for the row, held here, so they are truly at once: run one after
+    // the other, the second would count a crossing of its own (its balance starts above).
+    let pool = sqlx::PgPool::connect(w.app.settings.database.url.expose())
+        .await
+        .unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM credit_settings WHERE tenant_id = 'acme' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let judge = |db: Db| {
+        tokio::spawn(async move {
+            db.credit_alerts()
                 .balance_changed(&change(600, 400), now_ms())
                 .await
                 .unwrap()
-        },
-        async move {
-            db2.credit_alerts()
-                .balance_changed(&change(600, 400), now_ms())
-                .await
-                .unwrap()
-        },
-    );
+        })
+    };
+    let a = judge(w.db.clone());
+    let b = judge(Db::connect(&w.app.settings.database).await.unwrap());
+    wait_for("both transactions waiting for the settings row", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE 'UPDATE credit_settings%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        waiting == 2
+    })
+    .await;
+    holder.rollback().await.unwrap();
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
     assert_eq!(a.into_iter().chain(b).collect::<Vec<_>>(), vec![1]);
     top_up_done_and_delivered(&replica, &w.db).await;
     // Both replicas run the outbox and stand for the notify lease; a second pass would show.

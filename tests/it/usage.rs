@@ -983,7 +983,8 @@ async fn a_checkpoint_waits_for_the_batch_being_stored_so_the_log_starts_again(b
             ..UsageRow::default()
         })
         .collect();
-    busy.insert_group(&state.db, &[&rows]).await.unwrap();
+    let book = &state.metering.credits;
+    busy.insert_group(&state.db, book, &[&rows]).await.unwrap();
     drop(busy);
     checkpoint.await.unwrap().unwrap();
     state.metering.ingest(&calls(400, 600), now).await.unwrap();

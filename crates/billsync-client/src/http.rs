@@ -1,13 +1,16 @@
-//! Checks asked of the server: `POST /v1/tenants/{t}/entitlements/check`.
+//! Requests to the server: checks (`POST /v1/tenants/{t}/entitlements/check`), and the plain
+//! JSON reads and writes of [`crate::credits`].
 
 use std::borrow::Cow;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use rust_decimal::Decimal;
-use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::credits::CreditCheck;
 use crate::{Check, Error, Shared, reason};
 
 /// The server's answer (`CheckOut`); unknown fields are tolerated.
@@ -21,6 +24,7 @@ struct CheckOut {
     as_of: Option<String>,
     stale: bool,
     recorded: Option<bool>,
+    credits: Option<CreditCheck>,
 }
 
 /// A URL under the server's base: `segments` are percent-encoded.
@@ -34,8 +38,9 @@ pub(crate) fn url(shared: &Shared, segments: &[&str]) -> reqwest::Url {
 
 /// The reason as one of the known constants, so that the common answers do not allocate.
 fn known(text: String) -> Cow<'static, str> {
-    const KNOWN: [&str; 6] = [
+    const KNOWN: [&str; 7] = [
         reason::OK,
+        reason::INSUFFICIENT_CREDITS,
         reason::UNKNOWN_TENANT,
         reason::NO_SUBSCRIPTION,
         reason::SUBSCRIPTION_INACTIVE,
@@ -93,5 +98,51 @@ pub(crate) async fn check(
         as_of: out.as_of.map(Arc::from),
         stale: out.stale,
         recorded: out.recorded,
+        credits: out.credits,
     })
+}
+
+/// `GET` a JSON answer under the base, with a query.
+pub(crate) async fn get<T: DeserializeOwned>(
+    shared: &Shared,
+    segments: &[&str],
+    query: &[(&str, String)],
+) -> Result<T, Error> {
+    let mut url = url(shared, segments);
+    if !query.is_empty() {
+        url.query_pairs_mut().extend_pairs(query);
+    }
+    answer(shared, shared.http.get(url)).await
+}
+
+/// `PUT` a JSON body under the base.
+pub(crate) async fn put<B: Serialize, T: DeserializeOwned>(
+    shared: &Shared,
+    segments: &[&str],
+    body: &B,
+) -> Result<T, Error> {
+    let body = serde_json::to_string(body)
+        .map_err(|e| Error::Protocol(format!("a body that cannot be sent: {e}")))?;
+    let request = (shared.http.put(url(shared, segments)))
+        .header("content-type", "application/json")
+        .body(body);
+    answer(shared, request).await
+}
+
+/// Sends with the key and the timeout; a 200 is read as `T`, anything else is the error.
+async fn answer<T: DeserializeOwned>(
+    shared: &Shared,
+    request: reqwest::RequestBuilder,
+) -> Result<T, Error> {
+    let response = (request.bearer_auth(&shared.api_key))
+        .timeout(shared.options.request_timeout)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await?;
+    if status != 200 {
+        return Err(Error::from_answer(status, &bytes));
+    }
+    serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Protocol(format!("an answer that is not valid: {e}")))
 }

@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod credits;
 mod error;
 mod http;
 mod options;
@@ -18,6 +19,10 @@ use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use billsync_rules::reason;
+pub use credits::{
+    Balance, BurnEntry, CreditCheck, CreditPrice, CreditSettings, CreditSettingsUpdate,
+    CreditsPage, GrantEntry, LedgerEntry, Notification, NotificationQuery, NotificationsPage, Page,
+};
 pub use error::Error;
 pub use options::{LocalUsage, Metrics, NoMetrics, Options, Staleness};
 pub use usage::UsageEvent;
@@ -29,7 +34,8 @@ use usage::Buffer;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
     pub allowed: bool,
-    /// One of [`reason`]'s constants (`ok`, `unknown_tenant`, `limit_exceeded`, ...).
+    /// One of [`reason`]'s constants (`ok`, `unknown_tenant`, `limit_exceeded`,
+    /// `insufficient_credits`, `needs_server`, ...).
     pub reason: Cow<'static, str>,
     /// The quota's limit; `None`: unlimited, or not a quota.
     pub limit: Option<i64>,
@@ -44,6 +50,9 @@ pub struct Check {
     pub stale: bool,
     /// Only from `check_and_record`: whether the usage was recorded.
     pub recorded: Option<bool>,
+    /// Only from the server, for a credit-priced feature: the unit, the cost, the balance.
+    /// There, `used` is the balance's `burned` and `remaining` its `available`.
+    pub credits: Option<CreditCheck>,
 }
 
 impl Check {
@@ -58,6 +67,7 @@ impl Check {
             as_of: None,
             stale,
             recorded: None,
+            credits: None,
         }
     }
 }
@@ -235,21 +245,29 @@ impl Client {
     /// Whether `quantity` more of `feature` is allowed for `tenant`, from memory, by the same
     /// rules as the server. When the replica is stale and `Options::staleness` is
     /// [`Staleness::AskServer`], the server is asked instead (falling back to memory).
+    ///
+    /// A credit-priced feature is always asked of the server (its balance is live); if the
+    /// server cannot be reached, the answer is not allowed, [`reason::NEEDS_SERVER`].
     pub async fn check(&self, tenant: &str, feature: &str, quantity: Decimal) -> Check {
         let (answer, replica_stale) = self.check_memory(tenant, feature, quantity);
-        if !replica_stale || self.shared().options.staleness != Staleness::AskServer {
+        let needs_server = answer.reason == reason::NEEDS_SERVER;
+        let ask_when_stale = self.shared().options.staleness == Staleness::AskServer;
+        let ask = needs_server || (replica_stale && ask_when_stale);
+        if !ask {
             return answer;
         }
         match http::check(self.shared(), tenant, feature, quantity, None).await {
             Ok(from_server) => from_server,
             Err(error) => {
-                tracing::warn!(%error, tenant, "billsync: the server could not be asked; answering from a stale replica");
+                tracing::warn!(%error, tenant, feature, "billsync: the server could not be asked; answering from memory");
                 answer
             }
         }
     }
 
-    /// [`Self::check`] from memory only, whatever the staleness: never waits.
+    /// [`Self::check`] from memory only, whatever the staleness: never waits. A credit-priced
+    /// feature is answered not allowed, [`reason::NEEDS_SERVER`]: memory holds no live
+    /// balance. Ask the server ([`Self::check`], [`Self::check_and_record`]) for those.
     pub fn check_in_memory(&self, tenant: &str, feature: &str, quantity: Decimal) -> Check {
         self.check_memory(tenant, feature, quantity).0
     }
@@ -283,6 +301,9 @@ impl Client {
     /// Checks and records in one atomic step on the server
     /// (`POST /v1/tenants/{t}/entitlements/check` with `record: {id}`): the last unit of a
     /// quota goes once across every client and replica. Retrying with the same `id` is safe.
+    /// For a credit-priced feature the server burns the credits in the same step (refused
+    /// with [`reason::INSUFFICIENT_CREDITS`] when the balance cannot cover the cost) and
+    /// [`Check::credits`] holds the balance after it.
     pub async fn check_and_record(
         &self,
         tenant: &str,

@@ -11,6 +11,7 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 
 use crate::Check;
+use crate::credits::CreditPrice;
 
 /// One tenant as the stream sent it, compact: a check over many tenants reads memory no
 /// other tenant shares, so the fewer places it reads, the faster it answers.
@@ -174,6 +175,8 @@ pub struct Replica {
     /// replaces `tenants` at `ready`, so checks meanwhile answer from the previous copy.
     staging: Option<HashMap<TenantKey, TenantState>>,
     fail_open: HashSet<String>,
+    /// Credit-priced features (`hello`): never decided from the copy.
+    credit_features: HashMap<String, CreditPrice>,
     /// Feature names, one allocation each for every tenant.
     names: HashSet<Arc<str>>,
     /// The server's `stale_after_ms`.
@@ -185,6 +188,9 @@ pub struct Replica {
 struct HelloIn {
     #[serde(default)]
     fail_open: Vec<String>,
+    /// Absent from servers before credits: none then.
+    #[serde(default)]
+    credit_features: HashMap<String, CreditPrice>,
     stale_after_ms: Option<u64>,
     heartbeat_ms: Option<u64>,
 }
@@ -304,6 +310,7 @@ impl Replica {
             "hello" => {
                 let hello: HelloIn = parse(event, data)?;
                 self.fail_open = hello.fail_open.into_iter().collect();
+                self.credit_features = hello.credit_features;
                 self.stale_after = hello.stale_after_ms.map(Duration::from_millis);
                 let heartbeat = Duration::from_millis(hello.heartbeat_ms.unwrap_or(15_000));
                 return Ok(Applied::Hello { heartbeat });
@@ -410,9 +417,29 @@ impl Replica {
         self.tenants.len()
     }
 
-    /// The check answered from the copy; `None` for a tenant it does not hold.
+    /// How `feature` burns credits, if it is credit-priced.
+    pub fn credit_price(&self, feature: &str) -> Option<&CreditPrice> {
+        self.credit_features.get(feature)
+    }
+
+    /// The check answered from the copy; `None` for a tenant it does not hold. A
+    /// credit-priced feature is not allowed, [`reason::NEEDS_SERVER`](crate::reason): the copy
+    /// has no live balance, and an answer from it could spend credits the tenant no longer has.
     pub fn check(&self, tenant: &str, feature: &str, quantity: Decimal) -> Option<Check> {
         let state = self.tenants.get(tenant.as_bytes())?;
+        if self.credit_features.contains_key(feature) {
+            return Some(Check {
+                allowed: false,
+                reason: crate::reason::NEEDS_SERVER.into(),
+                limit: None,
+                used: None,
+                remaining: None,
+                as_of: state.as_of.clone(),
+                stale: state.stale,
+                recorded: None,
+                credits: None,
+            });
+        }
         let rules = TenantRules {
             standing: state.standing,
             synced: state.synced,
@@ -433,6 +460,7 @@ impl Replica {
             as_of: state.as_of.clone(),
             stale: state.stale,
             recorded: None,
+            credits: None,
         })
     }
 

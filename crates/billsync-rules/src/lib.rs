@@ -18,6 +18,12 @@ pub mod reason {
     /// Never given by [`TenantRules::decide`](crate::TenantRules::decide): the caller's answer
     /// for a tenant it does not know.
     pub const UNKNOWN_TENANT: &str = "unknown_tenant";
+    /// The server's answer when a tenant's credit balance cannot cover a credit-priced
+    /// feature's cost (never given by [`TenantRules::decide`](crate::TenantRules::decide)).
+    pub const INSUFFICIENT_CREDITS: &str = "insufficient_credits";
+    /// Never given by the server: a copy's answer for a credit-priced feature, which only the
+    /// server can decide (the balance is live). Not allowed; ask the server.
+    pub const NEEDS_SERVER: &str = "needs_server";
 }
 
 /// Why a tenant has what it has.

@@ -254,9 +254,11 @@ async function tenants(parts, params) {
 
 async function tenantPage(id) {
   const t = encodeURIComponent(id);
-  const [tenant, ents, invoices, payments, events] = await Promise.all([
+  const [tenant, ents, invoices, payments, events, credits, settings, notes] = await Promise.all([
     api(`/v1/tenants/${t}`), api(`/v1/tenants/${t}/entitlements`), api(`/v1/tenants/${t}/invoices?limit=20`),
-    api(`/v1/tenants/${t}/payments?limit=20`), api(`/v1/tenants/${t}/events?limit=50`)]);
+    api(`/v1/tenants/${t}/payments?limit=20`), api(`/v1/tenants/${t}/events?limit=50`),
+    api(`/v1/tenants/${t}/credits?limit=10`), api(`/v1/tenants/${t}/credits/settings`),
+    api(`/v1/notifications?tenant_id=${t}&limit=10`)]);
   const quotas = Object.entries(ents.features).filter(([, f]) => f.kind === "quota");
   const meters = [...new Set(quotas.map(([, f]) => f.meter).filter(Boolean))];
   const grouping = new URLSearchParams(location.hash.split("?")[1] || "").get("group_by") === "hour" ? "hour" : "day";
@@ -267,6 +269,7 @@ async function tenantPage(id) {
     subscriptionView(tenant),
     h("h3", {}, `Entitlements (plan ${ents.plan}, ${ents.status || "no subscription"}${ents.stale ? ", stale" : ""})`),
     entitlementsView(ents),
+    ...creditsView(credits, settings, notes),
     h("h3", {}, "Usage"),
     h("p", {}, "Per ", h("a", { href: `#/tenants/${t}?group_by=day` }, "day"), " · ", h("a", { href: `#/tenants/${t}?group_by=hour` }, "hour")),
     ...usages.map(usageView),
@@ -285,6 +288,47 @@ async function tenantPage(id) {
     table(["Command", "Kind", "Status", "Accepted"], (tenant.pending || []).map((c) =>
       [c.id || c.command_id, c.kind, c.status, fmtTime(c.created_at)]), "commands"),
   );
+}
+
+// ---- Credits: balances, the latest ledger entries, low-balance settings, notifications --------
+
+// Amounts are the API's exact decimal strings, shown as they are (minor units for a currency).
+function creditsView(credits, settings, notes) {
+  const unitName = (u) => (/^[a-z]{3}$/.test(u) ? `${u.toUpperCase()} (minor units)` : u);
+  const balanceRows = credits.balances.map((b) => [unitName(b.unit), h("td", { class: "num" }, b.granted),
+    h("td", { class: "num" }, b.burned), h("td", { class: `num ${Number(b.available) <= 0 ? "bad" : ""}` }, b.available)]);
+  const ledgerRows = credits.data.map((e) => [fmtTime(e.at), e.type, e.id, unitName(e.unit), h("td", { class: "num" }, e.amount),
+    e.type === "grant" ? `${e.status}, ${e.remaining} left` : `${e.feature}: ${e.quantity} × ${e.meter}`]);
+  const settingRows = settings.data.map((c) => [unitName(c.unit), h("td", { class: "num" }, c.threshold),
+    h("td", { class: "num" }, c.top_up_amount ?? "—"), c.auto_top_up ? "on" : "off",
+    h("td", { class: c.armed ? "ok" : "bad" }, c.armed ? "armed" : "crossed: waiting for the balance to recover"),
+    h("td", { class: "num" }, c.crossings), fmtTime(c.updated_at)]);
+  const noteRows = notes.data.map((n) => [fmtTime(n.created_at), n.type, notificationSummary(n),
+    h("td", { class: n.status === "failed" ? "bad" : n.status === "delivered" ? "ok" : "" }, n.status),
+    n.attempts, n.last_error, n.id]);
+  return [
+    h("h3", {}, "Credits"),
+    table(["Unit", "Granted", "Burned", "Available"], balanceRows, "credit-balances"),
+    h("details", {}, h("summary", {}, `Latest ledger entries (${credits.data.length})`),
+      table(["At", "Type", "Id", "Unit", "Amount", ""], ledgerRows, "credit-ledger")),
+    h("h3", {}, "Low-balance settings"),
+    table(["Unit", "Threshold", "Top-up amount", "Auto top-up", "Alarm", "Crossings", "Updated"], settingRows, "credit-settings"),
+    h("h3", {}, "Latest notifications"),
+    table(["Created", "Type", "What", "Delivery", "Attempts", "Last error", "Event id"], noteRows, "notifications"),
+  ];
+}
+
+function notificationSummary(n) {
+  const d = (n.payload && n.payload.data) || {};
+  if (n.type === "credits.balance_low") {
+    const topUp = d.top_up ? `; top-up ${d.top_up.amount} ${d.top_up.currency} (${d.top_up.command_id})` : "";
+    return `${d.unit}: ${d.available_before} → ${d.available_after}, below ${d.threshold}${topUp}`;
+  }
+  if (n.type === "credits.top_up_failed") {
+    const error = d.error || {};
+    return `top-up ${d.amount} ${d.currency} failed: ${error.code} (${error.message}); command ${d.command_id}`;
+  }
+  return JSON.stringify(d);
 }
 
 function subscriptionView(tenant) {

@@ -176,3 +176,33 @@ fn tenant_ids_short_and_long_are_found_updated_and_removed() {
     }
     assert_eq!(replica.len(), 1, "acme alone is left");
 }
+
+#[test]
+fn a_credit_priced_feature_is_never_allowed_from_memory_even_when_the_plan_grants_it() {
+    let mut replica = Replica::default();
+    replica.begin(true);
+    let hello = r#"{"fail_open":[],"heartbeat_ms":15000,"protocol":1,
+        "credit_features":{"api_calls":{"meter":"calls","unit":"usd","credits_per_unit":"0.0167"}}}"#;
+    replica.apply("hello", hello).unwrap();
+    replica.apply("tenant", &acme(1000, "12")).unwrap();
+    replica.apply("ready", &ready(false)).unwrap();
+    // The plan would allow it as a quota; the copy has no balance, so it does not decide.
+    let check = replica.check("acme", "api_calls", d(1)).unwrap();
+    assert!(!check.allowed);
+    assert_eq!(check.reason, crate::reason::NEEDS_SERVER);
+    assert_eq!(check.as_of.as_deref(), Some("2026-12-07T06:14:16.577Z"));
+    let price = replica.credit_price("api_calls").unwrap();
+    assert_eq!(
+        (
+            price.unit.as_str(),
+            price.credits_per_unit.to_string().as_str()
+        ),
+        ("usd", "0.0167")
+    );
+    // Other features are decided as before; an unknown tenant is still unknown.
+    assert!(replica.check("acme", "sso", d(1)).unwrap().allowed);
+    assert!(replica.check("globex", "api_calls", d(1)).is_none());
+    // A server before credits sends no `credit_features`: nothing is credit-priced.
+    replica.apply("hello", HELLO).unwrap();
+    assert!(replica.check("acme", "api_calls", d(1)).unwrap().allowed);
+}
