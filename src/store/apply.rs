@@ -161,7 +161,12 @@ macro_rules! apply_round {
             .iter()
             .map(|s| stored.contains(&(s.object_type.clone(), s.object_id.clone())))
             .collect();
-        for state in states.iter().zip(&written).filter(|(_, w)| **w).map(|(s, _)| *s) {
+        for state in states
+            .iter()
+            .zip(&written)
+            .filter(|(_, w)| **w)
+            .map(|(s, _)| *s)
+        {
             upsert_periods!(&mut *$tx, state);
         }
         // A deleted customer claims no tenant: it lets go of its own.
@@ -211,9 +216,9 @@ macro_rules! apply_round {
                 let customer = state.customer_id.as_ref()?;
                 tenants.get(customer).cloned()
             });
-            let conflict = conflicts.get(&state.object_id).filter(|_| {
-                written && state.object_type == "customer"
-            });
+            let conflict = conflicts
+                .get(&state.object_id)
+                .filter(|_| written && state.object_type == "customer");
             let outcome = ApplyOutcome {
                 written,
                 tenant_id,
@@ -239,7 +244,10 @@ fn rounds(items: &[Apply]) -> Vec<Vec<usize>> {
     let mut seen: std::collections::HashMap<(&str, &str), usize> = Default::default();
     let mut rounds: Vec<Vec<usize>> = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let key = (item.state.object_type.as_str(), item.state.object_id.as_str());
+        let key = (
+            item.state.object_type.as_str(),
+            item.state.object_id.as_str(),
+        );
         let round = seen.entry(key).or_insert(0);
         if *round == rounds.len() {
             rounds.push(Vec::new());
