@@ -197,6 +197,7 @@ pub struct SyncSettings {
     /// Stripe calls the drift sweep may make per minute (each pass spends its share of it,
     /// `sweep_budget × sweep_interval / 1 min`, and always checks at least one tenant).
     pub sweep_budget: u32,
+    /// Inbox rows the applier claims and writes in one transaction.
     pub apply_batch: u32,
     pub max_retry_delay: Duration,
 }

@@ -5,6 +5,7 @@
 
 use super::commands::settle_command;
 use super::inbox::insert_event;
+use super::link::{link_tenants, tenants_of};
 use super::periods::upsert_periods;
 use super::{CommandRow, Mirror, NewEvent, ObjectState, Settlement, StoreError, on_pool};
 
@@ -67,16 +68,6 @@ macro_rules! upsert_state {
     };
 }
 
-/// Stores a state unless the stored one is newer, on any transaction; evaluates to whether it
-/// was written. The same state again (an own command's echo, a refetch that found nothing new)
-/// only moves the version on: `synced_at` stays when the state last changed.
-macro_rules! write_state {
-    ($tx:expr, $state:expr, $now_ms:expr) => {{
-        let state: &ObjectState = $state;
-        !write_states!($tx, &[state], $now_ms).is_empty()
-    }};
-}
-
 /// Stores states of distinct objects unless the stored ones are newer, a statement per 200;
 /// evaluates to the keys of those written.
 macro_rules! write_states {
@@ -108,77 +99,6 @@ macro_rules! write_states {
             written.extend(rows);
         }
         written
-    }};
-}
-
-/// Links the tenant a customer's state names to it (only if that tenant has no customer yet)
-/// and lets go of any tenant it no longer names, on any transaction; evaluates to the conflict
-/// when the tenant already belongs to another customer.
-macro_rules! link_tenant {
-    ($tx:expr, $state:expr, $claim:expr, $now_ms:expr) => {{
-        let state: &ObjectState = $state;
-        let customer = &state.object_id;
-        let claim: Option<&TenantClaim> = $claim.filter(|_| !state.deleted);
-        // A deleted customer, or one whose tenant id was removed or changed, lets go.
-        sqlx::query(
-            "UPDATE tenants SET customer_id = NULL, updated_at = $3 \
-             WHERE customer_id = $1 AND ($2 IS NULL OR tenant_id <> $2)",
-        )
-        .bind(customer)
-        .bind(claim.map(|c| c.tenant_id.as_str()))
-        .bind($now_ms)
-        .execute(&mut *$tx)
-        .await?;
-        let mut conflict = None;
-        if let Some(claim) = claim {
-            // A row comes back when the tenant is linked now; otherwise it is read.
-            let linked_now: Option<(Option<String>,)> = sqlx::query_as(
-                "INSERT INTO tenants (tenant_id, name, email, customer_id, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (tenant_id) DO UPDATE \
-                 SET customer_id = excluded.customer_id, updated_at = excluded.updated_at \
-                 WHERE tenants.customer_id IS NULL RETURNING customer_id",
-            )
-            .bind(&claim.tenant_id)
-            .bind(&claim.name)
-            .bind(&claim.email)
-            .bind(customer)
-            .bind($now_ms)
-            .fetch_optional(&mut *$tx)
-            .await?;
-            let (linked,): (Option<String>,) = match linked_now {
-                Some(row) => row,
-                None => {
-                    sqlx::query_as("SELECT customer_id FROM tenants WHERE tenant_id = $1")
-                        .bind(&claim.tenant_id)
-                        .fetch_one(&mut *$tx)
-                        .await?
-                }
-            };
-            if linked.as_deref() != Some(customer.as_str()) {
-                conflict = Some(format!(
-                    "customer {customer} names tenant {} which already belongs to customer {}",
-                    claim.tenant_id,
-                    linked.unwrap_or_default()
-                ));
-            }
-        }
-        conflict
-    }};
-}
-
-/// The tenant linked to a customer, on any transaction.
-macro_rules! tenant_of {
-    ($tx:expr, $customer:expr) => {{
-        match $customer {
-            Some(customer) => sqlx::query_as::<_, (String,)>(
-                "SELECT tenant_id FROM tenants WHERE customer_id = $1",
-            )
-            .bind(customer)
-            .fetch_optional($tx)
-            .await?
-            .map(|(t,)| t),
-            None => None,
-        }
     }};
 }
 
@@ -227,52 +147,115 @@ macro_rules! settle_rows {
     }};
 }
 
-/// Applies one item on any transaction; the inbox rows to mark applied afterwards (all but a
-/// refetched state's own row) join `settled`. Evaluates to its outcome.
-macro_rules! apply_item {
-    ($tx:expr, $item:expr, $written:expr, $settled:expr, $now_ms:expr) => {{
-        let Apply {
-            state,
-            claim,
-            event_ids,
-            refetched,
-        }: &Apply = $item;
-        let written: Option<bool> = $written;
-        let written = match written {
-            Some(written) => written,
-            None => write_state!(&mut *$tx, state, $now_ms),
-        };
-        if written {
+/// Applies a round of items (states of distinct objects) on any transaction: their states in
+/// one statement per 200, the periods of those written, the tenant links of the customers
+/// among them and the tenants of the rest in a few statements for the round. The inbox rows to
+/// mark applied afterwards (all but a refetched state's own row) join `settled`. Evaluates to
+/// the items' outcomes, in order.
+macro_rules! apply_round {
+    ($tx:expr, $round:expr, $settled:expr, $now_ms:expr) => {{
+        let round: &[&Apply] = $round;
+        let states: Vec<&ObjectState> = round.iter().map(|item| &item.state).collect();
+        let stored = write_states!(&mut *$tx, &states, $now_ms);
+        let written: Vec<bool> = states
+            .iter()
+            .map(|s| stored.contains(&(s.object_type.clone(), s.object_id.clone())))
+            .collect();
+        for state in states
+            .iter()
+            .zip(&written)
+            .filter(|(_, w)| **w)
+            .map(|(s, _)| *s)
+        {
             upsert_periods!(&mut *$tx, state);
         }
-        let customer = written && state.object_type == "customer";
-        let conflict = if customer {
-            link_tenant!($tx, state, claim.as_ref(), $now_ms)
+        // A deleted customer claims no tenant: it lets go of its own.
+        let customers: Vec<(&str, Option<&TenantClaim>)> = round
+            .iter()
+            .zip(&written)
+            .filter(|(item, w)| **w && item.state.object_type == "customer")
+            .map(|(item, _)| {
+                let claim = item.claim.as_ref().filter(|_| !item.state.deleted);
+                (item.state.object_id.as_str(), claim)
+            })
+            .collect();
+        let conflicts = if customers.is_empty() {
+            std::collections::HashMap::new()
         } else {
-            None
+            link_tenants!($tx, &customers, $now_ms)
         };
-        // A customer that just took the tenant it claims belongs to it; else it is read.
-        let tenant_id = match claim {
-            Some(claim) if customer && !state.deleted && conflict.is_none() => {
-                Some(claim.tenant_id.clone())
+        // A customer that just took the tenant it claims belongs to it; the others are read.
+        let took: Vec<Option<String>> = round
+            .iter()
+            .zip(&written)
+            .map(|(item, w)| match &item.claim {
+                Some(claim)
+                    if *w
+                        && item.state.object_type == "customer"
+                        && !item.state.deleted
+                        && !conflicts.contains_key(&item.state.object_id) =>
+                {
+                    Some(claim.tenant_id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        let unknown: Vec<&str> = (round.iter().zip(&took))
+            .filter(|(_, took)| took.is_none())
+            .filter_map(|(item, _)| item.state.customer_id.as_deref())
+            .collect();
+        let tenants = if unknown.is_empty() {
+            std::collections::HashMap::new()
+        } else {
+            tenants_of!($tx, &unknown)
+        };
+        let mut outcomes = Vec::with_capacity(round.len());
+        for ((item, written), took) in round.iter().zip(written).zip(took) {
+            let state = &item.state;
+            let tenant_id = took.or_else(|| {
+                let customer = state.customer_id.as_ref()?;
+                tenants.get(customer).cloned()
+            });
+            let conflict = conflicts
+                .get(&state.object_id)
+                .filter(|_| written && state.object_type == "customer");
+            let outcome = ApplyOutcome {
+                written,
+                tenant_id,
+                conflict: conflict.cloned(),
+            };
+            for (i, event_id) in item.event_ids.iter().enumerate() {
+                if item.refetched && i + 1 == item.event_ids.len() {
+                    settle_refetched!(&mut *$tx, event_id, &outcome, state, $now_ms);
+                } else {
+                    let settled = (outcome.tenant_id.clone(), outcome.conflict.clone());
+                    $settled.push((event_id.as_str(), settled.0, settled.1));
+                }
             }
-            _ => tenant_of!(&mut *$tx, &state.customer_id),
-        };
-        let outcome = ApplyOutcome {
-            written,
-            tenant_id,
-            conflict,
-        };
-        for (i, event_id) in event_ids.iter().enumerate() {
-            if *refetched && i + 1 == event_ids.len() {
-                settle_refetched!(&mut *$tx, event_id, &outcome, state, $now_ms);
-            } else {
-                let settled = (outcome.tenant_id.clone(), outcome.conflict.clone());
-                $settled.push((event_id.as_str(), settled.0, settled.1));
-            }
+            outcomes.push(outcome);
         }
-        outcome
+        outcomes
     }};
+}
+
+/// The items in rounds of distinct objects: round k holds the k-th state of each object, in
+/// order. Several states of one object are so written one after another.
+fn rounds(items: &[Apply]) -> Vec<Vec<usize>> {
+    let mut seen: std::collections::HashMap<(&str, &str), usize> = Default::default();
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let key = (
+            item.state.object_type.as_str(),
+            item.state.object_id.as_str(),
+        );
+        let round = seen.entry(key).or_insert(0);
+        if *round == rounds.len() {
+            rounds.push(Vec::new());
+        }
+        rounds[*round].push(i);
+        *round += 1;
+    }
+    rounds
 }
 
 impl Mirror<'_> {
@@ -302,23 +285,13 @@ impl Mirror<'_> {
                 settle_command!(&mut *tx, c.command, c.settlement, now_ms);
             }
             let mut settled: Settled = Vec::with_capacity(items.len());
-            let mut outcomes = Vec::with_capacity(items.len());
-            // States of distinct objects are written together; several states of one object,
-            // one after another.
-            let mut keys = std::collections::HashSet::new();
-            let distinct = items
-                .iter()
-                .all(|i| keys.insert((&i.state.object_type, &i.state.object_id)));
-            let written = if distinct && items.len() > 1 {
-                let states: Vec<&ObjectState> = items.iter().map(|i| &i.state).collect();
-                Some(write_states!(&mut *tx, &states, now_ms))
-            } else {
-                None
-            };
-            for item in items {
-                let key = (item.state.object_type.clone(), item.state.object_id.clone());
-                let was = written.as_ref().map(|w| w.contains(&key));
-                outcomes.push(apply_item!(tx, item, was, settled, now_ms));
+            let mut outcomes = vec![ApplyOutcome::default(); items.len()];
+            for round in rounds(items) {
+                let members: Vec<&Apply> = round.iter().map(|&i| &items[i]).collect();
+                let applied = apply_round!(tx, &members, settled, now_ms);
+                for (i, outcome) in round.into_iter().zip(applied) {
+                    outcomes[i] = outcome;
+                }
             }
             if confirmed.is_some_and(|c| c.unless_superseded)
                 && outcomes.first().is_some_and(|o| !o.written)

@@ -14,6 +14,7 @@ mod credits;
 pub(crate) mod distinct;
 mod inbox;
 mod lease;
+mod link;
 mod mirror;
 mod notifications;
 pub(crate) mod periods;

@@ -19,6 +19,7 @@ mod e2e;
 mod entitlements;
 mod exactness;
 mod health;
+mod inbound;
 mod limits;
 mod openapi;
 mod quantities;
