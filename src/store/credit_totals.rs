@@ -127,6 +127,41 @@ pub(super) fn fold_states(rows: Vec<StateRow>) -> HashMap<String, CreditState> {
 
 pub(super) type GrantRow = (String, Option<String>, i64, Option<String>);
 
+/// One tenant's credit state ([`STATE`]) on any connection or pool of either backend; `None`:
+/// no such tenant. Needs `?` on `sqlx::Error`.
+macro_rules! tenant_state {
+    ($conn:expr, $tenant:expr) => {{
+        let tenant: &str = $tenant;
+        let sql = format!("{}t.tenant_id = $1", $crate::store::credit_totals::STATE);
+        let rows: Vec<$crate::store::credit_totals::StateRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(tenant)
+                .fetch_all($conn)
+                .await?;
+        $crate::store::credit_totals::fold_states(rows).remove(tenant)
+    }};
+}
+pub(crate) use tenant_state;
+
+/// One tenant's grant payloads and their version ([`GRANT_ROWS`]) on any connection or pool
+/// of either backend. Needs `?` on `sqlx::Error`.
+macro_rules! tenant_grant_rows {
+    ($conn:expr, $tenant:expr) => {{
+        let tenant: &str = $tenant;
+        let sql = format!(
+            "{}t.tenant_id = $1 ORDER BY m.object_id",
+            $crate::store::credit_totals::GRANT_ROWS
+        );
+        let rows: Vec<$crate::store::credit_totals::GrantRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(tenant)
+                .fetch_all($conn)
+                .await?;
+        ($crate::store::credit_totals::fold_grants(rows).remove(tenant)).unwrap_or_default()
+    }};
+}
+pub(crate) use tenant_grant_rows;
+
 pub(super) fn fold_grants(rows: Vec<GrantRow>) -> HashMap<String, GrantRows> {
     let mut grants: HashMap<String, GrantRows> = HashMap::new();
     for (tenant, customer_id, version, payload) in rows {
@@ -516,30 +551,13 @@ macro_rules! usage_alarms {
         let alarmed: Vec<(String,)> = query.build_query_as().fetch_all(&mut *tx).await?;
         let now = $crate::store::now_ms();
         for (tenant,) in alarmed {
-            let sql = format!("{}t.tenant_id = $1", $crate::store::credit_totals::STATE);
-            let rows: Vec<$crate::store::credit_totals::StateRow> =
-                sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .bind(&tenant)
-                    .fetch_all(&mut *tx)
-                    .await?;
-            let state = $crate::store::credit_totals::fold_states(rows)
-                .remove(&tenant)
-                .unwrap_or_default();
+            let state =
+                $crate::store::credit_totals::tenant_state!(&mut *tx, &tenant).unwrap_or_default();
             let grants = match book.cached(&tenant, &state) {
                 Some(grants) => grants,
                 None => {
-                    let sql = format!(
-                        "{}t.tenant_id = $1 ORDER BY m.object_id",
-                        $crate::store::credit_totals::GRANT_ROWS
-                    );
-                    let rows: Vec<$crate::store::credit_totals::GrantRow> =
-                        sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                            .bind(&tenant)
-                            .fetch_all(&mut *tx)
-                            .await?;
-                    let rows = $crate::store::credit_totals::fold_grants(rows).remove(&tenant);
-                    let read = $crate::credits::book::TenantGrants::read(rows.unwrap_or_default());
-                    book.keep(&tenant, read)
+                    let rows = $crate::store::credit_totals::tenant_grant_rows!(&mut *tx, &tenant);
+                    book.keep(&tenant, $crate::credits::book::TenantGrants::read(rows))
                 }
             };
             // Totals not (yet) at the grants' cuts, which only a burn or a refresh may move:

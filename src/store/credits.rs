@@ -8,8 +8,8 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 
 use super::credit_totals::{
-    CreditState, GRANT_ROWS, GrantRow, GrantRows, STATE, StateRow, credit_lock, fold_grants,
-    fold_states, grant_rows_pg, recompute_pg, recompute_sqlite,
+    CreditState, GrantRows, credit_lock, grant_rows_pg, recompute_pg, recompute_sqlite,
+    tenant_grant_rows, tenant_state,
 };
 use super::usage::usage_columns;
 use super::{Db, StoreError, UsageRow, on_pool};
@@ -51,26 +51,12 @@ impl Credits<'_> {
     /// The tenant's credit state: its grants' version, its cuts and its running totals, in
     /// one statement (`None`: no such tenant).
     pub async fn state(&self, tenant: &str) -> Result<Option<CreditState>, StoreError> {
-        let sql = format!("{STATE}t.tenant_id = $1");
-        let rows: Vec<StateRow> = on_pool!(self.db, |pool| {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(tenant)
-                .fetch_all(pool)
-                .await
-        })?;
-        Ok(fold_states(rows).remove(tenant))
+        Ok(on_pool!(self.db, |pool| tenant_state!(pool, tenant)))
     }
 
     /// The tenant's grant payloads and their version, in one statement.
     pub async fn grant_rows(&self, tenant: &str) -> Result<GrantRows, StoreError> {
-        let sql = format!("{GRANT_ROWS}t.tenant_id = $1 ORDER BY m.object_id");
-        let rows: Vec<GrantRow> = on_pool!(self.db, |pool| {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                .bind(tenant)
-                .fetch_all(pool)
-                .await
-        })?;
-        Ok(fold_grants(rows).remove(tenant).unwrap_or_default())
+        Ok(on_pool!(self.db, |pool| tenant_grant_rows!(pool, tenant)))
     }
 
     /// Recomputes the tenant's running totals from the usage log at the cuts its grants need
@@ -102,13 +88,7 @@ impl Credits<'_> {
                     .bind(tenant)
                     .execute(&mut *tx)
                     .await?;
-                let sql = format!("{GRANT_ROWS}t.tenant_id = $1 ORDER BY m.object_id");
-                let rows: Vec<GrantRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-                    .bind(tenant)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                let rows = fold_grants(rows).remove(tenant).unwrap_or_default();
-                let grants = TenantGrants::read(rows);
+                let grants = TenantGrants::read(tenant_grant_rows!(&mut *tx, tenant));
                 recompute_sqlite(&mut tx, tenant, &book.cuts_for(&grants)).await?;
                 tx.commit().await?;
                 grants
