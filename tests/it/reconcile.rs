@@ -923,7 +923,9 @@ async fn a_run_whose_runner_stopped_is_marked_failed(backend: Backend) {
     };
     let runs = db.reconciliations();
     runs.start(&run("rec_silent", now - 60_000)).await.unwrap();
-    runs.start(&run("rec_beating", now - 60_000)).await.unwrap();
+    // Started now, not a minute ago: the running service's own check for silent runs must not
+    // fail it between its start and its first beat.
+    runs.start(&run("rec_beating", now)).await.unwrap();
     // Beating into the future: still beating however long this machine takes to restart the
     // service (a run is interrupted after 30 s of silence).
     runs.beat("rec_beating", now + 600_000).await.unwrap();
